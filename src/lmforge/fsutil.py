@@ -1,0 +1,131 @@
+"""Files on disk: atomic writes, content hashes and the `summary.json` every stage writes.
+
+Every artifact is written to a temporary path beside its destination and renamed into place,
+so an interrupted run never leaves something half-written that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lmforge
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` through a temp file + rename (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Build a directory under a temp name and rename it to `path` only if the block succeeds.
+
+    An existing `path` is replaced (the old one is removed after the new one is in place).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old{os.getpid()}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tree_sha256(path: str | Path) -> str:
+    """Content hash of a file, or of every file under a directory (names + contents, sorted).
+
+    Hidden files and directories (temp files, `.old` dirs) are skipped.
+    """
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        rel = p.relative_to(path)
+        if p.is_file() and not any(part.startswith(".") for part in rel.parts):
+            h.update(str(rel).encode())
+            h.update(file_sha256(p).encode())
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    out = {"lmforge": lmforge.__version__, "python": sys.version.split()[0], "platform": platform.platform()}
+    with contextlib.suppress(Exception):
+        import torch
+
+        out["torch"] = torch.__version__
+    return out
+
+
+def write_summary(
+    out_dir: str | Path,
+    stage: str,
+    *,
+    config: Any = None,
+    inputs: dict[str, str | Path] | None = None,
+    metrics: dict[str, Any] | None = None,
+    wall_time_s: float | None = None,
+    hash_inputs: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write `out_dir/summary.json`: stage, resolved config, inputs (path + hash), metrics, versions."""
+    summary: dict[str, Any] = {"stage": stage, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if config is not None:
+        summary["config"] = config
+    if inputs:
+        summary["inputs"] = {
+            name: {"path": str(p), **({"sha256": tree_sha256(p)} if hash_inputs and Path(p).exists() else {})}
+            for name, p in inputs.items()
+        }
+    summary["metrics"] = metrics or {}
+    if extra:
+        summary.update(extra)
+    summary["versions"] = versions()
+    if wall_time_s is not None:
+        summary["wall_time_s"] = round(wall_time_s, 3)
+    atomic_write_json(Path(out_dir) / "summary.json", summary)
+    return summary

@@ -1,0 +1,187 @@
+"""Autoregressive generation: sampling (greedy / temperature / top-k / top-p) with a KV cache.
+
+`generate` yields token ids one at a time (prefill the prompt once, then one forward per new
+token); `generate_text` wraps it with a tokenizer, incremental UTF-8-safe decoding, stop
+strings and streaming. Works with any model that has `config.block_size`,
+`new_kv_cache(batch_size)` and `forward(idx, kv_cache=...) -> (logits, loss)` (the GPT does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+
+class TokenizerLike(Protocol):
+    """What `generate_text` needs from a tokenizer (`lmforge.tokenizer.Tokenizer` has it)."""
+
+    eos_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """Pick one token per row of logits (B, V); returns (B,) token ids.
+
+    temperature == 0 is greedy (argmax). Otherwise logits are divided by the temperature,
+    top-k keeps the k most likely tokens, then top-p (nucleus) keeps the smallest set of the
+    remaining tokens whose probability sums to at least p, and one token is drawn.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    logits = logits.float()  # sample in fp32: bf16 probabilities are too coarse
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0 and top_k < logits.shape[-1]:
+        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already reach p; the top one always
+        # stays, so the kept set is the smallest with cumulative probability >= p.
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop_sorted = mass_before >= top_p
+        drop_sorted[:, 0] = False
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def generate(model: nn.Module, prompt_ids: list[int] | Tensor, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int | None = None, stop_ids: set[int] | None = None, *,
+             autocast_dtype: torch.dtype | None = None) -> Iterator[int]:
+    """Yield up to `max_new_tokens` new token ids continuing `prompt_ids` (one sequence).
+
+    The prompt is prefilled once into a KV cache, then each step feeds one token. Sampling
+    uses a `torch.Generator` seeded with `seed` (fresh randomness when None), so a seed gives
+    the same tokens every time on the same device. A token in `stop_ids` is yielded and then
+    generation ends. A prompt longer than the context keeps its last block_size-1 tokens (with
+    a warning). When the sequence fills the context, the cache is rebuilt from the most
+    recent block_size//2 tokens and generation goes on: positions restart from 0, which
+    is correct for learned, sinusoidal and rotary positions alike; each rebuild costs one
+    prefill of block_size//2 tokens, i.e. one extra token's work per generated token at most
+    (amortized), at the price of a context that shrinks to half after each rebuild.
+    `autocast_dtype` (e.g. torch.bfloat16) runs the forward passes under autocast.
+    The model runs in eval mode under `torch.inference_mode()` (restored when done).
+    """
+    block_size = model.config.block_size
+    device = _model_device(model)
+    tokens = [int(t) for t in (prompt_ids.flatten().tolist() if isinstance(prompt_ids, Tensor)
+                               else prompt_ids)]
+    if not tokens:
+        raise ValueError("prompt_ids is empty; give at least one token (e.g. a BOS id)")
+    if len(tokens) > block_size - 1:
+        warnings.warn(f"prompt has {len(tokens)} tokens, longer than the context ({block_size}); "
+                      f"keeping the last {block_size - 1}", stacklevel=2)
+        tokens = tokens[-(block_size - 1):]
+    stop_ids = stop_ids or set()
+    if max_new_tokens <= 0:
+        return
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    keep_on_slide = max(block_size // 2, 1)
+
+    def run(ids: list[int], kv_cache: Any) -> int:
+        # Grad mode and autocast are entered per forward, never across a `yield`: a
+        # generator's context would otherwise leak into the caller's code between tokens.
+        autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
+                    else contextlib.nullcontext())
+        with torch.inference_mode(), autocast:
+            idx = torch.tensor([ids], dtype=torch.long, device=device)
+            logits, _ = model(idx, kv_cache=kv_cache)
+            return int(sample_next(logits[:, -1], temperature, top_k, top_p, generator)[0])
+
+    was_training = model.training
+    model.eval()
+    try:
+        kv_cache = model.new_kv_cache(batch_size=1)
+        next_id = run(tokens, kv_cache)
+        for i in range(max_new_tokens):
+            yield next_id
+            tokens.append(next_id)
+            if next_id in stop_ids or i == max_new_tokens - 1:
+                return
+            if kv_cache.length >= block_size:  # context full: rebuild from the recent tokens
+                kv_cache.reset()
+                next_id = run(tokens[-keep_on_slide:], kv_cache)
+            else:
+                next_id = run([next_id], kv_cache)
+    finally:
+        model.train(was_training)
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters of text might be the start of a stop string."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
+
+
+def generate_text(model: nn.Module, tokenizer: TokenizerLike, prompt: str,
+                  max_new_tokens: int = 256, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, seed: int | None = None,
+                  stop: list[str] | None = None, stream: Callable[[str], None] | None = None,
+                  *, autocast_dtype: torch.dtype | None = None) -> str:
+    """Generate a continuation of `prompt` and return it as text (without the prompt).
+
+    Stops at the tokenizer's eos token (not included in the text) or at the first occurrence
+    of any `stop` string (the text ends just before it). `stream` is called with each new
+    piece of text as soon as it is final: a token that ends inside a multi-byte UTF-8
+    character (decoding to U+FFFD) waits for the rest of the character, and text that could
+    be the beginning of a stop string waits until it is known not to be one.
+    """
+    stops = [s for s in (stop or []) if s]
+    eos_id = getattr(tokenizer, "eos_id", None)
+    stop_ids = {eos_id} if eos_id is not None else set()
+    new_ids: list[int] = []
+    emitted = 0  # characters of the final text already passed to `stream`
+    text = ""
+
+    def emit(upto: int) -> None:
+        nonlocal emitted
+        if stream is not None and upto > emitted:
+            stream(text[emitted:upto])
+        emitted = max(emitted, upto)
+
+    for token_id in generate(model, tokenizer.encode(prompt), max_new_tokens, temperature,
+                             top_k, top_p, seed, stop_ids, autocast_dtype=autocast_dtype):
+        if token_id in stop_ids:
+            break
+        new_ids.append(token_id)
+        # Decoding the whole continuation each step (not token by token) lets byte-level
+        # tokens that split a UTF-8 character join up again.
+        text = tokenizer.decode(new_ids)
+        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+        if hits:
+            text = text[:min(hits)]
+            emit(len(text))
+            return text
+        if text.endswith("\ufffd"):
+            continue
+        emit(len(text) - _held_back(text, stops))
+    emit(len(text))
+    return text

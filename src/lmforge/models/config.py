@@ -1,0 +1,88 @@
+"""The model config: one dataclass for every decoder family (GPT-2, Llama-like, ...), LitGPT-style.
+
+A handful of switches (positions, norm, MLP, GQA, bias) select the family instead of a class per
+family. The config tree (`lmforge.config`) embeds it as `model.*`; checkpoints store it as
+`config.json`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from lmforge.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "gpt"  # model family; only "gpt" (decoder-only) for now
+    vocab_size: int | None = None  # None: taken from the tokenizer (padded to a multiple of 64)
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # grouped-query attention; None means = n_head (plain MHA)
+    n_embd: int = 128
+    block_size: int = 64  # context length
+    dropout: float = 0.0
+    bias: bool = True  # biases in linear layers and norms
+    pos_encoding: str = "learned"  # learned | rope | sinusoidal
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # gelu | swiglu
+    mlp_hidden: int | None = None  # None: 4*n_embd for gelu, ~8/3*n_embd (multiple of 64) for swiglu
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def ffn_hidden(self) -> int:
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        if self.mlp == "swiglu":
+            return 64 * ((int(8 * self.n_embd / 3) + 63) // 64)
+        return 4 * self.n_embd
+
+    def validate(self) -> None:
+        def bad(key: str, msg: str) -> UserError:
+            return UserError(f"model.{key}: {msg}")
+
+        choices = {
+            "arch": ("gpt",),
+            "pos_encoding": ("learned", "rope", "sinusoidal"),
+            "norm": ("layernorm", "rmsnorm"),
+            "mlp": ("gelu", "swiglu"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise bad(key, f"{getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        for key in ("n_layer", "n_head", "n_embd", "block_size"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
+                raise bad(key, f"must be a positive integer, got {getattr(self, key)!r}")
+        if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size <= 0):
+            raise bad("vocab_size", f"must be a positive integer, got {self.vocab_size!r}")
+        if self.n_embd % self.n_head:
+            raise bad("n_head", f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; pick a divisor of n_embd")
+        if self.n_head % self.kv_heads:
+            raise bad("n_kv_head", f"n_head={self.n_head} is not divisible by n_kv_head={self.kv_heads}; pick a divisor of n_head")
+        if self.pos_encoding == "rope" and self.head_dim % 2:
+            raise bad("pos_encoding", f"rope needs an even head dim, got {self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise bad("dropout", f"must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

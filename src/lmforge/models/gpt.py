@@ -1,0 +1,171 @@
+"""GPT: a plain decoder-only Transformer (pre-norm blocks, final norm, LM head).
+
+One class covers GPT-2-style (learned positions, LayerNorm, GELU, biases, tied embeddings)
+and Llama-style (RoPE, RMSNorm, SwiGLU, no biases, GQA, untied) models via `ModelConfig`
+switches. The file knows nothing about training or parallelism: it maps token ids to logits
+(and a loss when targets are given), optionally through a KV cache for generation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.errors import UserError
+from lmforge.models.blocks import (
+    MLP,
+    Attention,
+    KVCache,
+    init_normal_,
+    make_norm,
+    rope_tables,
+    scaled_init_std,
+    sinusoidal_table,
+)
+from lmforge.models.config import ModelConfig
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c = config
+        self.attn_norm = make_norm(c.norm, c.n_embd, c.norm_eps, c.bias)
+        self.attn = Attention(c.n_embd, c.n_head, c.kv_heads, causal=True, bias=c.bias,
+                              dropout=c.dropout)
+        self.mlp_norm = make_norm(c.norm, c.n_embd, c.norm_eps, c.bias)
+        self.mlp = MLP(c.n_embd, c.ffn_hidden, c.mlp, bias=c.bias, dropout=c.dropout)
+
+    def forward(self, x: Tensor, *, rope: tuple[Tensor, Tensor] | None = None,
+                kv_cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), rope=rope, kv_cache=kv_cache, layer=layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only language model. `forward(idx, targets)` -> (logits, loss)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.vocab_size is None:
+            raise UserError("model.vocab_size is not set; set it or build the model from a tokenizer")
+        config.validate()
+        self.config = c = config
+        self.tok_embeddings = nn.Embedding(c.vocab_size, c.n_embd)
+        self.pos_embeddings = (nn.Embedding(c.block_size, c.n_embd)
+                               if c.pos_encoding == "learned" else None)
+        # Fixed tables are non-persistent buffers: derived from the config, so they are not
+        # saved in checkpoints (and HF-converted state dicts need not provide them).
+        if c.pos_encoding == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(c.block_size, c.n_embd),
+                                 persistent=False)
+        if c.pos_encoding == "rope":
+            cos, sin = rope_tables(c.block_size, c.head_dim, c.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.dropout = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
+        self.norm = make_norm(c.norm, c.n_embd, c.norm_eps, c.bias)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            # Input and output embeddings share one matrix (Press & Wolf 2017): fewer
+            # parameters and, at small scale, slightly better perplexity.
+            self.lm_head.weight = self.tok_embeddings.weight
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """GPT-2 init: N(0, init_std) weights, zero biases, unit norms, scaled residual projections."""
+        std = self.config.init_std
+        self.apply(lambda m: init_normal_(m, std))
+        # The projections that write into the residual stream get a smaller std so the
+        # stream's variance at init does not grow with depth (see `scaled_init_std`).
+        residual_std = scaled_init_std(std, self.config.n_layer)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.out.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.mlp.down.weight, mean=0.0, std=residual_std)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, *,
+                kv_cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
+        """Logits (B, T, vocab) for token ids idx (B, T), and the mean loss if targets given.
+
+        The loss is cross-entropy in fp32 over positions whose target is not -100. With a
+        `kv_cache`, idx continues the cached sequence: its positions start at
+        `kv_cache.length`, its keys/values are appended and the cache advances by T.
+        Raises ValueError (internal misuse, not a user error) if the sequence would be longer
+        than `block_size`.
+        """
+        B, T = idx.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than the context "
+                             f"block_size={self.config.block_size}")
+        x = self.tok_embeddings(idx)
+        if self.pos_embeddings is not None:
+            x = x + self.pos_embeddings.weight[start:start + T]
+        elif self.config.pos_encoding == "sinusoidal":
+            x = x + self.pos_table[start:start + T].to(x.dtype)
+        rope = None
+        if self.config.pos_encoding == "rope":
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        x = self.dropout(x)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope=rope, kv_cache=kv_cache, layer=layer)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if targets is not None:
+            # fp32 upcast: a bf16 log-softmax over a large vocabulary loses the small
+            # differences between logits that the gradient is made of.
+            loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T),
+                                   ignore_index=-100)
+        return logits, loss
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None,
+                     device: torch.device | str | None = None,
+                     dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache for `batch_size` sequences of up to `max_len` (default block_size).
+
+        device/dtype default to those of the keys computed in the first forward pass (so the
+        model's device, and bf16 under bf16 autocast).
+        """
+        c = self.config
+        max_len = min(max_len or c.block_size, c.block_size)
+        return KVCache(c.n_layer, batch_size, c.kv_heads, c.head_dim, max_len, device, dtype)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Exact parameter count; a tied weight counts once.
+
+        exclude_embeddings drops the token embedding (and with it the tied LM head, which is
+        the same tensor) and learned position embeddings: the lookup tables that cost no
+        matmul FLOPs.
+        """
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields shared ones once
+        if exclude_embeddings:
+            n -= self.tok_embeddings.weight.numel()
+            if self.pos_embeddings is not None:
+                n -= self.pos_embeddings.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B / nanoGPT estimate_mfu.
+
+        6 * N + 12 * n_layer * n_embd * seq_len, where
+        - N counts every parameter that takes part in a matmul: all non-embedding parameters
+          plus the LM head (vocab * n_embd) even when it is tied to the token embedding, since
+          the output projection is a real matmul while the embedding lookup is not. (Norm
+          weights and biases are included too; they are a rounding error.) Each such weight
+          costs 2 FLOPs per token forward and 4 backward.
+        - 12 * n_layer * n_embd * seq_len is attention's QK^T and AV (2 matmuls * 2 FLOPs *
+          3 for fwd+bwd, over n_head * head_dim = n_embd) against seq_len keys, counted as
+          if unmasked, as PaLM does (a causal kernel does about half that work).
+        seq_len defaults to block_size.
+        """
+        c = self.config
+        n = self.num_params(exclude_embeddings=True)
+        if c.tie_embeddings:
+            n += self.lm_head.weight.numel()
+        seq_len = c.block_size if seq_len is None else seq_len
+        return 6.0 * n + 12.0 * c.n_layer * c.n_embd * seq_len

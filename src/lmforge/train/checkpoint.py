@@ -1,0 +1,153 @@
+"""Checkpoints: self-contained directories, written atomically.
+
+    run_dir/checkpoints/step_000400/   model.safetensors  config.json  tokenizer.json  trainer_state.pt
+    run_dir/checkpoints/best/          (the same files, for the step with the lowest val loss)
+
+`trainer_state.pt` holds plain tensors and numbers only (optimizer state keyed by parameter
+name, step, RNG states, early-stopping counters) and is loaded with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lmforge.errors import UserError
+from lmforge.fsutil import atomic_dir, atomic_write_json
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def tied_aliases(model: nn.Module) -> set[str]:
+    """Parameter names that are a second name for a tensor already listed (e.g. a tied lm_head)."""
+    every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return every - {name for name, _ in model.named_parameters()}
+
+
+def save_checkpoint(path: Path, model_state: dict[str, torch.Tensor], model_config: dict[str, Any],
+                    tokenizer_file: Path | None, trainer_state: dict[str, Any] | None,
+                    drop: set[str] = frozenset()) -> Path:
+    """Write a checkpoint directory atomically (a temp dir renamed into place)."""
+    with atomic_dir(path) as tmp:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items() if k not in drop}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        atomic_write_json(tmp / "config.json", model_config)
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / "trainer_state.pt")
+    return path
+
+
+def step_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    ckpts = []
+    root = Path(run_dir) / "checkpoints"
+    if root.is_dir():
+        for p in root.iterdir():
+            m = STEP_DIR.match(p.name)
+            if m and (p / "model.safetensors").exists():
+                ckpts.append((int(m.group(1)), p))
+    return sorted(ckpts)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = step_checkpoints(run_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+    for _, path in step_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir, or a run dir (-> its best checkpoint, else the latest step checkpoint)."""
+    path = Path(path)
+    if (path / "model.safetensors").exists():
+        return path
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist; pass a run dir (runs/NAME) or a checkpoint dir")
+    best = path / "checkpoints" / "best"
+    if (best / "model.safetensors").exists():
+        return best
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise UserError(f"{path}: no model.safetensors and no checkpoints/ inside; is this a run or checkpoint dir?")
+    return latest
+
+
+def read_model_config(ckpt: Path) -> dict[str, Any]:
+    file = ckpt / "config.json"
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{file} is missing; the checkpoint is incomplete") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{file}: invalid JSON ({e.msg} at line {e.lineno}); the checkpoint is corrupt") from None
+
+
+def read_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    file = ckpt / "model.safetensors"
+    if not file.exists():
+        raise UserError(f"{file} is missing; the checkpoint is incomplete")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{file} is truncated or corrupt ({str(e).splitlines()[0]}); use another checkpoint") from None
+
+
+def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Load `state` into `model`, allowing only tied aliases to be absent; errors name the tensor."""
+    expected = dict(model.state_dict())
+    for key, value in state.items():
+        if key not in expected:
+            raise UserError(f"{source}: unexpected tensor {key!r}; the checkpoint is for another model config")
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise UserError(
+                f"{source}: tensor {key!r} has shape {tuple(value.shape)}, the model expects "
+                f"{tuple(expected[key].shape)}; the checkpoint's config.json does not match its weights"
+            )
+    missing = set(expected) - set(state) - tied_aliases(model)
+    if missing:
+        raise UserError(f"{source}: missing tensor {sorted(missing)[0]!r}; the checkpoint is incomplete")
+    model.load_state_dict(state, strict=False)
+
+
+def read_trainer_state(ckpt: Path) -> dict[str, Any]:
+    file = ckpt / "trainer_state.pt"
+    if not file.exists():
+        raise UserError(f"{file} is missing; cannot resume from {ckpt} (it holds weights only)")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+        raise UserError(f"{file} is truncated or corrupt ({type(e).__name__}); resume from another checkpoint") from None
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
+    """Load a checkpoint (or a run dir's best checkpoint) for inference: `(model, tokenizer)`."""
+    from lmforge.models import GPT
+    from lmforge.models.config import ModelConfig
+    from lmforge.tokenizer import Tokenizer
+
+    path = resolve_checkpoint(path)
+    model_cfg = ModelConfig.from_dict(read_model_config(path))
+    tokenizer_file = path / "tokenizer.json"
+    if not tokenizer_file.exists():
+        raise UserError(f"{tokenizer_file} is missing; the checkpoint is incomplete")
+    tokenizer = Tokenizer.load(tokenizer_file)
+    if model_cfg.vocab_size is None or tokenizer.vocab_size > model_cfg.vocab_size:
+        raise UserError(
+            f"{tokenizer_file} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{model_cfg.vocab_size} ({path}/config.json); use the tokenizer the model was trained with"
+        )
+    model = GPT(model_cfg)
+    load_weights_into(model, read_weights(path), path)
+    return model.to(device).eval(), tokenizer

@@ -1,0 +1,145 @@
+"""Distributed training applied from outside the model: torchrun env, DDP or FSDP2, state dicts.
+
+Under `torchrun --nproc_per_node N -m lmforge pretrain ...` every process runs the same loop;
+`train.parallel` picks DDP (replicated weights, all-reduced gradients) or FSDP2 (`fully_shard`:
+weights, gradients and optimizer state sharded across processes). Gloo on CPU, NCCL on GPU.
+Checkpoints always hold full (unsharded) tensors keyed by parameter name, so a checkpoint saved
+by N processes loads in M processes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from lmforge.errors import UserError
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    parallel: str = "none"
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(parallel: str, device_name: str = "auto") -> DistInfo:
+    """Join the process group that torchrun set up (no-op for a single process)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return DistInfo()
+    if parallel == "none":
+        raise UserError(
+            f"train.parallel is none but torchrun started {world_size} processes; "
+            "use --set train.parallel=ddp or train.parallel=fsdp"
+        )
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_name != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), parallel)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The Transformer blocks: members of the model's ModuleLists (the units FSDP shards by)."""
+    return [block for m in model.modules() if isinstance(m, nn.ModuleList) for block in m]
+
+
+def parallelize(model: nn.Module, info: DistInfo, device: torch.device, compile: bool = False) -> nn.Module:
+    """Apply compile and DDP/FSDP2 to a plain model. Returns the module to train with."""
+    if info.enabled and info.parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in _repeated_blocks(model):
+            if compile:
+                block.compile()
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    if compile:
+        model.compile()
+    if info.enabled and info.parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside a DDP wrapper (FSDP2 and compile modify the module in place)."""
+    return getattr(model, "module", model)
+
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded weights on CPU (only rank 0 gets them under FSDP; a collective: call on every rank)."""
+    return get_model_state_dict(unwrap(model), options=_FULL)
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Unsharded optimizer state keyed by parameter name (collective; rank 0 gets it under FSDP)."""
+    return get_optimizer_state_dict(unwrap(model), optimizer, options=_FULL)
+
+
+def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    set_model_state_dict(unwrap(model), state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    set_optimizer_state_dict(unwrap(model), optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj, info: DistInfo):
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_object(obj, info: DistInfo) -> list:
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()

@@ -1,0 +1,127 @@
+"""The end-of-run report: `summary.json`, `report.md` and `loss.png` in every training run dir."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lmforge.config import to_dict
+from lmforge.fsutil import atomic_write_text, write_summary
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(records: list[dict[str, Any]], out_png: Path, title: str = "") -> None:
+    """Train and val loss (left axis) and learning rate (right axis) against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    ax.plot(steps, [r["loss"] for r in records], lw=0.8, alpha=0.6, label="train loss (batch)")
+    evals = [r for r in records if "val_loss" in r]
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=3, label="val loss")
+        if any("train_eval_loss" in r for r in evals):
+            ax.plot([r["step"] for r in evals], [r.get("train_eval_loss") for r in evals], "s--", ms=3,
+                    label="train loss (eval batches)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    lr_ax = ax.twinx()
+    lr_ax.plot(steps, [r["lr"] for r in records], color="gray", lw=0.8, ls=":", label="learning rate")
+    lr_ax.set_ylabel("learning rate")
+    lines = ax.get_legend_handles_labels()
+    lr_lines = lr_ax.get_legend_handles_labels()
+    ax.legend(lines[0] + lr_lines[0], lines[1] + lr_lines[1], loc="upper right", fontsize=8)
+    ax.set_title(title or "training curves")
+    fig.tight_layout()
+    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out_png)
+
+
+def _sample(trainer, prompt: str = "\n", max_new_tokens: int = 200) -> str | None:
+    """A short sample from the trained model (single process only: FSDP shards the weights)."""
+    if trainer.info.enabled:
+        return None
+    from lmforge.infer.generate import generate_text
+    from lmforge.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(trainer.tokenizer_file)
+    return generate_text(trainer.raw_model, tokenizer, prompt, max_new_tokens=max_new_tokens,
+                         temperature=0.8, top_k=200, seed=trainer.cfg.train.seed)
+
+
+def write_run_report(trainer, *, stop_reason: str, wall_time_s: float) -> dict[str, Any]:
+    out: Path = trainer.out
+    records = read_metrics(trainer.metrics_path)
+    evals = [r for r in records if "val_loss" in r]
+    timed = [r for r in records[1:]] or records  # the first step includes warm-up/compilation
+    mean = (lambda key: sum(r[key] for r in timed) / len(timed)) if timed else (lambda key: None)
+    metrics = {
+        "steps": trainer.state["step"],
+        "stop_reason": stop_reason,
+        "tokens_seen": trainer.state["tokens_seen"],
+        "final_train_loss": records[-1]["loss"] if records else None,
+        "final_val_loss": evals[-1]["val_loss"] if evals else None,
+        "best_val_loss": trainer.state["best_val_loss"] if evals else None,
+        "best_step": trainer.state["best_step"],
+        "tokens_per_s": round(mean("tokens_per_s"), 1) if timed else None,
+        "ms_per_step": round(mean("ms_per_step"), 2) if timed else None,
+        "mfu": round(mean("mfu"), 4) if timed and timed[0].get("mfu") is not None else None,
+        "params": trainer.raw_model.num_params(),
+        "params_non_embedding": trainer.raw_model.num_params(exclude_embeddings=True),
+        "precision": trainer.precision,
+        "device": str(trainer.device),
+        "world_size": trainer.info.world_size,
+        "parallel": trainer.info.parallel,
+    }
+    if records:
+        plot_loss(records, out / "loss.png", title=f"{out.name}: {metrics['params'] / 1e6:.2f}M params")
+    sample = _sample(trainer)
+    summary = write_summary(out, "pretrain", config=to_dict(trainer.cfg),
+                            inputs={"tokens": trainer.tokens_dir}, metrics=metrics,
+                            wall_time_s=wall_time_s, extra={"model_config": trainer.model_cfg.to_dict(),
+                                                            "sample": sample})
+    fmt = lambda v, spec=".4f": "n/a" if v is None else format(v, spec)  # noqa: E731
+    lines = [
+        f"# Pretraining report: `{out}`",
+        "",
+        f"- model: {metrics['params']:,} parameters ({metrics['params_non_embedding']:,} non-embedding), "
+        f"{trainer.model_cfg.n_layer} layers x {trainer.model_cfg.n_embd} wide, context {trainer.model_cfg.block_size}, "
+        f"{trainer.model_cfg.pos_encoding} positions, {trainer.model_cfg.norm}, {trainer.model_cfg.mlp}",
+        f"- data: `{trainer.tokens_dir}` ({trainer.train_batches.num_tokens:,} train tokens, "
+        f"{trainer.val_batches.num_tokens:,} val tokens)",
+        f"- run: {metrics['steps']} steps ({stop_reason}), {metrics['tokens_seen']:,} tokens seen, "
+        f"{trainer.precision} on {trainer.device}"
+        + (f" x{trainer.info.world_size} ({trainer.info.parallel})" if trainer.info.enabled else ""),
+        f"- speed: {fmt(metrics['tokens_per_s'], ',.0f')} tokens/s, {fmt(metrics['ms_per_step'], '.1f')} ms/step, "
+        f"MFU {fmt(metrics['mfu'] and metrics['mfu'] * 100, '.1f')}%, wall time {wall_time_s:.1f} s",
+        f"- loss: final train {fmt(metrics['final_train_loss'])}, final val {fmt(metrics['final_val_loss'])}, "
+        f"best val {fmt(metrics['best_val_loss'])} at step {metrics['best_step']}",
+        "",
+        "![loss curves](loss.png)",
+        "",
+        "## Evaluations",
+        "",
+        "| step | train loss (eval) | val loss | lr |",
+        "|---:|---:|---:|---:|",
+        *[f"| {r['step']} | {fmt(r.get('train_eval_loss'))} | {fmt(r['val_loss'])} | {r['lr']:.2e} |" for r in evals],
+        "",
+    ]
+    if sample is not None:
+        lines += ["## Sample (temperature 0.8, top-k 200)", "", "```text", sample.strip("\n"), "```", ""]
+    lines += ["## Checkpoints", "", f"- best: `{out}/checkpoints/best` (step {metrics['best_step']})",
+              f"- latest: `{out}/checkpoints/step_{metrics['steps']:06d}`", ""]
+    atomic_write_text(out / "report.md", "\n".join(lines))
+    return summary

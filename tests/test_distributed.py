@@ -1,0 +1,63 @@
+"""The same pretrain command under torchrun: DDP and FSDP2 on CPU (gloo) match one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from train_helpers import make_token_dir
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lmforge"]
+SINGLE = [sys.executable, "-m", "lmforge"]
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory):
+    return make_token_dir(tmp_path_factory.mktemp("tok"))
+
+
+def args(tokens: Path, out: Path, batch: int, *extra: str) -> list[str]:
+    sets = [f"data.tokens={tokens}", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
+            "model.block_size=32", f"train.batch_size={batch}", "train.grad_accum=2", "train.max_steps=8",
+            "train.warmup_steps=2", "train.lr=3e-3", "train.eval_every=4", "train.eval_steps=2",
+            "train.precision=fp32", "train.threads=1", *extra]
+    cmd = ["pretrain", "configs/nano.yaml", "--out", str(out)]
+    for s in sets:
+        cmd += ["--set", s]
+    return cmd
+
+
+def run(cmd: list[str]) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one(tokens, tmp_path, parallel):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    run(SINGLE + args(tokens, single, 4))  # global batch 4 x 2 accum x 1 process
+    run(TORCHRUN + args(tokens, multi, 2, f"train.parallel={parallel}"))  # 2 x 2 accum x 2 processes
+    a, b = metrics(single), metrics(multi)
+    assert len(a) == len(b) == 8
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= 1e-4, (x, y)
+    assert abs(a[-1]["val_loss"] - b[-1]["val_loss"]) <= 1e-4
+
+    # a checkpoint saved by 2 ranks resumes in 1 process, and the reverse
+    run(SINGLE + args(tokens, multi, 4, "train.max_steps=10") + ["--resume"])
+    run(TORCHRUN + args(tokens, single, 2, "train.max_steps=10", f"train.parallel={parallel}") + ["--resume"])
+    a, b = metrics(single), metrics(multi)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 11))
+    for x, y in zip(a[8:], b[8:]):
+        assert abs(x["loss"] - y["loss"]) <= 1e-4, (x, y)

@@ -1,0 +1,271 @@
+"""Tests for the GPT model and its blocks: parity with HF GPT-2/Llama, KV cache, counts, init."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lmforge.errors import UserError
+from lmforge.models import GPT, ModelConfig
+from lmforge.models.blocks import scaled_init_std, sinusoidal_table
+
+GPT2_STYLE = dict(pos_encoding="learned", norm="layernorm", mlp="gelu", bias=True,
+                  tie_embeddings=True)
+LLAMA_STYLE = dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", bias=False,
+                   tie_embeddings=False)
+
+
+def tiny(**overrides) -> ModelConfig:
+    kw = dict(vocab_size=50, n_layer=2, n_head=4, n_embd=32, block_size=32)
+    kw.update(overrides)
+    return ModelConfig(**kw)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _perturb_(model: torch.nn.Module, scale: float = 0.05) -> None:
+    """Move every parameter off its init (ones, zeros) so a mis-mapped norm or bias shows."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Independent references: HF transformers. The weight mappings live here until the
+# HF converter module owns them.
+
+
+def load_hf_gpt2(model: GPT, hf_state: dict[str, torch.Tensor]) -> None:
+    """Copy a GPT2LMHeadModel state dict into our GPT (Conv1D weights are (in, out): transpose)."""
+    sd = {"tok_embeddings.weight": hf_state["transformer.wte.weight"],
+          "pos_embeddings.weight": hf_state["transformer.wpe.weight"],
+          "norm.weight": hf_state["transformer.ln_f.weight"],
+          "norm.bias": hf_state["transformer.ln_f.bias"]}
+    for i in range(model.config.n_layer):
+        h, b = f"transformer.h.{i}.", f"blocks.{i}."
+        for ours, theirs, transpose in [("attn_norm", "ln_1", False), ("attn.qkv", "attn.c_attn", True),
+                                        ("attn.out", "attn.c_proj", True), ("mlp_norm", "ln_2", False),
+                                        ("mlp.up", "mlp.c_fc", True), ("mlp.down", "mlp.c_proj", True)]:
+            weight = hf_state[h + theirs + ".weight"]
+            sd[b + ours + ".weight"] = weight.t() if transpose else weight
+            sd[b + ours + ".bias"] = hf_state[h + theirs + ".bias"]
+    sd["lm_head.weight"] = sd["tok_embeddings.weight"]
+    model.load_state_dict(sd, strict=True)
+
+
+def load_hf_llama(model: GPT, hf_state: dict[str, torch.Tensor]) -> None:
+    """Copy a LlamaForCausalLM state dict into our GPT (q/k/v concatenated into the fused qkv)."""
+    sd = {"tok_embeddings.weight": hf_state["model.embed_tokens.weight"],
+          "norm.weight": hf_state["model.norm.weight"],
+          "lm_head.weight": hf_state["lm_head.weight"]}
+    for i in range(model.config.n_layer):
+        h, b = f"model.layers.{i}.", f"blocks.{i}."
+        sd[b + "attn.qkv.weight"] = torch.cat([hf_state[h + f"self_attn.{n}_proj.weight"]
+                                               for n in "qkv"])
+        sd[b + "attn.out.weight"] = hf_state[h + "self_attn.o_proj.weight"]
+        sd[b + "attn_norm.weight"] = hf_state[h + "input_layernorm.weight"]
+        sd[b + "mlp_norm.weight"] = hf_state[h + "post_attention_layernorm.weight"]
+        for n in ("gate", "up", "down"):
+            sd[b + f"mlp.{n}.weight"] = hf_state[h + f"mlp.{n}_proj.weight"]
+    model.load_state_dict(sd, strict=True)
+
+
+def test_matches_hf_gpt2():
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64,
+                                        vocab_size=100, resid_pdrop=0.0, embd_pdrop=0.0,
+                                        attn_pdrop=0.0, attn_implementation="eager")
+    hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    _perturb_(hf)
+    ours = GPT(ModelConfig(vocab_size=100, n_layer=2, n_head=4, n_embd=64, block_size=64,
+                           norm_eps=hf_config.layer_norm_epsilon, **GPT2_STYLE)).eval()
+    load_hf_gpt2(ours, hf.state_dict())
+    idx = torch.randint(0, 100, (2, 64))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        logits, _ = ours(idx)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
+def test_matches_hf_llama_with_gqa():
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.LlamaConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
+        attn_implementation="eager")
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    _perturb_(hf)
+    ours = GPT(ModelConfig(vocab_size=100, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                           block_size=64, mlp_hidden=128, norm_eps=1e-6, rope_theta=10000.0,
+                           **LLAMA_STYLE)).eval()
+    load_hf_llama(ours, hf.state_dict())
+    idx = torch.randint(0, 100, (2, 64))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        logits, _ = ours(idx)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# KV cache
+
+
+@pytest.mark.parametrize("style", [
+    dict(pos_encoding="learned"),
+    dict(pos_encoding="sinusoidal"),
+    dict(pos_encoding="rope"),
+    dict(LLAMA_STYLE, n_kv_head=2),
+    dict(LLAMA_STYLE, n_kv_head=1, pos_encoding="sinusoidal"),
+], ids=["learned", "sinusoidal", "rope", "llama-gqa", "mqa-sinusoidal"])
+def test_kv_cache_matches_full_forward(style):
+    model = GPT(tiny(**style)).eval()
+    _perturb_(model)
+    idx = torch.randint(0, 50, (2, 20))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = model.new_kv_cache(batch_size=2)
+        # A prefill, single tokens, then a multi-token chunk on top of a non-empty cache
+        # (the bottom-right causal mask path), then single tokens again.
+        chunks = [5, 1, 1, 1, 4, 1, 1, 3, 1, 1, 1]
+        assert sum(chunks) == 20
+        start = 0
+        for n in chunks:
+            logits, _ = model(idx[:, start:start + n], kv_cache=cache)
+            torch.testing.assert_close(logits, full[:, start:start + n], atol=1e-5, rtol=0)
+            start += n
+            assert cache.length == start
+    cache.reset()
+    assert cache.length == 0
+
+
+def test_kv_cache_overflow_and_long_input_raise():
+    model = GPT(tiny(block_size=8)).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    cache = model.new_kv_cache(batch_size=1)
+    with torch.no_grad():
+        model(torch.zeros(1, 8, dtype=torch.long), kv_cache=cache)
+        with pytest.raises(ValueError, match="block_size"):
+            model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)
+
+
+# --------------------------------------------------------------------------------------------
+# Counting and init
+
+
+def test_num_params_and_flops_hand_computed():
+    model = GPT(ModelConfig(vocab_size=10, n_layer=2, n_head=2, n_embd=16, block_size=8,
+                            **GPT2_STYLE))
+    d, h = 16, 64
+    per_block = 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + 2 * d + (d * h + h) + (h * d + d)
+    non_embedding = 2 * per_block + 2 * d  # + final LayerNorm
+    embeddings = 10 * d + 8 * d  # token (tied with the LM head) + learned positions
+    assert model.num_params() == non_embedding + embeddings == 6880
+    assert model.num_params() == sum(p.numel() for p in model.parameters())
+    assert model.num_params(exclude_embeddings=True) == non_embedding
+    matmul_params = non_embedding + 10 * d  # the tied LM head is still a matmul
+    assert model.flops_per_token() == 6 * matmul_params + 12 * 2 * d * 8
+    assert model.flops_per_token(seq_len=4) == 6 * matmul_params + 12 * 2 * d * 4
+
+
+def test_num_params_untied_counts_lm_head():
+    model = GPT(tiny(**LLAMA_STYLE, n_kv_head=2))
+    assert model.num_params() == sum(p.numel() for p in model.parameters())
+    lm_head = 50 * 32
+    assert model.num_params(exclude_embeddings=True) == model.num_params() - 50 * 32
+    assert model.flops_per_token(seq_len=0) == 6 * model.num_params(exclude_embeddings=True)
+    assert model.lm_head.weight.numel() == lm_head
+
+
+def test_tied_embeddings_share_storage():
+    model = GPT(tiny())
+    assert model.lm_head.weight is model.tok_embeddings.weight
+    assert GPT(tiny(tie_embeddings=False)).lm_head.weight is not None
+
+
+def test_init_scaled_residual_projections_and_initial_loss():
+    config = ModelConfig(vocab_size=256, n_layer=4, n_head=4, n_embd=128, block_size=64)
+    model = GPT(config)
+    expected = scaled_init_std(config.init_std, config.n_layer)
+    assert expected == pytest.approx(0.02 / math.sqrt(8))
+    for block in model.blocks:
+        for weight in (block.attn.out.weight, block.mlp.down.weight):
+            assert weight.std().item() == pytest.approx(expected, rel=0.05)
+        assert block.attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+        assert torch.all(block.attn.qkv.bias == 0)
+    # Random targets: with tied embeddings, targets == inputs would be easy even at init.
+    idx, targets = torch.randint(0, 256, (2, 4, 64))
+    _, loss = model(idx, targets)
+    assert abs(loss.item() - math.log(256)) < 0.2
+
+
+def test_loss_ignores_minus_100_and_is_fp32_under_autocast():
+    model = GPT(tiny())
+    idx = torch.randint(0, 50, (2, 8))
+    targets = idx.clone()
+    targets[:, :4] = -100
+    logits, loss = model(idx, targets)
+    expected = torch.nn.functional.cross_entropy(logits[:, 4:].reshape(-1, 50),
+                                                 targets[:, 4:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(idx, targets)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+
+
+def test_sinusoidal_table_follows_the_paper():
+    table = sinusoidal_table(10, 8)
+    pos, i = 3, 1
+    assert table[pos, 2 * i].item() == pytest.approx(math.sin(pos / 10000 ** (2 * i / 8)))
+    assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(pos / 10000 ** (2 * i / 8)))
+
+
+# --------------------------------------------------------------------------------------------
+# Config errors
+
+
+def test_n_embd_not_divisible_by_n_head_names_the_key():
+    with pytest.raises(UserError, match=r"model\.n_head"):
+        ModelConfig(vocab_size=10, n_embd=130, n_head=4)
+
+
+def test_missing_vocab_size_is_a_user_error():
+    with pytest.raises(UserError, match=r"model\.vocab_size is not set"):
+        GPT(ModelConfig())
+
+
+# --------------------------------------------------------------------------------------------
+# Training sanity
+
+
+@pytest.mark.parametrize("style", [GPT2_STYLE, dict(LLAMA_STYLE, n_kv_head=2)],
+                         ids=["gpt2", "llama"])
+def test_tiny_model_overfits_a_fixed_batch(style):
+    model = GPT(tiny(n_embd=64, block_size=16, **style))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    idx = torch.randint(0, 50, (4, 17))
+    x, y = idx[:, :-1], idx[:, 1:]
+    for _ in range(200):
+        _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.1
+
+
+def test_dropout_is_active_only_in_training():
+    model = GPT(tiny(dropout=0.5))
+    idx = torch.randint(0, 50, (2, 8))
+    model.train()
+    a, _ = model(idx)
+    b, _ = model(idx)
+    assert not torch.equal(a, b)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], model(idx)[0])
