@@ -39,7 +39,7 @@ def test_overrides_are_typed():
 @pytest.mark.parametrize("override, expected", [
     ("model.n_layers=3", "did you mean model.n_layer?"),
     ("train.lrr=1", "did you mean train.lr?"),
-    ("trian.lr=1", "did you mean train?"),
+    ("trian.lr=1", "did you mean train.lr?"),
     ("train.warmup=10", "did you mean train.warmup_steps?"),
     ("n_embd=64", "did you mean model.n_embd?"),
 ])

@@ -269,3 +269,16 @@ def test_dropout_is_active_only_in_training():
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0], model(idx)[0])
+
+
+def test_meta_device_build_then_init_weights_is_complete():
+    config = tiny(pos_encoding="rope", norm="rmsnorm")
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    reference = GPT(config)
+    torch.testing.assert_close(model.rope_cos, reference.rope_cos)
+    assert torch.all(model.norm.weight == 1)
+    idx = torch.randint(0, 50, (1, 8))
+    assert torch.isfinite(model(idx, idx)[1])

@@ -224,10 +224,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(tree, dict):
             raise UserError(f"{path}: expected a mapping of sections (model:, train:, data:) at the top")
         where = f"{path}: "
+    _build(Config, tree, "", where)  # errors in the file name the file
+    valid = set(_all_keys(Config))
     for text in overrides or []:
         key, value = parse_override(text)
+        if key not in valid:
+            raise _unknown_key(key, f"--set {text}: ")
         _set_dotted(tree, key, value)
-    cfg = _build(Config, tree, "", where)
+    cfg = _build(Config, tree, "", "")
     for key, allowed in _CHOICES.items():
         section, _, leaf = key.rpartition(".")
         value = getattr(getattr(cfg, section) if section else cfg, leaf)

@@ -167,21 +167,24 @@ def generate_text(model: nn.Module, tokenizer: TokenizerLike, prompt: str,
             stream(text[emitted:upto])
         emitted = max(emitted, upto)
 
-    for token_id in generate(model, tokenizer.encode(prompt), max_new_tokens, temperature,
-                             top_k, top_p, seed, stop_ids, autocast_dtype=autocast_dtype):
-        if token_id in stop_ids:
-            break
-        new_ids.append(token_id)
-        # Decoding the whole continuation each step (not token by token) lets byte-level
-        # tokens that split a UTF-8 character join up again.
-        text = tokenizer.decode(new_ids)
-        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-        if hits:
-            text = text[:min(hits)]
-            emit(len(text))
-            return text
-        if text.endswith("\ufffd"):
-            continue
-        emit(len(text) - _held_back(text, stops))
+    tokens = generate(model, tokenizer.encode(prompt), max_new_tokens, temperature, top_k,
+                      top_p, seed, stop_ids, autocast_dtype=autocast_dtype)
+    # closing(): leaving early (stop string) must still run generate's cleanup now, which
+    # puts the model back into training mode, rather than whenever the generator is collected.
+    with contextlib.closing(tokens):
+        for token_id in tokens:
+            if token_id in stop_ids:
+                break
+            new_ids.append(token_id)
+            # Decoding the whole continuation each step (not token by token) lets byte-level
+            # tokens that split a UTF-8 character join up again.
+            text = tokenizer.decode(new_ids)
+            hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+            if hits:
+                text = text[:min(hits)]
+                break
+            if text.endswith("\ufffd"):
+                continue
+            emit(len(text) - _held_back(text, stops))
     emit(len(text))
     return text

@@ -17,6 +17,7 @@ from lmforge.models.blocks import (
     MLP,
     Attention,
     KVCache,
+    RMSNorm,
     init_normal_,
     make_norm,
     rope_tables,
@@ -76,12 +77,27 @@ class GPT(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """GPT-2 init: N(0, init_std) weights, zero biases, unit norms, scaled residual projections."""
-        std = self.config.init_std
+        """GPT-2 init: N(0, init_std) weights, zero biases, unit norms, scaled residual projections.
+
+        Also recomputes the fixed position tables, so a model built on the meta device and
+        materialized with `to_empty()` (FSDP2 flows) is fully initialized by calling this.
+        """
+        c = self.config
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, (nn.LayerNorm, RMSNorm)):
+                    module.reset_parameters()
+            if c.pos_encoding == "sinusoidal":
+                self.pos_table.copy_(sinusoidal_table(c.block_size, c.n_embd))
+            if c.pos_encoding == "rope":
+                cos, sin = rope_tables(c.block_size, c.head_dim, c.rope_theta)
+                self.rope_cos.copy_(cos)
+                self.rope_sin.copy_(sin)
+        std = c.init_std
         self.apply(lambda m: init_normal_(m, std))
         # The projections that write into the residual stream get a smaller std so the
         # stream's variance at init does not grow with depth (see `scaled_init_std`).
-        residual_std = scaled_init_std(std, self.config.n_layer)
+        residual_std = scaled_init_std(std, c.n_layer)
         for block in self.blocks:
             nn.init.normal_(block.attn.out.weight, mean=0.0, std=residual_std)
             nn.init.normal_(block.mlp.down.weight, mean=0.0, std=residual_std)

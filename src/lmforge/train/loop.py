@@ -13,6 +13,7 @@ import json
 import math
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -292,15 +293,12 @@ class _Trainer:
         stop_reason = "max_steps"
         val_loss = None
         bar = tqdm(total=t.max_steps, initial=start, disable=not info.is_main, desc="pretrain",
-                   unit="step", dynamic_ncols=True)
+                   unit="step", dynamic_ncols=True, mininterval=0.2 if sys.stderr.isatty() else 10.0)
         step = start
         with _StopFlag() as stop_flag:
             while step < t.max_steps:
                 t0 = time.perf_counter()
                 loss, grad_norm, stop = self._train_step(step, stop_flag.requested)
-                # one process: honour a Ctrl-C that arrived during this step now; several
-                # processes agree through the flag carried by the next step's all-reduce
-                stop = stop or (not info.enabled and stop_flag.requested)
                 dt = time.perf_counter() - t0
                 step += 1
                 self.state["step"] = step
@@ -337,6 +335,9 @@ class _Trainer:
                                 tok_s=f"{tokens_per_s:,.0f}", refresh=False)
                 if on_step is not None:
                     on_step(step)
+                # one process: honour a Ctrl-C that arrived during this step now; several
+                # processes agree through the flag carried by the next step's all-reduce
+                stop = stop or (not info.enabled and stop_flag.requested)
                 if stop:
                     if not saved:
                         self._save(step)

@@ -87,7 +87,7 @@ def write_run_report(trainer, *, stop_reason: str, wall_time_s: float) -> dict[s
         "parallel": trainer.info.parallel,
     }
     if records:
-        plot_loss(records, out / "loss.png", title=f"{out.name}: {metrics['params'] / 1e6:.2f}M params")
+        plot_loss(records, out / "loss.png", title=f"{out}: {metrics['params'] / 1e6:.2f}M params")
     sample = _sample(trainer)
     summary = write_summary(out, "pretrain", config=to_dict(trainer.cfg),
                             inputs={"tokens": trainer.tokens_dir}, metrics=metrics,

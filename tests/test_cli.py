@@ -1,0 +1,122 @@
+"""The command line end to end, and bad input: one line naming the file/key, exit code 2."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmforge.cli import main
+from train_helpers import write_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """corpus -> tokenizer -> tokens -> a short pretrain, all through the CLI."""
+    tmp = tmp_path_factory.mktemp("cli")
+    corpus = write_corpus(tmp / "corpus")
+    assert main(["tokenizer", "train", "--input", str(corpus), "--out", str(tmp / "tok"), "--kind", "bpe",
+                 "--vocab-size", "300"]) == 0
+    assert main(["tokenize", "--tokenizer", str(tmp / "tok"), "--input", str(corpus), "--out", str(tmp / "tokens")]) == 0
+    sets = [f"data.tokens={tmp / 'tokens'}", "model.n_layer=2", "model.n_embd=32", "model.n_head=2",
+            "model.block_size=32", "train.max_steps=12", "train.eval_every=6", "train.eval_steps=2",
+            "train.batch_size=4", "train.precision=fp32"]
+    args = ["pretrain", str(ROOT / "configs" / "nano.yaml"), "--out", str(tmp / "run")]
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 0
+    return tmp / "run"
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # one line, no traceback
+    assert err[0].startswith("error: ")
+    return err[0]
+
+
+def test_generate_and_chat(run_dir, capsys, monkeypatch):
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(run_dir), "--prompt", "KING:", "--max-new-tokens", "20", "--seed", "1"]) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("KING:") and len(first) > len("KING:\n")
+    assert main(["generate", "--ckpt", str(run_dir), "--prompt", "KING:", "--max-new-tokens", "20", "--seed", "1"]) == 0
+    assert capsys.readouterr().out == first  # same seed, same text
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello there\n/reset\nwho art thou\n"))
+    assert main(["chat", "--ckpt", str(run_dir), "--max-new-tokens", "8", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.count("model> ") == 2
+
+
+def test_long_prompt_is_truncated_with_a_warning(run_dir, capsys):
+    with pytest.warns(UserWarning, match="longer than the context"):
+        assert main(["generate", "--ckpt", str(run_dir), "--prompt", "the king " * 40, "--max-new-tokens", "4"]) == 0
+
+
+def test_config_typo(run_dir, capsys):
+    assert main(["pretrain", str(ROOT / "configs" / "nano.yaml"), "--set", "train.lerning_rate=1"]) == 2
+    assert "did you mean train" in error_line(capsys)
+
+
+def test_missing_and_truncated_checkpoint(run_dir, tmp_path, capsys):
+    assert main(["generate", "--ckpt", str(tmp_path / "missing")]) == 2
+    assert str(tmp_path / "missing") in error_line(capsys)
+    bad = tmp_path / "bad"
+    shutil.copytree(run_dir / "checkpoints" / "best", bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[:100])
+    assert main(["generate", "--ckpt", str(bad)]) == 2
+    assert "model.safetensors" in error_line(capsys)
+    (bad / "model.safetensors").unlink()
+    assert main(["generate", "--ckpt", str(bad)]) == 2
+    assert "model.safetensors" in error_line(capsys)
+
+
+def test_tokenizer_that_does_not_match_the_model(run_dir, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(run_dir / "checkpoints" / "best", bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["vocab_size"] = 64  # the tokenizer has 300 tokens
+    (bad / "config.json").write_text(json.dumps(cfg))
+    assert main(["generate", "--ckpt", str(bad)]) == 2
+    assert "tokenizer.json" in error_line(capsys)
+
+
+def test_resume_without_checkpoint(tmp_path, run_dir, capsys):
+    tokens = run_dir.parent / "tokens"
+    assert main(["pretrain", str(ROOT / "configs" / "nano.yaml"), "--out", str(tmp_path / "new"), "--resume",
+                 "--set", f"data.tokens={tokens}"]) == 2
+    assert "--resume" in error_line(capsys)
+
+
+@pytest.mark.parametrize("case", ["empty", "binary", "utf8"])
+def test_bad_corpus(tmp_path, capsys, case):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    if case == "binary":
+        (corpus / "a.txt").write_text("fine text\n")
+        (corpus / "b.txt").write_bytes(b"\x7fELF\x00\x00\x01binary")
+    elif case == "utf8":
+        (corpus / "a.txt").write_bytes("good line\nbad \xff byte\n".encode("latin-1"))
+    assert main(["tokenizer", "train", "--input", str(corpus), "--out", str(tmp_path / "tok")]) == 2
+    line = error_line(capsys)
+    assert str(corpus) in line
+    assert not (tmp_path / "tok").exists()  # nothing half-written
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(Exception):
+        main(["--debug", "generate", "--ckpt", str(tmp_path / "missing")])
+
+
+def test_python_m_lmforge_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "lmforge", "pretrain", "configs/nano.yaml", "--set", "model.n_layers=2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --set model.n_layers=2: unknown config key model.n_layers; did you mean model.n_layer?"
