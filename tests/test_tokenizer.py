@@ -358,3 +358,12 @@ def test_presplit_corpus_trains_tokenizer_on_train_only(tmp_path):
     summary = json.loads((tmp_path / "tok" / "summary.json").read_text())
     assert summary["inputs"]["input"]["path"] == str(tmp_path / "corpus" / "train")
     assert summary["metrics"]["documents"] == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bad_corpus_file_surfaces_through_the_trainer(tiny_corpus, tmp_path, kind):
+    bad = tiny_corpus / "zz.txt"
+    bad.write_bytes(b"text\0more")
+    with pytest.raises(UserError, match=f"{bad} looks binary"):
+        train_tokenizer(tiny_corpus, tmp_path / "tok", kind=kind, vocab_size=VOCAB[kind])
+    assert not (tmp_path / "tok").exists()

@@ -141,14 +141,16 @@ def _held_back(text: str, stops: list[str]) -> int:
     return longest
 
 
-def generate_text(model: nn.Module, tokenizer: TokenizerLike, prompt: str,
+def generate_text(model: nn.Module, tokenizer: TokenizerLike, prompt: str | list[int],
                   max_new_tokens: int = 256, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None, seed: int | None = None,
                   stop: list[str] | None = None, stream: Callable[[str], None] | None = None,
-                  *, autocast_dtype: torch.dtype | None = None) -> str:
-    """Generate a continuation of `prompt` and return it as text (without the prompt).
+                  *, stop_ids: set[int] | None = None,
+                  autocast_dtype: torch.dtype | None = None) -> str:
+    """Generate a continuation of `prompt` (text, or token ids) and return it as text.
 
-    Stops at the tokenizer's eos token (not included in the text) or at the first occurrence
+    Stops at the tokenizer's eos token or any of `stop_ids` (not included in the text; ids let
+    a chat stop at a control token that text never produces) or at the first occurrence
     of any `stop` string (the text ends just before it). `stream` is called with each new
     piece of text as soon as it is final: a token that ends inside a multi-byte UTF-8
     character (decoding to U+FFFD) waits for the rest of the character, and text that could
@@ -156,7 +158,7 @@ def generate_text(model: nn.Module, tokenizer: TokenizerLike, prompt: str,
     """
     stops = [s for s in (stop or []) if s]
     eos_id = getattr(tokenizer, "eos_id", None)
-    stop_ids = {eos_id} if eos_id is not None else set()
+    stop_ids = set(stop_ids or ()) | ({eos_id} if eos_id is not None else set())
     new_ids: list[int] = []
     emitted = 0  # characters of the final text already passed to `stream`
     text = ""
@@ -167,7 +169,8 @@ def generate_text(model: nn.Module, tokenizer: TokenizerLike, prompt: str,
             stream(text[emitted:upto])
         emitted = max(emitted, upto)
 
-    tokens = generate(model, tokenizer.encode(prompt), max_new_tokens, temperature, top_k,
+    prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    tokens = generate(model, prompt_ids, max_new_tokens, temperature, top_k,
                       top_p, seed, stop_ids, autocast_dtype=autocast_dtype)
     # closing(): leaving early (stop string) must still run generate's cleanup now, which
     # puts the model back into training mode, rather than whenever the generator is collected.

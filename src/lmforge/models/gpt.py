@@ -16,6 +16,7 @@ from lmforge.errors import UserError
 from lmforge.models.blocks import (
     MLP,
     Attention,
+    Dropout,
     KVCache,
     RMSNorm,
     init_normal_,
@@ -66,7 +67,7 @@ class GPT(nn.Module):
             cos, sin = rope_tables(c.block_size, c.head_dim, c.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.dropout = nn.Dropout(c.dropout)
+        self.dropout = Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
         self.norm = make_norm(c.norm, c.n_embd, c.norm_eps, c.bias)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)

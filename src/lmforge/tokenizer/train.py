@@ -9,10 +9,12 @@ and whitespace are kept). How each kind makes `decode(encode(x)) == x` hold:
 - unigram: SentencePiece-style Unigram with byte fallback, over pieces that keep their
   whitespace (` world`), so any string round-trips.
 - wordpiece: BERT-style `##` continuation pieces over the same whitespace-keeping pieces,
-  decoded by concatenation. WordPiece has no byte fallback: a pre-tokenized word that
-  contains a character never seen in training (or is longer than 100 characters, e.g.
-  a long run of one script without spaces) becomes `<|unk|>`, so round-trip holds exactly
-  when every character of the text was in the training corpus.
+  decoded by concatenation; every character seen in training is usable both at the start
+  of a word and inside one. WordPiece has no byte fallback: a pre-tokenized word that
+  contains a character never seen in training becomes a single `<|unk|>`, so round-trip
+  holds exactly when every character of the text occurs in the training corpus.
+
+wordpiece and unigram also need an unknown token: `<|unk|>`, id 7 (bpe and char have none).
 """
 
 from __future__ import annotations
