@@ -1,9 +1,10 @@
 """Chat format: role tokens are inserted by id; the same strings typed by a user stay text."""
 
+from train_helpers import write_corpus
+
 from lmforge.infer.chat import encode_chat
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.train import train_tokenizer
-from train_helpers import write_corpus
 
 
 def test_encode_chat_uses_control_ids_and_never_parses_user_text(tmp_path):

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from train_helpers import write_corpus
 
 from lmforge.cli import main
-from train_helpers import write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,7 +111,9 @@ def test_bad_corpus(tmp_path, capsys, case):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    with pytest.raises(Exception):
+    from lmforge.errors import UserError
+
+    with pytest.raises(UserError):
         main(["--debug", "generate", "--ckpt", str(tmp_path / "missing")])
 
 

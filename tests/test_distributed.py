@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from train_helpers import make_token_dir
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lmforge"]

@@ -9,6 +9,7 @@ import signal
 
 import pytest
 import torch
+from train_helpers import make_token_dir, tiny_config
 
 from lmforge.errors import Interrupted, TrainingFailed, UserError
 from lmforge.models import GPT
@@ -17,7 +18,6 @@ from lmforge.train import checkpoint as ckpt
 from lmforge.train.batches import TokenBatches
 from lmforge.train.loop import pretrain
 from lmforge.train.optim import lr_at, param_groups
-from train_helpers import make_token_dir, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,26 @@ def test_batches_are_a_function_of_step_and_partition_across_ranks(tokens):
     assert torch.equal(rows, torch.cat([x for x, _ in one]))
     x, y = one[0]
     assert torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one
+
+
+def test_windows_cross_shard_boundaries(tmp_path):
+    """Shards are one token stream: every window equals the same slice of their concatenation."""
+    import numpy as np
+    from train_helpers import write_corpus
+
+    from lmforge.tokenizer.shards import load_split, tokenize_corpus
+    from lmforge.tokenizer.train import train_tokenizer
+
+    corpus = write_corpus(tmp_path / "c", docs=6)
+    train_tokenizer(corpus, tmp_path / "tok", kind="char")
+    tokenize_corpus(tmp_path / "tok", corpus, tmp_path / "tokens", val_fraction=0.2, shard_tokens=1000)
+    shards = load_split(tmp_path / "tokens", "train")
+    assert len(shards) > 3 and len(shards[-1]) <= 1000
+    stream = np.concatenate(shards)
+    b = TokenBatches(tmp_path / "tokens", "train", 64)
+    assert b.num_tokens == len(stream)
+    for start in [0, 990, 999, 1000, len(stream) - 65]:
+        assert np.array_equal(b._window(start), stream[start:start + 65])
 
 
 def test_training_writes_metrics_checkpoints_and_report(tokens, tmp_path):

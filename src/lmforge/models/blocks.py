@@ -165,7 +165,8 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     n = x.numel()
     lanes = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64).view(torch.int16)
     keep = lanes[:n].view(x.shape) >= threshold - 32768  # int16 lanes are uniform on [-2^15, 2^15)
-    return x * keep.to(x.dtype).mul_(65536 / (65536 - threshold))
+    # x * uint8 is one fast pass (bool operands and bool->float casts take slow paths)
+    return (x * keep.view(torch.uint8)).mul_(65536 / (65536 - threshold))
 
 
 class Dropout(nn.Dropout):

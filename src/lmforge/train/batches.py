@@ -24,29 +24,38 @@ class TokenBatches:
         self.meta = read_meta(self.dir)
         if split not in self.meta.get("splits", {}):
             raise UserError(f"{self.dir}: has no {split!r} split; re-run `lmforge tokenize`")
-        self.shards = [s for s in load_split(self.dir, split) if len(s) > block_size]
+        self.shards = load_split(self.dir, split)
         self.block_size = block_size
-        # sample start offsets uniformly over all valid windows of all shards
-        starts = [len(s) - block_size for s in self.shards]
-        self.cum = np.cumsum([0] + starts)
-        if not self.shards or self.cum[-1] <= 0:
-            n = self.meta["splits"][split]["tokens"]
+        # the shards form one token stream (a document may continue into the next shard);
+        # a window may start anywhere that leaves block_size + 1 tokens
+        self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
+        self.num_windows = int(self.offsets[-1]) - block_size
+        if self.num_windows <= 0:
             raise UserError(
-                f"{self.dir}/{split}: only {n} tokens, fewer than model.block_size+1 = {block_size + 1}; "
-                f"add data or lower model.block_size"
+                f"{self.dir}/{split}: only {int(self.offsets[-1])} tokens, fewer than model.block_size+1 = "
+                f"{block_size + 1}; add data or lower model.block_size"
             )
         self.split = split
 
     @property
     def num_tokens(self) -> int:
-        return int(sum(len(s) for s in self.shards))
+        return int(self.offsets[-1])
+
+    def _window(self, start: int) -> np.ndarray:
+        end = start + self.block_size + 1
+        i = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        pieces = []
+        while start < end:
+            local = start - self.offsets[i]
+            take = min(end - start, len(self.shards[i]) - local)
+            pieces.append(self.shards[i][local:local + take])
+            start += take
+            i += 1
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def _rows(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-        flat = rng.integers(0, self.cum[-1], size=n)
-        shard_idx = np.searchsorted(self.cum, flat, side="right") - 1
-        T = self.block_size
-        xy = np.stack([self.shards[i][o - self.cum[i]: o - self.cum[i] + T + 1] for i, o in zip(shard_idx, flat)])
-        xy = xy.astype(np.int64)
+        starts = rng.integers(0, self.num_windows, size=n)
+        xy = np.stack([self._window(int(s)) for s in starts]).astype(np.int64)
         return xy[:, :-1], xy[:, 1:]
 
     def global_batch(self, seed: int, step: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
