@@ -197,3 +197,13 @@ def test_checkpoint_loads_for_inference_and_rejects_damage(tokens, tmp_path):
         ckpt.load_pretrained(bad)
     with pytest.raises(UserError, match="does not exist"):
         ckpt.load_pretrained(tmp_path / "nope")
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tokens, tmp_path):
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    pretrain(tiny_config(tokens, "train.max_steps=10"), eager)
+    pretrain(tiny_config(tokens, "train.max_steps=10", "train.compile=true"), compiled)
+    a, b = losses(eager), losses(compiled)
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= 1e-3, (x, y)
