@@ -11,7 +11,7 @@ from lmforge.errors import UserError
 from lmforge.models import GPT, ModelConfig
 from lmforge.models.blocks import scaled_init_std, sinusoidal_table
 
-GPT2_STYLE = dict(pos_encoding="learned", norm="layernorm", mlp="gelu", bias=True,
+GPT2_STYLE = dict(pos_encoding="learned", norm="layernorm", mlp="gelu_tanh", bias=True,
                   tie_embeddings=True)
 LLAMA_STYLE = dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", bias=False,
                    tie_embeddings=False)
@@ -282,3 +282,86 @@ def test_meta_device_build_then_init_weights_is_complete():
     assert torch.all(model.norm.weight == 1)
     idx = torch.randint(0, 50, (1, 8))
     assert torch.isfinite(model(idx, idx)[1])
+
+
+# --------------------------------------------------------------------------------------------
+# The CPU attention path and the CPU dropout mask (speed paths, checked against the reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_kv_head,causal", [(4, True), (2, True), (4, False)])
+def test_cpu_attention_matches_sdpa(dtype, n_kv_head, causal, monkeypatch):
+    """Forward and gradients of the hand-written CPU path against SDPA: equal in fp32; in bf16
+    no further from the fp32 result than SDPA in bf16 is."""
+    import copy
+
+    from lmforge.models.blocks import Attention
+
+    attn32 = Attention(64, 4, n_kv_head, causal=causal, bias=True)
+    x = torch.randn(3, 24, 64)
+    grad_out = torch.randn(3, 24, 64)
+
+    def run(use_cpu_path: bool, dt: torch.dtype):
+        monkeypatch.setattr(Attention, "_use_cpu_attention", lambda self, *a: use_cpu_path)
+        attn = copy.deepcopy(attn32).to(dt)
+        xi = x.to(dt).clone().requires_grad_()
+        y = attn(xi)
+        y.backward(grad_out.to(dt))
+        return [t.float() for t in (y, xi.grad, attn.qkv.weight.grad, attn.out.weight.grad)]
+
+    reference = run(False, torch.float32)
+    fast, sdpa = run(True, dtype), run(False, dtype)
+    for f, s, r in zip(fast, sdpa, reference):
+        if dtype == torch.float32:
+            torch.testing.assert_close(f, r, atol=1e-5, rtol=1e-5)
+        else:
+            assert (f - r).abs().max() <= 2 * (s - r).abs().max() + 1e-3
+
+
+def test_cpu_attention_selection():
+    from lmforge.models.blocks import Attention
+
+    attn = Attention(32, 4, causal=True, dropout=0.1)
+    q = torch.zeros(1, 4, 16, 8)
+    attn.train()
+    assert attn._use_cpu_attention(q, None, None)  # dropout: SDPA would fall back to its math path
+    attn.eval()
+    assert not attn._use_cpu_attention(q, None, None)  # fp32 without dropout: SDPA is faster
+    assert attn._use_cpu_attention(q.bfloat16(), None, None)
+    assert not attn._use_cpu_attention(q.bfloat16(), torch.ones(16, 16, dtype=torch.bool), None)
+    long_q = torch.zeros(1, 4, Attention.CPU_ATTENTION_MAX_LEN + 1, 8, dtype=torch.bfloat16)
+    assert not attn._use_cpu_attention(long_q, None, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dropout_drops_at_rate_p_and_keeps_the_expectation(dtype):
+    from lmforge.models.blocks import dropout
+
+    x = torch.ones(400, 1000, dtype=dtype, requires_grad=True)
+    y = dropout(x, 0.2)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.8) < 0.004  # 400k draws: ~5 standard deviations
+    assert torch.all(y[kept] == y[kept][0]) and abs(y[kept][0].item() - 1.25) < 1e-5
+    assert abs(y.float().mean().item() - 1.0) < 0.01
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())  # d/dx is the same mask * scale
+    torch.manual_seed(1)
+    a = dropout(x.detach(), 0.5)
+    torch.manual_seed(1)
+    torch.testing.assert_close(a, dropout(x.detach(), 0.5))  # seeded like any torch RNG
+    assert dropout(x, 0.2, training=False) is x
+
+
+def test_cpu_attention_dropout_is_dropout_on_the_probabilities():
+    from lmforge.models.blocks import Attention, cpu_keep_mask
+
+    attn = Attention(32, 4, causal=True, dropout=0.3).train()
+    q, k, v = (torch.randn(2, 4, 10, 8) for _ in range(3))
+    torch.manual_seed(7)
+    y = attn._cpu_attention(q, k, v)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(8)
+    probs = scores.masked_fill(torch.ones(10, 10, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    torch.manual_seed(7)
+    keep, scale = cpu_keep_mask(probs, 0.3)
+    torch.testing.assert_close(y, (probs * keep * scale) @ v)
+    assert 0 < keep.float().mean() < 1

@@ -27,8 +27,8 @@ class ModelConfig:
     pos_encoding: str = "learned"  # learned | rope | sinusoidal
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
-    mlp: str = "gelu"  # gelu | swiglu
-    mlp_hidden: int | None = None  # None: 4*n_embd for gelu, ~8/3*n_embd (multiple of 64) for swiglu
+    mlp: str = "gelu"  # gelu (exact) | gelu_tanh (GPT-2) | relu | swiglu (Llama)
+    mlp_hidden: int | None = None  # None: 4*n_embd for gelu/relu, ~8/3*n_embd (multiple of 64) for swiglu
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     init_std: float = 0.02
@@ -60,7 +60,7 @@ class ModelConfig:
             "arch": ("gpt",),
             "pos_encoding": ("learned", "rope", "sinusoidal"),
             "norm": ("layernorm", "rmsnorm"),
-            "mlp": ("gelu", "swiglu"),
+            "mlp": ("gelu", "gelu_tanh", "relu", "swiglu"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

@@ -34,8 +34,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
                     device_type: str) -> torch.optim.AdamW:
-    # the fused kernel is one launch for all parameters on CUDA; on CPU foreach is the default
-    fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    # The fused kernel is one launch for all parameters on CUDA; on CPU it is one pass per
+    # parameter instead of foreach's several (measured on 2 cores: nano ~7%, small ~1% faster).
+    fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=1e-8,
                              fused=fused or None)
 
