@@ -88,7 +88,12 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048
 
 
 def peak_flops(device: torch.device, precision: str) -> float:
-    """Peak FLOP/s for MFU: the datasheet number on known GPUs, else measured once and cached."""
+    """Peak FLOP/s for MFU: the datasheet number on known GPUs, else measured once and cached.
+
+    `LMFORGE_PEAK_FLOPS` (FLOP/s) overrides both, e.g. for a GPU missing from the table.
+    """
+    if os.environ.get("LMFORGE_PEAK_FLOPS"):
+        return float(os.environ["LMFORGE_PEAK_FLOPS"])
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, value in _GPU_PEAK_BF16.items():
@@ -101,7 +106,9 @@ def peak_flops(device: torch.device, precision: str) -> float:
     with contextlib.suppress(Exception):
         cache = json.loads(path.read_text())
     if key not in cache:
-        cache[key] = measure_matmul_flops(device, dtype)
+        # best of three: one reading taken while another job holds a core would otherwise stay
+        # in the cache and inflate every MFU computed from it
+        cache[key] = max(measure_matmul_flops(device, dtype, seconds=0.3) for _ in range(3))
         with contextlib.suppress(OSError):
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
