@@ -10,7 +10,7 @@ from lmforge.train import device as dev
 def test_auto_precision_on_cpu_depends_on_width_and_bf16_support(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(dev, "cpu_has_bf16", lambda: True)
-    assert dev.resolve_precision("auto", cpu, 128) == "fp32"  # overhead-bound: bf16 casts cost more
+    assert dev.resolve_precision("auto", cpu, 64) == "fp32"  # overhead-bound: bf16 casts cost more
     assert dev.resolve_precision("auto", cpu, dev.CPU_BF16_MIN_WIDTH) == "bf16"
     monkeypatch.setattr(dev, "cpu_has_bf16", lambda: False)
     assert dev.resolve_precision("auto", cpu, 1024) == "fp32"
