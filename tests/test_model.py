@@ -36,43 +36,15 @@ def _perturb_(model: torch.nn.Module, scale: float = 0.05) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Independent references: HF transformers. The weight mappings live here until the
-# HF converter module owns them.
+# Independent references: HF transformers, with weights mapped by the HF converter.
 
 
-def load_hf_gpt2(model: GPT, hf_state: dict[str, torch.Tensor]) -> None:
-    """Copy a GPT2LMHeadModel state dict into our GPT (Conv1D weights are (in, out): transpose)."""
-    sd = {"tok_embeddings.weight": hf_state["transformer.wte.weight"],
-          "pos_embeddings.weight": hf_state["transformer.wpe.weight"],
-          "norm.weight": hf_state["transformer.ln_f.weight"],
-          "norm.bias": hf_state["transformer.ln_f.bias"]}
-    for i in range(model.config.n_layer):
-        h, b = f"transformer.h.{i}.", f"blocks.{i}."
-        for ours, theirs, transpose in [("attn_norm", "ln_1", False), ("attn.qkv", "attn.c_attn", True),
-                                        ("attn.out", "attn.c_proj", True), ("mlp_norm", "ln_2", False),
-                                        ("mlp.up", "mlp.c_fc", True), ("mlp.down", "mlp.c_proj", True)]:
-            weight = hf_state[h + theirs + ".weight"]
-            sd[b + ours + ".weight"] = weight.t() if transpose else weight
-            sd[b + ours + ".bias"] = hf_state[h + theirs + ".bias"]
-    sd["lm_head.weight"] = sd["tok_embeddings.weight"]
-    model.load_state_dict(sd, strict=True)
+def load_hf(model: GPT, model_type: str, hf_state: dict[str, torch.Tensor]) -> None:
+    """Copy an HF state dict into our GPT through `lmforge.export.hf` (the converter's own mapping)."""
+    from lmforge.export.hf import state_from_hf
+    from lmforge.train.checkpoint import load_weights_into
 
-
-def load_hf_llama(model: GPT, hf_state: dict[str, torch.Tensor]) -> None:
-    """Copy a LlamaForCausalLM state dict into our GPT (q/k/v concatenated into the fused qkv)."""
-    sd = {"tok_embeddings.weight": hf_state["model.embed_tokens.weight"],
-          "norm.weight": hf_state["model.norm.weight"],
-          "lm_head.weight": hf_state["lm_head.weight"]}
-    for i in range(model.config.n_layer):
-        h, b = f"model.layers.{i}.", f"blocks.{i}."
-        sd[b + "attn.qkv.weight"] = torch.cat([hf_state[h + f"self_attn.{n}_proj.weight"]
-                                               for n in "qkv"])
-        sd[b + "attn.out.weight"] = hf_state[h + "self_attn.o_proj.weight"]
-        sd[b + "attn_norm.weight"] = hf_state[h + "input_layernorm.weight"]
-        sd[b + "mlp_norm.weight"] = hf_state[h + "post_attention_layernorm.weight"]
-        for n in ("gate", "up", "down"):
-            sd[b + f"mlp.{n}.weight"] = hf_state[h + f"mlp.{n}_proj.weight"]
-    model.load_state_dict(sd, strict=True)
+    load_weights_into(model, state_from_hf(model.config, model_type, hf_state), "HF state dict")
 
 
 def test_matches_hf_gpt2():
@@ -84,7 +56,7 @@ def test_matches_hf_gpt2():
     _perturb_(hf)
     ours = GPT(ModelConfig(vocab_size=100, n_layer=2, n_head=4, n_embd=64, block_size=64,
                            norm_eps=hf_config.layer_norm_epsilon, **GPT2_STYLE)).eval()
-    load_hf_gpt2(ours, hf.state_dict())
+    load_hf(ours, "gpt2", hf.state_dict())
     idx = torch.randint(0, 100, (2, 64))
     with torch.no_grad():
         expected = hf(idx).logits
@@ -104,7 +76,7 @@ def test_matches_hf_llama_with_gqa():
     ours = GPT(ModelConfig(vocab_size=100, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
                            block_size=64, mlp_hidden=128, norm_eps=1e-6, rope_theta=10000.0,
                            **LLAMA_STYLE)).eval()
-    load_hf_llama(ours, hf.state_dict())
+    load_hf(ours, "llama", hf.state_dict())
     idx = torch.randint(0, 100, (2, 64))
     with torch.no_grad():
         expected = hf(idx).logits

@@ -7,6 +7,7 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -23,6 +24,20 @@ def _cmd_fetch(args: argparse.Namespace) -> None:
     summary = fetch_shakespeare(args.out, edition=args.edition)
     metrics = summary.get("metrics", summary)
     print(f"fetched {metrics.get('files')} files ({metrics.get('bytes', 0) / 1e6:.1f} MB) into {args.out}")
+
+
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    from lmforge.data.config import load_data_config
+    from lmforge.data.prepare import prepare_data
+
+    cfg = load_data_config(args.config, args.set + (["read.split_on_blank_lines=true"] if args.split_on_blank_lines else []))
+    summary = prepare_data(args.input, args.out, cfg, workers=args.workers, executor=args.executor,
+                           strict=args.strict, resume=not args.no_resume)
+    out, removed, unreadable = summary["documents_out"], summary["removed"], summary["unreadable"]
+    print(f"prepared {summary['documents_in']:,} documents into {args.out}: "
+          + ", ".join(f"{k} {v:,}" for k, v in out.items())
+          + f"; removed {sum(removed.values()):,}, unreadable {sum(unreadable.values()):,}; "
+          f"report: {Path(args.out) / 'report.md'}")
 
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -49,7 +64,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.set)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     summary = pretrain(cfg, out, resume=args.resume, overwrite=args.overwrite)
-    if summary:
+    if summary and os.environ.get("RANK", "0") == "0":  # under torchrun, one line, not one per process
         m = summary["metrics"]
         print(f"done: {m['steps']} steps, final val loss {m['final_val_loss']}, best {m['best_val_loss']} "
               f"(step {m['best_step']}); {m['tokens_per_s']:,.0f} tokens/s; report: {out / 'report.md'}")
@@ -82,6 +97,26 @@ def _cmd_chat(args: argparse.Namespace) -> None:
     chat_loop(model, tokenizer, system=args.system, **_sampling(args))
 
 
+def _cmd_convert(args: argparse.Namespace) -> None:
+    from lmforge.export.hf import from_hf, to_hf
+
+    summary = (from_hf if args.direction == "from-hf" else to_hf)(args.src, args.out)
+    m = summary["metrics"]
+    print(f"converted {args.src} ({m['model_type']}, {m['tensors']} tensors) into {args.out}"
+          + ("" if m["tokenizer"] else "; no tokenizer.json was found, add one before loading the checkpoint"))
+
+
+def _cmd_plan(args: argparse.Namespace) -> None:
+    import json
+
+    from lmforge.config import load_config
+    from lmforge.plan import format_plan, plan
+
+    report = plan(load_config(args.config, args.set), gpus=args.gpus, gpu_type=args.gpu_type, mfu=args.mfu,
+                  tokens=args.tokens, vocab_size=args.vocab_size)
+    print(json.dumps(report, indent=2) if args.json else format_plan(report))
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="checkpoint dir, or a run dir (uses its best checkpoint)")
     p.add_argument("--max-new-tokens", type=int, default=200)
@@ -104,6 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--edition", default="both", choices=["modern", "folio", "both"])
     p.set_defaults(func=_cmd_fetch)
+    p = data.add_parser("prepare", help="clean, filter, deduplicate and split a corpus (parquet train/val/test)")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files, directories or globs")
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", default=None, help="data recipe YAML, e.g. configs/data/default.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (repeatable)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores); output is the same for any N")
+    p.add_argument("--executor", default="local", choices=["local", "ray"], help="ray: tasks on a local Ray or RAY_ADDRESS")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable input")
+    p.add_argument("--split-on-blank-lines", action="store_true", help=".txt/.md: one document per blank-line block")
+    p.add_argument("--no-resume", action="store_true",
+                   help="redo every shard (default: an interrupted run resumes, skipping finished shards)")
+    p.set_defaults(func=_cmd_prepare)
 
     tok = sub.add_parser("tokenizer", help="train tokenizers").add_subparsers(dest="tok_command", required=True)
     p = tok.add_parser("train", help="train a tokenizer on a corpus dir")
@@ -141,6 +188,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.add_argument("--system", default=None, help="system message")
     p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("convert", help="convert checkpoints to and from Hugging Face (GPT-2, Llama, Mistral)")
+    p.add_argument("direction", choices=["from-hf", "to-hf"])
+    p.add_argument("src", help="from-hf: an HF model dir; to-hf: a checkpoint or run dir")
+    p.add_argument("out", help="output dir (replaced atomically)")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("plan", help="size a model: parameters, FLOPs, training memory, tokens and time")
+    p.add_argument("config", help="YAML recipe, e.g. configs/gpt2-124m.yaml (or just: gpt2-124m)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--gpus", type=int, default=1, help="GPU count (FSDP shards weights/grads/optimizer over them)")
+    p.add_argument("--gpu-type", default="H100", help="a GPU from the bf16 peak table, e.g. H100, A100, 4090")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilization for the time estimate")
+    p.add_argument("--tokens", type=float, default=None, help="training tokens (default: ~20 per parameter)")
+    p.add_argument("--vocab-size", type=int, default=None, help="when the config leaves model.vocab_size unset")
+    p.set_defaults(func=_cmd_plan)
     return parser
 
 

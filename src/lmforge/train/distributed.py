@@ -71,16 +71,22 @@ def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return [block for m in model.modules() if isinstance(m, nn.ModuleList) for block in m]
 
 
-def parallelize(model: nn.Module, info: DistInfo, device: torch.device, compile: bool = False) -> nn.Module:
+def parallelize(model: nn.Module, info: DistInfo, device: torch.device, compile: bool = False,
+                precision: str = "fp32") -> nn.Module:
     """Apply compile and DDP/FSDP2 to a plain model. Returns the module to train with."""
     if info.enabled and info.parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        # with bf16/fp16, gather parameters in the low precision (half the all-gather traffic,
+        # and no full-size low-precision weight copies made by autocast) but reduce gradients
+        # in fp32; the sharded master weights and optimizer state stay fp32
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32) if low else MixedPrecisionPolicy()
         for block in _repeated_blocks(model):
             if compile:
                 block.compile()
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         return model
     if compile:
         model.compile()

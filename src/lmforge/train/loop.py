@@ -140,7 +140,7 @@ class _Trainer:
             trainer_state = ckpt.read_trainer_state(self.resume_from)
             for key in self.state:
                 self.state[key] = trainer_state.get(key, self.state[key])
-        self.model = dist.parallelize(self.raw_model, info, self.device, compile=t.compile)
+        self.model = dist.parallelize(self.raw_model, info, self.device, compile=t.compile, precision=self.precision)
         self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, (t.beta1, t.beta2), self.device.type)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         torch.manual_seed(t.seed + info.rank)  # dropout masks differ per rank
@@ -200,7 +200,7 @@ class _Trainer:
                 self.model.set_requires_gradient_sync(True)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self._sync_context(last), autocast(self.device, self.precision):
-                _, loss = self.model(x, y)
+                loss = self.model(x, y)[1]  # not holding the logits keeps them out of backward's peak
             scaled = loss / len(micro)
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.detach()

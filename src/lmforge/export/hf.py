@@ -1,0 +1,463 @@
+"""Hugging Face interop: HF causal-LM directories to lmforge checkpoints and back.
+
+    from_hf("gpt2-dir", "ckpt")      # config.json + model.safetensors (+ tokenizer.json) -> checkpoint
+    to_hf("ckpt", "hf-dir")          # checkpoint -> a dir `AutoModelForCausalLM.from_pretrained` loads
+
+A registry (`ARCHITECTURES`) maps an HF `model_type` to an `HFArch`: how its config.json becomes
+our `ModelConfig` and back, and a table of `TensorRule`s pairing each of our tensors with the
+HF tensor(s) it is made of. The one table serves both directions, so from-hf and to-hf cannot
+drift apart, and every shape check can name the HF tensor at fault. BERT, T5 and Mixtral plug in
+later as more registry entries (their rules will need more than concatenation and transposes;
+`TensorRule` grows then).
+
+Supported now: GPT-2 (`gpt2`), Llama incl. grouped-query attention (`llama`) and dense Mistral
+(`mistral`, without a sliding window). Everything else is a one-line `UserError` naming the
+config field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lmforge.errors import UserError
+from lmforge.fsutil import atomic_dir, atomic_write_json, write_summary
+from lmforge.models.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """One of our tensors and the HF tensor(s) it is made of.
+
+    Several `theirs` are concatenated along dim 0 in our layout (Llama's q/k/v projections into
+    our fused `qkv`); `transpose` marks GPT-2's Conv1D, which stores weights as (in, out).
+    """
+
+    ours: str
+    theirs: tuple[str, ...]
+    transpose: bool = False
+
+
+@dataclass(frozen=True)
+class HFArch:
+    """How one HF `model_type` maps onto lmforge."""
+
+    model_type: str
+    hf_class: str  # config.json `architectures[0]` written by to-hf
+    config_from_hf: Callable[[dict[str, Any], str], ModelConfig]
+    config_to_hf: Callable[[ModelConfig], dict[str, Any]]
+    rules: Callable[[ModelConfig], list[TensorRule]]
+    base_prefix: str  # the base model's prefix, which files saved from the base class lack
+    # HF tensors that are derived buffers, not weights (older files saved them): skipped on read
+    derived: re.Pattern[str]
+
+
+# --------------------------------------------------------------------------------------------
+# Config helpers
+
+
+def _need(hf: dict[str, Any], key: str, where: str) -> Any:
+    if hf.get(key) is None:
+        raise UserError(f"{where}: required field {key!r} is missing; is this a complete HF config.json?")
+    return hf[key]
+
+
+def _only(hf: dict[str, Any], key: str, default: Any, allowed: tuple[Any, ...], where: str) -> Any:
+    """hf[key] (or default), which must be one of `allowed`: lmforge implements only those."""
+    value = hf.get(key, default)
+    if value not in allowed:
+        raise UserError(f"{where}: {key}={value!r} is not supported; allowed: "
+                        f"{', '.join(repr(a) for a in allowed)}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# GPT-2
+
+_GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+_GPT2_ACT_OUT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
+
+
+def _gpt2_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
+    act = _only(hf, "activation_function", "gelu_new", tuple(_GPT2_ACT), where)
+    _only(hf, "scale_attn_weights", True, (True,), where)
+    _only(hf, "scale_attn_by_inverse_layer_idx", False, (False,), where)
+    _only(hf, "add_cross_attention", False, (False,), where)
+    return ModelConfig(
+        vocab_size=_need(hf, "vocab_size", where), n_layer=_need(hf, "n_layer", where),
+        n_head=_need(hf, "n_head", where), n_embd=_need(hf, "n_embd", where),
+        block_size=_need(hf, "n_positions", where), dropout=float(hf.get("resid_pdrop", 0.0)),
+        bias=True, pos_encoding="learned", norm="layernorm",
+        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), mlp=_GPT2_ACT[act],
+        mlp_hidden=hf.get("n_inner"), tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+    )
+
+
+def _gpt2_config_to_hf(c: ModelConfig) -> dict[str, Any]:
+    return {
+        "model_type": "gpt2", "vocab_size": c.vocab_size, "n_layer": c.n_layer, "n_head": c.n_head,
+        "n_embd": c.n_embd, "n_positions": c.block_size, "n_inner": c.ffn_hidden,
+        "activation_function": _GPT2_ACT_OUT[c.mlp], "layer_norm_epsilon": c.norm_eps,
+        "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
+        "initializer_range": c.init_std, "tie_word_embeddings": c.tie_embeddings,
+        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+    }
+
+
+def _gpt2_rules(c: ModelConfig) -> list[TensorRule]:
+    rules = [TensorRule("tok_embeddings.weight", ("transformer.wte.weight",)),
+             TensorRule("pos_embeddings.weight", ("transformer.wpe.weight",)),
+             TensorRule("norm.weight", ("transformer.ln_f.weight",)),
+             TensorRule("norm.bias", ("transformer.ln_f.bias",))]
+    for i in range(c.n_layer):
+        h, b = f"transformer.h.{i}.", f"blocks.{i}."
+        for ours, theirs, conv1d in (("attn_norm", "ln_1", False), ("attn.qkv", "attn.c_attn", True),
+                                     ("attn.out", "attn.c_proj", True), ("mlp_norm", "ln_2", False),
+                                     ("mlp.up", "mlp.c_fc", True), ("mlp.down", "mlp.c_proj", True)):
+            rules.append(TensorRule(f"{b}{ours}.weight", (f"{h}{theirs}.weight",), transpose=conv1d))
+            rules.append(TensorRule(f"{b}{ours}.bias", (f"{h}{theirs}.bias",)))
+    if not c.tie_embeddings:
+        rules.append(TensorRule("lm_head.weight", ("lm_head.weight",)))
+    return rules
+
+
+# --------------------------------------------------------------------------------------------
+# Llama and dense Mistral (the same layout; Mistral adds a sliding window we do not implement)
+
+
+def _rope_theta(hf: dict[str, Any], where: str) -> float:
+    # transformers 5 writes `rope_parameters`; older files `rope_theta` + `rope_scaling`
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind != "default":
+        field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+        raise UserError(f"{where}: {field}.rope_type={kind!r} (RoPE scaling) is not supported; "
+                        "allowed: 'default' (no scaling)")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _llama_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
+    _only(hf, "hidden_act", "silu", ("silu",), where)
+    _only(hf, "attention_bias", False, (False,), where)
+    _only(hf, "mlp_bias", False, (False,), where)
+    n_embd, n_head = _need(hf, "hidden_size", where), _need(hf, "num_attention_heads", where)
+    block_size = _need(hf, "max_position_embeddings", where)
+    if hf.get("head_dim") not in (None, n_embd // n_head):
+        raise UserError(f"{where}: head_dim={hf['head_dim']} is not supported; allowed: "
+                        f"hidden_size / num_attention_heads = {n_embd // n_head}")
+    window = hf.get("sliding_window")
+    if window is not None and window < block_size:
+        raise UserError(f"{where}: sliding_window={window} < max_position_embeddings={block_size} is not "
+                        "supported (lmforge attends to the whole context); allowed: null or >= "
+                        "max_position_embeddings")
+    return ModelConfig(
+        vocab_size=_need(hf, "vocab_size", where), n_layer=_need(hf, "num_hidden_layers", where),
+        n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=n_embd,
+        block_size=block_size, dropout=float(hf.get("attention_dropout", 0.0)), bias=False,
+        pos_encoding="rope", norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        mlp="swiglu", mlp_hidden=_need(hf, "intermediate_size", where),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), rope_theta=_rope_theta(hf, where),
+        init_std=float(hf.get("initializer_range", 0.02)),
+    )
+
+
+def _llama_config_to_hf(c: ModelConfig) -> dict[str, Any]:
+    return {
+        "model_type": "llama", "vocab_size": c.vocab_size, "hidden_size": c.n_embd,
+        "intermediate_size": c.ffn_hidden, "num_hidden_layers": c.n_layer,
+        "num_attention_heads": c.n_head, "num_key_value_heads": c.kv_heads, "head_dim": c.head_dim,
+        "max_position_embeddings": c.block_size, "hidden_act": "silu", "rms_norm_eps": c.norm_eps,
+        "rope_theta": c.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+        "attention_bias": False, "mlp_bias": False, "attention_dropout": c.dropout,
+        "tie_word_embeddings": c.tie_embeddings, "initializer_range": c.init_std,
+    }
+
+
+def _llama_rules(c: ModelConfig) -> list[TensorRule]:
+    rules = [TensorRule("tok_embeddings.weight", ("model.embed_tokens.weight",)),
+             TensorRule("norm.weight", ("model.norm.weight",))]
+    for i in range(c.n_layer):
+        h, b = f"model.layers.{i}.", f"blocks.{i}."
+        rules += [
+            TensorRule(f"{b}attn.qkv.weight", tuple(f"{h}self_attn.{n}_proj.weight" for n in "qkv")),
+            TensorRule(f"{b}attn.out.weight", (f"{h}self_attn.o_proj.weight",)),
+            TensorRule(f"{b}attn_norm.weight", (f"{h}input_layernorm.weight",)),
+            TensorRule(f"{b}mlp_norm.weight", (f"{h}post_attention_layernorm.weight",)),
+            *(TensorRule(f"{b}mlp.{n}.weight", (f"{h}mlp.{n}_proj.weight",)) for n in ("gate", "up", "down")),
+        ]
+    if not c.tie_embeddings:
+        rules.append(TensorRule("lm_head.weight", ("lm_head.weight",)))
+    return rules
+
+
+_GPT2_DERIVED = re.compile(r"attn\.(masked_)?bias$")
+_ROPE_DERIVED = re.compile(r"rotary_emb\.inv_freq$")
+
+ARCHITECTURES: dict[str, HFArch] = {
+    "gpt2": HFArch("gpt2", "GPT2LMHeadModel", _gpt2_config_from_hf, _gpt2_config_to_hf, _gpt2_rules,
+                   "transformer.", _GPT2_DERIVED),
+    "llama": HFArch("llama", "LlamaForCausalLM", _llama_config_from_hf, _llama_config_to_hf,
+                    _llama_rules, "model.", _ROPE_DERIVED),
+    "mistral": HFArch("mistral", "MistralForCausalLM", _llama_config_from_hf, _llama_config_to_hf,
+                      _llama_rules, "model.", _ROPE_DERIVED),
+}
+
+
+def arch_for(model_type: Any, where: str) -> HFArch:
+    if model_type not in ARCHITECTURES:
+        raise UserError(f"{where}: model_type={model_type!r} is not supported; allowed: "
+                        f"{', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[model_type]
+
+
+def hf_layout_for(c: ModelConfig) -> HFArch:
+    """The HF layout that represents our config exactly, or a UserError naming the field that cannot."""
+    def unrepresentable(key: str, want: str) -> UserError:
+        return UserError(f"model.{key}={getattr(c, key)!r} has no Hugging Face equivalent for this "
+                         f"model; {want}")
+
+    if c.pos_encoding == "learned":  # GPT-2: LayerNorm with bias everywhere
+        if c.norm != "layernorm":
+            raise unrepresentable("norm", "the GPT-2 layout (pos_encoding=learned) needs norm=layernorm")
+        if not c.bias:
+            raise unrepresentable("bias", "the GPT-2 layout (pos_encoding=learned) needs bias=true")
+        if c.mlp not in _GPT2_ACT_OUT:
+            raise unrepresentable("mlp", "the GPT-2 layout needs mlp=gelu_tanh, gelu or relu")
+        if c.kv_heads != c.n_head:
+            raise unrepresentable("n_kv_head", "the GPT-2 layout needs n_kv_head=n_head (no GQA)")
+        return ARCHITECTURES["gpt2"]
+    if c.pos_encoding == "rope":  # Llama: RMSNorm, SwiGLU, no biases
+        if c.norm != "rmsnorm":
+            raise unrepresentable("norm", "the Llama layout (pos_encoding=rope) needs norm=rmsnorm")
+        if c.mlp != "swiglu":
+            raise unrepresentable("mlp", "the Llama layout (pos_encoding=rope) needs mlp=swiglu")
+        if c.bias:
+            raise unrepresentable("bias", "the Llama layout (pos_encoding=rope) needs bias=false")
+        return ARCHITECTURES["llama"]
+    raise unrepresentable("pos_encoding", "allowed: learned (GPT-2 layout) or rope (Llama layout)")
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor mapping (both directions, shape-checked)
+
+
+def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    from lmforge.models import GPT
+
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        model = GPT(ModelConfig.from_dict(c.to_dict()))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _their_shapes(rule: TensorRule, our_shape: tuple[int, ...], c: ModelConfig) -> list[tuple[int, ...]]:
+    if rule.transpose:
+        return [tuple(reversed(our_shape))]
+    if len(rule.theirs) == 3:  # q, k, v rows of the fused projection
+        kv = c.kv_heads * c.head_dim
+        return [(c.n_embd, *our_shape[1:]), (kv, *our_shape[1:]), (kv, *our_shape[1:])]
+    return [our_shape]
+
+
+def state_from_hf(c: ModelConfig, model_type: str, hf_state: dict[str, torch.Tensor],
+                  source: str = "HF weights") -> dict[str, torch.Tensor]:
+    """Our state dict (a tied lm_head omitted) from an HF one; errors name the HF tensor."""
+    arch = arch_for(model_type, source)
+    expected = _expected_shapes(c)
+    remaining = dict(hf_state)
+    if not any(k.startswith(arch.base_prefix) for k in remaining):
+        # saved from the base model class (e.g. the original `gpt2` files: "h.0.attn.c_attn.weight")
+        remaining = {k if k.startswith("lm_head.") else arch.base_prefix + k: v for k, v in remaining.items()}
+    state: dict[str, torch.Tensor] = {}
+    for rule in arch.rules(c):
+        parts = []
+        for name, shape in zip(rule.theirs, _their_shapes(rule, expected[rule.ours], c)):
+            if name not in remaining:
+                raise UserError(f"{source}: missing tensor {name!r}; the weights do not match config.json "
+                                "(truncated or from another model)")
+            tensor = remaining.pop(name)
+            if tuple(tensor.shape) != shape:
+                raise UserError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)} but config.json "
+                                f"implies {shape}; the weights and config.json do not match")
+            parts.append(tensor)
+        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        state[rule.ours] = tensor.t().contiguous() if rule.transpose else tensor
+    if c.tie_embeddings:
+        remaining.pop("lm_head.weight", None)  # a tied head saved twice by older writers
+    extra = sorted(k for k in remaining if not arch.derived.search(k))
+    if extra:
+        raise UserError(f"{source}: unexpected tensor {extra[0]!r} ({len(extra)} in all); lmforge's "
+                        f"{model_type} mapping does not know it (an unsupported variant?)")
+    return state
+
+
+def state_to_hf(c: ModelConfig, state: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The HF state dict (HF names and layouts) for our state dict; the inverse of `state_from_hf`."""
+    arch = hf_layout_for(c)
+    expected = _expected_shapes(c)
+    out: dict[str, torch.Tensor] = {}
+    rules = arch.rules(c)
+    extra = sorted(set(state) - {rule.ours for rule in rules} - ({"lm_head.weight"} if c.tie_embeddings else set()))
+    if extra:
+        raise UserError(f"{source}: unexpected tensor {extra[0]!r}; the checkpoint does not match its config.json")
+    for rule in rules:
+        if rule.ours not in state:
+            raise UserError(f"{source}: missing tensor {rule.ours!r}; the checkpoint is incomplete")
+        tensor = state[rule.ours]
+        if tuple(tensor.shape) != expected[rule.ours]:
+            raise UserError(f"{source}: tensor {rule.ours!r} has shape {tuple(tensor.shape)}, config.json "
+                            f"implies {expected[rule.ours]}; the checkpoint is inconsistent")
+        if rule.transpose:
+            out[rule.theirs[0]] = tensor.t().contiguous()
+        elif len(rule.theirs) == 1:
+            out[rule.theirs[0]] = tensor.contiguous()
+        else:
+            sizes = [s[0] for s in _their_shapes(rule, expected[rule.ours], c)]
+            for name, part in zip(rule.theirs, tensor.split(sizes, dim=0)):
+                out[name] = part.contiguous()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def read_hf_config(hf_dir: Path) -> dict[str, Any]:
+    file = hf_dir / "config.json"
+    if not file.is_file():
+        raise UserError(f"{file} does not exist; pass a Hugging Face model directory (config.json + weights)")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{file}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{file}: expected a JSON object")
+    return data
+
+
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{file} is truncated or corrupt ({str(e).splitlines()[0]}); re-download or "
+                        "re-save it") from None
+
+
+def read_hf_weights(hf_dir: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """HF weights from model.safetensors, a sharded index, or pytorch_model.bin (weights_only)."""
+    single, index, pickle = (hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json",
+                             hf_dir / "pytorch_model.bin")
+    if single.is_file():
+        return _load_safetensors(single), single
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{index}: not a safetensors index (needs a 'weight_map' object)") from None
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (hf_dir / shard).is_file():
+                raise UserError(f"{index} names shard {shard!r}, which does not exist in {hf_dir}")
+            state.update(_load_safetensors(hf_dir / shard))
+        return state, index
+    if pickle.is_file():
+        try:  # weights_only: a .bin is a pickle, and a pickle may run code; this one may not
+            return torch.load(pickle, map_location="cpu", weights_only=True), pickle
+        except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+            raise UserError(f"{pickle} cannot be read safely ({type(e).__name__}); convert it to "
+                            "safetensors first") from None
+    raise UserError(f"{hf_dir}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def from_hf(hf_dir: str | Path, out: str | Path) -> dict[str, Any]:
+    """Convert an HF causal-LM directory into an lmforge checkpoint directory; returns the summary."""
+    from lmforge.train.checkpoint import save_checkpoint
+
+    t0 = time.perf_counter()
+    hf_dir, out = Path(hf_dir), Path(out)
+    hf = read_hf_config(hf_dir)
+    where = str(hf_dir / "config.json")
+    arch = arch_for(hf.get("model_type"), where)
+    try:
+        config = arch.config_from_hf(hf, where)
+    except UserError as e:
+        if str(e).startswith(where):
+            raise
+        # ModelConfig's validation names our key (model.n_head); say which file it came from
+        raise UserError(f"{where}: {e} (as converted to lmforge's model config)") from None
+    hf_state, weights_file = read_hf_weights(hf_dir)
+    state = state_from_hf(config, arch.model_type, hf_state, str(weights_file))
+    tokenizer = hf_dir / "tokenizer.json"
+    if tokenizer.is_file():
+        from lmforge.tokenizer import Tokenizer
+
+        if Tokenizer.load(tokenizer).vocab_size > config.vocab_size:  # a mismatched tokenizer
+            raise UserError(f"{tokenizer} has more tokens than vocab_size={config.vocab_size} in {where}; "
+                            "it belongs to another model")
+    save_checkpoint(out, state, config.to_dict(), tokenizer if tokenizer.is_file() else None, None)
+    params = sum(t.numel() for t in state.values())
+    return write_summary(out, "convert-from-hf", config=config.to_dict(), inputs={"hf_dir": hf_dir},
+                         metrics={"model_type": arch.model_type, "tensors": len(state), "parameters": params,
+                                  "tokenizer": tokenizer.is_file()},
+                         wall_time_s=time.perf_counter() - t0)
+
+
+def _tokenizer_config(tokenizer_file: Path, block_size: int) -> tuple[dict[str, Any], dict[str, int]]:
+    """A minimal tokenizer_config.json for `AutoTokenizer`, and the special ids for config.json."""
+    from lmforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tokenizer_file)
+    cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size}
+    ids: dict[str, int] = {}
+    for role, getter in (("bos", "bos_id"), ("eos", "eos_id"), ("pad", "pad_id")):
+        try:
+            token_id = getattr(tok, getter)
+        except UserError:  # this tokenizer has no such special token
+            continue
+        cfg[f"{role}_token"] = tok.id_to_token(token_id)
+        ids[f"{role}_token_id"] = token_id
+    return cfg, ids
+
+
+def to_hf(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
+    """Convert an lmforge checkpoint (or a run dir's best one) into an HF directory; returns the summary."""
+    from lmforge.train.checkpoint import read_model_config, read_weights, resolve_checkpoint
+
+    t0 = time.perf_counter()
+    ckpt, out = resolve_checkpoint(ckpt), Path(out)
+    config = ModelConfig.from_dict(read_model_config(ckpt))
+    if config.vocab_size is None:
+        raise UserError(f"{ckpt / 'config.json'}: vocab_size is not set; the checkpoint is incomplete")
+    arch = hf_layout_for(config)
+    hf_state = state_to_hf(config, read_weights(ckpt), str(ckpt / "model.safetensors"))
+    hf_config = {"architectures": [arch.hf_class], **arch.config_to_hf(config), "dtype": "float32"}
+    tokenizer = ckpt / "tokenizer.json"
+    with atomic_dir(out) as tmp:
+        if tokenizer.is_file():
+            tok_config, special_ids = _tokenizer_config(tokenizer, config.block_size)
+            hf_config.update(special_ids)
+            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+            atomic_write_json(tmp / "tokenizer_config.json", tok_config)
+            atomic_write_json(tmp / "generation_config.json", {k: v for k, v in special_ids.items()
+                                                               if k != "pad_token_id"})
+        dtypes = {t.dtype for t in hf_state.values()}
+        if len(dtypes) == 1:
+            hf_config["dtype"] = str(dtypes.pop()).removeprefix("torch.")
+        save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        atomic_write_json(tmp / "config.json", hf_config)
+        write_summary(tmp, "convert-to-hf", config=config.to_dict(), inputs={"checkpoint": ckpt},
+                      metrics={"model_type": arch.model_type, "tensors": len(hf_state),
+                               "tokenizer": tokenizer.is_file()},
+                      wall_time_s=time.perf_counter() - t0)
+    return json.loads((out / "summary.json").read_text())
