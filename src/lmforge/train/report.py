@@ -66,8 +66,10 @@ def write_run_report(trainer, *, stop_reason: str, wall_time_s: float) -> dict[s
     out: Path = trainer.out
     records = read_metrics(trainer.metrics_path)
     evals = [r for r in records if "val_loss" in r]
-    timed = [r for r in records[1:]] or records  # the first step includes warm-up/compilation
-    mean = (lambda key: sum(r[key] for r in timed) / len(timed)) if timed else (lambda key: None)
+    timed = records[1:] or records  # the first step includes warm-up/compilation
+    # rates from totals (tokens / time), not means of per-step rates, which slow steps barely move
+    ms = sum(r["ms_per_step"] for r in timed) / len(timed) if timed else None
+    tokens_per_s = trainer.tokens_per_step / (ms / 1000) if ms else None
     metrics = {
         "steps": trainer.state["step"],
         "stop_reason": stop_reason,
@@ -76,9 +78,9 @@ def write_run_report(trainer, *, stop_reason: str, wall_time_s: float) -> dict[s
         "final_val_loss": evals[-1]["val_loss"] if evals else None,
         "best_val_loss": trainer.state["best_val_loss"] if evals else None,
         "best_step": trainer.state["best_step"],
-        "tokens_per_s": round(mean("tokens_per_s"), 1) if timed else None,
-        "ms_per_step": round(mean("ms_per_step"), 2) if timed else None,
-        "mfu": round(mean("mfu"), 4) if timed and timed[0].get("mfu") is not None else None,
+        "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,
+        "ms_per_step": round(ms, 2) if ms else None,
+        "mfu": round(trainer.flops_per_token * tokens_per_s / trainer.peak, 4) if tokens_per_s and trainer.peak else None,
         "params": trainer.raw_model.num_params(),
         "params_non_embedding": trainer.raw_model.num_params(exclude_embeddings=True),
         "precision": trainer.precision,
