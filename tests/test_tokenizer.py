@@ -269,7 +269,7 @@ def test_workers_give_identical_output(tok_dir, tiny_corpus, tmp_path, workers):
         ]
 
 
-def test_presplit_directories_are_kept(tok_dir, tmp_path):
+def test_presplit_directories_are_kept_and_test_is_held_out(tok_dir, tmp_path):
     corpus = tmp_path / "corpus"
     for split, n in (("train", 4), ("val", 2), ("test", 1)):
         (corpus / split).mkdir(parents=True)
@@ -277,8 +277,9 @@ def test_presplit_directories_are_kept(tok_dir, tmp_path):
             (corpus / split / f"{i}.txt").write_text(f"{split} document {i}")
     tokenize_corpus(tok_dir, corpus, tmp_path / "out", val_fraction=0.5)
     meta = read_meta(tmp_path / "out")
-    assert {k: v["documents"] for k, v in meta["splits"].items()} == {"train": 4, "val": 2, "test": 1}
-    assert _docs_from_shards(tmp_path / "out", "test") == ["test document 0"]
+    # the test split is held out: never encoded into the shards that training reads
+    assert {k: v["documents"] for k, v in meta["splits"].items()} == {"train": 4, "val": 2}
+    assert not (tmp_path / "out" / "test").exists()
 
 
 def test_empty_val_gets_one_document(tok_dir, tiny_corpus, tmp_path):

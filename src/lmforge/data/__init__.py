@@ -1,4 +1,6 @@
-"""Raw data: read corpora as documents (`readers`) and fetch real text without a hub (`fetch`)."""
+"""Raw data: read corpora (`readers`), fetch real text without a hub (`fetch`), and turn raw
+corpora into clean, deduplicated train/val/test parquet shards (`prepare.prepare_data`, the
+`lmforge data prepare` command: sources -> normalize -> filters -> safety -> dedup -> split)."""
 
 from lmforge.data.fetch import fetch_shakespeare
 from lmforge.data.readers import Document, iter_documents, list_splits

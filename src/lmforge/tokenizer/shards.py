@@ -69,6 +69,10 @@ def tokenize_corpus(
     tok = Tokenizer.load(tokenizer_file)
     dtype = np.dtype("<u2") if tok.vocab_size <= 2**16 else np.dtype("<u4")
     presplit = list_splits(input)
+    if presplit is not None:
+        # the test split is held out for evaluation: training data never includes it, so it is
+        # not encoded into the shards that training reads
+        presplit = {name: path for name, path in presplit.items() if name in ("train", "val")}
 
     start = time.perf_counter()
     with atomic_dir(out) as tmp:

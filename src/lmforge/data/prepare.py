@@ -1,0 +1,488 @@
+"""`lmforge data prepare`: read, normalize, filter, scrub, deduplicate and split a corpus.
+
+Three stages, so that the output is identical for any number of workers and any executor:
+
+1. per shard, in parallel (`process_shard`): read -> normalize (+ boilerplate lines of the
+   shard's sources) -> language id -> Gopher quality -> Gopher repetition -> blocklist ->
+   PII scrubbing; survivors go to `<work>/shard-NNNNN.parquet` with their exact hash and
+   MinHash signature (`.npz`), and the shard's accounting to `.json` (written last: it is
+   the "shard finished" marker that resume trusts);
+2. once, over all shards (`_decide`): exact dedup, MinHash-LSH near dedup, optional
+   paragraph dedup, and the split of every surviving document by a hash of its cluster;
+3. per shard, in parallel (`write_shard`): the kept documents to `<out>/<split>/part-NNNNN.parquet`.
+
+Resume is automatic: the work directory `<out parent>/.<out name>.work` survives an
+interrupted run, and a rerun with the same config and unchanged input files skips every
+shard whose marker is there (`resume=False` / `--no-resume` starts over). The output
+directory is built under a temporary name and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from lmforge.data import dedup, tally
+from lmforge.data.config import DataPrepConfig, to_dict
+from lmforge.data.executors import LocalRunner, RayRunner
+from lmforge.data.filters import quality_reason, repetition_reason, split_words
+from lmforge.data.langid import detect_language
+from lmforge.data.normalize import find_boilerplate, normalize_text, strip_lines
+from lmforge.data.safety import blocked_ratio, load_blocklists, scrub_pii
+from lmforge.data.sources import Record, Shard, plan_shards, read_shard, resolve_inputs
+from lmforge.errors import UserError
+from lmforge.fsutil import atomic_dir, atomic_write_bytes, atomic_write_json, write_summary
+
+SPLITS = ("train", "val", "test")
+_PARAGRAPH = re.compile(r"\n[ \t]*\n")
+_MIN_PARAGRAPH_CHARS = 80
+_KEEP, _EXACT, _NEAR, _PARA = 0, 1, 2, 3
+_REMOVED_AS = {_EXACT: ("exact_dedup", "exact_duplicate"), _NEAR: ("near_dedup", "near_duplicate"),
+               _PARA: ("paragraph_dedup", "paragraph_duplicate")}
+
+
+def _nbytes(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def _source_group(rec: Record) -> str:
+    # A file that holds many documents is its own source; one-document files (.txt) of one
+    # directory form a source together (so e-book licence blurbs repeat across them).
+    return os.path.dirname(rec.source) if rec.id == rec.source else rec.source
+
+
+def process_shard(shard: Shard, cfg_dict: dict[str, Any], work: str, strict: bool) -> dict[str, Any]:
+    """Stage 1 for one shard; writes its survivors + accounting under `work`, returns the accounting.
+
+    Records are handled in batches of about `read.shard_bytes` (boilerplate is found per batch),
+    so a shard that cannot be cut into byte ranges (one big .jsonl.gz) still runs in bounded memory.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cfg = _config_from_dict(cfg_dict)
+    t = tally.new_tally()
+    stem = Path(work) / f"shard-{shard.index:05d}"
+    schema = pa.schema([(k, pa.float32() if k == "lang_score" else pa.string()) for k in _COLUMNS])
+    arrays: dict[str, list] = {"exact": [], "lengths": [], "sigs": [], "para_hashes": [], "para_counts": []}
+    kept = 0
+    # signatures (512 bytes a document) stream to a raw file, batch by batch, instead of memory
+    with pq.ParquetWriter(f"{stem}.parquet.tmp", schema) as writer, open(f"{stem}.sigs.tmp", "wb") as sig_file:
+        for batch in _batches(read_shard(shard, cfg.read, strict=strict), cfg.read.shard_bytes, t):
+            rows = _filter_batch(batch, cfg, t, arrays)
+            if arrays["sigs"]:
+                np.stack(arrays["sigs"]).astype(np.uint32).tofile(sig_file)
+                arrays["sigs"].clear()
+            writer.write_table(pa.table(rows, schema=schema))
+            kept += len(rows["text"])
+    os.replace(f"{stem}.parquet.tmp", f"{stem}.parquet")
+    os.replace(f"{stem}.sigs.tmp", f"{stem}.sigs")
+    out = {
+        "exact": np.array(arrays["exact"], dtype=np.uint64), "lengths": np.array(arrays["lengths"], dtype=np.int64),
+        "para_hashes": np.array(arrays["para_hashes"], dtype=np.uint64),
+        "para_counts": np.array(arrays["para_counts"], dtype=np.int64),
+    }
+    with open(f"{stem}.npz.tmp", "wb") as f:
+        np.savez(f, **out)
+    os.replace(f"{stem}.npz.tmp", f"{stem}.npz")
+    t["kept"] = kept
+    t["key"] = shard.key()
+    atomic_write_json(f"{stem}.json", t)  # last: the marker that this shard is finished
+    return t
+
+
+_COLUMNS = ("text", "id", "source", "lang", "lang_score", "meta")
+
+
+def _batches(items: Any, batch_bytes: int, t: dict[str, Any]) -> Any:
+    """Records grouped into lists of about `batch_bytes`; unreadable input is counted on the way."""
+    batch: list[Record] = []
+    size = 0
+    for item in items:
+        if not isinstance(item, Record):
+            tally.unreadable(t, item.reason, item.where, item.detail, item.nbytes)
+            continue
+        batch.append(item)
+        size += len(item.text)
+        if size >= batch_bytes:
+            yield batch
+            batch, size = [], 0
+    yield batch
+
+
+def _filter_batch(batch: list[Record], cfg: DataPrepConfig, t: dict[str, Any], arrays: dict[str, list]) -> dict[str, list]:
+    """Normalize, filter and scrub one batch; the survivors' columns (dedup arrays go to `arrays`)."""
+    patterns = [re.compile(p) for p in cfg.normalize.remove_patterns]
+    records: list[tuple[Record, str]] = []
+    for item in batch:
+        nbytes = _nbytes(item.text)
+        t["documents_in"] += 1
+        t["bytes_in"] += nbytes
+        tally.enter(t, "read", nbytes)
+        tally.enter(t, "normalize", nbytes)
+        if item.invalid_utf8:
+            if cfg.normalize.invalid_utf8 == "drop":
+                tally.remove(t, "normalize", "invalid_utf8", nbytes, item.text)
+                continue
+            _count(t["changes"], "invalid_utf8_repaired")
+        text, changes = normalize_text(item.text, cfg.normalize, patterns)
+        for change in changes:
+            _count(t["changes"], change)
+        records.append((item, text))
+
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, (rec, _) in enumerate(records):
+        groups[_source_group(rec)].append(i)
+    for members in groups.values():
+        if len(members) < cfg.normalize.boilerplate_min_docs:
+            continue
+        lines = find_boilerplate((records[i][1] for i in members), cfg.normalize)
+        if lines:
+            for i in members:
+                text, n = strip_lines(records[i][1], lines)
+                if n:
+                    _count(t["changes"], "boilerplate_lines_removed", n)
+                    records[i] = (records[i][0], text)
+
+    blocklists = load_blocklists(cfg.safety.blocklist_dir) if cfg.safety.blocklist else {}
+    a, b = dedup.permutations(cfg.dedup.num_perm, cfg.dedup.seed)
+    rows: dict[str, list] = {k: [] for k in _COLUMNS}
+    for rec, text in records:
+        nbytes = _nbytes(text)
+        if not text.strip():
+            tally.remove(t, "normalize", "empty", nbytes, rec.text)
+            continue
+        lang, score = "", 0.0
+        if cfg.langid.enabled:
+            tally.enter(t, "langid", nbytes)
+            lang, score = detect_language(text, cfg.langid.sample_chars)
+            if cfg.langid.allowed and lang not in cfg.langid.allowed:
+                tally.remove(t, "langid", "lang_not_allowed", nbytes, text)
+                continue
+            if score < cfg.langid.min_confidence:
+                tally.remove(t, "langid", "lang_low_confidence", nbytes, text)
+                continue
+            _count(t["langs"], lang)
+        words = split_words(text)
+        if cfg.quality.enabled:
+            tally.enter(t, "quality", nbytes)
+            reason = quality_reason(text, words, lang, cfg.quality)
+            if reason:
+                tally.remove(t, "quality", reason, nbytes, text)
+                continue
+        if cfg.repetition.enabled:
+            tally.enter(t, "repetition", nbytes)
+            reason = repetition_reason(text, words, cfg.repetition)
+            if reason:
+                tally.remove(t, "repetition", reason, nbytes, text)
+                continue
+        tally.enter(t, "safety", nbytes)
+        if blocklists and blocked_ratio(text, len(words.tokens), words.cjk, blocklists) > cfg.safety.max_blocked_ratio:
+            tally.remove(t, "safety", "blocklist", nbytes, text)
+            continue
+        if cfg.safety.pii:
+            pii: Counter = Counter()
+            text = scrub_pii(text, pii)
+            for kind, n in pii.items():
+                _count(t["pii"], kind, n)
+        rows["text"].append(text)
+        rows["id"].append(rec.id)
+        rows["source"].append(rec.source)
+        rows["lang"].append(lang)
+        rows["lang_score"].append(score)
+        rows["meta"].append(json.dumps(rec.meta, ensure_ascii=False, sort_keys=True, default=str) if rec.meta else "")
+        arrays["exact"].append(dedup.exact_hash(text))
+        arrays["lengths"].append(_nbytes(text))
+        if cfg.dedup.near:
+            word_hashes, _ = words.hashes(text)
+            arrays["sigs"].append(dedup.signature(dedup.shingles_from_hashes(word_hashes, cfg.dedup.shingle_words), a, b))
+        if cfg.dedup.paragraphs:
+            hashes = [dedup.exact_hash(p) for p in _PARAGRAPH.split(text) if len(p.strip()) >= _MIN_PARAGRAPH_CHARS]
+            arrays["para_hashes"].extend(hashes)
+            arrays["para_counts"].append(len(hashes))
+    return rows
+
+
+def _count(counter: dict[str, int], key: str, n: int = 1) -> None:
+    counter[key] = counter.get(key, 0) + n
+
+
+def _config_from_dict(data: dict[str, Any]) -> DataPrepConfig:
+    from lmforge.configtree import _build
+
+    return _build(DataPrepConfig, data, "", "")
+
+
+def _split_of(key: int, cfg: DataPrepConfig) -> tuple[int, float]:
+    digest = hashlib.blake2b(f"{cfg.split.seed}:{key}".encode(), digest_size=8).digest()
+    u = int.from_bytes(digest, "little") / 2**64
+    if u < cfg.split.train:
+        return 0, u
+    return (1, u) if u < cfg.split.train + cfg.split.val else (2, u)
+
+
+def _decide(work: Path, shards: list[Shard], cfg: DataPrepConfig) -> list[dict[str, np.ndarray]]:
+    """Stage 2: the fate (kept/exact/near/paragraph duplicate) and split of every stage-1 survivor."""
+    loaded = [np.load(work / f"shard-{s.index:05d}.npz") for s in shards]
+    sizes = [len(d["exact"]) for d in loaded]
+    exact = np.concatenate([d["exact"] for d in loaded]) if loaded else np.zeros(0, np.uint64)
+    lengths = np.concatenate([d["lengths"] for d in loaded]) if loaded else np.zeros(0, np.int64)
+    n = len(exact)
+    status = np.zeros(n, dtype=np.int8)
+    cluster_key = exact.copy()
+    if cfg.dedup.exact and n:
+        _, first = np.unique(exact, return_index=True)
+        is_first = np.zeros(n, dtype=bool)
+        is_first[first] = True
+        status[~is_first] = _EXACT
+    if cfg.dedup.near and n:
+        alive = np.flatnonzero(status == _KEEP)
+        # read shard by shard, keeping only the live rows: one copy of the signatures in memory
+        alive_mask = status == _KEEP
+        parts, start = [], 0
+        for shard, size in zip(shards, sizes):
+            raw = np.fromfile(work / f"shard-{shard.index:05d}.sigs", dtype=np.uint32).reshape(size, cfg.dedup.num_perm)
+            parts.append(raw[alive_mask[start : start + size]])
+            start += size
+        sigs = np.concatenate(parts) if parts else np.zeros((0, cfg.dedup.num_perm), np.uint32)
+        del parts
+        roots = dedup.near_duplicate_roots(sigs, cfg.dedup.bands, cfg.dedup.rows, cfg.dedup.verify_threshold)
+        keep = dedup.keepers(roots, lengths[alive], cfg.dedup.keep)
+        status[alive[~keep]] = _NEAR
+        # the split follows the cluster (smallest member hash), so no cluster straddles splits
+        order = np.argsort(roots, kind="stable")
+        smallest = {}
+        for r, h in zip(roots[order].tolist(), exact[alive][order].tolist()):
+            smallest[r] = min(h, smallest.get(r, h))
+        cluster_key[alive] = np.array([smallest[r] for r in roots.tolist()], dtype=np.uint64)
+    split = np.zeros(n, dtype=np.int8)
+    position = np.zeros(n)
+    for i in np.flatnonzero(status == _KEEP).tolist():
+        split[i], position[i] = _split_of(int(cluster_key[i]), cfg)
+    _fill_empty_splits(split, position, status, cfg)
+    drop_para = [np.zeros(0, dtype=np.int64)] * len(shards)
+    if cfg.dedup.paragraphs:
+        drop_para = _paragraph_dedup(loaded, status)
+    out, start = [], 0
+    for k, size in enumerate(sizes):
+        out.append({"status": status[start : start + size], "split": split[start : start + size], "drop_para": drop_para[k]})
+        start += size
+    return out
+
+
+def _fill_empty_splits(split: np.ndarray, position: np.ndarray, status: np.ndarray, cfg: DataPrepConfig) -> None:
+    """A split with a non-zero fraction that got no document takes the train document hashed nearest to it."""
+    fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
+    for target in (1, 2):
+        kept = status == _KEEP
+        if fractions[target] == 0 or (kept & (split == target)).any():
+            continue
+        train = np.flatnonzero(kept & (split == 0))
+        if len(train) >= 3:
+            split[train[np.argmax(position[train])]] = target
+            position[train[np.argmax(position[train])]] = -1
+
+
+def _paragraph_dedup(loaded: list, status: np.ndarray) -> list[np.ndarray]:
+    """Per shard, flat indices (into that shard's paragraph list) of paragraphs seen in an earlier kept document."""
+    seen: set[int] = set()
+    result, doc = [], 0
+    for d in loaded:
+        hashes, counts = d["para_hashes"].tolist(), d["para_counts"].tolist()
+        drop, offset = [], 0
+        for count in counts:
+            for j in range(offset, offset + count):
+                if status[doc] == _KEEP:
+                    if hashes[j] in seen:
+                        drop.append(j)
+                    else:
+                        seen.add(hashes[j])
+            offset += count
+            doc += 1
+        result.append(np.array(drop, dtype=np.int64))
+    return result
+
+
+def write_shard(shard: Shard, decision: dict[str, np.ndarray], work: str, out: str) -> dict[str, Any]:
+    """Stage 3 for one shard: kept documents into `out/<split>/part-NNNNN.parquet`; dedup accounting.
+
+    Streams the shard's survivors in record batches (bounded memory for any shard size).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    status, split = decision["status"], decision["split"]
+    drop = set(decision["drop_para"].tolist())
+    t = tally.new_tally()
+    writers: dict[int, Any] = {}
+    written: dict[str, list[int]] = {}
+    para_index = row = 0
+    source = pq.ParquetFile(Path(work) / f"shard-{shard.index:05d}.parquet")
+    text_column = source.schema_arrow.get_field_index("text")
+    try:
+        for batch in source.iter_batches(batch_size=_WRITE_BATCH_ROWS):
+            texts = batch.column(text_column).to_pylist()
+            keep: dict[int, list[int]] = defaultdict(list)
+            final_texts: dict[int, list[str]] = defaultdict(list)
+            for j, text in enumerate(texts):
+                i = row + j
+                nbytes = _nbytes(text)
+                final = text
+                if drop:  # advance through every document's paragraphs, kept or not
+                    final, para_index = _drop_paragraphs(text, drop, para_index)
+                if _removed_as_duplicate(t, int(status[i]), nbytes, text):
+                    continue
+                tally.enter(t, "paragraph_dedup", nbytes)
+                if not final:
+                    tally.remove(t, "paragraph_dedup", "paragraph_duplicate", nbytes, text)
+                    continue
+                keep[int(split[i])].append(j)
+                final_texts[int(split[i])].append(final)
+            row += len(texts)
+            for s in sorted(keep):
+                part = pa.Table.from_batches([batch.take(pa.array(keep[s], type=pa.int64()))])
+                part = part.set_column(text_column, "text", pa.array(final_texts[s], pa.string()))
+                if s not in writers:
+                    writers[s] = pq.ParquetWriter(Path(out) / SPLITS[s] / f"part-{shard.index:05d}.parquet", part.schema)
+                writers[s].write_table(part)
+                counts = written.setdefault(SPLITS[s], [0, 0])
+                counts[0] += len(keep[s])
+                counts[1] += sum(map(_nbytes, final_texts[s]))
+    finally:
+        for writer in writers.values():
+            writer.close()
+    t["written"] = written
+    return t
+
+
+_WRITE_BATCH_ROWS = 2048
+
+
+def _removed_as_duplicate(t: dict[str, Any], status: int, nbytes: int, text: str) -> bool:
+    for step, code in (("exact_dedup", _EXACT), ("near_dedup", _NEAR)):
+        tally.enter(t, step, nbytes)
+        if status == code:
+            tally.remove(t, step, _REMOVED_AS[code][1], nbytes, text)
+            return True
+    return False
+
+
+def _drop_paragraphs(text: str, drop: set[int], para_index: int) -> tuple[str, int]:
+    """`text` without its long paragraphs whose running index is in `drop`; the next index."""
+    paragraphs = _PARAGRAPH.split(text)
+    kept = []
+    for p in paragraphs:
+        if len(p.strip()) >= _MIN_PARAGRAPH_CHARS:
+            para_index += 1
+            if para_index - 1 in drop:
+                continue
+        kept.append(p)
+    return ("\n\n".join(kept).strip() if len(kept) < len(paragraphs) else text), para_index
+
+
+def prepare_data(inputs: list[str], out: str | Path, cfg: DataPrepConfig, *, workers: int | None = None,
+                 executor: str = "local", strict: bool = False, resume: bool = True,
+                 progress: bool = True) -> dict[str, Any]:
+    """Run the whole pipeline; returns the summary written to `out/summary.json`."""
+    start = time.perf_counter()
+    out = Path(out)
+    workers = workers or os.cpu_count() or 1
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}")
+    if executor not in ("local", "ray"):
+        raise UserError(f"--executor {executor!r}: use local or ray")
+    files = resolve_inputs([str(i) for i in inputs])
+    shards = plan_shards(files, cfg.read)
+    cfg_dict = to_dict(cfg)
+    work = out.parent / f".{out.name}.work"
+    fingerprint = hashlib.sha256(json.dumps({"config": cfg_dict, "strict": strict}, sort_keys=True).encode()).hexdigest()
+    _open_work(work, fingerprint, resume)
+    todo, results = [], {}
+    for shard in shards:
+        marker = work / f"shard-{shard.index:05d}.json"
+        if marker.exists():
+            done = json.loads(marker.read_text())
+            if done.get("key") == shard.key():
+                results[shard.index] = done
+                continue
+        todo.append(shard)
+    run = RayRunner(workers) if executor == "ray" else LocalRunner(workers)
+    total_bytes = sum(s.nbytes for s in todo)
+    t1 = time.perf_counter()
+    try:
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not progress) as bar:
+            docs = 0
+            todo.sort(key=lambda s: -s.nbytes)  # big shards first: better load balance
+            for shard, result in run.map(process_shard, [(s, cfg_dict, str(work), strict) for s in todo]):
+                results[shard.index] = result
+                docs += result["documents_in"]
+                bar.update(shard.nbytes)
+                elapsed = max(1e-9, time.perf_counter() - t1)
+                bar.set_postfix(docs_s=f"{docs / elapsed:,.0f}", MB_s=f"{bar.n / elapsed / 1e6:.2f}", refresh=False)
+        stage1_s = time.perf_counter() - t1
+        decisions = _decide(work, shards, cfg)
+        with atomic_dir(out) as tmp:
+            for split in SPLITS:
+                (tmp / split).mkdir()
+            written = run.map(write_shard, [(s, d, str(work), str(tmp)) for s, d in zip(shards, decisions)])
+            total = tally.new_tally()
+            for shard in shards:
+                tally.merge(total, results[shard.index])
+            outputs = {split: [0, 0] for split in SPLITS}
+            for _, w in sorted(written, key=lambda pair: pair[0].index):
+                tally.merge(total, w)
+                for split, (n, nbytes) in w["written"].items():
+                    outputs[split][0] += n
+                    outputs[split][1] += nbytes
+            summary = _summarize(tmp, inputs, cfg_dict, total, outputs, shards, workers, executor,
+                                 stage1_s, time.perf_counter() - start)
+    finally:
+        run.close()
+    shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+def _open_work(work: Path, fingerprint: str, resume: bool) -> None:
+    stamp = work / "fingerprint.txt"
+    if work.exists() and (not resume or not stamp.exists() or stamp.read_text() != fingerprint):
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    if not stamp.exists():
+        atomic_write_bytes(stamp, fingerprint.encode())
+
+
+def _summarize(tmp: Path, inputs: list[str], cfg_dict: dict, total: dict, outputs: dict, shards: list,
+               workers: int, executor: str, stage1_s: float, wall_s: float) -> dict[str, Any]:
+    from lmforge.data.report import write_report
+
+    removed = tally.removed_by_reason(total)
+    unreadable = {reason: docs for reason, (docs, _) in total["unreadable"].items()}
+    documents_out = {split: n for split, (n, _) in outputs.items()}
+    kept = sum(documents_out.values())
+    if total["documents_in"] != kept + sum(removed.values()) + sum(unreadable.values()):
+        raise AssertionError(f"accounting invariant broken: {total['documents_in']} in, {kept} kept, "
+                             f"{sum(removed.values())} removed, {sum(unreadable.values())} unreadable")
+    metrics = {
+        "documents_in": total["documents_in"], "bytes_in": total["bytes_in"], "documents_kept": kept,
+        "bytes_out": {split: nbytes for split, (_, nbytes) in outputs.items()},
+        "shards": len(shards), "workers": workers, "executor": executor,
+        "filter_seconds": round(stage1_s, 3), "mb_per_s": round(total["bytes_in"] / 1e6 / max(wall_s, 1e-9), 3),
+        "pii_replaced": total["pii"], "normalize_changes": total["changes"], "languages": total["langs"],
+    }
+    existing = {f"input{i}": p for i, p in enumerate(inputs) if Path(p).exists()}
+    extra = {"documents_in": total["documents_in"], "documents_out": documents_out, "removed": removed,
+             "unreadable": unreadable, "unreadable_examples": total["unreadable_examples"][:50]}
+    summary = write_summary(tmp, "data_prepare", config=cfg_dict, inputs=existing, metrics=metrics,
+                            wall_time_s=wall_s, extra=extra)
+    write_report(tmp / "report.md", total, outputs, summary)
+    return summary
