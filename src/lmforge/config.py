@@ -16,7 +16,15 @@ from typing import Any
 
 import yaml
 
-from lmforge.configtree import _all_keys, _build, _coerce, _set_dotted, _unknown_key, parse_override  # noqa: F401
+from lmforge.configtree import (  # noqa: F401
+    _all_keys,
+    _build,
+    _coerce,
+    _set_dotted,
+    _unknown_key,
+    load_tree,
+    parse_override,
+)
 from lmforge.errors import UserError
 from lmforge.models.config import ModelConfig
 
@@ -75,36 +83,11 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML recipe (or the defaults when `path` is None) and apply `--set` overrides."""
-    tree: dict[str, Any] = {}
-    where = ""
     if path is not None:
         path = Path(path)
         if not path.exists() and not path.suffix and (Path("configs") / f"{path}.yaml").exists():
             path = Path("configs") / f"{path}.yaml"  # `lmforge pretrain nano` finds configs/nano.yaml
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist; pass a YAML recipe such as configs/nano.yaml")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark else ""
-            raise UserError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(tree, dict):
-            raise UserError(f"{path}: expected a mapping of sections (model:, train:, data:) at the top")
-        where = f"{path}: "
-    _build(Config, tree, "", where)  # errors in the file name the file
-    valid = set(_all_keys(Config))
-    for text in overrides or []:
-        key, value = parse_override(text)
-        if key not in valid:
-            raise _unknown_key(key, f"--set {text}: ", Config)
-        _set_dotted(tree, key, value)
-    cfg = _build(Config, tree, "", "")
-    for key, allowed in _CHOICES.items():
-        section, _, leaf = key.rpartition(".")
-        value = getattr(getattr(cfg, section) if section else cfg, leaf)
-        if value not in allowed:
-            raise UserError(f"{where}config key {key}: {value!r} is not one of {', '.join(allowed)}")
+    cfg, where = load_tree(Config, path, overrides, _CHOICES, "configs/nano.yaml")
     _check_ranges(cfg, where)
     return cfg
 

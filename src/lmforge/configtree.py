@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -148,3 +149,43 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
+
+
+def load_tree(root: type, path: str | Path | None, overrides: list[str] | None,
+              choices: dict[str, tuple[str, ...]], example: str) -> tuple[Any, str]:
+    """Build the dataclass `root` from a YAML file plus `--set KEY=VALUE` overrides.
+
+    Errors in the file name the file (and line); errors in an override name the override.
+    `choices` maps dotted keys to their allowed values. Returns the config and the `where`
+    prefix (the file) for the caller's own range checks.
+    """
+    tree: dict[str, Any] = {}
+    where = ""
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist; pass a YAML recipe such as {example}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark else ""
+            raise UserError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(tree, dict):
+            raise UserError(f"{path}: expected a mapping of sections at the top")
+        where = f"{path}: "
+    _build(root, tree, "", where)  # errors in the file name the file
+    valid = set(_all_keys(root))
+    for text in overrides or []:
+        key, value = parse_override(text)
+        if key not in valid:
+            raise _unknown_key(key, f"--set {text}: ", root)
+        _set_dotted(tree, key, value)
+    cfg = _build(root, tree, "", "")
+    for key, allowed in choices.items():
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        if node not in allowed:
+            raise UserError(f"{where}config key {key}: {node!r} is not one of {', '.join(allowed)}")
+    return cfg, where

@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from lmforge.configtree import _all_keys, _build, _set_dotted, _unknown_key, parse_override
+from lmforge.configtree import load_tree
 from lmforge.errors import UserError
 
 
@@ -133,35 +131,12 @@ def to_dict(cfg: DataPrepConfig) -> dict[str, Any]:
 
 def load_data_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DataPrepConfig:
     """Load a data recipe (defaults when `path` is None) and apply `--set key=value` overrides."""
-    tree: dict[str, Any] = {}
-    where = ""
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist; pass a YAML recipe such as configs/data/default.yaml")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{path}: invalid YAML ({getattr(e, 'problem', e)})") from None
-        where = f"{path}: "
-    _build(DataPrepConfig, tree, "", where)
-    valid = set(_all_keys(DataPrepConfig))
-    for text in overrides or []:
-        key, value = parse_override(text)
-        if key not in valid:
-            raise _unknown_key(key, f"--set {text}: ", DataPrepConfig)
-        _set_dotted(tree, key, value)
-    cfg = _build(DataPrepConfig, tree, "", "")
+    cfg, where = load_tree(DataPrepConfig, path, overrides, _CHOICES, "configs/data/default.yaml")
     _validate(cfg, where)
     return cfg
 
 
 def _validate(cfg: DataPrepConfig, where: str) -> None:
-    for key, allowed in _CHOICES.items():
-        section, leaf = key.split(".")
-        value = getattr(getattr(cfg, section), leaf)
-        if value not in allowed:
-            raise UserError(f"{where}config key {key}: {value!r} is not one of {', '.join(allowed)}")
     s = cfg.split
     if min(s.train, s.val, s.test) < 0 or abs(s.train + s.val + s.test - 1.0) > 1e-6:
         raise UserError(f"{where}config key split: train+val+test must be 1 with none negative, got {s.train}/{s.val}/{s.test}")
