@@ -19,10 +19,6 @@ import yaml
 from lmforge.errors import UserError
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check/convert a YAML or command-line value to the dataclass field's type."""
     origin = typing.get_origin(tp)

@@ -186,7 +186,7 @@ class _Trainer:
         self.model.set_requires_gradient_sync(False)
         return contextlib.nullcontext()
 
-    def _train_step(self, step: int, stop_requested: bool) -> tuple[float, float, bool]:
+    def _train_step(self, step: int, stop_requested: bool) -> tuple[float, float, float, bool]:
         t = self.cfg.train
         lr = lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps,
                    decay_steps=t.lr_decay_steps or t.max_steps)
@@ -229,7 +229,7 @@ class _Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, grad_norm_value, bool(stats[1].item() > 0)
+        return loss_value, grad_norm_value, lr, bool(stats[1].item() > 0)
 
     @torch.no_grad()
     def _estimate_loss(self, batches: TokenBatches) -> float:
@@ -299,14 +299,13 @@ class _Trainer:
         with _StopFlag() as stop_flag:
             while step < t.max_steps:
                 t0 = time.perf_counter()
-                loss, grad_norm, stop = self._train_step(step, stop_flag.requested)
+                loss, grad_norm, lr, stop = self._train_step(step, stop_flag.requested)
                 dt = time.perf_counter() - t0
                 step += 1
                 self.state["step"] = step
                 self.state["tokens_seen"] += self.tokens_per_step
                 tokens_per_s = self.tokens_per_step / dt
-                record = {"step": step, "loss": round(loss, 6), "lr": lr_at(step - 1, lr=t.lr, min_lr=t.min_lr,
-                          warmup_steps=t.warmup_steps, decay_steps=t.lr_decay_steps or t.max_steps),
+                record = {"step": step, "loss": round(loss, 6), "lr": lr,
                           "grad_norm": round(grad_norm, 5), "tokens_per_s": round(tokens_per_s, 1),
                           "ms_per_step": round(dt * 1000, 2),
                           "mfu": round(self.flops_per_token * tokens_per_s / self.peak, 4) if self.peak else None}
