@@ -1,7 +1,16 @@
 """Model architectures and the building blocks they share (attention, MLP, norms, positions)."""
 
 from lmforge.models.blocks import KVCache
-from lmforge.models.config import ModelConfig
+from lmforge.models.config import ModelConfig, MoEConfig
 from lmforge.models.gpt import GPT
 
-__all__ = ["GPT", "KVCache", "ModelConfig"]
+# arch name -> class; each family's module adds itself here (see `build_model`)
+ARCHITECTURES = {"gpt": GPT}
+
+
+def build_model(config: ModelConfig):
+    """The model `config.arch` names, freshly initialized (the one place that dispatches on arch)."""
+    return ARCHITECTURES[config.arch](config)
+
+
+__all__ = ["ARCHITECTURES", "GPT", "KVCache", "ModelConfig", "MoEConfig", "build_model"]

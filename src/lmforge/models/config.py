@@ -7,15 +7,26 @@ family. The config tree (`lmforge.config`) embeds it as `model.*`; checkpoints s
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from lmforge.errors import UserError
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-Experts feed-forward (`model.moe.*`); num_experts=0 means a dense MLP."""
+
+    num_experts: int = 0
+    top_k: int = 2  # experts per token; their gates are a softmax over the selected logits
+    aux_loss_coef: float = 0.01  # load-balancing loss (Switch / Mixtral)
+    z_loss_coef: float = 0.001  # router z-loss (ST-MoE)
+    capacity_factor: float = 0.0  # 0: no capacity limit (no dropped tokens)
+
+
+@dataclass
 class ModelConfig:
-    arch: str = "gpt"  # model family; only "gpt" (decoder-only) for now
+    arch: str = "gpt"  # model family: gpt (decoder-only); more families are being added
     vocab_size: int | None = None  # None: taken from the tokenizer (padded to a multiple of 64)
     n_layer: int = 4
     n_head: int = 4
@@ -32,8 +43,11 @@ class ModelConfig:
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     init_std: float = 0.02
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
         self.validate()
 
     @property

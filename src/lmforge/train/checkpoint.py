@@ -133,7 +133,7 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
     """Load a checkpoint (or a run dir's best checkpoint) for inference: `(model, tokenizer)`."""
-    from lmforge.models import GPT
+    from lmforge.models import build_model
     from lmforge.models.config import ModelConfig
     from lmforge.tokenizer import Tokenizer
 
@@ -148,6 +148,6 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
             f"{tokenizer_file} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
             f"{model_cfg.vocab_size} ({path}/config.json); use the tokenizer the model was trained with"
         )
-    model = GPT(model_cfg)
+    model = build_model(model_cfg)
     load_weights_into(model, read_weights(path), path)
     return model.to(device).eval(), tokenizer

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from lmforge.config import Config, dump_yaml, to_dict
 from lmforge.errors import Interrupted, TrainingFailed, UserError
 from lmforge.fsutil import atomic_write_text
-from lmforge.models import GPT
+from lmforge.models import build_model
 from lmforge.models.config import ModelConfig
 from lmforge.tokenizer.shards import read_meta
 from lmforge.train import checkpoint as ckpt
@@ -130,7 +130,7 @@ class _Trainer:
         self.val_batches = TokenBatches(self.tokens_dir, "val", self.model_cfg.block_size)
 
         torch.manual_seed(t.seed)  # identical init on every rank
-        self.raw_model = GPT(self.model_cfg).to(self.device)
+        self.raw_model = build_model(self.model_cfg).to(self.device)
         self.state: dict[str, Any] = {"step": 0, "best_val_loss": math.inf, "best_step": None,
                                       "bad_evals": 0, "tokens_seen": 0}
         trainer_state = None
