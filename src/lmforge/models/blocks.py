@@ -326,6 +326,40 @@ class MLP(nn.Module):
         return self.dropout(self.down(h))
 
 
+# --------------------------------------------------------------------------------------------
+# The Transformer block
+
+
+class TransformerBlock(nn.Module):
+    """Self-attention and feed-forward sublayers, each wrapped in a residual connection.
+
+    `model.norm_position` picks where the norms sit:
+    - `pre` (GPT-2, Llama, T5): x + attn(norm(x)), then x + mlp(norm(x)); trains stably deep.
+    - `post` (the original Transformer, BERT): norm(x + attn(x)), then norm(x + mlp(x)).
+    `causal` makes the self-attention causal (decoders) or bidirectional (encoders). Every
+    architecture builds its stack from this one block.
+    """
+
+    def __init__(self, config, *, causal: bool) -> None:
+        super().__init__()
+        c = config
+        self.pre_norm = c.norm_position == "pre"
+        self.attn_norm = make_norm(c.norm, c.n_embd, c.norm_eps, c.bias)
+        self.attn = Attention(c.n_embd, c.n_head, c.kv_heads, causal=causal, bias=c.bias,
+                              dropout=c.dropout)
+        self.mlp_norm = make_norm(c.norm, c.n_embd, c.norm_eps, c.bias)
+        self.mlp = MLP(c.n_embd, c.ffn_hidden, c.mlp, bias=c.bias, dropout=c.dropout)
+
+    def forward(self, x: Tensor, *, rope: tuple[Tensor, Tensor] | None = None,
+                attn_mask: Tensor | None = None, kv_cache: KVCache | None = None,
+                layer: int = 0) -> Tensor:
+        if self.pre_norm:
+            x = x + self.attn(self.attn_norm(x), rope=rope, attn_mask=attn_mask, kv_cache=kv_cache, layer=layer)
+            return x + self.mlp(self.mlp_norm(x))
+        x = self.attn_norm(x + self.attn(x, rope=rope, attn_mask=attn_mask, kv_cache=kv_cache, layer=layer))
+        return self.mlp_norm(x + self.mlp(x))
+
+
 def init_normal_(module: nn.Module, std: float) -> None:
     """GPT-2 init for one module: N(0, std) for Linear/Embedding weights, zero biases."""
     if isinstance(module, (nn.Linear, nn.Embedding)):

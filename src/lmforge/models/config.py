@@ -38,6 +38,7 @@ class ModelConfig:
     pos_encoding: str = "learned"  # learned | rope | sinusoidal
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
+    norm_position: str = "pre"  # pre (GPT-2, Llama, T5) | post (original Transformer, BERT)
     mlp: str = "gelu"  # gelu (exact) | gelu_tanh (GPT-2) | relu | swiglu (Llama)
     mlp_hidden: int | None = None  # None: 4*n_embd for gelu/relu, ~8/3*n_embd (multiple of 64) for swiglu
     tie_embeddings: bool = True
@@ -74,6 +75,7 @@ class ModelConfig:
             "arch": ("gpt",),
             "pos_encoding": ("learned", "rope", "sinusoidal"),
             "norm": ("layernorm", "rmsnorm"),
+            "norm_position": ("pre", "post"),
             "mlp": ("gelu", "gelu_tanh", "relu", "swiglu"),
         }
         for key, allowed in choices.items():

@@ -14,11 +14,10 @@ from torch import Tensor, nn
 
 from lmforge.errors import UserError
 from lmforge.models.blocks import (
-    MLP,
-    Attention,
     Dropout,
     KVCache,
     RMSNorm,
+    TransformerBlock,
     init_normal_,
     make_norm,
     rope_tables,
@@ -26,24 +25,6 @@ from lmforge.models.blocks import (
     sinusoidal_table,
 )
 from lmforge.models.config import ModelConfig
-
-
-class Block(nn.Module):
-    """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        c = config
-        self.attn_norm = make_norm(c.norm, c.n_embd, c.norm_eps, c.bias)
-        self.attn = Attention(c.n_embd, c.n_head, c.kv_heads, causal=True, bias=c.bias,
-                              dropout=c.dropout)
-        self.mlp_norm = make_norm(c.norm, c.n_embd, c.norm_eps, c.bias)
-        self.mlp = MLP(c.n_embd, c.ffn_hidden, c.mlp, bias=c.bias, dropout=c.dropout)
-
-    def forward(self, x: Tensor, *, rope: tuple[Tensor, Tensor] | None = None,
-                kv_cache: KVCache | None = None, layer: int = 0) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), rope=rope, kv_cache=kv_cache, layer=layer)
-        return x + self.mlp(self.mlp_norm(x))
 
 
 class GPT(nn.Module):
@@ -68,7 +49,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.dropout = Dropout(c.dropout)
-        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
+        self.blocks = nn.ModuleList(TransformerBlock(c, causal=True) for _ in range(c.n_layer))
         self.norm = make_norm(c.norm, c.n_embd, c.norm_eps, c.bias)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         if c.tie_embeddings:
