@@ -81,7 +81,7 @@ def test_activation_checkpointing_prediction_within_15_percent_of_measured(monke
     (`torch.utils.checkpoint` around each block), the measured peak matches the AC formula."""
     from torch.utils.checkpoint import checkpoint
 
-    from lmforge.models.gpt import Block
+    from lmforge.models.blocks import TransformerBlock as Block
 
     forward = Block.forward
     monkeypatch.setattr(Block, "forward",
