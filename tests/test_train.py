@@ -52,15 +52,20 @@ def test_no_weight_decay_on_norms_biases_embeddings():
 
 
 def test_batches_are_a_function_of_step_and_partition_across_ranks(tokens):
-    b = TokenBatches(tokens, "train", 16)
-    one = b.batch_for(seed=1, step=7, batch_size=4, grad_accum=2, rank=0, world_size=1)
-    again = b.batch_for(seed=1, step=7, batch_size=4, grad_accum=2, rank=0, world_size=1)
-    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(one, again))
+    from lmforge.models.config import ModelConfig
+    from lmforge.train.objectives import CausalLM
+
+    obj = CausalLM(None, None, ModelConfig(block_size=16))
+    b = obj.source(tokens, "train")
+    one = obj.batch_for(b, seed=1, step=7, batch_size=4, grad_accum=2, rank=0, world_size=1)
+    again = obj.batch_for(b, seed=1, step=7, batch_size=4, grad_accum=2, rank=0, world_size=1)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(one, again))
     # two ranks with 2 micro-batches of 2 rows each see the same 8 rows as one process
-    parts = [b.batch_for(1, 7, 2, 2, r, 2) for r in range(2)]
-    rows = torch.cat([x for part in parts for x, _ in part])
-    assert torch.equal(rows, torch.cat([x for x, _ in one]))
-    x, y = one[0]
+    parts = [obj.batch_for(b, 1, 7, 2, 2, r, 2) for r in range(2)]
+    rows = torch.cat([m["input_ids"] for part in parts for m in part])
+    assert torch.equal(rows, torch.cat([m["input_ids"] for m in one]))
+    x, y = one[0]["input_ids"], one[0]["targets"]
+    assert x.shape == (4, 16)
     assert torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one
 
 

@@ -62,17 +62,37 @@ class DataConfig:
 
 
 @dataclass
+class MLMConfig:
+    mask_prob: float = 0.15  # share of ordinary tokens chosen (then 80% [MASK] / 10% random / 10% kept)
+    nsp: bool = False  # add next-sentence prediction (BERT's second pretraining task)
+
+
+@dataclass
+class SpanConfig:
+    noise_density: float = 0.15  # share of tokens corrupted (T5)
+    mean_span_length: float = 3.0
+
+
+@dataclass
+class ContrastiveConfig:
+    temperature: float = 0.05  # SimCSE's
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    objective: str = "clm"
+    objective: str = "clm"  # clm (GPT) | mlm (BERT) | span (encoder-decoder) | contrastive (encoder)
+    mlm: MLMConfig = field(default_factory=MLMConfig)
+    span: SpanConfig = field(default_factory=SpanConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
 
 
 _CHOICES = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.parallel": ("none", "ddp", "fsdp"),
-    "objective": ("clm",),
+    "objective": ("clm", "mlm", "span", "contrastive"),
 }
 
 
@@ -101,6 +121,13 @@ def _check_ranges(cfg: Config, where: str) -> None:
     for key in ("warmup_steps", "eval_every", "checkpoint_every", "patience", "threads"):
         if getattr(t, key) < 0:
             raise UserError(f"{where}config key train.{key}: must be >= 0, got {getattr(t, key)}")
+    if not 0 < cfg.mlm.mask_prob < 1:
+        raise UserError(f"{where}config key mlm.mask_prob: must be in (0, 1), got {cfg.mlm.mask_prob}")
+    if not 0 < cfg.span.noise_density < 1 or cfg.span.mean_span_length < 1:
+        raise UserError(f"{where}config key span.noise_density: need 0 < noise_density < 1 and "
+                        f"mean_span_length >= 1, got {cfg.span.noise_density}, {cfg.span.mean_span_length}")
+    if cfg.contrastive.temperature <= 0:
+        raise UserError(f"{where}config key contrastive.temperature: must be > 0, got {cfg.contrastive.temperature}")
     if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
         raise UserError(f"{where}config key train.min_lr: need 0 <= min_lr <= lr, got lr={t.lr} min_lr={t.min_lr}")
 

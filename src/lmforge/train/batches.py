@@ -3,6 +3,8 @@
 A batch is a pure function of (seed, step): the global batch of step `s` is drawn with a
 generator seeded by `(seed, s)`, and each process takes its rows. This makes resume exact (the
 "data position" is just the step) and makes N processes see the same global batch as one.
+How windows become a batch (shifted targets, masking, span corruption) and how the global
+batch is split into per-process micro-batches is the objective's part (`lmforge.train.objectives`).
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ import torch
 
 from lmforge.errors import UserError
 from lmforge.tokenizer.shards import load_split, read_meta
-
-_EVAL_STREAM = 1 << 40  # generator stream for eval batches, far from any training step
 
 
 class TokenBatches:
@@ -53,25 +53,12 @@ class TokenBatches:
             i += 1
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
-    def _rows(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    def windows(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """n windows of block_size + 1 consecutive tokens (int64) at random starts drawn from rng."""
         starts = rng.integers(0, self.num_windows, size=n)
-        xy = np.stack([self._window(int(s)) for s in starts]).astype(np.int64)
-        return xy[:, :-1], xy[:, 1:]
+        return np.stack([self._window(int(s)) for s in starts]).astype(np.int64)
 
     def global_batch(self, seed: int, step: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([seed, step])
-        x, y = self._rows(rng, rows)
-        return torch.from_numpy(x), torch.from_numpy(y)
-
-    def batch_for(self, seed: int, step: int, batch_size: int, grad_accum: int, rank: int,
-                  world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The micro-batches of this process for optimizer step `step`."""
-        x, y = self.global_batch(seed, step, batch_size * grad_accum * world_size)
-        per_rank = batch_size * grad_accum
-        x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
-        return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, per_rank, batch_size)]
-
-    def eval_batches(self, seed: int, eval_steps: int, batch_size: int, rank: int, world_size: int):
-        """Fixed val batches (same every eval, so val losses are comparable across steps)."""
-        for i in range(eval_steps):
-            yield from self.batch_for(seed, _EVAL_STREAM + i, batch_size, 1, rank, world_size)
+        """Inputs and next-token targets (rows, block_size) of the whole step, all processes."""
+        xy = self.windows(np.random.default_rng([seed, step]), rows)
+        return torch.from_numpy(xy[:, :-1]), torch.from_numpy(xy[:, 1:])

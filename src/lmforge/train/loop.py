@@ -27,11 +27,18 @@ from lmforge.errors import Interrupted, TrainingFailed, UserError
 from lmforge.fsutil import atomic_write_text
 from lmforge.models import build_model
 from lmforge.models.config import ModelConfig
-from lmforge.tokenizer.shards import read_meta
+from lmforge.tokenizer import Tokenizer
 from lmforge.train import checkpoint as ckpt
 from lmforge.train import distributed as dist
 from lmforge.train.batches import TokenBatches
 from lmforge.train.device import autocast, peak_flops, resolve_device, resolve_precision
+from lmforge.train.objectives import (
+    OBJECTIVES,
+    objective_for,
+    padded_vocab,
+    token_fallbacks,
+    with_tokens,
+)
 from lmforge.train.optim import build_optimizer, lr_at
 from lmforge.train.report import write_run_report
 
@@ -62,17 +69,26 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def resolve_model_config(cfg: Config, tokens_dir: Path) -> ModelConfig:
+def run_tokenizer(cfg: Config, tokens_dir: Path) -> tuple[Tokenizer, bool]:
+    """The tokens dir's tokenizer plus the special tokens the objective needs (appended ids).
+
+    Returns it and whether tokens were added (the run then keeps its own tokenizer.json).
+    """
+    tokenizer = Tokenizer.load(tokens_dir / "tokenizer.json")
+    added = with_tokens(tokenizer, OBJECTIVES[cfg.objective].extra_tokens, token_fallbacks())
+    return tokenizer, added
+
+
+def resolve_model_config(cfg: Config, tokenizer: Tokenizer) -> ModelConfig:
     """The model config with `vocab_size` filled from (and checked against) the tokenizer."""
-    meta = read_meta(tokens_dir)
-    vocab = int(meta["vocab_size"])
+    vocab = tokenizer.vocab_size
     model_cfg = ModelConfig.from_dict(to_dict(cfg.model))
     if model_cfg.vocab_size is None:
-        model_cfg.vocab_size = 64 * math.ceil(vocab / 64)  # a multiple of 64 keeps matmuls aligned
+        model_cfg.vocab_size = padded_vocab(vocab)
     elif model_cfg.vocab_size < vocab:
         raise UserError(
             f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {vocab} tokens "
-            f"({tokens_dir}/tokenizer.json); remove model.vocab_size or set it >= {vocab}"
+            f"({tokenizer.source}); remove model.vocab_size or set it >= {vocab}"
         )
     return model_cfg
 
@@ -105,7 +121,9 @@ class _Trainer:
             raise UserError("data.tokens is not set; point it at a dir from `lmforge tokenize` (--set data.tokens=DIR)")
         self.tokens_dir = Path(cfg.data.tokens)
         self.tokenizer_file = self.tokens_dir / "tokenizer.json"
-        self.model_cfg = resolve_model_config(cfg, self.tokens_dir)
+        tokenizer, added_tokens = run_tokenizer(cfg, self.tokens_dir)
+        self.model_cfg = resolve_model_config(cfg, tokenizer)
+        self.objective = objective_for(cfg, tokenizer, self.model_cfg)
         if t.threads:
             torch.set_num_threads(t.threads)
         self.device = resolve_device(t.device, info.local_rank)
@@ -126,8 +144,13 @@ class _Trainer:
                     shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
             dist.barrier(info)
 
-        self.train_batches = TokenBatches(self.tokens_dir, "train", self.model_cfg.block_size)
-        self.val_batches = TokenBatches(self.tokens_dir, "val", self.model_cfg.block_size)
+        self.train_batches = self.objective.source(self.tokens_dir, "train")
+        self.val_batches = self.objective.source(self.tokens_dir, "val")
+        if added_tokens:  # the checkpoints carry the tokenizer with the objective's tokens
+            self.tokenizer_file = out / "tokenizer.json"
+            if info.is_main:
+                out.mkdir(parents=True, exist_ok=True)
+                tokenizer.save(out)
 
         torch.manual_seed(t.seed)  # identical init on every rank
         self.raw_model = build_model(self.model_cfg).to(self.device)
@@ -192,15 +215,16 @@ class _Trainer:
                    decay_steps=t.lr_decay_steps or t.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        micro = self.train_batches.batch_for(t.seed, step, t.batch_size, t.grad_accum, self.info.rank, self.info.world_size)
+        micro = self.objective.batch_for(self.train_batches, t.seed, step, t.batch_size, t.grad_accum,
+                                         self.info.rank, self.info.world_size)
         loss_sum = torch.zeros((), device=self.device)
-        for i, (x, y) in enumerate(micro):
+        for i, batch in enumerate(micro):
             last = i == len(micro) - 1
             if self.info.parallel == "fsdp" and self.info.enabled and last:
                 self.model.set_requires_gradient_sync(True)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self._sync_context(last), autocast(self.device, self.precision):
-                loss = self.model(x, y)[1]  # not holding the logits keeps them out of backward's peak
+                loss = self.objective.loss(self.model, batch)  # only the loss: the logits leave backward's peak
             scaled = loss / len(micro)
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.detach()
@@ -237,9 +261,11 @@ class _Trainer:
         self.model.eval()
         total = torch.zeros((), device=self.device)
         count = 0
-        for x, y in batches.eval_batches(t.seed, t.eval_steps, t.batch_size, self.info.rank, self.info.world_size):
+        for i, batch in enumerate(self.objective.eval_batches(batches, t.seed, t.eval_steps, t.batch_size,
+                                                              self.info.rank, self.info.world_size)):
+            batch = {k: v.to(self.device) for k, v in batch.items()}
             with autocast(self.device, self.precision):
-                _, loss = self.model(x.to(self.device), y.to(self.device))
+                loss = self.objective.eval_loss(self.model, batch, i)
             total += loss.float()
             count += 1
         self.model.train()
