@@ -38,6 +38,7 @@ from lmforge.data.executors import LocalRunner, RayRunner
 from lmforge.data.filters import quality_reason, repetition_reason, split_words
 from lmforge.data.langid import detect_language
 from lmforge.data.normalize import find_boilerplate, normalize_text, strip_lines
+from lmforge.data.readers import open_parquet
 from lmforge.data.safety import blocked_ratio, load_blocklists, scrub_pii
 from lmforge.data.sources import Record, Shard, plan_shards, read_shard, resolve_inputs
 from lmforge.errors import UserError
@@ -327,7 +328,7 @@ def write_shard(shard: Shard, decision: dict[str, np.ndarray], work: str, out: s
     writers: dict[int, Any] = {}
     written: dict[str, list[int]] = {}
     para_index = row = 0
-    source = pq.ParquetFile(Path(work) / f"shard-{shard.index:05d}.parquet")
+    source = open_parquet(Path(work) / f"shard-{shard.index:05d}.parquet")  # streams: see open_parquet
     text_column = source.schema_arrow.get_field_index("text")
     try:
         for batch in source.iter_batches(batch_size=_WRITE_BATCH_ROWS):

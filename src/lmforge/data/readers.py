@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lmforge.errors import UserError
 
@@ -19,6 +20,7 @@ SUPPORTED_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
 TEXT_FIELD = "text"
 _BINARY_SNIFF_BYTES = 8192
 _PARQUET_BATCH_ROWS = 1024
+_PARQUET_BUFFER_BYTES = 1 << 20
 
 
 @dataclass
@@ -144,11 +146,23 @@ def _read_jsonl(file: Path) -> Iterator[Document]:
             yield Document(text=text.removeprefix("\ufeff"), source=str(file), id=f"{file}:{lineno}")
 
 
-def _read_parquet(file: Path) -> Iterator[Document]:
+def open_parquet(path: str | Path) -> Any:
+    """A `pyarrow.parquet.ParquetFile` whose `iter_batches` streams in bounded memory.
+
+    pyarrow's default (`pre_buffer=True`) fetches every requested row group up front, so
+    `iter_batches` over a whole file held ~1 MB per MB of file (measured with pyarrow 26: 280 MB
+    of Arrow memory for a 276 MB file); without pre-buffering it still reads a whole column chunk
+    at a time (a one-row-group file: the whole file). With a read buffer it reads page by page:
+    ~20 MB for the same file, one row group or many. The batches are the same either way.
+    """
     import pyarrow.parquet as pq  # imported lazily: pyarrow is slow to import and only parquet needs it
 
+    return pq.ParquetFile(path, pre_buffer=False, buffer_size=_PARQUET_BUFFER_BYTES)
+
+
+def _read_parquet(file: Path) -> Iterator[Document]:
     try:
-        parquet = pq.ParquetFile(file)
+        parquet = open_parquet(file)
     except Exception as e:  # pyarrow raises several types for damaged files
         raise UserError(f"{file}: not a readable parquet file ({_first_line(e)}); re-export it") from None
     columns = parquet.schema_arrow.names

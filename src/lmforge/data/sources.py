@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.data.config import ReadConfig
+from lmforge.data.readers import open_parquet
 from lmforge.errors import UserError
 
 SUFFIXES = (".txt", ".md", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".csv")
@@ -371,10 +372,9 @@ def _read_csv(path: str, cfg: ReadConfig) -> Iterator[Record | Unreadable]:
 
 def _read_parquet(path: str, cfg: ReadConfig) -> Iterator[Record | Unreadable]:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = open_parquet(path)
     except Exception as e:  # pyarrow raises several types for damaged files
         yield Unreadable("unreadable_parquet", path, str(e).splitlines()[0] if str(e) else type(e).__name__)
         return
