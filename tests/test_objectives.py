@@ -186,3 +186,37 @@ def test_objective_arch_mismatch_and_bad_settings(tokens):
         load_config(None, ["mlm.mask_prob=1.5"])
     with pytest.raises(UserError, match="objective"):
         load_config(None, ["objective=rlhf"])
+
+
+def test_seq2seq_pairs_split_pad_and_errors(tokens, tmp_path):
+    import json
+
+    from lmforge.train.objectives import PairSource, Seq2Seq
+
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"source": f"the king speaks {i} " * (1 + i % 3), "target": f"good sir {i}"} for i in range(200)]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg, tok, _, mc = setup(tokens, "seq2seq", f"data.pairs={pairs}", arch="encdec", block_size=32)
+    obj = Seq2Seq(cfg, tok, mc)
+    train, val = obj.source(tokens, "train"), obj.source(tokens, "val")
+    assert len(train.sources) + len(val.sources) == 200 and 2 <= len(val.sources) <= 25
+    assert not set(map(tuple, train.sources)) & set(map(tuple, val.sources))  # no pair in both
+    # the split does not depend on line order
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))
+    assert sorted(map(tuple, PairSource(pairs, tok, "val", 32).sources)) == sorted(map(tuple, val.sources))
+    batch = obj.global_batch(train, seed=0, step=0, rows=8)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    assert ids.shape[1] <= 32 and labels.shape[1] <= 32
+    assert ((ids == tok.pad_id) == (mask == 0)).all()
+    for r in range(8):
+        n = int(mask[r].sum())
+        assert ids[r, n - 1] == tok.eos_id
+        text = tok.decode(ids[r, :n - 1])
+        target = tok.decode([t for t in labels[r].tolist() if t != -100][:-1])
+        assert target == "good sir " + text.split()[3]
+    pairs.write_text('{"source": "a", "target": "b"}\n{"source": "a"}\n')
+    with pytest.raises(UserError, match=r"pairs.jsonl:2: needs non-empty string fields"):
+        PairSource(pairs, tok, "train", 32)
+    pairs.write_text('{"source": "a", "target": "b"}\nnot json\n')
+    with pytest.raises(UserError, match=r"pairs.jsonl:2: not valid JSON"):
+        PairSource(pairs, tok, "train", 32)

@@ -58,7 +58,8 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    tokens: str = ""  # a directory written by `lmforge tokenize`
+    tokens: str = ""  # a directory written by `lmforge tokenize` (and its tokenizer)
+    pairs: str = ""  # objective seq2seq: a JSONL file of {"source": ..., "target": ...} lines
 
 
 @dataclass
@@ -83,7 +84,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    objective: str = "clm"  # clm (GPT) | mlm (BERT) | span (encoder-decoder) | contrastive (encoder)
+    objective: str = "clm"  # clm (GPT) | mlm (BERT) | span, seq2seq (encoder-decoder) | contrastive (encoder)
     mlm: MLMConfig = field(default_factory=MLMConfig)
     span: SpanConfig = field(default_factory=SpanConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
@@ -92,7 +93,7 @@ class Config:
 _CHOICES = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.parallel": ("none", "ddp", "fsdp"),
-    "objective": ("clm", "mlm", "span", "contrastive"),
+    "objective": ("clm", "mlm", "span", "seq2seq", "contrastive"),
 }
 
 
