@@ -24,6 +24,7 @@ goals (>= 90% found at s >= 0.8, < 5% flagged at s <= 0.5) on generated pairs.
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import numpy as np
 
@@ -77,16 +78,30 @@ def _find(parent: np.ndarray, i: int) -> int:
     return root
 
 
-def candidate_pairs(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """(i, j) index pairs, i < j, that share at least one band (each pair once)."""
-    n = len(sigs)
-    pairs = []
-    for band in range(bands):
-        cols = sigs[:, band * rows : (band + 1) * rows].astype(np.uint64)
-        key = cols[:, 0].copy()
-        with np.errstate(over="ignore"):
+def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(n, bands) uint64: each band's `rows` signature values hashed into one key (8 bytes, not 4*rows)."""
+    keys = np.empty((len(sigs), bands), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for band in range(bands):
+            cols = sigs[:, band * rows : (band + 1) * rows].astype(np.uint64)
+            key = cols[:, 0].copy()
             for r in range(1, rows):
                 key = key * _MIX + cols[:, r]
+            keys[:, band] = key
+    return keys
+
+
+def candidate_pairs(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(i, j) index pairs, i < j, that share at least one band (each pair once)."""
+    return candidate_pairs_from_keys(band_keys(sigs, bands, rows))
+
+
+def candidate_pairs_from_keys(keys: np.ndarray) -> np.ndarray:
+    """`candidate_pairs` from `band_keys`: pairs of rows with the same key in some band."""
+    n = len(keys)
+    pairs = []
+    for band in range(keys.shape[1]):
+        key = keys[:, band]
         order = np.argsort(key, kind="stable")
         sorted_key = key[order]
         same = np.concatenate([[False], sorted_key[1:] == sorted_key[:-1]])
@@ -104,15 +119,29 @@ def candidate_pairs(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
 
 def near_duplicate_roots(sigs: np.ndarray, bands: int, rows: int, threshold: float) -> np.ndarray:
     """Cluster id (a member index) for every row of `sigs`: LSH candidates, verified, then union-find."""
-    n = len(sigs)
+    return roots_from_pairs(len(sigs), candidate_pairs(sigs, bands, rows), lambda rows_: sigs[rows_], threshold)
+
+
+def roots_from_pairs(n: int, pairs: np.ndarray, load: Any, threshold: float) -> np.ndarray:
+    """Cluster id for each of `n` rows: the candidate `pairs` whose signatures agree on at least
+    `threshold` of their values, joined by union-find.
+
+    `load(rows)` returns the signatures of the sorted row indices `rows` (only rows in some pair:
+    `data prepare` reads them from disk, so the full signatures of a corpus are never in memory);
+    pairs are compared in chunks, so memory does not grow with their number either.
+    """
     parent = np.arange(n)
-    pairs = candidate_pairs(sigs, bands, rows)
     if len(pairs):
-        agree = (sigs[pairs[:, 0]] == sigs[pairs[:, 1]]).mean(axis=1)
-        for i, j in pairs[agree >= threshold].tolist():
-            ri, rj = _find(parent, i), _find(parent, j)
-            if ri != rj:
-                parent[max(ri, rj)] = min(ri, rj)
+        involved = np.unique(pairs)
+        sigs = load(involved)
+        local = np.searchsorted(involved, pairs)
+        for start in range(0, len(pairs), _CHUNK_ROWS):
+            chunk = local[start : start + _CHUNK_ROWS]
+            agree = (sigs[chunk[:, 0]] == sigs[chunk[:, 1]]).mean(axis=1)
+            for i, j in involved[chunk[agree >= threshold]].tolist():
+                ri, rj = _find(parent, i), _find(parent, j)
+                if ri != rj:
+                    parent[max(ri, rj)] = min(ri, rj)
     return np.array([_find(parent, i) for i in range(n)], dtype=np.int64)
 
 

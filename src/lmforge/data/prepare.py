@@ -19,6 +19,7 @@ directory is built under a temporary name and renamed into place only when compl
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -247,25 +248,27 @@ def _decide(work: Path, shards: list[Shard], cfg: DataPrepConfig) -> list[dict[s
         is_first[first] = True
         status[~is_first] = _EXACT
     if cfg.dedup.near and n:
-        alive = np.flatnonzero(status == _KEEP)
-        # read shard by shard, keeping only the live rows: one copy of the signatures in memory
         alive_mask = status == _KEEP
-        parts, start = [], 0
-        for shard, size in zip(shards, sizes):
-            raw = np.fromfile(work / f"shard-{shard.index:05d}.sigs", dtype=np.uint32).reshape(size, cfg.dedup.num_perm)
-            parts.append(raw[alive_mask[start : start + size]])
-            start += size
-        sigs = np.concatenate(parts) if parts else np.zeros((0, cfg.dedup.num_perm), np.uint32)
-        del parts
-        roots = dedup.near_duplicate_roots(sigs, cfg.dedup.bands, cfg.dedup.rows, cfg.dedup.verify_threshold)
+        alive = np.flatnonzero(alive_mask)
+        # signatures (4 * num_perm bytes a document) stay on disk: memory holds the band keys
+        # (8 * bands bytes) and, for verification, the signatures of candidate pairs only
+        keys = np.empty((len(alive), cfg.dedup.bands), dtype=np.uint64)
+        for start, chunk in _alive_signatures(work, shards, sizes, alive_mask, cfg.dedup.num_perm):
+            keys[start : start + len(chunk)] = dedup.band_keys(chunk, cfg.dedup.bands, cfg.dedup.rows)
+        pairs = dedup.candidate_pairs_from_keys(keys)
+        del keys
+
+        load = functools.partial(_signatures_of, work, shards, sizes, alive_mask, cfg.dedup.num_perm)
+        roots = dedup.roots_from_pairs(len(alive), pairs, load, cfg.dedup.verify_threshold)
+        del pairs
         keep = dedup.keepers(roots, lengths[alive], cfg.dedup.keep)
         status[alive[~keep]] = _NEAR
         # the split follows the cluster (smallest member hash), so no cluster straddles splits
-        order = np.argsort(roots, kind="stable")
-        smallest = {}
-        for r, h in zip(roots[order].tolist(), exact[alive][order].tolist()):
-            smallest[r] = min(h, smallest.get(r, h))
-        cluster_key[alive] = np.array([smallest[r] for r in roots.tolist()], dtype=np.uint64)
+        hashes = exact[alive]
+        order = np.lexsort((hashes, roots))  # by cluster, then hash: each cluster's smallest first
+        new_cluster = np.concatenate([[True], roots[order][1:] != roots[order][:-1]])
+        smallest = hashes[order][new_cluster]
+        cluster_key[alive[order]] = smallest[np.cumsum(new_cluster) - 1]
     split = np.zeros(n, dtype=np.int8)
     position = np.zeros(n)
     for i in np.flatnonzero(status == _KEEP).tolist():
@@ -279,6 +282,39 @@ def _decide(work: Path, shards: list[Shard], cfg: DataPrepConfig) -> list[dict[s
         out.append({"status": status[start : start + size], "split": split[start : start + size], "drop_para": drop_para[k]})
         start += size
     return out
+
+
+def _alive_signatures(work: Path, shards: list[Shard], sizes: list[int], alive: np.ndarray,
+                      num_perm: int) -> Any:
+    """(index among the alive rows of the first one, their signatures) in chunks, read from the
+    shards' `.sigs` files in order: memory holds one chunk, never every signature."""
+    start = row = 0
+    for shard, size in zip(shards, sizes):
+        with open(work / f"shard-{shard.index:05d}.sigs", "rb") as f:
+            for lo in range(0, size, _SIG_CHUNK_ROWS):
+                count = min(_SIG_CHUNK_ROWS, size - lo)
+                chunk = np.fromfile(f, dtype=np.uint32, count=count * num_perm).reshape(count, num_perm)
+                chunk = chunk[alive[row + lo : row + lo + count]]
+                yield start, chunk
+                start += len(chunk)
+        row += size
+
+
+def _signatures_of(work: Path, shards: list[Shard], sizes: list[int], alive: np.ndarray, num_perm: int,
+                   rows: np.ndarray) -> np.ndarray:
+    """The signatures of the alive rows numbered `rows` (sorted), in one pass over the `.sigs` files."""
+    wanted = np.zeros(int(alive.sum()), dtype=bool)
+    wanted[rows] = True
+    out = np.empty((len(rows), num_perm), dtype=np.uint32)
+    filled = 0
+    for start, chunk in _alive_signatures(work, shards, sizes, alive, num_perm):
+        picked = chunk[wanted[start : start + len(chunk)]]
+        out[filled : filled + len(picked)] = picked
+        filled += len(picked)
+    return out
+
+
+_SIG_CHUNK_ROWS = 16384
 
 
 def _fill_empty_splits(split: np.ndarray, position: np.ndarray, status: np.ndarray, cfg: DataPrepConfig) -> None:
