@@ -4,12 +4,17 @@ Three stages, so that the output is identical for any number of workers and any 
 
 1. per shard, in parallel (`process_shard`): read -> normalize (+ boilerplate lines of the
    shard's sources) -> language id -> Gopher quality -> Gopher repetition -> blocklist ->
-   PII scrubbing; survivors go to `<work>/shard-NNNNN.parquet` with their exact hash and
-   MinHash signature (`.npz`), and the shard's accounting to `.json` (written last: it is
-   the "shard finished" marker that resume trusts);
+   PII scrubbing; survivors go to `<work>/shard-NNNNN.parquet` with their exact hashes
+   (`.npz`) and MinHash signatures (`.sigs`, raw uint32), and the shard's accounting to
+   `.json` (written last: it is the "shard finished" marker that resume trusts);
 2. once, over all shards (`_decide`): exact dedup, MinHash-LSH near dedup, optional
    paragraph dedup, and the split of every surviving document by a hash of its cluster;
 3. per shard, in parallel (`write_shard`): the kept documents to `<out>/<split>/part-NNNNN.parquet`.
+
+Memory is bounded by a batch of `read.shard_bytes` (stages 1 and 3 stream; parquet is read
+page by page, see `readers.open_parquet`) plus ~200 bytes per surviving document in stage 2
+(hash, length, status, split; 16 LSH band keys of 8 bytes while candidates are found) and
+the signatures of candidate pairs: all signatures (512 bytes a document) stay on disk.
 
 Resume is automatic: the work directory `<out parent>/.<out name>.work` survives an
 interrupted run, and a rerun with the same config and unchanged input files skips every
@@ -26,6 +31,7 @@ import os
 import re
 import shutil
 import time
+from array import array
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -76,7 +82,9 @@ def process_shard(shard: Shard, cfg_dict: dict[str, Any], work: str, strict: boo
     t = tally.new_tally()
     stem = Path(work) / f"shard-{shard.index:05d}"
     schema = pa.schema([(k, pa.float32() if k == "lang_score" else pa.string()) for k in _COLUMNS])
-    arrays: dict[str, list] = {"exact": [], "lengths": [], "sigs": [], "para_hashes": [], "para_counts": []}
+    # per-document dedup state as packed 8-byte machine integers (a Python int in a list costs ~40)
+    arrays: dict[str, Any] = {"exact": array("Q"), "lengths": array("q"), "sigs": [], "para_hashes": array("Q"),
+                              "para_counts": array("q")}
     kept = 0
     # signatures (512 bytes a document) stream to a raw file, batch by batch, instead of memory
     with pq.ParquetWriter(f"{stem}.parquet.tmp", schema) as writer, open(f"{stem}.sigs.tmp", "wb") as sig_file:
@@ -122,7 +130,7 @@ def _batches(items: Any, batch_bytes: int, t: dict[str, Any]) -> Any:
     yield batch
 
 
-def _filter_batch(batch: list[Record], cfg: DataPrepConfig, t: dict[str, Any], arrays: dict[str, list]) -> dict[str, list]:
+def _filter_batch(batch: list[Record], cfg: DataPrepConfig, t: dict[str, Any], arrays: dict[str, Any]) -> dict[str, list]:
     """Normalize, filter and scrub one batch; the survivors' columns (dedup arrays go to `arrays`)."""
     patterns = [re.compile(p) for p in cfg.normalize.remove_patterns]
     records: list[tuple[Record, str]] = []
