@@ -117,6 +117,15 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=2) if args.json else format_plan(report))
 
 
+def _cmd_diagnose(args: argparse.Namespace) -> None:
+    import json
+
+    from lmforge.diagnose import diagnose_run, format_diagnosis
+
+    diagnosis = diagnose_run(args.run_dir, target_loss=args.target_loss)
+    print(json.dumps(diagnosis.to_dict(), indent=2, allow_nan=False) if args.json else format_diagnosis(diagnosis))
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="checkpoint dir, or a run dir (uses its best checkpoint)")
     p.add_argument("--max-new-tokens", type=int, default=200)
@@ -205,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=float, default=None, help="training tokens (default: ~20 per parameter)")
     p.add_argument("--vocab-size", type=int, default=None, help="when the config leaves model.vocab_size unset")
     p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("diagnose", help="is a training run overfitting, underfitting, not converging, or fine?")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run dir from `lmforge pretrain` (reads its metrics.jsonl)")
+    p.add_argument("--json", action="store_true", help="print the verdict, evidence and remedies as JSON")
+    p.add_argument("--target-loss", type=float, default=None,
+                   help="the loss this model class reaches on this data (nats/token); default reference: a bigram model")
+    p.set_defaults(func=_cmd_diagnose)
     return parser
 
 

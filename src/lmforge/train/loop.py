@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lmforge.config import Config, dump_yaml, to_dict
+from lmforge.diagnose import live_warning
 from lmforge.errors import Interrupted, TrainingFailed, UserError
 from lmforge.fsutil import atomic_write_text
 from lmforge.models import build_model
@@ -347,6 +348,8 @@ class _Trainer:
                     else:
                         self.state["bad_evals"] += 1
                     self._log(record)
+                    if info.is_main and (warning := live_warning(self.metrics_path)):
+                        tqdm.write(warning)  # overfitting / not converging so far (lmforge.diagnose)
                     self._save(step, best=improved)
                     saved = True
                     if t.patience and self.state["bad_evals"] >= t.patience:

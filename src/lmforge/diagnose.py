@@ -1,0 +1,726 @@
+"""Diagnose a training run from its curves: `lmforge diagnose RUN_DIR`, and a live warning at evals.
+
+Reads `metrics.jsonl` (one record per step: `loss`, `grad_norm`, ...; eval steps add `val_loss`
+and `train_eval_loss`, the train loss measured like the val loss) and says which of five cases
+the run is in, with the numbers that show it and the remedies that fit:
+
+- `not_converging`: a non-finite loss, a train loss that rose well above its best (diverging),
+  no progress from the start, or repeated loss spikes (oscillating).
+- `overfitting`: val stopped improving (rose, or stalled) while train kept falling, so the
+  val-train gap grew. Reports where the gap began to grow and the best checkpoint's step.
+- `still_improving`: train (and val) were still falling over the last quarter: train longer.
+- `underfitting`: the loss has flattened but is high for the model class (see "reference").
+- `good_fit`: train and val fell, flattened and are close.
+
+They are checked in that order; the first that holds is the verdict.
+
+Why these rules, and their thresholds (all in `Thresholds`, reported in `--json` output):
+
+- Train loss per step is noisy (one small batch), so it is smoothed with a trailing median of
+  `n/20` steps (5..50): a median ignores single spikes that would drag a mean or an EMA. The
+  eval losses are already averages over `eval_steps` fixed batches and are used as they are.
+- Diverging: the smoothed train loss ends more than 10% above its best. Healthy runs end at
+  (or within noise of) their best; a 10% rise is far beyond median noise.
+- Flat from the start: the smoothed loss never got 5% below the loss at step 1 (the
+  initialised model, ~ln(vocab)); any model that learns token frequencies gets far below that.
+- Oscillating: 3 or more loss spikes, each a step whose loss exceeds the median of the steps
+  before it by 25% *and* by 10% of the progress made so far (so that noise on a loss near zero,
+  where relative noise is large, is not a spike). Gradient-norm spikes (> 10x the running
+  median) are reported for every verdict: alone they are a warning, not a verdict.
+- Overfitting needs >= 2 evals and all of: the val-train gap grew by >= max(0.05 nats, 2% of
+  the best val loss) above its minimum (0.05 nats = a 5% perplexity ratio); the train loss
+  fell by at least half that since the gap began to grow; and val no longer improves: it ended
+  >= max(0.01 nats, 0.5%) above its best, or improved < 0.5% over the last quarter of the run.
+  The gap "began to grow" at the last eval whose gap was within 10% of the growth above the
+  minimum gap; the best checkpoint is the eval with the lowest val loss (what the trainer saves
+  as `checkpoints/best`).
+- Still improving: the loss fell >= 1% over the last quarter of the run (val when there are
+  >= 2 evals, else the smoothed train loss), scaled to a quarter when the evals are sparser.
+- Underfitting needs a reference for "high". A Transformer can represent a bigram model
+  exactly (token embedding -> output), so it should beat one; the default reference is the
+  val loss of a count-based bigram model of the training split (interpolated absolute
+  discounting, D = 0.75, with an add-one unigram; up to 20M train / 2M val tokens). A plateau
+  at >= 90% of that loss means the model barely uses context: underfitting. This catches
+  grossly underfit runs (too small, too regularized, a learning rate that leaves it stuck at
+  the unigram level); for a finer judgement pass the loss your model class is known to reach
+  (`--target-loss`, e.g. a larger model's val loss on the same data): then >= 5% above it is
+  high. Without the token dir or a target, "high" cannot be judged and the run is not called
+  underfitting (the output says so).
+
+A run that stopped on a non-finite loss (`TrainingFailed`) logs no record for the failing step
+and writes no `summary.json`; its curves up to that point are diagnosed and the output says the
+run ended early without a summary. Zero or one eval: overfitting cannot be judged, the verdict
+rests on the train loss, and `limitations` says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmforge.errors import UserError
+
+VERDICTS = ("good_fit", "underfitting", "overfitting", "not_converging", "still_improving")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    min_steps: int = 10  # fewer logged steps: too short to judge the curve's shape
+    smooth_fraction: float = 0.05  # trailing-median window = this fraction of the steps ...
+    smooth_min: int = 5  # ... at least this many steps
+    smooth_max: int = 50  # ... at most this many
+    diverge_rise: float = 0.10  # smoothed train loss ends > 10% above its best
+    flat_progress: float = 0.05  # best smoothed loss < 5% below the step-1 loss
+    spike_ratio: float = 0.25  # a loss spike exceeds the median before it by 25% ...
+    spike_progress: float = 0.10  # ... and by 10% of the progress made so far
+    oscillation_spikes: int = 3  # this many spike episodes: oscillating
+    grad_spike_ratio: float = 10.0  # grad norm > 10x its running median
+    gap_growth_nats: float = 0.05  # overfitting: gap grew >= max(0.05 nats, ...)
+    gap_growth_rel: float = 0.02  # ... 2% of the best val loss)
+    val_rise_nats: float = 0.01  # val ended >= max(0.01 nats, 0.5% of best) above its best
+    val_rise_rel: float = 0.005
+    val_stall_rel: float = 0.005  # or val improved < 0.5% over the last quarter
+    improving_rel: float = 0.01  # still improving: >= 1% over the last quarter
+    last_part: float = 0.25  # "the last part of the run"
+    underfit_vs_bigram: float = 0.90  # loss >= 90% of the bigram baseline's val loss: high
+    underfit_vs_target: float = 1.05  # loss >= 105% of a stated target: high
+    close_gap_nats: float = 0.10  # good fit: val within max(0.1 nats, 5%) of train
+    close_gap_rel: float = 0.05
+    plateau_rel: float = 0.02  # plateau step: smoothed loss first within 2% of its final value
+    baseline_train_tokens: int = 20_000_000
+    baseline_val_tokens: int = 2_000_000
+
+
+THRESHOLDS = Thresholds()
+
+
+@dataclass
+class Diagnosis:
+    verdict: str
+    reason: str  # one line: why this verdict
+    evidence: dict[str, Any]
+    remedies: list[str]
+    limitations: list[str] = field(default_factory=list)
+    thresholds: dict[str, Any] = field(default_factory=lambda: asdict(THRESHOLDS))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- reading a run ---------------------------------------------------------------------------
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, one-line UserError on a bad line (naming file and line)."""
+    path = Path(path)
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int) or "loss" not in record:
+                raise ValueError("need an object with an integer 'step' and a 'loss'")
+        except ValueError as e:
+            raise UserError(f"{path}:{number}: not a metrics record ({e}); was it written by `lmforge pretrain`?") from None
+        records.append(record)
+    return records
+
+
+def _steps_and_evals(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    by_step: dict[int, dict[str, Any]] = {}
+    for r in records:  # a resumed run re-logs steps after its checkpoint: the last one counts
+        by_step[r["step"]] = r
+    return [by_step[s] for s in sorted(by_step)]
+
+
+# ---- curve statistics ------------------------------------------------------------------------
+
+
+def trailing_median(values: np.ndarray, window: int) -> np.ndarray:
+    """out[i] = median(values[max(0, i - window + 1) : i + 1]), ignoring NaNs."""
+    out = np.empty(len(values))
+    head = min(window - 1, len(values))
+    for i in range(head):
+        out[i] = np.nanmedian(values[: i + 1]) if np.isfinite(values[: i + 1]).any() else np.nan
+    if len(values) >= window:
+        windows = np.lib.stride_tricks.sliding_window_view(values, window)
+        for start in range(0, len(windows), 8192):  # chunks keep memory small on long runs
+            chunk = windows[start:start + 8192]
+            with np.errstate(all="ignore"):
+                out[window - 1 + start: window - 1 + start + len(chunk)] = np.nanmedian(chunk, axis=1) \
+                    if np.isnan(chunk).any() else np.median(chunk, axis=1)
+    return out
+
+
+def _value_at(steps: np.ndarray, values: np.ndarray, step: float) -> float:
+    """The value at the last logged step <= `step` (the first value if none)."""
+    i = max(int(np.searchsorted(steps, step, side="right")) - 1, 0)
+    return float(values[i])
+
+
+def _median_before(values: np.ndarray, window: int) -> np.ndarray:
+    """out[i] = median of the (finite) `window` values before i; NaN at i = 0."""
+    with np.errstate(all="ignore"):
+        return np.concatenate([[np.nan], trailing_median(values, window)[:-1]])
+
+
+def _spikes(steps: np.ndarray, values: np.ndarray, start: float, ratio: float, progress: float,
+            window: int) -> list[dict[str, Any]]:
+    """Spike episodes: runs of steps whose value exceeds the median of the `window` steps before
+    by `ratio` of that median and by `progress` x (start - median)."""
+    median = _median_before(values, window)
+    with np.errstate(invalid="ignore"):
+        excess = values - median
+        spiked = (excess > ratio * np.abs(median)) & (excess > progress * np.maximum(start - median, 0.0))
+    episodes: list[dict[str, Any]] = []
+    for i in np.flatnonzero(spiked):
+        if i > 0 and spiked[i - 1]:
+            episodes[-1]["peak"] = max(episodes[-1].get("peak", episodes[-1]["loss"]), round(float(values[i]), 4))
+        else:
+            episodes.append({"step": int(steps[i]), "loss": round(float(values[i]), 4),
+                             "median_before": round(float(median[i]), 4)})
+    return episodes
+
+
+def _grad_spikes(steps: np.ndarray, norms: np.ndarray, ratio: float, window: int) -> tuple[float | None, list[dict]]:
+    finite = norms[np.isfinite(norms)]
+    if not len(finite):
+        return None, []
+    median = _median_before(norms, window)
+    median[:5] = np.nan  # a running median needs a few steps first
+    with np.errstate(invalid="ignore"):
+        spiked = np.flatnonzero((median > 0) & (norms > ratio * median))
+    return float(np.median(finite)), [{"step": int(steps[i]), "grad_norm": round(float(norms[i]), 3),
+                                       "x_median": round(float(norms[i] / median[i]), 1)} for i in spiked]
+
+
+# ---- the bigram reference --------------------------------------------------------------------
+
+
+def _sample_split(tokens_dir: Path, split: str, limit: int) -> np.ndarray:
+    from lmforge.tokenizer.shards import load_split
+
+    shards = load_split(tokens_dir, split)
+    per_shard = max(limit // len(shards), 1)
+    return np.concatenate([np.asarray(s[:per_shard], dtype=np.int64) for s in shards])[:limit]
+
+
+def bigram_reference(tokens_dir: str | Path, th: Thresholds = THRESHOLDS) -> dict[str, Any]:
+    """Losses of count models of the train split, measured on the val split (nats/token).
+
+    `bigram_val_loss`: interpolated absolute discounting (Ney, Essen & Kneser 1994), D = 0.75,
+    backing off to an add-one unigram. `unigram_entropy`: entropy of the train token counts
+    (the loss of the best context-free model). Up to 20M train and 2M val tokens are read (from
+    the start of every shard), which keeps this a few seconds on any corpus.
+    """
+    from lmforge.tokenizer.shards import read_meta
+
+    tokens_dir = Path(tokens_dir)
+    vocab = int(read_meta(tokens_dir)["vocab_size"])
+    train = _sample_split(tokens_dir, "train", th.baseline_train_tokens)
+    val = _sample_split(tokens_dir, "val", th.baseline_val_tokens)
+    vocab = max(vocab, int(train.max()) + 1, int(val.max()) + 1)
+    unigram = np.bincount(train, minlength=vocab).astype(np.float64)
+    p_unigram = (unigram + 1.0) / (unigram.sum() + vocab)
+    seen = unigram[unigram > 0] / unigram.sum()
+    pairs, pair_counts = np.unique(train[:-1] * vocab + train[1:], return_counts=True)
+    context = np.bincount(train[:-1], minlength=vocab).astype(np.float64)
+    followers = np.bincount(pairs // vocab, minlength=vocab).astype(np.float64)
+    discount = 0.75
+    a, b = val[:-1], val[1:]
+    codes = a * vocab + b
+    where = np.clip(np.searchsorted(pairs, codes), 0, len(pairs) - 1)
+    count_ab = np.where(pairs[where] == codes, pair_counts[where], 0).astype(np.float64)
+    count_a = context[a]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = np.where(count_a > 0,
+                     np.maximum(count_ab - discount, 0.0) / count_a + discount * followers[a] / count_a * p_unigram[b],
+                     p_unigram[b])
+    return {
+        "kind": "bigram",
+        "tokens_dir": str(tokens_dir),
+        "bigram_val_loss": round(float(-np.log(p).mean()), 4),
+        "unigram_val_loss": round(float(-np.log(p_unigram[val]).mean()), 4),
+        "unigram_entropy": round(float(-(seen * np.log(seen)).sum()), 4),
+        "uniform_loss": round(math.log(vocab), 4),
+        "train_tokens_read": int(len(train)),
+        "val_tokens_read": int(len(val)),
+    }
+
+
+# ---- the diagnosis ---------------------------------------------------------------------------
+
+
+def _r(x: float | None, digits: int = 4) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(float(x), digits)
+
+
+def _recent_improvement(steps: np.ndarray, values: np.ndarray, part: float, min_points: int
+                        ) -> tuple[float | None, int | None, float]:
+    """How much `values` fell over the last `part` of the run, relative to the final level.
+
+    A least-squares line through the points of the last `part` of the steps (at least the last
+    `min_points`; sparse evals reach further back), its fall projected over `part` of the run and
+    divided by the line's final value. A fitted slope is steadier than a two-point difference on
+    noisy curves. Returns (relative fall, first step used, standard error of the fall); the fall
+    is None with < 2 points, the error 0 with < 3.
+    """
+    keep = np.isfinite(values)
+    steps, values = steps[keep], values[keep]
+    if len(steps) < 2 or steps[-1] <= steps[0]:
+        return None, None, 0.0
+    span = part * (steps[-1] - steps[0])
+    first = max(min(int(np.searchsorted(steps, steps[-1] - span)), len(steps) - min_points), 0)
+    x, y = steps[first:], values[first:]
+    slope, intercept = np.polyfit(x, y, 1)
+    end = slope * x[-1] + intercept
+    if not end > 0:
+        return None, None, 0.0
+    stderr = 0.0
+    if len(x) > 2:
+        residual = y - (slope * x + intercept)
+        stderr = float(np.sqrt(residual @ residual / (len(x) - 2) / ((x - x.mean()) @ (x - x.mean()))))
+    return float(-slope * span / end), int(x[0]), stderr * span / end
+
+
+def _nonfinite_step(rows: list[dict[str, Any]]) -> tuple[int, str] | None:
+    for r in rows:
+        for key in ("loss", "grad_norm", "val_loss"):
+            if key in r and not _finite(r[key]):
+                return r["step"], f"{key} is {r[key]}"
+    return None
+
+
+def diagnose_records(records: list[dict[str, Any]], *, config: dict[str, Any] | None = None,
+                     finished: bool | None = None, stop_reason: str | None = None,
+                     reference: dict[str, Any] | None = None, train_tokens: int | None = None,
+                     world_size: int = 1, th: Thresholds = THRESHOLDS) -> Diagnosis:
+    """Classify a run from its metrics records (see the module docstring for the rules).
+
+    `config`: the run's resolved config (config.yaml) for max_steps and config-aware remedies;
+    `finished`: whether the run wrote summary.json; `reference`: {"kind": "target", "loss": x} or
+    `bigram_reference(...)`, needed to call a run underfitting; `train_tokens`: size of the train
+    split, for the epochs count.
+    """
+    rows = _steps_and_evals(records)
+    if not rows:
+        raise ValueError("no metrics records")
+    cfg_train = (config or {}).get("train", {}) or {}
+    steps = np.array([r["step"] for r in rows], dtype=np.float64)
+    loss = np.array([r["loss"] if _finite(r.get("loss")) else np.nan for r in rows])
+    grad = np.array([r["grad_norm"] if _finite(r.get("grad_norm")) else np.nan for r in rows])
+    last_step = int(steps[-1])
+    max_steps = cfg_train.get("max_steps")
+    limitations: list[str] = []
+    evidence: dict[str, Any] = {"run": {"steps_logged": len(rows), "last_step": last_step, "max_steps": max_steps,
+                                        "finished": finished, "stop_reason": stop_reason}}
+    if finished is False and max_steps and last_step < max_steps:
+        limitations.append(f"the run ended at step {last_step} of {max_steps} without writing summary.json: it stopped "
+                           f"on an error (e.g. a non-finite loss), was killed, or is still running; the diagnosis "
+                           f"covers the logged steps")
+    tokens_per_step = None
+    if cfg_train.get("batch_size") and (config or {}).get("model", {}).get("block_size"):
+        tokens_per_step = (cfg_train["batch_size"] * cfg_train.get("grad_accum", 1) * world_size
+                           * config["model"]["block_size"])
+    if tokens_per_step and train_tokens:
+        evidence["run"]["epochs"] = round(last_step * tokens_per_step / train_tokens, 2)
+
+    # ---- train loss -------------------------------------------------------------------------
+    window = int(min(max(round(th.smooth_fraction * len(rows)), th.smooth_min), th.smooth_max))
+    smooth = trailing_median(loss, window)
+    finite = np.isfinite(smooth)
+    nonfinite = _nonfinite_step(rows)
+    if not finite.any():
+        evidence["instability"] = {"nonfinite_step": rows[0]["step"], "nonfinite": "no finite loss"}
+        return _finish("not_converging", f"no finite train loss in {len(rows)} steps", evidence, limitations,
+                       config, reference, th)
+    start = float(loss[np.isfinite(loss)][0])
+    best_i = int(np.nanargmin(smooth))
+    best = float(smooth[best_i])
+    end_i = int(np.flatnonzero(finite)[-1])
+    end = float(smooth[end_i])
+    progress = start - best
+    rise = (end - best) / abs(best) if best else 0.0
+    train_rel, train_from, train_err = _recent_improvement(steps, loss, th.last_part, 3)
+    plateau_i = int(np.flatnonzero(finite & (smooth <= end + th.plateau_rel * abs(end)))[0])
+    evidence["train_loss"] = {
+        "smoothing": f"trailing median of {window} steps", "start": _r(start), "best": _r(best),
+        "best_step": int(steps[best_i]), "final": _r(end), "rise_above_best": _r(rise),
+        "relative_improvement_last_quarter": _r(train_rel), "standard_error": _r(train_err),
+        "last_quarter_from_step": train_from,
+        "plateau_step": int(steps[plateau_i]),
+    }
+    loss_spikes = _spikes(steps, loss, start, th.spike_ratio, th.spike_progress, window)
+    grad_median, grad_spikes = _grad_spikes(steps, grad, th.grad_spike_ratio, max(window, 20))
+    evidence["instability"] = {"nonfinite_step": nonfinite[0] if nonfinite else None,
+                               "nonfinite": nonfinite[1] if nonfinite else None,
+                               "loss_spikes": loss_spikes[:20], "loss_spike_count": len(loss_spikes),
+                               "grad_norm_median": _r(grad_median), "grad_norm_spikes": grad_spikes[:20],
+                               "grad_norm_spike_count": len(grad_spikes)}
+
+    # ---- evals ------------------------------------------------------------------------------
+    evals = [r for r in rows if "val_loss" in r and _finite(r["val_loss"])]
+    val = dict(evals=len(evals))
+    evidence["val_loss"] = val
+    overfit = False
+    val_rel = None
+    if evals:
+        e_steps = np.array([r["step"] for r in evals], dtype=np.float64)
+        v = np.array([r["val_loss"] for r in evals], dtype=np.float64)
+        tr = np.array([r["train_eval_loss"] if _finite(r.get("train_eval_loss"))
+                       else _value_at(steps, smooth, r["step"]) for r in evals])
+        gap = v - tr
+        vb = int(np.argmin(v))
+        val.update(best=_r(v[vb]), best_step=int(e_steps[vb]), final=_r(v[-1]), final_step=int(e_steps[-1]),
+                   train_at_evals="train_eval_loss" if all("train_eval_loss" in r for r in evals) else "smoothed train loss",
+                   gap_final=_r(gap[-1]))
+        evidence["best_checkpoint_step"] = int(e_steps[vb])
+    if len(evals) < 2:
+        limitations.append(f"{'no' if not evals else 'only one'} val evaluation in metrics.jsonl: overfitting cannot "
+                           f"be judged (set train.eval_every to evaluate during training)")
+    else:
+        g_min_i = int(np.argmin(gap))
+        growth = float(gap[-1] - gap[g_min_i])
+        need = max(th.gap_growth_nats, th.gap_growth_rel * float(v[vb]))
+        onset_i = None
+        if growth > 0:
+            grown = np.flatnonzero(gap[:-1] <= gap[g_min_i] + 0.1 * growth)
+            onset_i = int(grown[-1]) if len(grown) else g_min_i
+        train_fall = float(tr[onset_i] - tr[-1]) if onset_i is not None else 0.0
+        val_rise = float(v[-1] - v[vb])
+        val_rel, val_from, _ = _recent_improvement(e_steps, v, th.last_part, 3)
+        val_rose = val_rise >= max(th.val_rise_nats, th.val_rise_rel * float(v[vb]))
+        val_stalled = val_rel is not None and val_rel < th.val_stall_rel
+        overfit = growth >= need and train_fall >= 0.5 * need and (val_rose or val_stalled)
+        val["val_trend"] = "rose" if val_rose else "stalled" if val_stalled else "improving"
+        val.update(gap_min=_r(gap[g_min_i]), gap_min_step=int(e_steps[g_min_i]), gap_growth=_r(growth),
+                   gap_growth_needed=_r(need), gap_began_to_grow_step=int(e_steps[onset_i]) if onset_i is not None else None,
+                   train_fall_since_gap_grew=_r(train_fall), rise_above_best=_r(val_rise),
+                   relative_improvement_last_quarter=_r(val_rel), last_quarter_from_step=val_from)
+        if len(evals) == 2:
+            limitations.append("only two val evaluations: the val trend rests on one comparison")
+
+    # ---- the reference for "high" ------------------------------------------------------------
+    model_loss, which = (float(val["final"]), "final val loss") if evals else (end, "final train loss")
+    high, bar, ref_words = None, None, ""
+    if reference and reference.get("kind") == "target":
+        bar = th.underfit_vs_target * reference["loss"]
+        high = model_loss >= bar
+        ref_words = f"the target {reference['loss']:.3f} (high = >= {bar:.3f})"
+    elif reference and reference.get("bigram_val_loss") is not None:
+        bar = th.underfit_vs_bigram * reference["bigram_val_loss"]
+        high = model_loss >= bar
+        ref_words = f"{th.underfit_vs_bigram:.0%} of a bigram model's val loss {reference['bigram_val_loss']:.3f}"
+    if reference:
+        evidence["reference"] = {**reference, "compared": which, "model_loss": _r(model_loss),
+                                 "ratio": _r(model_loss / (reference.get("loss") or reference.get("bigram_val_loss"))),
+                                 "high_from": _r(bar)}
+
+    # ---- decide -----------------------------------------------------------------------------
+    def loss_words() -> str:
+        return f"train loss {start:.3f} at step {int(steps[0])} -> best {best:.3f} (step {int(steps[best_i])}) -> {end:.3f} at step {int(steps[end_i])}"
+
+    if nonfinite:
+        return _finish("not_converging", f"{nonfinite[1]} at step {nonfinite[0]} (diverged)", evidence, limitations,
+                       config, reference, th)
+    if rise > th.diverge_rise:
+        return _finish("not_converging", f"diverging: {loss_words()}, {rise:.0%} above its best", evidence,
+                       limitations, config, reference, th)
+    if len(rows) < th.min_steps:
+        limitations.append(f"only {len(rows)} steps logged: too few to judge the shape of the curve")
+        if finished is False and max_steps and last_step < max_steps:
+            return _finish("not_converging", f"training stopped at step {last_step} of {max_steps} without writing "
+                           f"summary.json, before the curve shows a trend: it failed at the start (a non-finite loss "
+                           f"stops training with an error) or was stopped", evidence, limitations, config, reference, th)
+        return _finish("still_improving", f"only {len(rows)} steps: too short to judge; {loss_words()}", evidence,
+                       limitations, config, reference, th)
+    if progress < th.flat_progress * abs(start):
+        return _finish("not_converging", f"no progress from the start: {loss_words()} (< {th.flat_progress:.0%} fall)",
+                       evidence, limitations, config, reference, th)
+    if len(loss_spikes) >= th.oscillation_spikes:
+        return _finish("not_converging", f"oscillating: {len(loss_spikes)} loss spikes (first at step "
+                       f"{loss_spikes[0]['step']}); {len(grad_spikes)} gradient-norm spikes", evidence, limitations,
+                       config, reference, th)
+    if overfit:
+        return _finish("overfitting", f"val loss {val['val_trend']} "
+                       f"(best {val['best']:.3f} at step {val['best_step']}, final {val['final']:.3f}) while train fell "
+                       f"{val['train_fall_since_gap_grew']:.3f} after step {val['gap_began_to_grow_step']}: the gap grew "
+                       f"{val['gap_growth']:.3f} to {val['gap_final']:.3f}", evidence, limitations, config, reference, th)
+    # the train trend must also stand out of the batch noise (a fall of 3 standard errors); the
+    # eval losses are averages over fixed batches, and few: their trend is used as it is
+    train_improving = train_rel is not None and train_rel >= max(th.improving_rel, 3 * train_err)
+    judged_rel = val_rel if val_rel is not None else train_rel
+    if (val_rel is not None and val_rel >= th.improving_rel) or (val_rel is None and train_improving):
+        what = "val" if val_rel is not None else "train"
+        return _finish("still_improving", f"{what} loss still fell {judged_rel:.1%} over the last quarter of the run "
+                       f"(>= {th.improving_rel:.0%}): {loss_words()}", evidence, limitations, config, reference, th)
+    if high:
+        return _finish("underfitting", f"the loss flattened from step {int(steps[plateau_i])} at {which} "
+                       f"{model_loss:.3f}, not below {ref_words}", evidence, limitations, config, reference, th)
+    if high is None:
+        limitations.append("no reference loss (token dir not found, no --target-loss): whether the plateau is high "
+                           "for this model class was not judged")
+    if not evals:
+        limitations.append("no val loss: the fit is judged on the train loss alone")
+        return _finish("good_fit", f"{loss_words()}; flat over the last quarter", evidence, limitations, config,
+                       reference, th)
+    close = max(th.close_gap_nats, th.close_gap_rel * float(val["final"]))
+    if abs(val["gap_final"]) > close:
+        limitations.append(f"val stays {val['gap_final']:.3f} above train but the gap did not grow: the val data may "
+                           f"differ from the training data rather than the model overfitting")
+    return _finish("good_fit", f"train and val fell and flattened (val {val['final']:.3f}, gap {val['gap_final']:+.3f}"
+                   f"); {loss_words()}", evidence, limitations, config, reference, th)
+
+
+def _remedies(verdict: str, evidence: dict[str, Any], config: dict[str, Any] | None,
+              reference: dict[str, Any] | None) -> list[str]:
+    """The remedies that fit the verdict, with the run's current settings where they matter."""
+    t = (config or {}).get("train", {}) or {}
+    m = (config or {}).get("model", {}) or {}
+    now = lambda key, where=t: f" (now {where[key]})" if key in where else ""  # noqa: E731
+    best = evidence.get("best_checkpoint_step")
+    epochs = evidence["run"].get("epochs")
+    out: list[str] = []
+    if verdict == "not_converging":
+        lr = t.get("lr")
+        out.append(f"lower the learning rate: train.lr{now('lr')}" + (f" -> {lr / 3:.2g} or lower" if lr else ""))
+        if not t or t.get("grad_clip", 0) <= 0:
+            out.append(f"clip gradients: train.grad_clip=1.0{now('grad_clip')}")
+        elif evidence["instability"].get("grad_norm_spike_count"):
+            out.append(f"clip harder: train.grad_clip{now('grad_clip')} -> {t['grad_clip'] / 2:g}")
+        warm, total = t.get("warmup_steps"), t.get("max_steps")
+        if warm is None or total is None or warm < max(0.02 * total, 100):
+            out.append(f"warm up longer: train.warmup_steps{now('warmup_steps')} -> "
+                       f"{int(max(0.02 * (total or 0), 100))} or ~2-5% of the steps")
+        if t.get("precision") == "fp16":
+            out.append("train in bf16 or fp32: fp16 overflows on large activations")
+        if evidence["instability"].get("loss_spike_count"):
+            out.append("check the training data near the spike steps for broken, binary or repeated documents")
+        if evidence["instability"].get("nonfinite_step") or evidence["run"].get("finished") is False:
+            out.append("restart, or --resume from the last good checkpoint, with these settings")
+    elif verdict == "overfitting":
+        out.append(f"stop early: use checkpoints/best (step {best}) and set train.patience=2{now('patience')} so "
+                   f"training stops when val stops improving")
+        out.append("more (or more varied, deduplicated) training data"
+                   + (f": the run made {epochs:g} passes over its training split" if epochs else ""))
+        wd = t.get("weight_decay")
+        out.append(f"stronger weight decay: train.weight_decay{now('weight_decay')}"
+                   + (f" -> {max(0.1, 2 * wd):g}" if wd is not None else ""))
+        d = m.get("dropout")
+        out.append(f"dropout: model.dropout{now('dropout', m)} -> {0.1 if not d else min(d + 0.1, 0.5):g}")
+        out.append(f"a smaller model for this much data (model.n_layer{now('n_layer', m)}, model.n_embd{now('n_embd', m)})")
+    elif verdict == "underfitting":
+        out.append(f"a larger model: more layers or width (model.n_layer{now('n_layer', m)}, model.n_embd{now('n_embd', m)})")
+        ref = evidence.get("reference", {})
+        if ref.get("unigram_val_loss") and ref.get("model_loss") and ref["model_loss"] >= 0.95 * ref["unigram_val_loss"]:
+            out.append(f"the loss sits at the unigram level ({ref['unigram_val_loss']:.3f}): the model ignores context, "
+                       f"typical of a learning rate too high to settle: lower train.lr{now('lr')}")
+        else:
+            out.append(f"tune the learning rate: train.lr{now('lr')} (try x0.3 and x3)")
+        if (t.get("weight_decay") or 0) > 0.1 or (m.get("dropout") or 0) > 0:
+            out.append(f"less regularization: train.weight_decay{now('weight_decay')}, model.dropout{now('dropout', m)}")
+        out.append("cleaner data: noise (markup, boilerplate, broken encodings) raises the loss any model can reach "
+                   "(see `lmforge data prepare`)")
+    elif verdict == "still_improving":
+        out.append(f"train longer: raise train.max_steps{now('max_steps')}, e.g. x2 (a new run re-plans the "
+                   f"learning-rate schedule; --resume keeps the old one)")
+        if epochs and epochs > 1:
+            out.append(f"more training data if you train much longer: this run already made {epochs:g} passes over its split")
+    else:
+        out.append(f"nothing to fix: use checkpoints/best (step {best})" if best else "nothing to fix")
+        out.append("for a lower loss, scale the model and the data together (a larger model on more tokens)")
+    return out
+
+
+def _finish(verdict: str, reason: str, evidence: dict[str, Any], limitations: list[str],
+            config: dict[str, Any] | None, reference: dict[str, Any] | None, th: Thresholds) -> Diagnosis:
+    return Diagnosis(verdict, reason, evidence, _remedies(verdict, evidence, config, reference), limitations,
+                     asdict(th))
+
+
+# ---- a run dir, the CLI text, the live warning ----------------------------------------------
+
+
+def _tokens_dir(config: dict[str, Any] | None, run_dir: Path) -> Path | None:
+    tokens = ((config or {}).get("data") or {}).get("tokens")
+    if not tokens:
+        return None
+    for candidate in (Path(tokens), run_dir / tokens):
+        if (candidate / "meta.json").is_file():
+            return candidate
+    return None
+
+
+def diagnose_run(run_dir: str | Path, *, target_loss: float | None = None) -> Diagnosis:
+    """Diagnose the training run in `run_dir` (the --out dir of `lmforge pretrain`)."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory; pass the --out dir of `lmforge pretrain`")
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise UserError(f"{metrics} not found: {run_dir} is not a training run (no step was logged there)")
+    records = read_records(metrics)
+    if not records:
+        raise UserError(f"{metrics} is empty: the run has not logged a step yet")
+    if target_loss is not None and not (math.isfinite(target_loss) and target_loss > 0):
+        raise UserError(f"--target-loss must be a positive loss in nats per token, got {target_loss}")
+    limitations = []
+    config = None
+    if (run_dir / "config.yaml").is_file():
+        try:
+            config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            limitations.append(f"{run_dir / 'config.yaml'} is unreadable ({type(e).__name__}); remedies are generic")
+    summary = None
+    if (run_dir / "summary.json").is_file():
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        except ValueError:
+            limitations.append(f"{run_dir / 'summary.json'} is unreadable")
+    metrics_summary = (summary or {}).get("metrics", {})
+    reference, train_tokens = None, None
+    tokens_dir = _tokens_dir(config, run_dir)
+    if tokens_dir is not None:
+        try:
+            from lmforge.tokenizer.shards import read_meta
+
+            train_tokens = read_meta(tokens_dir)["splits"]["train"]["tokens"]
+            if target_loss is None:
+                reference = bigram_reference(tokens_dir)
+        except (UserError, KeyError, ValueError) as e:
+            limitations.append(f"the token dir {tokens_dir} could not be read ({e})")
+    elif config is not None and target_loss is None:
+        limitations.append(f"the token dir named in config.yaml ({((config.get('data') or {}).get('tokens'))}) was "
+                           f"not found, so there is no bigram reference; pass --target-loss")
+    if target_loss is not None:
+        reference = {"kind": "target", "loss": float(target_loss)}
+    diagnosis = diagnose_records(records, config=config, finished=summary is not None,
+                                 stop_reason=metrics_summary.get("stop_reason"), reference=reference,
+                                 train_tokens=train_tokens, world_size=int(metrics_summary.get("world_size") or 1))
+    diagnosis.evidence["run"]["dir"] = str(run_dir)
+    diagnosis.limitations = limitations + diagnosis.limitations
+    return diagnosis
+
+
+def _trend(relative_fall: float) -> str:
+    return f"fell {relative_fall:.1%}" if relative_fall >= 0 else f"rose {-relative_fall:.1%}"
+
+
+def format_diagnosis(d: Diagnosis) -> str:
+    """The human-readable report: verdict, evidence with numbers and steps, remedies, limitations."""
+    e = d.evidence
+    run, train, val, inst = e["run"], e.get("train_loss"), e.get("val_loss", {}), e.get("instability", {})
+    lines = [f"run: {run.get('dir', '')} ({run['last_step']} steps"
+             + (f" of {run['max_steps']}" if run.get("max_steps") else "")
+             + (f", {run['stop_reason']}" if run.get("stop_reason") else ", no summary.json" if run.get("finished") is False else "")
+             + (f", {run['epochs']:g} epochs" if run.get("epochs") else "") + ")",
+             f"verdict: {d.verdict.replace('_', ' ').upper()} - {d.reason}", "evidence:"]
+    if train:
+        improvement = train["relative_improvement_last_quarter"]
+        lines.append(f"  - train loss ({train['smoothing']}): {train['start']} at the first step, best {train['best']} at "
+                     f"step {train['best_step']}, final {train['final']}; "
+                     + (f"{_trend(improvement)} over the last quarter; " if improvement is not None else "")
+                     + f"flat (within 2%) from step {train['plateau_step']}")
+    if val.get("evals"):
+        lines.append(f"  - val loss: {val['evals']} evals, best {val['best']} at step {val['best_step']} "
+                     f"(checkpoints/best), final {val['final']} at step {val['final_step']}"
+                     + (f"; {_trend(val['relative_improvement_last_quarter'])} over the last quarter"
+                        if val.get("relative_improvement_last_quarter") is not None else ""))
+        if "gap_growth" in val:
+            lines.append(f"  - gap val - train ({val['train_at_evals']}): min {val['gap_min']:+.3f} at step "
+                         f"{val['gap_min_step']}, final {val['gap_final']:+.3f}; grew {val['gap_growth']:.3f} "
+                         f"(overfitting needs >= {val['gap_growth_needed']:.3f})"
+                         + (f", from step {val['gap_began_to_grow_step']}" if val.get("gap_began_to_grow_step") else "")
+                         + f"; train fell {val['train_fall_since_gap_grew']:.3f} since")
+    else:
+        lines.append("  - val loss: none logged")
+    if inst:
+        if inst.get("nonfinite_step") is not None:
+            lines.append(f"  - non-finite values: {inst['nonfinite']} at step {inst['nonfinite_step']}")
+        spikes = inst.get("loss_spikes", [])
+        lines.append(f"  - loss spikes: {inst.get('loss_spike_count', 0)}"
+                     + (" at steps " + ", ".join(str(s["step"]) for s in spikes[:8]) if spikes else ""))
+        gs = inst.get("grad_norm_spikes", [])
+        if inst.get("grad_norm_median") is not None:
+            lines.append(f"  - gradient norm: median {inst['grad_norm_median']}; {inst.get('grad_norm_spike_count', 0)} "
+                         f"spikes (> {d.thresholds['grad_spike_ratio']:g}x the running median)"
+                         + (": " + ", ".join(f"step {s['step']} {s['grad_norm']} ({s['x_median']}x)" for s in gs[:5])
+                            if gs else ""))
+    ref = e.get("reference")
+    if ref:
+        if ref.get("kind") == "target":
+            lines.append(f"  - reference: target loss {ref['loss']}; {ref['compared']} {ref['model_loss']} "
+                         f"({ref['ratio']:.2f}x)")
+        else:
+            lines.append(f"  - reference: a bigram model of the train split reaches {ref['bigram_val_loss']} on val "
+                         f"(unigram {ref['unigram_val_loss']}, uniform {ref['uniform_loss']}); {ref['compared']} "
+                         f"{ref['model_loss']} ({ref['ratio']:.2f}x)")
+    lines.append("remedies:")
+    lines += [f"  - {r}" for r in d.remedies]
+    if d.limitations:
+        lines.append("limitations:")
+        lines += [f"  - {x}" for x in d.limitations]
+    return "\n".join(lines)
+
+
+class _MetricsTail:
+    """Reads a growing metrics.jsonl incrementally, so a check at every eval costs only the new lines.
+
+    It starts over when the file is another one (another path, inode or first line: a new run in
+    the same dir) or shorter than what was read (resume trims the lines after its checkpoint).
+    """
+
+    def __init__(self) -> None:
+        self.signature: tuple | None = None
+        self.offset = 0
+        self.records: list[dict[str, Any]] = []
+
+    def read(self, path: Path) -> list[dict[str, Any]]:
+        with open(path, "rb") as f:
+            stat = os.fstat(f.fileno())
+            signature = (str(path), stat.st_dev, stat.st_ino, f.readline())
+            if signature != self.signature or stat.st_size < self.offset:
+                self.signature, self.offset, self.records = signature, 0, []
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line being written is read next time
+        self.offset += len(complete)
+        self.records += [json.loads(line) for line in complete.decode("utf-8").splitlines() if line.strip()]
+        return self.records
+
+
+_tail = _MetricsTail()
+
+
+def live_warning(records: list[dict[str, Any]] | str | Path) -> str | None:
+    """One warning line when the run so far overfits or does not converge, else None.
+
+    Called by the training loop at every eval with its metrics.jsonl. Only these two verdicts
+    warn: they call for action now (stop early, lower the learning rate); "still improving" is
+    the normal state mid-run and "underfitting" needs the finished curve.
+    """
+    if not isinstance(records, list):
+        if not Path(records).is_file():
+            return None
+        records = _tail.read(Path(records))
+    if not records:
+        return None
+    d = diagnose_records(records)
+    if d.verdict not in ("overfitting", "not_converging"):
+        return None
+    step = records[-1]["step"]
+    hint = d.remedies[0].split(":")[0]
+    return f"diagnose (step {step}): {d.verdict.replace('_', ' ')}: {d.reason}; {hint}"
