@@ -198,7 +198,7 @@ def _config(hf_dir: Path, **changes) -> None:
 
 
 @pytest.mark.parametrize("changes,match", [
-    (dict(model_type="bert"), r"model_type='bert' is not supported; allowed: gpt2, llama, mistral"),
+    (dict(model_type="xlnet"), r"model_type='xlnet' is not supported; allowed: gpt2, llama, mistral"),
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}), r"rope_type='llama3'"),
     (dict(rope_parameters=None, rope_scaling={"type": "linear", "factor": 2.0}), r"rope_scaling\.rope_type='linear'"),
     (dict(hidden_act="gelu"), r"hidden_act='gelu' is not supported; allowed: 'silu'"),

@@ -6,13 +6,17 @@
 A registry (`ARCHITECTURES`) maps an HF `model_type` to an `HFArch`: how its config.json becomes
 our `ModelConfig` and back, and a table of `TensorRule`s pairing each of our tensors with the
 HF tensor(s) it is made of. The one table serves both directions, so from-hf and to-hf cannot
-drift apart, and every shape check can name the HF tensor at fault. BERT, T5 and Mixtral plug in
-later as more registry entries (their rules will need more than concatenation and transposes;
-`TensorRule` grows then).
+drift apart, and every shape check can name the HF tensor at fault.
 
-Supported now: GPT-2 (`gpt2`), Llama incl. grouped-query attention (`llama`) and dense Mistral
-(`mistral`, without a sliding window). Everything else is a one-line `UserError` naming the
-config field and what is allowed.
+Supported now: GPT-2 (`gpt2`), Llama incl. grouped-query attention (`llama`), dense Mistral
+(`mistral`, without a sliding window) and BERT (`bert`: BertModel, BertForMaskedLM,
+BertForPreTraining, BertForNextSentencePrediction, BertForSequenceClassification).
+Everything else is a one-line `UserError` naming the config field and what is allowed.
+
+Heads differ between the HF classes of one family. Which ones a BERT checkpoint has is read
+from its weights (pooler, NSP, classifier); a head lmforge's model always has but the file
+lacks (BERT's MLM head in a sentence-transformers `BertModel`) is an *optional* rule group:
+from-hf initializes it and reports it, and to-hf reports what an HF class cannot hold.
 """
 
 from __future__ import annotations
@@ -46,6 +50,12 @@ class TensorRule:
     ours: str
     theirs: tuple[str, ...]
     transpose: bool = False
+    # Non-empty: the rule belongs to this named group of tensors that HF files may lack as a
+    # whole (e.g. "MLM head"); from-hf then initializes the group and reports it.
+    optional: str = ""
+    # More HF names of the one tensor (single-tensor rules): from-hf reads the first name
+    # present and ignores the rest, to-hf writes a copy under each (HF BERT's decoder bias).
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -53,13 +63,20 @@ class HFArch:
     """How one HF `model_type` maps onto lmforge."""
 
     model_type: str
-    hf_class: str  # config.json `architectures[0]` written by to-hf
+    hf_class: str | Callable[[ModelConfig], str]  # config.json `architectures[0]` written by to-hf
     config_from_hf: Callable[[dict[str, Any], str], ModelConfig]
     config_to_hf: Callable[[ModelConfig], dict[str, Any]]
     rules: Callable[[ModelConfig], list[TensorRule]]
     base_prefix: str  # the base model's prefix, which files saved from the base class lack
     # HF tensors that are derived buffers, not weights (older files saved them): skipped on read
     derived: re.Pattern[str]
+    head_prefixes: tuple[str, ...] = ("lm_head.",)  # HF tensors outside the base model
+    tied_head: str = "lm_head.weight"  # the HF name of an output matrix tied to the input embedding
+    # Which heads the weights hold (BERT: pooler, NSP, classifier), folded into the config
+    heads_from_weights: Callable[[ModelConfig, dict[str, tuple[int, ...]]], None] | None = None
+
+    def class_for(self, c: ModelConfig) -> str:
+        return self.hf_class if isinstance(self.hf_class, str) else self.hf_class(c)
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,7 +219,102 @@ def _llama_rules(c: ModelConfig) -> list[TensorRule]:
     return rules
 
 
+# --------------------------------------------------------------------------------------------
+# BERT (post-norm encoder; q/k/v fused into our qkv; heads by HF class)
+
+_BERT_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+_BERT_ACT_OUT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
+_MLM_HEAD = "MLM head (cls.predictions.*)"
+
+
+def _bert_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
+    act = _only(hf, "hidden_act", "gelu", tuple(_BERT_ACT), where)
+    _only(hf, "position_embedding_type", "absolute", ("absolute",), where)
+    _only(hf, "is_decoder", False, (False,), where)
+    _only(hf, "add_cross_attention", False, (False,), where)
+    return ModelConfig(
+        arch="bert", vocab_size=_need(hf, "vocab_size", where), n_layer=_need(hf, "num_hidden_layers", where),
+        n_head=_need(hf, "num_attention_heads", where), n_embd=_need(hf, "hidden_size", where),
+        block_size=_need(hf, "max_position_embeddings", where),
+        dropout=float(hf.get("hidden_dropout_prob", 0.1)), bias=True, pos_encoding="learned",
+        norm="layernorm", norm_eps=float(hf.get("layer_norm_eps", 1e-12)), norm_position="post",
+        mlp=_BERT_ACT[act], mlp_hidden=_need(hf, "intermediate_size", where),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)), init_std=float(hf.get("initializer_range", 0.02)),
+        type_vocab_size=int(hf.get("type_vocab_size", 2)),
+    )
+
+
+def _bert_heads_from_weights(c: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+    c.pooler = "bert.pooler.dense.weight" in shapes
+    c.nsp_head = "cls.seq_relationship.weight" in shapes
+    c.num_labels = shapes["classifier.weight"][0] if "classifier.weight" in shapes else 0
+    c.validate()
+
+
+def _bert_class(c: ModelConfig) -> str:
+    if c.num_labels:
+        return "BertForSequenceClassification"
+    return "BertForPreTraining" if c.nsp_head else "BertForMaskedLM"
+
+
+def _bert_config_to_hf(c: ModelConfig) -> dict[str, Any]:
+    out = {
+        "model_type": "bert", "vocab_size": c.vocab_size, "hidden_size": c.n_embd,
+        "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head, "intermediate_size": c.ffn_hidden,
+        "hidden_act": _BERT_ACT_OUT[c.mlp], "hidden_dropout_prob": c.dropout,
+        "attention_probs_dropout_prob": c.dropout, "max_position_embeddings": c.block_size,
+        "type_vocab_size": c.type_vocab_size, "layer_norm_eps": c.norm_eps, "initializer_range": c.init_std,
+        "tie_word_embeddings": c.tie_embeddings, "position_embedding_type": "absolute",
+        "is_decoder": False, "add_cross_attention": False,
+    }
+    if c.num_labels:
+        out["num_labels"] = c.num_labels
+        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(c.num_labels)}
+        out["label2id"] = {f"LABEL_{i}": i for i in range(c.num_labels)}
+    return out
+
+
+def _bert_rules(c: ModelConfig) -> list[TensorRule]:
+    e = "bert.embeddings."
+    rules = [TensorRule("tok_embeddings.weight", (f"{e}word_embeddings.weight",)),
+             TensorRule("pos_embeddings.weight", (f"{e}position_embeddings.weight",)),
+             TensorRule("type_embeddings.weight", (f"{e}token_type_embeddings.weight",))]
+    pairs = [("emb_norm", f"{e}LayerNorm")]
+    for i in range(c.n_layer):
+        h, b = f"bert.encoder.layer.{i}.", f"blocks.{i}."
+        for kind in ("weight", "bias"):
+            rules.append(TensorRule(f"{b}attn.qkv.{kind}",
+                                    tuple(f"{h}attention.self.{n}.{kind}" for n in ("query", "key", "value"))))
+        pairs += [(f"{b}attn.out", f"{h}attention.output.dense"), (f"{b}attn_norm", f"{h}attention.output.LayerNorm"),
+                  (f"{b}mlp.up", f"{h}intermediate.dense"), (f"{b}mlp.down", f"{h}output.dense"),
+                  (f"{b}mlp_norm", f"{h}output.LayerNorm")]
+    if c.has_pooler:
+        pairs.append(("pooler", "bert.pooler.dense"))
+    if c.num_labels:  # HF's classification class holds no MLM/NSP head: to-hf leaves ours out
+        pairs.append(("classifier", "classifier"))
+    elif c.nsp_head:
+        pairs.append(("nsp_head", "cls.seq_relationship"))
+    rules += [TensorRule(f"{ours}.{kind}", (f"{theirs}.{kind}",)) for ours, theirs in pairs
+              for kind in ("weight", "bias")]
+    if not c.num_labels:
+        rules += [TensorRule(f"mlm_dense.{kind}", (f"cls.predictions.transform.dense.{kind}",), optional=_MLM_HEAD)
+                  for kind in ("weight", "bias")]
+        rules += [TensorRule(f"mlm_norm.{kind}", (f"cls.predictions.transform.LayerNorm.{kind}",), optional=_MLM_HEAD)
+                  for kind in ("weight", "bias")]
+        if c.tie_embeddings:
+            rules.append(TensorRule("lm_head.bias", ("cls.predictions.bias",), optional=_MLM_HEAD))
+        else:
+            # Untied, transformers 5 unties the decoder bias too: `decoder.bias` is the one used and
+            # `cls.predictions.bias` a stale copy; transformers 4 ties them. Write both, read the used one.
+            rules.append(TensorRule("lm_head.bias", ("cls.predictions.decoder.bias",), optional=_MLM_HEAD,
+                                    aliases=("cls.predictions.bias",)))
+            rules.append(TensorRule("lm_head.weight", ("cls.predictions.decoder.weight",), optional=_MLM_HEAD))
+    return rules
+
+
 _GPT2_DERIVED = re.compile(r"attn\.(masked_)?bias$")
+# position/token-type id buffers; the decoder bias older writers saved beside its tie, cls.predictions.bias
+_BERT_DERIVED = re.compile(r"embeddings\.(position_ids|token_type_ids)$|^cls\.predictions\.decoder\.bias$")
 _ROPE_DERIVED = re.compile(r"rotary_emb\.inv_freq$")
 
 ARCHITECTURES: dict[str, HFArch] = {
@@ -212,6 +324,9 @@ ARCHITECTURES: dict[str, HFArch] = {
                     _llama_rules, "model.", _ROPE_DERIVED),
     "mistral": HFArch("mistral", "MistralForCausalLM", _llama_config_from_hf, _llama_config_to_hf,
                       _llama_rules, "model.", _ROPE_DERIVED),
+    "bert": HFArch("bert", _bert_class, _bert_config_from_hf, _bert_config_to_hf, _bert_rules, "bert.",
+                   _BERT_DERIVED, head_prefixes=("cls.", "classifier."),
+                   tied_head="cls.predictions.decoder.weight", heads_from_weights=_bert_heads_from_weights),
 }
 
 
@@ -228,6 +343,16 @@ def hf_layout_for(c: ModelConfig) -> HFArch:
         return UserError(f"model.{key}={getattr(c, key)!r} has no Hugging Face equivalent for this "
                          f"model; {want}")
 
+    if c.arch == "bert":  # post-norm, learned positions and a plain activation: checked by the config
+        if c.norm != "layernorm":
+            raise unrepresentable("norm", "the BERT layout needs norm=layernorm")
+        if not c.bias:
+            raise unrepresentable("bias", "the BERT layout needs bias=true")
+        if c.mlp not in _BERT_ACT_OUT:
+            raise unrepresentable("mlp", "the BERT layout needs mlp=gelu, gelu_tanh or relu")
+        if c.kv_heads != c.n_head:
+            raise unrepresentable("n_kv_head", "the BERT layout needs n_kv_head=n_head (no GQA)")
+        return ARCHITECTURES["bert"]
     if c.pos_encoding == "learned":  # GPT-2: LayerNorm with bias everywhere
         if c.norm != "layernorm":
             raise unrepresentable("norm", "the GPT-2 layout (pos_encoding=learned) needs norm=layernorm")
@@ -254,11 +379,22 @@ def hf_layout_for(c: ModelConfig) -> HFArch:
 
 
 def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
-    from lmforge.models import GPT
+    """Our tensors' shapes for config c; a tied alias (lm_head.weight) is left out."""
+    from lmforge.models import build_model
+    from lmforge.train.checkpoint import tied_aliases
 
     with torch.device("meta"):  # shapes only: no memory, no init cost
-        model = GPT(ModelConfig.from_dict(c.to_dict()))
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        model = build_model(ModelConfig.from_dict(c.to_dict()))
+    aliases = tied_aliases(model)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in aliases}
+
+
+def _with_base_prefix(arch: HFArch, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF names as the task classes write them; files saved from the base model class (the original
+    `gpt2` files: "h.0.attn.c_attn.weight"; sentence-transformers' BertModel) lack its prefix."""
+    if any(k.startswith(arch.base_prefix) for k in hf_state):
+        return dict(hf_state)
+    return {k if k.startswith(arch.head_prefixes) else arch.base_prefix + k: v for k, v in hf_state.items()}
 
 
 def _their_shapes(rule: TensorRule, our_shape: tuple[int, ...], c: ModelConfig) -> list[tuple[int, ...]]:
@@ -272,15 +408,27 @@ def _their_shapes(rule: TensorRule, our_shape: tuple[int, ...], c: ModelConfig) 
 
 def state_from_hf(c: ModelConfig, model_type: str, hf_state: dict[str, torch.Tensor],
                   source: str = "HF weights") -> dict[str, torch.Tensor]:
-    """Our state dict (a tied lm_head omitted) from an HF one; errors name the HF tensor."""
+    """Our state dict (a tied lm_head omitted) from an HF one; errors name the HF tensor.
+
+    Optional rule groups the file lacks entirely are left out of the result (the caller
+    initializes them); a group present in part is an error like any missing tensor.
+    """
     arch = arch_for(model_type, source)
     expected = _expected_shapes(c)
-    remaining = dict(hf_state)
-    if not any(k.startswith(arch.base_prefix) for k in remaining):
-        # saved from the base model class (e.g. the original `gpt2` files: "h.0.attn.c_attn.weight")
-        remaining = {k if k.startswith("lm_head.") else arch.base_prefix + k: v for k, v in remaining.items()}
+    remaining = _with_base_prefix(arch, hf_state)
+    rules = arch.rules(c)
+    absent = {r.optional for r in rules if r.optional} - {
+        r.optional for r in rules if r.optional and any(t in remaining for t in (*r.theirs, *r.aliases))}
     state: dict[str, torch.Tensor] = {}
-    for rule in arch.rules(c):
+    for rule in rules:
+        if rule.optional in absent:
+            continue
+        if rule.aliases:
+            present = [n for n in (*rule.theirs, *rule.aliases) if n in remaining]
+            if present and present[0] != rule.theirs[0]:
+                remaining[rule.theirs[0]] = remaining[present[0]]
+            for name in rule.aliases:
+                remaining.pop(name, None)
         parts = []
         for name, shape in zip(rule.theirs, _their_shapes(rule, expected[rule.ours], c)):
             if name not in remaining:
@@ -294,7 +442,7 @@ def state_from_hf(c: ModelConfig, model_type: str, hf_state: dict[str, torch.Ten
         tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         state[rule.ours] = tensor.t().contiguous() if rule.transpose else tensor
     if c.tie_embeddings:
-        remaining.pop("lm_head.weight", None)  # a tied head saved twice by older writers
+        remaining.pop(arch.tied_head, None)  # a tied head saved twice by older writers
     extra = sorted(k for k in remaining if not arch.derived.search(k))
     if extra:
         raise UserError(f"{source}: unexpected tensor {extra[0]!r} ({len(extra)} in all); lmforge's "
@@ -303,12 +451,16 @@ def state_from_hf(c: ModelConfig, model_type: str, hf_state: dict[str, torch.Ten
 
 
 def state_to_hf(c: ModelConfig, state: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """The HF state dict (HF names and layouts) for our state dict; the inverse of `state_from_hf`."""
+    """The HF state dict (HF names and layouts) for our state dict; the inverse of `state_from_hf`.
+
+    Our tensors the HF class cannot hold (BERT's MLM head in a classification model) are left
+    out; `dropped_in_hf` names them.
+    """
     arch = hf_layout_for(c)
     expected = _expected_shapes(c)
     out: dict[str, torch.Tensor] = {}
     rules = arch.rules(c)
-    extra = sorted(set(state) - {rule.ours for rule in rules} - ({"lm_head.weight"} if c.tie_embeddings else set()))
+    extra = sorted(set(state) - set(expected) - ({"lm_head.weight"} if c.tie_embeddings else set()))
     if extra:
         raise UserError(f"{source}: unexpected tensor {extra[0]!r}; the checkpoint does not match its config.json")
     for rule in rules:
@@ -322,11 +474,17 @@ def state_to_hf(c: ModelConfig, state: dict[str, torch.Tensor], source: str = "c
             out[rule.theirs[0]] = tensor.t().contiguous()
         elif len(rule.theirs) == 1:
             out[rule.theirs[0]] = tensor.contiguous()
+            out.update({name: tensor.clone() for name in rule.aliases})  # copies: safetensors refuses shared memory
         else:
             sizes = [s[0] for s in _their_shapes(rule, expected[rule.ours], c)]
             for name, part in zip(rule.theirs, tensor.split(sizes, dim=0)):
                 out[name] = part.contiguous()
     return out
+
+
+def dropped_in_hf(c: ModelConfig) -> list[str]:
+    """Our tensors that the HF layout for config c has no place for (to-hf reports them)."""
+    return sorted(set(_expected_shapes(c)) - {rule.ours for rule in hf_layout_for(c).rules(c)})
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,7 +539,11 @@ def read_hf_weights(hf_dir: Path) -> tuple[dict[str, torch.Tensor], Path]:
 
 
 def from_hf(hf_dir: str | Path, out: str | Path) -> dict[str, Any]:
-    """Convert an HF causal-LM directory into an lmforge checkpoint directory; returns the summary."""
+    """Convert an HF model directory into an lmforge checkpoint directory; returns the summary.
+
+    The summary's metrics name the tensors initialized because the file lacked them
+    (`initialized`, e.g. BERT's MLM head in a sentence-transformers BertModel).
+    """
     from lmforge.train.checkpoint import save_checkpoint
 
     t0 = time.perf_counter()
@@ -389,15 +551,27 @@ def from_hf(hf_dir: str | Path, out: str | Path) -> dict[str, Any]:
     hf = read_hf_config(hf_dir)
     where = str(hf_dir / "config.json")
     arch = arch_for(hf.get("model_type"), where)
+    hf_state, weights_file = read_hf_weights(hf_dir)
     try:
         config = arch.config_from_hf(hf, where)
+        if arch.heads_from_weights is not None:
+            shapes = {k: tuple(v.shape) for k, v in _with_base_prefix(arch, hf_state).items()}
+            arch.heads_from_weights(config, shapes)
     except UserError as e:
         if str(e).startswith(where):
             raise
         # ModelConfig's validation names our key (model.n_head); say which file it came from
         raise UserError(f"{where}: {e} (as converted to lmforge's model config)") from None
-    hf_state, weights_file = read_hf_weights(hf_dir)
     state = state_from_hf(config, arch.model_type, hf_state, str(weights_file))
+    initialized = sorted(set(_expected_shapes(config)) - set(state))
+    if initialized:  # heads the HF class does not have: freshly initialized, reproducibly
+        from lmforge.models import build_model
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            fresh = build_model(config).state_dict()
+        dtype = next(iter(state.values())).dtype
+        state.update({k: fresh[k].to(dtype) for k in initialized})
     tokenizer = hf_dir / "tokenizer.json"
     if tokenizer.is_file():
         from lmforge.tokenizer import Tokenizer
@@ -406,27 +580,82 @@ def from_hf(hf_dir: str | Path, out: str | Path) -> dict[str, Any]:
             raise UserError(f"{tokenizer} has more tokens than vocab_size={config.vocab_size} in {where}; "
                             "it belongs to another model")
     save_checkpoint(out, state, config.to_dict(), tokenizer if tokenizer.is_file() else None, None)
+    if arch.model_type == "bert":
+        _copy_sentence_transformers_config(hf_dir, out)
     params = sum(t.numel() for t in state.values())
     return write_summary(out, "convert-from-hf", config=config.to_dict(), inputs={"hf_dir": hf_dir},
                          metrics={"model_type": arch.model_type, "tensors": len(state), "parameters": params,
-                                  "tokenizer": tokenizer.is_file()},
+                                  "tokenizer": tokenizer.is_file(), "initialized": initialized},
                          wall_time_s=time.perf_counter() - t0)
 
 
-def _tokenizer_config(tokenizer_file: Path, block_size: int) -> tuple[dict[str, Any], dict[str, int]]:
-    """A minimal tokenizer_config.json for `AutoTokenizer`, and the special ids for config.json."""
+# --------------------------------------------------------------------------------------------
+# sentence-transformers metadata (BERT): how `lmforge embed` and SentenceTransformer agree
+
+
+def _copy_sentence_transformers_config(hf_dir: Path, out: Path) -> None:
+    """Keep a sentence-transformers model's max_seq_length (read by `lmforge embed`), and warn
+    when its pooling is not the mean pooling `lmforge embed` does."""
+    from lmforge.infer.embed import SENTENCE_CONFIG
+
+    st_config = hf_dir / SENTENCE_CONFIG
+    if st_config.is_file():
+        atomic_write_json(out / SENTENCE_CONFIG, json.loads(st_config.read_text()))
+    try:
+        modules = json.loads((hf_dir / "modules.json").read_text())
+        pooling_dirs = [m.get("path", "") for m in modules if str(m.get("type", "")).endswith(".Pooling")]
+        pooling = json.loads((hf_dir / pooling_dirs[0] / "config.json").read_text()) if pooling_dirs else {}
+    except (OSError, json.JSONDecodeError, AttributeError, TypeError):
+        return  # not a sentence-transformers model, or one without a readable pooling config
+    modes = sorted(k.removeprefix("pooling_mode_") for k, v in pooling.items() if k.startswith("pooling_mode_") and v)
+    if pooling and modes != ["mean_tokens"]:
+        warnings.warn(f"{hf_dir}: this sentence-transformers model pools with {', '.join(modes) or 'nothing'}; "
+                      "`lmforge embed` mean-pools, so its vectors will differ", stacklevel=2)
+
+
+def _write_sentence_transformers_files(tmp: Path, ckpt: Path, c: ModelConfig) -> None:
+    """modules.json + pooling config: SentenceTransformer(dir) then computes `lmforge embed`'s
+    vectors (the encoder, mean pooling, L2 normalization) with the same max_seq_length."""
+    from lmforge.infer.embed import SENTENCE_CONFIG, max_seq_length
+
+    atomic_write_json(tmp / SENTENCE_CONFIG, {"max_seq_length": max_seq_length(ckpt, c), "do_lower_case": False})
+    atomic_write_json(tmp / "modules.json", [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ])
+    (tmp / "1_Pooling").mkdir()
+    atomic_write_json(tmp / "1_Pooling" / "config.json", {
+        "word_embedding_dimension": c.n_embd, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
+        "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False})
+
+
+def _tokenizer_config(tokenizer_file: Path, block_size: int, arch: str = "gpt") -> tuple[dict[str, Any], dict[str, int]]:
+    """A minimal tokenizer_config.json for `AutoTokenizer`, and the special ids for config.json.
+
+    BERT's roles are [CLS]/[SEP]/[PAD]/[MASK]/[UNK]; lmforge's tokenizers fill [CLS] with
+    <|bos|> and [SEP] with <|eos|>, and the mlm objective added <|mask|>.
+    """
     from lmforge.tokenizer import Tokenizer
+    from lmforge.train.objectives import MASK, MASK_FALLBACKS
 
     tok = Tokenizer.load(tokenizer_file)
     cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size}
     ids: dict[str, int] = {}
-    for role, getter in (("bos", "bos_id"), ("eos", "eos_id"), ("pad", "pad_id")):
+    roles = (("cls", "bos_id"), ("sep", "eos_id"), ("pad", "pad_id")) if arch == "bert" else \
+        (("bos", "bos_id"), ("eos", "eos_id"), ("pad", "pad_id"))
+    for role, getter in roles:
         try:
             token_id = getattr(tok, getter)
         except UserError:  # this tokenizer has no such special token
             continue
         cfg[f"{role}_token"] = tok.id_to_token(token_id)
         ids[f"{role}_token_id"] = token_id
+    if arch == "bert":
+        for role, names in (("mask", (MASK, *MASK_FALLBACKS)), ("unk", ("<|unk|>", "[UNK]", "<unk>"))):
+            found = next((n for n in names if tok.token_to_id(n) is not None), None)
+            if found is not None:
+                cfg[f"{role}_token"] = found
     return cfg, ids
 
 
@@ -441,23 +670,27 @@ def to_hf(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
         raise UserError(f"{ckpt / 'config.json'}: vocab_size is not set; the checkpoint is incomplete")
     arch = hf_layout_for(config)
     hf_state = state_to_hf(config, read_weights(ckpt), str(ckpt / "model.safetensors"))
-    hf_config = {"architectures": [arch.hf_class], **arch.config_to_hf(config), "dtype": "float32"}
+    hf_config = {"architectures": [arch.class_for(config)], **arch.config_to_hf(config), "dtype": "float32"}
     tokenizer = ckpt / "tokenizer.json"
     with atomic_dir(out) as tmp:
         if tokenizer.is_file():
-            tok_config, special_ids = _tokenizer_config(tokenizer, config.block_size)
+            tok_config, special_ids = _tokenizer_config(tokenizer, config.block_size, config.arch)
             hf_config.update(special_ids)
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
             atomic_write_json(tmp / "tokenizer_config.json", tok_config)
-            atomic_write_json(tmp / "generation_config.json", {k: v for k, v in special_ids.items()
-                                                               if k != "pad_token_id"})
+            if config.arch != "bert":  # an encoder does not generate
+                atomic_write_json(tmp / "generation_config.json", {k: v for k, v in special_ids.items()
+                                                                   if k != "pad_token_id"})
+        if config.arch == "bert":
+            _write_sentence_transformers_files(tmp, ckpt, config)
         dtypes = {t.dtype for t in hf_state.values()}
         if len(dtypes) == 1:
             hf_config["dtype"] = str(dtypes.pop()).removeprefix("torch.")
         save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         atomic_write_json(tmp / "config.json", hf_config)
         write_summary(tmp, "convert-to-hf", config=config.to_dict(), inputs={"checkpoint": ckpt},
-                      metrics={"model_type": arch.model_type, "tensors": len(hf_state),
-                               "tokenizer": tokenizer.is_file()},
+                      metrics={"model_type": arch.model_type, "hf_class": arch.class_for(config),
+                               "tensors": len(hf_state), "tokenizer": tokenizer.is_file(),
+                               "dropped": dropped_in_hf(config)},
                       wall_time_s=time.perf_counter() - t0)
     return json.loads((out / "summary.json").read_text())

@@ -1,11 +1,12 @@
 """Model architectures and the building blocks they share (attention, MLP, norms, positions)."""
 
+from lmforge.models.bert import BERT
 from lmforge.models.blocks import KVCache
 from lmforge.models.config import ModelConfig, MoEConfig
 from lmforge.models.gpt import GPT
 
 # arch name -> class; each family's module adds itself here (see `build_model`)
-ARCHITECTURES = {"gpt": GPT}
+ARCHITECTURES = {"gpt": GPT, "bert": BERT}
 
 
 def build_model(config: ModelConfig):
@@ -13,4 +14,4 @@ def build_model(config: ModelConfig):
     return ARCHITECTURES[config.arch](config)
 
 
-__all__ = ["ARCHITECTURES", "GPT", "KVCache", "ModelConfig", "MoEConfig", "build_model"]
+__all__ = ["ARCHITECTURES", "BERT", "GPT", "KVCache", "ModelConfig", "MoEConfig", "build_model"]

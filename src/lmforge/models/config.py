@@ -44,6 +44,11 @@ class ModelConfig:
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     init_std: float = 0.02
+    # BERT (arch bert; other families ignore these)
+    type_vocab_size: int = 2  # segment (token_type_ids) embeddings
+    nsp_head: bool = False  # next-sentence-prediction head on the pooled [CLS] output
+    num_labels: int = 0  # sequence-classification head on the pooled output; 0 = none
+    pooler: bool = False  # keep the pooler (dense+tanh on [CLS]) even when no head uses it (HF BertModel)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self) -> None:
@@ -72,7 +77,7 @@ class ModelConfig:
             return UserError(f"model.{key}: {msg}")
 
         choices = {
-            "arch": ("gpt",),
+            "arch": ("gpt", "bert"),
             "pos_encoding": ("learned", "rope", "sinusoidal"),
             "norm": ("layernorm", "rmsnorm"),
             "norm_position": ("pre", "post"),
@@ -94,6 +99,29 @@ class ModelConfig:
             raise bad("pos_encoding", f"rope needs an even head dim, got {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.arch == "bert":
+            self._validate_bert(bad)
+
+    @property
+    def has_pooler(self) -> bool:
+        """bert: whether the model has a pooler (its heads need one, or `pooler` keeps it)."""
+        return self.pooler or self.nsp_head or self.num_labels > 0
+
+    def _validate_bert(self, bad) -> None:
+        for key in ("type_vocab_size", "num_labels"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise bad(key, f"must be a non-negative integer, got {value!r}")
+        if self.type_vocab_size < 1:
+            raise bad("type_vocab_size", "must be at least 1 for arch bert (segment A is type 0)")
+        # What BERT is built from; other choices would need blocks BERT does not wire (a final
+        # norm for pre-norm stacks, positions inside attention for rope).
+        if self.norm_position != "post":
+            raise bad("norm_position", f"{self.norm_position!r}: arch bert is post-norm; set post")
+        if self.pos_encoding != "learned":
+            raise bad("pos_encoding", f"{self.pos_encoding!r}: arch bert uses learned positions; set learned")
+        if self.mlp not in ("gelu", "gelu_tanh", "relu"):
+            raise bad("mlp", f"{self.mlp!r}: arch bert's MLM head needs a plain activation; use gelu, gelu_tanh or relu")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

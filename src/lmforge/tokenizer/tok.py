@@ -48,6 +48,11 @@ class Tokenizer:
         # be encoded as ordinary characters, never as a control token (prompt injection).
         # Control tokens are only ever added by id (add_bos/add_eos, chat templates).
         self._tk.encode_special_tokens = True
+        # A tokenizer.json saved by HF may carry its own truncation/padding (all-MiniLM-L6-v2's
+        # pads and cuts every encoding to 128); this wrapper pads and truncates only when asked
+        # (`__call__`), so those settings would silently corrupt `encode`.
+        self._tk.no_truncation()
+        self._tk.no_padding()
         self.kind = kind or infer_kind(json.loads(tokenizer.to_str()))
         self._special_ids = {name: self._find_special(name) for name in (BOS, EOS, PAD)}
 
