@@ -40,6 +40,19 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
           f"report: {Path(args.out) / 'report.md'}")
 
 
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from lmforge.eval import evaluate
+    from lmforge.eval.report import headline
+
+    result = evaluate(args.ckpt, args.task, args.out, kind=args.kind, split=args.split, limit=args.limit,
+                      seed=args.seed, batch_size=args.batch_size, answer_mode=args.answer_mode,
+                      max_new_tokens=args.max_new_tokens, device=args.device)
+    for r in result["tasks"]:
+        note = f" ({r['split_note']})" if r.get("split_note") else ""
+        print(f"{r['task']} [{r['kind']}, split: {r['split']}{note}, {r['metrics'].get('n')} items]: {headline(r)}")
+    print(f"report: {Path(args.out) / 'report.md'}  (results.json, plots: {args.out})")
+
+
 def _cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from lmforge.tokenizer.train import train_tokenizer
 
@@ -221,6 +234,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-loss", type=float, default=None,
                    help="the loss this model class reaches on this data (nats/token); default reference: a bigram model")
     p.set_defaults(func=_cmd_diagnose)
+    p = sub.add_parser("eval", help="evaluate a checkpoint on task files: perplexity, generation, qa, binary, "
+                                    "classification, multiple choice")
+    p.add_argument("--ckpt", required=True, help="checkpoint dir, or a run dir (uses its best checkpoint)")
+    p.add_argument("--task", required=True, action="append", metavar="PATH",
+                   help="a .jsonl task file, a directory of them, or a token dir (perplexity); repeatable")
+    p.add_argument("--kind", default=None, choices=["perplexity", "generation", "qa", "binary", "classification",
+                                                    "multiple_choice"],
+                   help="the task kind (default: the task file's header)")
+    p.add_argument("--out", required=True, help="output dir: results.json, report.md, plots (replaced atomically)")
+    p.add_argument("--split", default=None,
+                   help="token dir: the split to read (default val); task file without a header split: the split to record")
+    p.add_argument("--limit", type=int, default=None, help="only the first N items (a token dir: N context windows)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--answer-mode", default="loglikelihood", choices=["loglikelihood", "generate"],
+                   help="binary tasks: compare the likelihoods of yes/no, or parse a generated reply strictly")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="generation/qa: override the task's reply length")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_eval)
     return parser
 
 

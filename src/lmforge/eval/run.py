@@ -1,0 +1,179 @@
+"""`lmforge eval`: run task files against a checkpoint and write results.json, report.md and plots.
+
+A task is a JSONL task file (see `tasks.py`, docs/EVAL.md), a directory of them, or a token
+directory from `lmforge tokenize` (perplexity over one of its splits). Every result names the
+split it read: the task header's `split`, `--split`, or for a token directory the split
+itself. Evaluating on training data is allowed but flagged, since it measures memorization.
+
+Output (`out` is replaced atomically): for one task, `results.json`, `report.md`, plots and
+`summary.json` directly in `out`; for several, one such directory per task under `out` plus
+an overview `report.md` and `results.json` indexing them.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.errors import UserError
+from lmforge.eval import report
+from lmforge.eval.runners import RUNNERS, Result, Settings, run_perplexity_sequences
+from lmforge.eval.tasks import KINDS, load_task
+from lmforge.fsutil import atomic_dir, atomic_write_json, atomic_write_text, write_summary
+
+TRAIN_NOTE = "training data: these numbers measure memorization, not generalization to unseen text"
+# kinds that score the model on passages of text: on the training split they are inflated, so
+# they warn (knowledge questions about the training text, e.g. binary or qa, are fine there)
+PASSAGE_KINDS = ("perplexity", "generation", "multiple_choice")
+
+
+def _task_sources(paths: list[str | Path]) -> list[Path]:
+    """Expand directories of task files; keep token directories (meta.json) as they are."""
+    sources: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir() and not (p / "meta.json").is_file():
+            found = sorted(p.glob("*.jsonl"))
+            if not found:
+                raise UserError(f"{p}: no .jsonl task files inside; pass a task file, a directory of them, "
+                                "or a token directory from `lmforge tokenize`")
+            sources += found
+        elif not p.exists():
+            raise UserError(f"task {p} does not exist; pass a .jsonl task file (see docs/EVAL.md)")
+        else:
+            sources.append(p)
+    return sources
+
+
+def _split_note(split: str | None) -> str | None:
+    if split is None:
+        return "not stated by the task file (add \"split\" to its header, or pass --split)"
+    if split.split()[0].lower() in ("train", "training"):
+        return TRAIN_NOTE
+    return None
+
+
+def _token_dir_task(path: Path, split: str | None, model, tokenizer, limit: int | None, settings: Settings,
+                    kind: str | None) -> tuple[dict[str, Any], Result]:
+    """Perplexity over one split of a token directory (default: val)."""
+    import numpy as np
+
+    from lmforge.tokenizer.shards import load_split, read_meta
+
+    if kind not in (None, "perplexity"):
+        raise UserError(f"{path} is a token directory: only --kind perplexity applies to it")
+    split = split or "val"
+    meta = read_meta(path)
+    if meta.get("eos_id") != tokenizer.eos_id or meta.get("vocab_size") != tokenizer.vocab_size:
+        raise UserError(f"{path}/meta.json was made with another tokenizer (vocab {meta.get('vocab_size')}, "
+                        f"eos {meta.get('eos_id')}) than the checkpoint's; re-tokenize with the checkpoint's tokenizer")
+    stream = np.concatenate([np.asarray(s) for s in load_split(path, split)]).astype(np.int64)
+    block = model.config.block_size
+    if limit:
+        stream = stream[:limit * block]  # with the leading eos: exactly `limit` windows
+    # the stream starts right after a document boundary: prefix the eos that precedes every document
+    ids = [tokenizer.eos_id, *stream.tolist()]
+    n_bytes = len(tokenizer.decode([t for t in ids[1:] if t != tokenizer.eos_id]).encode("utf-8"))
+    result = run_perplexity_sequences(model, [ids], [n_bytes], settings)
+    result.notes.append(f"the '{split}' token stream of {path}: every token (including the <|eos|> document "
+                        "separators) is predicted once, in disjoint windows of the model's context")
+    info = {"task": f"{path.name}_{split}_perplexity", "kind": "perplexity", "task_file": str(path),
+            "split": split, "items_in_file": int(meta["splits"][split]["tokens"])}
+    return info, result
+
+
+def evaluate(ckpt: str | Path, tasks: list[str | Path], out: str | Path, *, kind: str | None = None,
+             split: str | None = None, limit: int | None = None, seed: int = 0, batch_size: int = 16,
+             answer_mode: str = "loglikelihood", max_new_tokens: int | None = None, device: str = "cpu",
+             progress: bool = True) -> dict[str, Any]:
+    """Evaluate a checkpoint (or run dir) on each task; returns {"tasks": [result, ...], ...}."""
+    from lmforge.train.checkpoint import load_pretrained, resolve_checkpoint
+
+    if kind is not None and kind not in KINDS:
+        raise UserError(f"--kind {kind!r} is not one of {', '.join(KINDS)}")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be >= 1, got {limit}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    sources = _task_sources(tasks)
+    # load (= validate) every task file before the model: a bad line fails in a second
+    loaded = {p: load_task(p, kind) for p in sources if not (p.is_dir() and (p / "meta.json").is_file())}
+    names = [safe_name(loaded[p].name) if p in loaded else p.name for p in sources]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise UserError(f"two tasks are named {dup!r}; give them different file names or header names")
+    for p, task in loaded.items():
+        if split is not None and task.split is not None and task.split != split:
+            raise UserError(f"{p}: the header says split {task.split!r} but --split is {split!r}; drop --split")
+
+    start = time.perf_counter()
+    checkpoint = resolve_checkpoint(ckpt)
+    model, tokenizer = load_pretrained(checkpoint, device)
+    settings = Settings(batch_size=batch_size, seed=seed, answer_mode=answer_mode,
+                        max_new_tokens=max_new_tokens, progress=progress)
+    results: list[dict[str, Any]] = []
+    extras: list[tuple[str, list[float]] | None] = []
+    for source in sources:
+        torch.manual_seed(seed)
+        if source in loaded:
+            task = loaded[source]
+            n_file = len(task.items)
+            if limit:
+                task.items, task.lines = task.items[:limit], task.lines[:limit]
+            result = RUNNERS[task.kind](task, model, tokenizer, settings)
+            task_split = task.split or split
+            info = {"task": safe_name(task.name), "kind": task.kind, "task_file": str(source), "split": task_split or "unstated",
+                    "items_in_file": n_file}
+            for key in ("description", "source"):
+                if task.header.get(key):
+                    info[key] = task.header[key]
+        else:
+            info, result = _token_dir_task(source, split, model, tokenizer, limit, settings, kind)
+            task_split = info["split"]
+        note = _split_note(task_split)
+        if note == TRAIN_NOTE and info["kind"] in PASSAGE_KINDS:
+            warnings.warn(f"{info['task']}: evaluating on the training split; {TRAIN_NOTE}", stacklevel=2)
+        results.append({**info, "split_note": note, "checkpoint": str(checkpoint), "limit": limit, "seed": seed,
+                        "metrics": result.metrics, "notes": result.notes, "predictions": result.predictions})
+        extras.append(result.item_scores)
+
+    wall = time.perf_counter() - start
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        if len(results) == 1:
+            _write_task(results[0], extras[0], tmp)
+        else:
+            for result, extra in zip(results, extras):
+                (tmp / result["task"]).mkdir()
+                _write_task(result, extra, tmp / result["task"])
+            atomic_write_json(tmp / "results.json", {
+                "checkpoint": str(checkpoint),
+                "tasks": {r["task"]: {"kind": r["kind"], "split": r["split"], "task_file": r["task_file"],
+                                      "metrics": r["metrics"], "results": f"{r['task']}/results.json"} for r in results},
+            })
+            atomic_write_text(tmp / "report.md", report.overview_report(str(checkpoint), results))
+        write_summary(tmp, "eval", config={"tasks": [str(s) for s in sources], "kind": kind, "split": split,
+                                           "limit": limit, "seed": seed, "batch_size": batch_size,
+                                           "answer_mode": answer_mode, "max_new_tokens": max_new_tokens,
+                                           "device": device},
+                      inputs={"checkpoint": checkpoint, **{f"task:{n}": s for n, s in zip(names, sources)}},
+                      metrics={r["task"]: {k: v for k, v in r["metrics"].items()
+                                           if k not in ("per_class", "confusion_matrix")} for r in results},
+                      wall_time_s=wall)
+    return {"checkpoint": str(checkpoint), "out": str(out), "tasks": results, "wall_time_s": wall}
+
+
+def _write_task(result: dict[str, Any], item_scores, out: Path) -> None:
+    plots = report.write_plots(result, item_scores, out)
+    result["plots"] = plots
+    atomic_write_json(out / "results.json", result)
+    report.write_task_report(result, plots, out)
+
+
+def safe_name(name: str) -> str:
+    """A task name usable as a directory name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)

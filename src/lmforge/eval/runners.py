@@ -1,0 +1,217 @@
+"""One runner per task kind: items + model -> metrics and per-item predictions.
+
+A runner only turns items into model queries (through `scoring`) and the answers into
+metrics (through `metrics`); loading, limits, outputs and reports live in `run.py`.
+Prompt templates are per task (the header's `template`); the defaults are below and in
+docs/EVAL.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmforge.errors import UserError
+from lmforge.eval import metrics as M
+from lmforge.eval import scoring
+from lmforge.eval.tasks import Task
+
+DEFAULT_TEMPLATES = {
+    "binary": "Question: {question}\nAnswer:",
+    "qa": "{context}\n\nQuestion: {question}\nAnswer:",
+    "qa_no_context": "Question: {question}\nAnswer:",
+    "classification": "{text}\nLabel:",
+}
+ANSWER_MODES = ("loglikelihood", "generate")
+
+
+@dataclass
+class Settings:
+    """How to run: batch size, seed, binary answer mode, generation overrides, progress bars."""
+
+    batch_size: int = 16
+    seed: int = 0
+    answer_mode: str = "loglikelihood"
+    max_new_tokens: int | None = None  # overrides the task header / kind default
+    temperature: float = 0.0  # 0 = greedy
+    progress: bool = True
+
+
+@dataclass
+class Result:
+    metrics: dict[str, Any]
+    predictions: list[dict[str, Any]]
+    notes: list[str] = field(default_factory=list)
+    item_scores: tuple[str, list[float]] | None = None  # (name, per-item score) for a histogram
+
+
+def _fill(task: Task, template: str, index: int, **fields: str) -> str:
+    try:
+        return template.format(**fields)
+    except (KeyError, IndexError, ValueError) as e:
+        raise UserError(f"{task.path}: template {template!r} cannot be filled for the item at line "
+                        f"{task.lines[index]} ({type(e).__name__}: {e}); use only the fields "
+                        f"{', '.join('{' + k + '}' for k in fields)}") from None
+
+
+def _base(task: Task, i: int) -> dict[str, Any]:
+    item = task.items[i]
+    return {"line": task.lines[i], **({"id": item["id"]} if "id" in item else {})}
+
+
+def run_perplexity_sequences(model, sequences: list[list[int]], n_bytes: list[int], settings: Settings) -> Result:
+    """Perplexity over token sequences (each starting with the token that precedes a document)."""
+    nll = scoring.rolling_nll(model, sequences, batch_size=settings.batch_size, progress=settings.progress)
+    metrics = scoring.perplexity_metrics(sum(x.nats for x in nll), sum(x.tokens for x in nll), sum(n_bytes))
+    predictions = [{"tokens": x.tokens, "bytes": b, "loss": x.nats / max(x.tokens, 1)} for x, b in zip(nll, n_bytes)]
+    return Result({**metrics, "n": len(sequences)}, predictions,
+                  item_scores=("loss (nats/token)", [p["loss"] for p in predictions]) if len(predictions) > 1 else None)
+
+
+def run_perplexity(task: Task, model, tokenizer, settings: Settings) -> Result:
+    sequences = [[tokenizer.eos_id, *tokenizer.encode(item["text"])] for item in task.items]
+    result = run_perplexity_sequences(model, sequences, [len(item["text"].encode("utf-8")) for item in task.items], settings)
+    for i, p in enumerate(result.predictions):
+        p.update(_base(task, i))
+    return result
+
+
+def _generate(task: Task, model, tokenizer, prompts: list[str], settings: Settings, default_max: int,
+              default_stop: list[str] | None) -> tuple[list[str], list[str]]:
+    max_new = settings.max_new_tokens or task.options.get("max_new_tokens") or default_max
+    stop = task.options.get("stop", default_stop)
+    if isinstance(stop, str):
+        stop = [stop]
+    truncated: list[int] = []
+    replies = scoring.generate_replies(model, tokenizer, prompts, int(max_new), stop, seed=settings.seed,
+                                       temperature=settings.temperature, progress=settings.progress,
+                                       on_truncate=truncated.append)
+    notes = [f"{len(truncated)} prompt(s) longer than the context minus max_new_tokens were cut from the left"] if truncated else []
+    return replies, notes
+
+
+def run_generation(task: Task, model, tokenizer, settings: Settings) -> Result:
+    import sacrebleu
+
+    scoring.require_causal_lm(model, "a generation task")
+    prompts = [item["prompt"] for item in task.items]
+    replies, notes = _generate(task, model, tokenizer, prompts, settings, 64, None)
+    references = [item["references"] for item in task.items]
+    lang = task.options.get("lang")
+    metrics = M.corpus_bleu_chrf(replies, references, lang=lang)
+    cjk = lang in ("zh", "ja", "ko") or (lang is None and M.has_cjk([r for refs in references for r in refs]))
+    rouge, per_item = M.rouge_scores(replies, references, cjk=cjk)
+    metrics.update(rouge)
+    metrics["n"] = len(replies)
+    predictions = []
+    chrfs = []
+    for i, (reply, refs, scores) in enumerate(zip(replies, references, per_item)):
+        chrf = sacrebleu.sentence_chrf(reply, list(refs)).score
+        chrfs.append(chrf)
+        predictions.append({**_base(task, i), "prompt": prompts[i], "prediction": reply, "references": refs,
+                            "chrf": chrf, **scores})
+    return Result(metrics, predictions, notes, item_scores=("sentence chrF", chrfs))
+
+
+def run_qa(task: Task, model, tokenizer, settings: Settings) -> Result:
+    scoring.require_causal_lm(model, "a qa task")
+    template = task.options.get("template")
+    prompts = []
+    for i, item in enumerate(task.items):
+        context = item.get("context", "")
+        t = template or (DEFAULT_TEMPLATES["qa"] if context else DEFAULT_TEMPLATES["qa_no_context"])
+        prompts.append(_fill(task, t, i, question=item["question"], context=context))
+    replies, notes = _generate(task, model, tokenizer, prompts, settings, 32, ["\n"])
+    predictions, ems, f1s = [], [], []
+    for i, (reply, item) in enumerate(zip(replies, task.items)):
+        em, f1 = M.exact_match(reply, item["answers"]), M.token_f1(reply, item["answers"])
+        ems.append(em)
+        f1s.append(f1)
+        predictions.append({**_base(task, i), "question": item["question"], "prediction": reply.strip(),
+                            "answers": item["answers"], "exact_match": em, "f1": f1})
+    n = len(replies)
+    return Result({"exact_match": sum(ems) / n, "f1": sum(f1s) / n, "n": n}, predictions, notes,
+                  item_scores=("token F1", f1s))
+
+
+def run_binary(task: Task, model, tokenizer, settings: Settings) -> Result:
+    scoring.require_causal_lm(model, "a binary task")
+    if settings.answer_mode not in ANSWER_MODES:
+        raise UserError(f"--answer-mode {settings.answer_mode!r} is not one of {', '.join(ANSWER_MODES)}")
+    template = task.options.get("template", DEFAULT_TEMPLATES["binary"])
+    prompts = [_fill(task, template, i, question=item["question"]) for i, item in enumerate(task.items)]
+    gold = [item["answer"] for item in task.items]
+    predictions: list[dict[str, Any]] = []
+    notes: list[str] = []
+    if settings.answer_mode == "loglikelihood":
+        scores = scoring.score_labels(model, tokenizer, prompts, ["yes", "no"], batch_size=settings.batch_size,
+                                      progress=settings.progress)
+        predicted = ["yes" if s[0] > s[1] else "no" for s in scores]  # a tie (never in practice) reads "no"
+        for i, s in enumerate(scores):
+            predictions.append({**_base(task, i), "question": task.items[i]["question"], "answer": gold[i],
+                                "predicted": predicted[i], "logprob_yes": s[0], "logprob_no": s[1]})
+    else:
+        replies, notes = _generate(task, model, tokenizer, prompts, settings, 8, ["\n"])
+        predicted = [M.parse_yes_no(r) for r in replies]
+        for i, reply in enumerate(replies):
+            predictions.append({**_base(task, i), "question": task.items[i]["question"], "answer": gold[i],
+                                "predicted": predicted[i], "reply": reply})
+    metrics = M.binary_metrics(gold, predicted)
+    metrics["answer_mode"] = settings.answer_mode
+    return Result(metrics, predictions, notes)
+
+
+def run_classification(task: Task, model, tokenizer, settings: Settings) -> Result:
+    labels = task.options["labels"]
+    template = task.options.get("template", DEFAULT_TEMPLATES["classification"])
+    prompts = [_fill(task, template, i, text=item["text"]) for i, item in enumerate(task.items)]
+    scores = scoring.score_labels(model, tokenizer, prompts, labels, batch_size=settings.batch_size,
+                                  progress=settings.progress)
+    predicted = [labels[max(range(len(labels)), key=lambda k, s=s: s[k])] for s in scores]
+    gold = [item["label"] for item in task.items]
+    predictions = [{**_base(task, i), "text": task.items[i]["text"], "label": gold[i], "predicted": predicted[i],
+                    "scores": dict(zip(labels, s))} for i, s in enumerate(scores)]
+    return Result(M.classification_metrics(gold, predicted, labels), predictions)
+
+
+def run_multiple_choice(task: Task, model, tokenizer, settings: Settings) -> Result:
+    scoring.require_causal_lm(model, "a multiple_choice task")
+    requests, owners = [], []
+    for i, item in enumerate(task.items):
+        for choice in item["choices"]:
+            requests.append(scoring.encode_pair(tokenizer, item["context"], choice))
+            owners.append(i)
+    results = scoring.loglikelihoods(model, requests, batch_size=settings.batch_size, desc="scoring choices",
+                                     progress=settings.progress)
+    predictions = []
+    correct = correct_norm = 0
+    k = 0
+    for i, item in enumerate(task.items):
+        n = len(item["choices"])
+        lls = [r.logprob for r in results[k:k + n]]
+        k += n
+        # acc_norm divides by the choice's length in UTF-8 bytes (lm-evaluation-harness)
+        norm = [ll / max(len(c.encode("utf-8")), 1) for ll, c in zip(lls, item["choices"])]
+        pred = max(range(n), key=lambda j: lls[j])
+        pred_norm = max(range(n), key=lambda j: norm[j])
+        correct += pred == item["gold"]
+        correct_norm += pred_norm == item["gold"]
+        predictions.append({**_base(task, i), "gold": item["gold"], "pred": pred, "pred_norm": pred_norm,
+                            "loglikelihoods": lls, "choices": item["choices"]})
+    n_items = len(task.items)
+    lo, hi = M.wilson_interval(correct, n_items)
+    lo_n, hi_n = M.wilson_interval(correct_norm, n_items)
+    mean_choices = sum(len(item["choices"]) for item in task.items) / n_items
+    return Result({"acc": correct / n_items, "acc_ci95": [lo, hi], "acc_norm": correct_norm / n_items,
+                   "acc_norm_ci95": [lo_n, hi_n], "chance": sum(1 / len(item["choices"]) for item in task.items) / n_items,
+                   "mean_choices": mean_choices, "n": n_items}, predictions)
+
+
+RUNNERS = {
+    "perplexity": run_perplexity,
+    "generation": run_generation,
+    "qa": run_qa,
+    "binary": run_binary,
+    "classification": run_classification,
+    "multiple_choice": run_multiple_choice,
+}

@@ -1,0 +1,215 @@
+"""What the runners ask of a model: log-likelihoods of continuations, rolling perplexity, replies.
+
+Every text the model reads here starts with `<|eos|>`, the token that precedes each document
+in the training shards, so a task's text is scored as the start of a document, the same way
+the model saw documents in training.
+
+Log-likelihoods follow lm-evaluation-harness: the continuation's tokens are those of
+`encode(context + continuation)` after the tokens of `encode(context)` (so a BPE merge across
+the boundary is tokenized as in running text), the input is cut from the left to the
+context length, and the score is the sum of the continuation tokens' log-probabilities.
+Requests are batched longest-first with right padding: in a causal model a padded position
+never influences an earlier one, so no attention mask is needed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lmforge.errors import UserError
+
+
+@dataclass
+class LogLikelihood:
+    """Summed log-probability of a continuation, its token count, and whether greedy decoding gives it."""
+
+    logprob: float
+    tokens: int
+    is_greedy: bool
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def require_causal_lm(model: torch.nn.Module, what: str) -> None:
+    """Raise a UserError unless `model` is a decoder that predicts the next token (has a KV cache)."""
+    if not hasattr(model, "new_kv_cache"):
+        raise UserError(f"{what} needs a causal language model (e.g. a GPT checkpoint); "
+                        f"this checkpoint is a {type(model).__name__}")
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids with a leading eos, continuation ids), tokenized as lm-evaluation-harness does."""
+    # trailing spaces of the context belong to the continuation (" yes", not "Answer: " + "yes")
+    stripped = context.rstrip(" ")
+    continuation = context[len(stripped):] + continuation
+    context_ids = tokenizer.encode(stripped)
+    whole = tokenizer.encode(stripped + continuation)
+    if whole[:len(context_ids)] == context_ids and len(whole) > len(context_ids):
+        continuation_ids = whole[len(context_ids):]
+    else:  # the boundary merged into one token: encode the two parts separately
+        continuation_ids = tokenizer.encode(continuation)
+    return [tokenizer.eos_id, *context_ids], continuation_ids
+
+
+def loglikelihoods(model: torch.nn.Module, requests: Sequence[tuple[list[int], list[int]]],
+                   batch_size: int = 16, desc: str = "scoring", progress: bool = True) -> list[LogLikelihood]:
+    """Score each (context ids, continuation ids) request; returns results in request order."""
+    block_size = model.config.block_size
+    device = _device(model)
+    for i, (context, continuation) in enumerate(requests):
+        if not continuation:
+            raise ValueError(f"request {i} has an empty continuation")
+        if not context:
+            raise ValueError(f"request {i} has an empty context (it needs at least the leading eos)")
+    # each row: the last block_size+1 tokens of context+continuation; the input drops the last one
+    rows = [(i, (ctx + cont)[-(block_size + 1):], len(cont)) for i, (ctx, cont) in enumerate(requests)]
+    rows.sort(key=lambda r: -len(r[1]))
+    out: list[LogLikelihood | None] = [None] * len(requests)
+    was_training = model.training
+    model.eval()
+    try:
+        bar = tqdm(total=len(rows), desc=desc, unit="req", disable=not progress, leave=False)
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            width = max(len(tokens) - 1 for _, tokens, _ in chunk)
+            idx = torch.zeros(len(chunk), width, dtype=torch.long)
+            for r, (_, tokens, _) in enumerate(chunk):
+                idx[r, :len(tokens) - 1] = torch.tensor(tokens[:-1])
+            with torch.inference_mode():
+                logits, _ = model(idx.to(device))
+                logprobs = F.log_softmax(logits.float(), dim=-1)
+            for r, (i, tokens, n_cont) in enumerate(chunk):
+                n_cont = min(n_cont, len(tokens) - 1)  # a continuation longer than the context is cut
+                end = len(tokens) - 1
+                positions = logprobs[r, end - n_cont:end]
+                targets = torch.tensor(tokens[-n_cont:], device=positions.device)
+                token_lp = positions.gather(-1, targets[:, None]).squeeze(-1)
+                greedy = bool((positions.argmax(-1) == targets).all())
+                out[i] = LogLikelihood(float(token_lp.double().sum()), n_cont, greedy)
+            bar.update(len(chunk))
+        bar.close()
+    finally:
+        model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+@dataclass
+class NLL:
+    """Summed negative log-likelihood (nats) over `tokens` predicted tokens."""
+
+    nats: float
+    tokens: int
+
+
+def rolling_nll(model: torch.nn.Module, sequences: Sequence[list[int]], batch_size: int = 16,
+                stride: int | None = None, desc: str = "perplexity", progress: bool = True) -> list[NLL]:
+    """NLL of every token after the first of each sequence, in windows of the model's context.
+
+    A sequence longer than the context is cut into windows of block_size+1 tokens that start
+    `stride` tokens apart (default block_size: disjoint windows, so the average context per
+    token is about block_size/2, as in the training loop's val loss); each token is scored
+    once, in the first window that predicts it.
+    """
+    block_size = model.config.block_size
+    stride = stride or block_size
+    if not 1 <= stride <= block_size:
+        raise ValueError(f"stride must be in 1..block_size ({block_size}), got {stride}")
+    windows: list[tuple[int, list[int], int]] = []  # (sequence, tokens, number of scored targets at the end)
+    for s, ids in enumerate(sequences):
+        scored_upto = 0  # targets ids[1..scored_upto] are done
+        begin = 0
+        while scored_upto < len(ids) - 1:
+            end = min(begin + block_size + 1, len(ids))
+            windows.append((s, ids[begin:end], end - 1 - scored_upto))
+            scored_upto = end - 1
+            begin += stride
+    windows.sort(key=lambda w: -len(w[1]))
+    totals = [NLL(0.0, 0) for _ in sequences]
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        bar = tqdm(total=len(windows), desc=desc, unit="window", disable=not progress, leave=False)
+        for start in range(0, len(windows), batch_size):
+            chunk = windows[start:start + batch_size]
+            width = max(len(tokens) - 1 for _, tokens, _ in chunk)
+            idx = torch.zeros(len(chunk), width, dtype=torch.long)
+            targets = torch.full((len(chunk), width), -100, dtype=torch.long)
+            for r, (_, tokens, n_scored) in enumerate(chunk):
+                t = torch.tensor(tokens)
+                idx[r, :len(tokens) - 1] = t[:-1]
+                targets[r, len(tokens) - 1 - n_scored:len(tokens) - 1] = t[-n_scored:]
+            with torch.inference_mode():
+                logits, _ = model(idx.to(device))
+                nll = F.cross_entropy(logits.float().transpose(1, 2), targets.to(device),
+                                      ignore_index=-100, reduction="none").double().sum(-1)
+            for r, (s, _, n_scored) in enumerate(chunk):
+                totals[s].nats += float(nll[r])
+                totals[s].tokens += n_scored
+            bar.update(len(chunk))
+        bar.close()
+    finally:
+        model.train(was_training)
+    return totals
+
+
+def generate_replies(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int,
+                     stop: Sequence[str] | None, seed: int, temperature: float = 0.0,
+                     desc: str = "generating", progress: bool = True,
+                     on_truncate: Callable[[int], None] | None = None) -> list[str]:
+    """One reply per prompt (greedy by default); a prompt is `<|eos|>` + its tokens, cut from the left.
+
+    The prompt keeps its last `block_size - max_new_tokens` tokens so the reply fits the
+    context without the generator sliding its window; `on_truncate(i)` is told about each cut.
+    """
+    from lmforge.infer.generate import generate_text
+
+    block_size = model.config.block_size
+    room = block_size - max_new_tokens
+    if room < 2:
+        raise UserError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                        f"context of {block_size} tokens; lower max_new_tokens")
+    replies = []
+    for i, prompt in enumerate(tqdm(prompts, desc=desc, unit="item", disable=not progress, leave=False)):
+        ids = [tokenizer.eos_id, *tokenizer.encode(prompt)]
+        if len(ids) > room:
+            ids = ids[-room:]
+            if on_truncate is not None:
+                on_truncate(i)
+        # the seed is per item (seed + i): an item's reply does not depend on which items ran before it
+        replies.append(generate_text(model, tokenizer, ids, max_new_tokens=max_new_tokens,
+                                     temperature=temperature, seed=seed + i, stop=list(stop or [])))
+    return replies
+
+
+def score_labels(model: torch.nn.Module, tokenizer, prompts: Sequence[str], labels: Sequence[str],
+                 batch_size: int = 16, progress: bool = True) -> list[list[float]]:
+    """A score per (prompt, label): higher means the model prefers that label.
+
+    This is the one place that knows how a model scores labels. A causal language model
+    scores label L by the log-likelihood of " L" after the prompt. (A model with a
+    sequence-classification head would return its logits here instead; add that branch
+    when such a model exists.)
+    """
+    require_causal_lm(model, "scoring labels")
+    requests = [encode_pair(tokenizer, prompt, " " + label) for prompt in prompts for label in labels]
+    results = loglikelihoods(model, requests, batch_size=batch_size, desc="scoring labels", progress=progress)
+    k = len(labels)
+    return [[r.logprob for r in results[i * k:(i + 1) * k]] for i in range(len(prompts))]
+
+
+def perplexity_metrics(total_nats: float, total_tokens: int, total_bytes: int) -> dict[str, float]:
+    """loss (nats/token), perplexity and bits per UTF-8 byte."""
+    loss = total_nats / max(total_tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+            "bits_per_byte": total_nats / (math.log(2) * max(total_bytes, 1)),
+            "tokens": total_tokens, "bytes": total_bytes}
