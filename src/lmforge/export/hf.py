@@ -9,7 +9,7 @@ HF tensor(s) it is made of. The one table serves both directions, so from-hf and
 drift apart, and every shape check can name the HF tensor at fault.
 
 Supported now: GPT-2 (`gpt2`), Llama incl. grouped-query attention (`llama`), dense Mistral
-(`mistral`, without a sliding window) and BERT (`bert`: BertModel, BertForMaskedLM,
+(`mistral`, without a sliding window), Mixtral (`mixtral`: Mistral with top-k MoE MLPs) and BERT (`bert`: BertModel, BertForMaskedLM,
 BertForPreTraining, BertForNextSentencePrediction, BertForSequenceClassification).
 Everything else is a one-line `UserError` naming the config field and what is allowed.
 
@@ -220,6 +220,50 @@ def _llama_rules(c: ModelConfig) -> list[TensorRule]:
 
 
 # --------------------------------------------------------------------------------------------
+# Mixtral: the Llama layout with each MLP replaced by a top-k Mixture-of-Experts.
+# Files use the per-expert layout (`block_sparse_moe.experts.N.w1/w3/w2` = gate/up/down, router
+# `block_sparse_moe.gate`) in transformers 4 and 5 alike: transformers 5 fuses the experts into
+# 3-D tensors in memory (`mlp.experts.gate_up_proj`) but converts back when it saves.
+
+
+def _mixtral_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
+    from lmforge.models.config import MoEConfig
+
+    _only(hf, "router_jitter_noise", 0.0, (0, 0.0), where)
+    experts, top_k = _need(hf, "num_local_experts", where), _need(hf, "num_experts_per_tok", where)
+    if not 1 <= top_k <= experts:
+        raise UserError(f"{where}: num_experts_per_tok={top_k} is not supported; allowed: 1..num_local_experts={experts}")
+    c = _llama_config_from_hf(hf, where)
+    # HF Mixtral is dropless and has no z-loss; its load-balancing coefficient carries over
+    c.moe = MoEConfig(num_experts=experts, top_k=top_k, aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+                      z_loss_coef=0.0, capacity_factor=0.0)
+    c.validate()
+    return c
+
+
+def _mixtral_config_to_hf(c: ModelConfig) -> dict[str, Any]:
+    hf = _llama_config_to_hf(c)
+    for key in ("mlp_bias", "attention_bias"):  # Llama-only fields
+        hf.pop(key, None)
+    # capacity_factor and z_loss_coef are training-only settings HF Mixtral does not have; the
+    # logits are the same without them (lmforge drops tokens only in training)
+    return {**hf, "model_type": "mixtral", "num_local_experts": c.moe.num_experts,
+            "num_experts_per_tok": c.moe.top_k, "router_aux_loss_coef": c.moe.aux_loss_coef,
+            "router_jitter_noise": 0.0, "output_router_logits": False, "sliding_window": None}
+
+
+def _mixtral_rules(c: ModelConfig) -> list[TensorRule]:
+    rules = [r for r in _llama_rules(c) if ".mlp." not in r.ours]
+    for i in range(c.n_layer):
+        h, b = f"model.layers.{i}.block_sparse_moe.", f"blocks.{i}.mlp."
+        rules.append(TensorRule(f"{b}router.weight", (f"{h}gate.weight",)))
+        for e in range(c.moe.num_experts):
+            rules += [TensorRule(f"{b}experts.{e}.{ours}.weight", (f"{h}experts.{e}.{theirs}.weight",))
+                      for ours, theirs in (("gate", "w1"), ("up", "w3"), ("down", "w2"))]
+    return rules
+
+
+# --------------------------------------------------------------------------------------------
 # BERT (post-norm encoder; q/k/v fused into our qkv; heads by HF class)
 
 _BERT_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -324,6 +368,8 @@ ARCHITECTURES: dict[str, HFArch] = {
                     _llama_rules, "model.", _ROPE_DERIVED),
     "mistral": HFArch("mistral", "MistralForCausalLM", _llama_config_from_hf, _llama_config_to_hf,
                       _llama_rules, "model.", _ROPE_DERIVED),
+    "mixtral": HFArch("mixtral", "MixtralForCausalLM", _mixtral_config_from_hf, _mixtral_config_to_hf,
+                      _mixtral_rules, "model.", _ROPE_DERIVED),
     "bert": HFArch("bert", _bert_class, _bert_config_from_hf, _bert_config_to_hf, _bert_rules, "bert.",
                    _BERT_DERIVED, head_prefixes=("cls.", "classifier."),
                    tied_head="cls.predictions.decoder.weight", heads_from_weights=_bert_heads_from_weights),
@@ -353,6 +399,10 @@ def hf_layout_for(c: ModelConfig) -> HFArch:
         if c.kv_heads != c.n_head:
             raise unrepresentable("n_kv_head", "the BERT layout needs n_kv_head=n_head (no GQA)")
         return ARCHITECTURES["bert"]
+    if c.moe.num_experts and c.pos_encoding != "rope":
+        raise UserError(f"model.moe.num_experts={c.moe.num_experts}: Mixture-of-Experts models convert to "
+                        "Hugging Face as Mixtral, which needs pos_encoding=rope (with norm=rmsnorm, "
+                        f"mlp=swiglu, bias=false), not {c.pos_encoding}")
     if c.pos_encoding == "learned":  # GPT-2: LayerNorm with bias everywhere
         if c.norm != "layernorm":
             raise unrepresentable("norm", "the GPT-2 layout (pos_encoding=learned) needs norm=layernorm")
@@ -370,7 +420,7 @@ def hf_layout_for(c: ModelConfig) -> HFArch:
             raise unrepresentable("mlp", "the Llama layout (pos_encoding=rope) needs mlp=swiglu")
         if c.bias:
             raise unrepresentable("bias", "the Llama layout (pos_encoding=rope) needs bias=false")
-        return ARCHITECTURES["llama"]
+        return ARCHITECTURES["mixtral" if c.moe.num_experts else "llama"]
     raise unrepresentable("pos_encoding", "allowed: learned (GPT-2 layout) or rope (Llama layout)")
 
 

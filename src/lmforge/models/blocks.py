@@ -348,7 +348,9 @@ class TransformerBlock(nn.Module):
         self.attn = Attention(c.n_embd, c.n_head, c.kv_heads, causal=causal, bias=c.bias,
                               dropout=c.dropout)
         self.mlp_norm = make_norm(c.norm, c.n_embd, c.norm_eps, c.bias)
-        self.mlp = MLP(c.n_embd, c.ffn_hidden, c.mlp, bias=c.bias, dropout=c.dropout)
+        from lmforge.models.moe import make_ffn  # moe.py builds on MLP above: imported here, not at the top
+
+        self.mlp = make_ffn(c)  # MLP, or a Mixture-of-Experts of MLPs when model.moe.num_experts > 0
 
     def forward(self, x: Tensor, *, rope: tuple[Tensor, Tensor] | None = None,
                 attn_mask: Tensor | None = None, kv_cache: KVCache | None = None,

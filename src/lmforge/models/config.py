@@ -99,6 +99,7 @@ class ModelConfig:
             raise bad("pos_encoding", f"rope needs an even head dim, got {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", f"must be in [0, 1), got {self.dropout}")
+        self._validate_moe(bad)
         if self.arch == "bert":
             self._validate_bert(bad)
 
@@ -106,6 +107,25 @@ class ModelConfig:
     def has_pooler(self) -> bool:
         """bert: whether the model has a pooler (its heads need one, or `pooler` keeps it)."""
         return self.pooler or self.nsp_head or self.num_labels > 0
+
+    def _validate_moe(self, bad) -> None:
+        m = self.moe
+        if not isinstance(m.num_experts, int) or isinstance(m.num_experts, bool) or m.num_experts < 0:
+            raise bad("moe.num_experts", f"must be a non-negative integer (0 = dense MLP), got {m.num_experts!r}")
+        if not isinstance(m.top_k, int) or isinstance(m.top_k, bool) or m.top_k < 1:
+            raise bad("moe.top_k", f"must be a positive integer, got {m.top_k!r}")
+        for key in ("aux_loss_coef", "z_loss_coef", "capacity_factor"):
+            value = getattr(m, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise bad(f"moe.{key}", f"must be a non-negative number, got {value!r}")
+        if m.num_experts == 0:
+            return
+        if m.top_k > m.num_experts:
+            raise bad("moe.top_k", f"{m.top_k} is more than model.moe.num_experts={m.num_experts}; "
+                      f"allowed: 1..{m.num_experts}")
+        if self.arch != "gpt":  # the other families do not add the router's auxiliary losses yet
+            raise bad("moe.num_experts", f"{m.num_experts}: Mixture-of-Experts is implemented for arch gpt, "
+                      f"not {self.arch}; set 0")
 
     def _validate_bert(self, bad) -> None:
         for key in ("type_vocab_size", "num_labels"):

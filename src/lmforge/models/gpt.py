@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from lmforge.errors import UserError
 from lmforge.models.blocks import (
+    MLP,
     Dropout,
     KVCache,
     RMSNorm,
@@ -25,6 +26,7 @@ from lmforge.models.blocks import (
     sinusoidal_table,
 )
 from lmforge.models.config import ModelConfig
+from lmforge.models.moe import moe_layers, moe_losses, moe_stats
 
 
 class GPT(nn.Module):
@@ -82,13 +84,18 @@ class GPT(nn.Module):
         residual_std = scaled_init_std(std, c.n_layer)
         for block in self.blocks:
             nn.init.normal_(block.attn.out.weight, mean=0.0, std=residual_std)
-            nn.init.normal_(block.mlp.down.weight, mean=0.0, std=residual_std)
+            for mlp in block.mlp.modules():  # the MLP, or every expert of an MoE
+                if isinstance(mlp, MLP):
+                    nn.init.normal_(mlp.down.weight, mean=0.0, std=residual_std)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, *,
                 kv_cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, vocab) for token ids idx (B, T), and the mean loss if targets given.
 
-        The loss is cross-entropy in fp32 over positions whose target is not -100. With a
+        The loss is cross-entropy in fp32 over positions whose target is not -100; an MoE model
+        in training mode adds its router losses (`moe.aux_loss_coef` * load balancing +
+        `moe.z_loss_coef` * z-loss, see `lmforge.models.moe`), so eval losses stay pure
+        cross-entropy, comparable with dense models. With a
         `kv_cache`, idx continues the cached sequence: its positions start at
         `kv_cache.length`, its keys/values are appended and the cache advances by T.
         Raises ValueError (internal misuse, not a user error) if the sequence would be longer
@@ -119,7 +126,15 @@ class GPT(nn.Module):
             # differences between logits that the gradient is made of.
             loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T),
                                    ignore_index=-100)
+        router_losses = moe_losses(self)  # also clears them, so they never outlive this forward
+        if loss is not None and router_losses is not None and self.training:
+            aux, z = router_losses
+            loss = loss + self.config.moe.aux_loss_coef * aux + self.config.moe.z_loss_coef * z
         return logits, loss
+
+    def moe_stats(self) -> dict[str, object] | None:
+        """Expert utilization etc. of the last forward (`lmforge.models.moe.moe_stats`); None if dense."""
+        return moe_stats(self)
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None,
                      device: torch.device | str | None = None,
@@ -133,14 +148,17 @@ class GPT(nn.Module):
         max_len = min(max_len or c.block_size, c.block_size)
         return KVCache(c.n_layer, batch_size, c.kv_heads, c.head_dim, max_len, device, dtype)
 
-    def num_params(self, exclude_embeddings: bool = False) -> int:
+    def num_params(self, exclude_embeddings: bool = False, active: bool = False) -> int:
         """Exact parameter count; a tied weight counts once.
 
         exclude_embeddings drops the token embedding (and with it the tied LM head, which is
         the same tensor) and learned position embeddings: the lookup tables that cost no
-        matmul FLOPs.
+        matmul FLOPs. active counts what one token uses: an MoE layer's top_k experts (and its
+        router), not all of them.
         """
         n = sum(p.numel() for p in self.parameters())  # parameters() yields shared ones once
+        if active:
+            n -= sum(layer.inactive_params() for layer in moe_layers(self))
         if exclude_embeddings:
             n -= self.tok_embeddings.weight.numel()
             if self.pos_embeddings is not None:
@@ -151,7 +169,8 @@ class GPT(nn.Module):
         """Training FLOPs per token (forward + backward), PaLM appendix B / nanoGPT estimate_mfu.
 
         6 * N + 12 * n_layer * n_embd * seq_len, where
-        - N counts every parameter that takes part in a matmul: all non-embedding parameters
+        - N counts every parameter that takes part in a token's matmuls: all non-embedding
+          parameters (of an MoE layer, the router and top_k experts, not all of them)
           plus the LM head (vocab * n_embd) even when it is tied to the token embedding, since
           the output projection is a real matmul while the embedding lookup is not. (Norm
           weights and biases are included too; they are a rounding error.) Each such weight
@@ -162,7 +181,7 @@ class GPT(nn.Module):
         seq_len defaults to block_size.
         """
         c = self.config
-        n = self.num_params(exclude_embeddings=True)
+        n = self.num_params(exclude_embeddings=True, active=True)
         if c.tie_embeddings:
             n += self.lm_head.weight.numel()
         seq_len = c.block_size if seq_len is None else seq_len

@@ -28,6 +28,7 @@ from lmforge.errors import Interrupted, TrainingFailed, UserError
 from lmforge.fsutil import atomic_write_text
 from lmforge.models import build_model
 from lmforge.models.config import ModelConfig
+from lmforge.models.moe import utilization_summary
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import checkpoint as ckpt
 from lmforge.train import distributed as dist
@@ -199,6 +200,15 @@ class _Trainer:
                 if line.strip() and json.loads(line).get("step", 0) <= step]
         atomic_write_text(self.metrics_path, "".join(line + "\n" for line in keep))
 
+    def _moe_record(self) -> dict[str, Any]:
+        """moe_util (per expert, the fraction of top-k assignments), moe_dropped, moe_aux_loss,
+        moe_z_loss of the last training forward; {} for models without experts."""
+        stats = self.raw_model.moe_stats() if hasattr(self.raw_model, "moe_stats") else None
+        if stats is None:
+            return {}
+        return {"moe_util": [round(u, 4) for u in stats["util"]], "moe_dropped": round(stats["dropped"], 5),
+                "moe_aux_loss": round(stats["aux_loss"], 5), "moe_z_loss": round(stats["z_loss"], 5)}
+
     # ---- one step, eval ------------------------------------------------------------------
 
     def _sync_context(self, last_micro: bool):
@@ -336,6 +346,8 @@ class _Trainer:
                           "grad_norm": round(grad_norm, 5), "tokens_per_s": round(tokens_per_s, 1),
                           "ms_per_step": round(dt * 1000, 2),
                           "mfu": round(self.flops_per_token * tokens_per_s / self.peak, 4) if self.peak else None}
+                moe = self._moe_record()  # expert utilization of the step's last micro-batch (MoE models)
+                record.update(moe)
                 is_eval = (t.eval_every and step % t.eval_every == 0) or step == t.max_steps
                 saved = False
                 if is_eval:
@@ -361,7 +373,8 @@ class _Trainer:
                         saved = True
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", **({"val": f"{val_loss:.4f}"} if val_loss is not None else {}),
-                                tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+                                tok_s=f"{tokens_per_s:,.0f}", refresh=False,
+                                **({"experts": utilization_summary(moe["moe_util"], moe["moe_dropped"])} if moe else {}))
                 if on_step is not None:
                     on_step(step)
                 # one process: honour a Ctrl-C that arrived during this step now; several

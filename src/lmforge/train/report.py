@@ -62,6 +62,20 @@ def _sample(trainer, prompt: str = "\n", max_new_tokens: int = 200) -> str | Non
                          temperature=0.8, top_k=200, seed=trainer.cfg.train.seed)
 
 
+def _moe_lines(trainer, records: list[dict[str, Any]]) -> list[str]:
+    """Expert utilization of a Mixture-of-Experts run, from the last logged step."""
+    last = next((r for r in reversed(records) if "moe_util" in r), None)
+    if last is None:
+        return []
+    from lmforge.models.moe import utilization_summary
+
+    moe = trainer.model_cfg.moe
+    util = ", ".join(f"{100 * u:.1f}" for u in last["moe_util"])
+    return [f"- experts: {moe.num_experts}, top-{moe.top_k}; utilization at step {last['step']}: "
+            f"{utilization_summary(last['moe_util'], last['moe_dropped'])}; per expert (%): {util}; "
+            f"load-balancing loss {last['moe_aux_loss']:.3f} (even: {moe.top_k}), z-loss {last['moe_z_loss']:.3f}"]
+
+
 def write_run_report(trainer, *, stop_reason: str, wall_time_s: float) -> dict[str, Any]:
     out: Path = trainer.out
     records = read_metrics(trainer.metrics_path)
@@ -111,6 +125,7 @@ def write_run_report(trainer, *, stop_reason: str, wall_time_s: float) -> dict[s
         f"MFU {fmt(metrics['mfu'] and metrics['mfu'] * 100, '.1f')}%, wall time {wall_time_s:.1f} s",
         f"- loss: final train {fmt(metrics['final_train_loss'])}, final val {fmt(metrics['final_val_loss'])}, "
         f"best val {fmt(metrics['best_val_loss'])} at step {metrics['best_step']}",
+        *_moe_lines(trainer, records),
         "",
         "![loss curves](loss.png)",
         "",
