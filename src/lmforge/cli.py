@@ -40,6 +40,21 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
           f"report: {Path(args.out) / 'report.md'}")
 
 
+def _cmd_make_tasks(args: argparse.Namespace) -> None:
+    from lmforge.data.tasks import make_shakespeare_tasks
+
+    if args.corpus != "shakespeare":
+        raise UserError(f"data make-tasks: unknown corpus {args.corpus!r}; available: shakespeare")
+    summary = make_shakespeare_tasks(args.plays, args.data, args.out, seed=args.seed, max_items=args.max_items,
+                                     max_overlap=args.max_overlap)
+    m = summary["metrics"]
+    print(f"wrote {m['speaker_mc']} speaker (multiple_choice), {m['continue_line']} continue-the-line "
+          f"(generation), {m['heldout_ppl']} held-out passage (perplexity) and {m['character_in_play']} "
+          f"character-in-play (binary) items into {args.out}; passages from the test split of {args.data}, "
+          f"{m['speeches_dropped_in_training']} of {m['held_out_speeches']} held-out speeches dropped as "
+          "also in the train split (other edition)")
+
+
 def _cmd_eval(args: argparse.Namespace) -> None:
     from lmforge.eval import evaluate
     from lmforge.eval.report import headline
@@ -173,6 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true",
                    help="redo every shard (default: an interrupted run resumes, skipping finished shards)")
     p.set_defaults(func=_cmd_prepare)
+    p = data.add_parser("make-tasks", help="mine evaluation tasks with true answers from a corpus (see docs/EVAL.md)")
+    p.add_argument("corpus", choices=["shakespeare"])
+    p.add_argument("--plays", default=None, help="the output of `lmforge data fetch shakespeare` (cast lists, speakers); "
+                   "default: the corpus that --data was prepared from")
+    p.add_argument("--data", required=True,
+                   help="the output of `lmforge data prepare` on it: passages come from its test split only")
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-items", type=int, default=200, help="at most this many items per task")
+    p.add_argument("--max-overlap", type=float, default=0.2,
+                   help="drop held-out text with more than this share of its word 5-grams in the train split")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_make_tasks)
 
     tok = sub.add_parser("tokenizer", help="train tokenizers").add_subparsers(dest="tok_command", required=True)
     p = tok.add_parser("train", help="train a tokenizer on a corpus dir")
