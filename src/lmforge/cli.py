@@ -130,8 +130,29 @@ def _cmd_convert(args: argparse.Namespace) -> None:
 
     summary = (from_hf if args.direction == "from-hf" else to_hf)(args.src, args.out)
     m = summary["metrics"]
-    print(f"converted {args.src} ({m['model_type']}, {m['tensors']} tensors) into {args.out}"
+    print(f"converted {args.src} ({m.get('hf_class', m['model_type'])}, {m['tensors']} tensors) into {args.out}"
           + ("" if m["tokenizer"] else "; no tokenizer.json was found, add one before loading the checkpoint"))
+    if m.get("initialized"):
+        print(f"initialized (not in the HF weights): {', '.join(m['initialized'])}")
+    if m.get("dropped"):
+        print(f"left out (the HF class has no place for them): {', '.join(m['dropped'])}")
+
+
+def _cmd_embed(args: argparse.Namespace) -> None:
+    from lmforge.infer.embed import embed_command, read_texts
+
+    texts = list(args.text)
+    for path in args.input:
+        texts += read_texts(path)
+    if not args.text and not args.input:
+        texts = read_texts("-")
+    if not texts:
+        raise UserError("embed: no texts; pass --text, --input FILE, or lines on stdin")
+    result = embed_command(args.ckpt, texts, args.out, batch_size=args.batch_size, max_length=args.max_length,
+                           device=args.device, normalize=not args.no_normalize)
+    if args.out not in (None, "-"):
+        print(f"embedded {result['texts']:,} texts into {result['dim']}-d vectors "
+              f"(max length {result['max_length']}) in {result['seconds']:.1f} s: {args.out}", file=sys.stderr)
 
 
 def _cmd_plan(args: argparse.Namespace) -> None:
@@ -238,11 +259,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message")
     p.set_defaults(func=_cmd_chat)
 
-    p = sub.add_parser("convert", help="convert checkpoints to and from Hugging Face (GPT-2, Llama, Mistral)")
+    p = sub.add_parser("convert", help="convert checkpoints to and from Hugging Face (GPT-2, Llama, Mistral, BERT)")
     p.add_argument("direction", choices=["from-hf", "to-hf"])
     p.add_argument("src", help="from-hf: an HF model dir; to-hf: a checkpoint or run dir")
     p.add_argument("out", help="output dir (replaced atomically)")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("embed", help="sentence vectors from an encoder checkpoint (mean-pooled, L2-normalized)")
+    p.add_argument("--ckpt", required=True, help="checkpoint dir, or a run dir (uses its best checkpoint)")
+    p.add_argument("--input", action="append", default=[], metavar="FILE",
+                   help="texts: a .jsonl file (\"text\" field) or a file with one text per line; - for stdin (repeatable)")
+    p.add_argument("--text", action="append", default=[], help="a text to embed (repeatable)")
+    p.add_argument("--out", default=None, help="FILE.npy (an N x dim float32 array) or FILE.jsonl; default: JSON lines on stdout")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per text incl. [CLS]/[SEP] (default: the sentence-transformers max_seq_length, else the context)")
+    p.add_argument("--no-normalize", action="store_true", help="keep the raw mean-pooled vectors")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_embed)
 
     p = sub.add_parser("plan", help="size a model: parameters, FLOPs, training memory, tokens and time")
     p.add_argument("config", help="YAML recipe, e.g. configs/gpt2-124m.yaml (or just: gpt2-124m)")
