@@ -288,8 +288,8 @@ def test_cli_convert_round_trip(tmp_path, tokenizer_file, capsys):
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back", local_files_only=True).eval()
     idx = torch.randint(0, VOCAB, (1, 16))
     torch.testing.assert_close(logits_of(back, idx), logits_of(hf, idx), atol=0, rtol=0)
-    _config(hf_dir, model_type="t5")
+    _config(hf_dir, model_type="falcon")
     capsys.readouterr()
     assert main(["convert", "from-hf", str(hf_dir), str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "model_type='t5'" in err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "model_type='falcon'" in err

@@ -104,12 +104,13 @@ def _sampling(args: argparse.Namespace) -> dict:
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    from lmforge.infer.generate import generate_text
+    from lmforge.infer.generate import generate_text, is_encoder_decoder
     from lmforge.train.checkpoint import load_pretrained
 
     model, tokenizer = load_pretrained(args.ckpt, args.device)
     prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
-    sys.stdout.write(prompt)
+    if not is_encoder_decoder(model):  # a continuation follows its prompt; a seq2seq output stands alone
+        sys.stdout.write(prompt)
     generate_text(model, tokenizer, prompt, stop=args.stop or None,
                   stream=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()), **_sampling(args))
     sys.stdout.write("\n")

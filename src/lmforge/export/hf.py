@@ -25,6 +25,7 @@ import json
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +44,9 @@ from lmforge.models.config import ModelConfig
 class TensorRule:
     """One of our tensors and the HF tensor(s) it is made of.
 
-    Several `theirs` are concatenated along dim 0 in our layout (Llama's q/k/v projections into
-    our fused `qkv`); `transpose` marks GPT-2's Conv1D, which stores weights as (in, out).
+    Several `theirs` are concatenated along dim 0 in our layout (Llama's or T5's q/k/v
+    projections into our fused `qkv`, T5's cross-attention k/v into our `kv`); `transpose` marks
+    GPT-2's Conv1D, which stores weights as (in, out).
     """
 
     ours: str
@@ -356,10 +358,112 @@ def _bert_rules(c: ModelConfig) -> list[TensorRule]:
     return rules
 
 
+# --------------------------------------------------------------------------------------------
+# T5 (T5ForConditionalGeneration): pre-RMSNorm encoder-decoder with a relative position bias.
+# q/k/v fuse into our qkv, a cross-attention's k/v into its kv. transformers 5 always ties
+# `lm_head` to `shared` unless a file holds a distinct lm_head.weight (T5 v1.1 files), and keeps
+# the decoder-output scaling of tied T5 v1.0 as `scale_decoder_outputs` (older files: implied
+# by tie_word_embeddings), so both are read from what the file holds.
+
+_T5_FF = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gated-gelu": "geglu", "gated-silu": "swiglu"}
+_T5_FF_OUT = {ours: theirs for theirs, ours in _T5_FF.items()}
+
+
+def _t5_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
+    ff = _only(hf, "feed_forward_proj", "relu", tuple(_T5_FF), where)
+    _only(hf, "is_encoder_decoder", True, (True,), where)
+    n_embd, n_head, head_dim = _need(hf, "d_model", where), _need(hf, "num_heads", where), _need(hf, "d_kv", where)
+    n_layer = _need(hf, "num_layers", where)
+    n_decoder_layer = hf.get("num_decoder_layers") or n_layer
+    tied = hf.get("tie_word_embeddings", True) is not False
+    scale = hf.get("scale_decoder_outputs")
+    return ModelConfig(
+        arch="encdec", vocab_size=_need(hf, "vocab_size", where), n_layer=n_layer,
+        n_decoder_layer=None if n_decoder_layer == n_layer else n_decoder_layer, n_head=n_head, n_embd=n_embd,
+        attn_head_dim=None if head_dim * n_head == n_embd else head_dim,
+        block_size=int(hf.get("n_positions", 512)), dropout=float(hf.get("dropout_rate", 0.1)), bias=False,
+        pos_encoding="relative", norm="rmsnorm", norm_eps=float(hf.get("layer_norm_epsilon", 1e-6)),
+        norm_position="pre", mlp=_T5_FF[ff], mlp_hidden=_need(hf, "d_ff", where), tie_embeddings=tied,
+        attn_scale=1.0, rel_buckets=int(hf.get("relative_attention_num_buckets", 32)),
+        rel_max_distance=int(hf.get("relative_attention_max_distance", 128)),
+        decoder_start_token_id=hf.get("decoder_start_token_id", hf.get("pad_token_id", 0)),
+        pad_token_id=hf.get("pad_token_id", 0), scale_decoder_outputs=tied if scale is None else bool(scale),
+    )
+
+
+def _t5_head_from_weights(c: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+    c.tie_embeddings = "lm_head.weight" not in shapes  # transformers 5 writes a tied head once
+
+
+def _t5_config_to_hf(c: ModelConfig) -> dict[str, Any]:
+    out = {
+        "model_type": "t5", "vocab_size": c.vocab_size, "d_model": c.n_embd, "d_kv": c.head_dim,
+        "d_ff": c.ffn_hidden, "num_layers": c.n_layer, "num_decoder_layers": c.decoder_layers,
+        "num_heads": c.n_head, "relative_attention_num_buckets": c.rel_buckets,
+        "relative_attention_max_distance": c.rel_max_distance, "dropout_rate": c.dropout,
+        "layer_norm_epsilon": c.norm_eps, "initializer_factor": 1.0, "feed_forward_proj": _T5_FF_OUT[c.mlp],
+        "is_encoder_decoder": True, "tie_word_embeddings": c.tie_embeddings,
+        "scale_decoder_outputs": c.scale_decoder_outputs, "n_positions": c.block_size,
+    }
+    for key in ("decoder_start_token_id", "pad_token_id"):  # the tokenizer's pad, when there is one, wins
+        if getattr(c, key) is not None:
+            out[key] = getattr(c, key)
+    return out
+
+
+def _t5_rules(c: ModelConfig) -> list[TensorRule]:
+    rules = [TensorRule("tok_embeddings.weight", ("shared.weight",))]
+    mlp = (("gate", "wi_0"), ("up", "wi_1"), ("down", "wo")) if c.mlp in ("geglu", "swiglu") else \
+        (("up", "wi"), ("down", "wo"))
+    for stack, n_blocks in (("encoder", c.n_layer), ("decoder", c.decoder_layers)):
+        rules += [TensorRule(f"{stack}_rel_bias.weight",
+                             (f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",)),
+                  TensorRule(f"{stack}_norm.weight", (f"{stack}.final_layer_norm.weight",))]
+        for i in range(n_blocks):
+            h, b = f"{stack}.block.{i}.layer.", f"{stack}_blocks.{i}."
+            rules += [TensorRule(f"{b}attn.qkv.weight", tuple(f"{h}0.SelfAttention.{x}.weight" for x in "qkv")),
+                      TensorRule(f"{b}attn.out.weight", (f"{h}0.SelfAttention.o.weight",)),
+                      TensorRule(f"{b}attn_norm.weight", (f"{h}0.layer_norm.weight",))]
+            ff = 1
+            if stack == "decoder":
+                rules += [TensorRule(f"{b}cross_attn.q.weight", (f"{h}1.EncDecAttention.q.weight",)),
+                          TensorRule(f"{b}cross_attn.kv.weight", tuple(f"{h}1.EncDecAttention.{x}.weight" for x in "kv")),
+                          TensorRule(f"{b}cross_attn.out.weight", (f"{h}1.EncDecAttention.o.weight",)),
+                          TensorRule(f"{b}cross_norm.weight", (f"{h}1.layer_norm.weight",))]
+                ff = 2
+            rules += [TensorRule(f"{b}mlp.{ours}.weight", (f"{h}{ff}.DenseReluDense.{theirs}.weight",))
+                      for ours, theirs in mlp]
+            rules.append(TensorRule(f"{b}mlp_norm.weight", (f"{h}{ff}.layer_norm.weight",)))
+    if not c.tie_embeddings:
+        rules.append(TensorRule("lm_head.weight", ("lm_head.weight",)))
+    return rules
+
+
+def _t5_layout(c: ModelConfig, unrepresentable: Callable[[str, str], UserError]) -> HFArch:
+    """T5 is the only HF layout of an encoder-decoder; the original Transformer has no HF class."""
+    for key, want, ok in (
+        ("pos_encoding", "the T5 layout needs relative (the sinusoidal original Transformer has no HF class)",
+         c.pos_encoding == "relative"),
+        ("norm", "the T5 layout needs norm=rmsnorm", c.norm == "rmsnorm"),
+        ("norm_position", "the T5 layout needs norm_position=pre", c.norm_position == "pre"),
+        ("bias", "the T5 layout needs bias=false", not c.bias),
+        ("attn_scale", "the T5 layout needs attn_scale=1.0 (unscaled attention)", c.attn_scale == 1.0),
+        ("scale_embeddings", "the T5 layout needs scale_embeddings=false", not c.scale_embeddings),
+        ("n_kv_head", "the T5 layout needs n_kv_head=n_head (no GQA)", c.kv_heads == c.n_head),
+        ("mlp", f"the T5 layout needs mlp={', '.join(_T5_FF_OUT)}", c.mlp in _T5_FF_OUT),
+    ):
+        if not ok:
+            raise unrepresentable(key, want)
+    return ARCHITECTURES["t5"]  # (the config rejects Mixture-of-Experts for arch encdec)
+
+
 _GPT2_DERIVED = re.compile(r"attn\.(masked_)?bias$")
 # position/token-type id buffers; the decoder bias older writers saved beside its tie, cls.predictions.bias
 _BERT_DERIVED = re.compile(r"embeddings\.(position_ids|token_type_ids)$|^cls\.predictions\.decoder\.bias$")
 _ROPE_DERIVED = re.compile(r"rotary_emb\.inv_freq$")
+# aliases of `shared` that older writers saved; the cross-attention bias table T5 never uses
+_T5_DERIVED = re.compile(r"^(en|de)coder\.embed_tokens\.weight$|"
+                         r"^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$")
 
 ARCHITECTURES: dict[str, HFArch] = {
     "gpt2": HFArch("gpt2", "GPT2LMHeadModel", _gpt2_config_from_hf, _gpt2_config_to_hf, _gpt2_rules,
@@ -373,6 +477,8 @@ ARCHITECTURES: dict[str, HFArch] = {
     "bert": HFArch("bert", _bert_class, _bert_config_from_hf, _bert_config_to_hf, _bert_rules, "bert.",
                    _BERT_DERIVED, head_prefixes=("cls.", "classifier."),
                    tied_head="cls.predictions.decoder.weight", heads_from_weights=_bert_heads_from_weights),
+    "t5": HFArch("t5", "T5ForConditionalGeneration", _t5_config_from_hf, _t5_config_to_hf, _t5_rules, "",
+                 _T5_DERIVED, heads_from_weights=_t5_head_from_weights),
 }
 
 
@@ -389,6 +495,11 @@ def hf_layout_for(c: ModelConfig) -> HFArch:
         return UserError(f"model.{key}={getattr(c, key)!r} has no Hugging Face equivalent for this "
                          f"model; {want}")
 
+    if c.arch == "encdec":
+        return _t5_layout(c, unrepresentable)
+    if c.attn_scale is not None:
+        raise unrepresentable("attn_scale", "the GPT-2, Llama and BERT layouts scale attention by "
+                              "1/sqrt(head dim); remove attn_scale")
     if c.arch == "bert":  # post-norm, learned positions and a plain activation: checked by the config
         if c.norm != "layernorm":
             raise unrepresentable("norm", "the BERT layout needs norm=layernorm")
@@ -450,9 +561,11 @@ def _with_base_prefix(arch: HFArch, hf_state: dict[str, torch.Tensor]) -> dict[s
 def _their_shapes(rule: TensorRule, our_shape: tuple[int, ...], c: ModelConfig) -> list[tuple[int, ...]]:
     if rule.transpose:
         return [tuple(reversed(our_shape))]
+    kv = c.kv_heads * c.head_dim
     if len(rule.theirs) == 3:  # q, k, v rows of the fused projection
-        kv = c.kv_heads * c.head_dim
-        return [(c.n_embd, *our_shape[1:]), (kv, *our_shape[1:]), (kv, *our_shape[1:])]
+        return [(c.n_head * c.head_dim, *our_shape[1:]), (kv, *our_shape[1:]), (kv, *our_shape[1:])]
+    if len(rule.theirs) == 2:  # k, v rows of a cross-attention's fused kv
+        return [(kv, *our_shape[1:]), (kv, *our_shape[1:])]
     return [our_shape]
 
 
@@ -729,8 +842,10 @@ def to_hf(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
             atomic_write_json(tmp / "tokenizer_config.json", tok_config)
             if config.arch != "bert":  # an encoder does not generate
-                atomic_write_json(tmp / "generation_config.json", {k: v for k, v in special_ids.items()
-                                                                   if k != "pad_token_id"})
+                generation = {k: v for k, v in special_ids.items() if k != "pad_token_id"}
+                if config.arch == "encdec" and config.decoder_start_token_id is not None:
+                    generation["decoder_start_token_id"] = config.decoder_start_token_id
+                atomic_write_json(tmp / "generation_config.json", generation)
         if config.arch == "bert":
             _write_sentence_transformers_files(tmp, ckpt, config)
         dtypes = {t.dtype for t in hf_state.values()}

@@ -4,6 +4,11 @@
 token); `generate_text` wraps it with a tokenizer, incremental UTF-8-safe decoding, stop
 strings and streaming. Works with any model that has `config.block_size`,
 `new_kv_cache(batch_size)` and `forward(idx, kv_cache=...) -> (logits, loss)` (the GPT does).
+
+Encoder-decoder models (`model.is_encoder_decoder`, e.g. T5) take the prompt as the encoder's
+input instead: it is encoded once, and the decoder starts from `decoder_start_token_id`, one
+token per step, through a cache of its own keys/values and of the cross-attention keys/values
+of the (fixed) encoder output. The sampling is the same `sample_next`.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ class TokenizerLike(Protocol):
 
     eos_id: int | None
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_eos: bool = False) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
 
@@ -79,6 +84,8 @@ def generate(model: nn.Module, prompt_ids: list[int] | Tensor, max_new_tokens: i
     prefill of block_size//2 tokens, i.e. one extra token's work per generated token at most
     (amortized), at the price of a context that shrinks to half after each rebuild.
     `autocast_dtype` (e.g. torch.bfloat16) runs the forward passes under autocast.
+    An encoder-decoder reads the prompt with its encoder (at most block_size tokens, the last
+    kept) and writes at most block_size - 1 tokens (see the module docstring).
     The model runs in eval mode under `torch.inference_mode()` (restored when done).
     """
     block_size = model.config.block_size
@@ -87,7 +94,14 @@ def generate(model: nn.Module, prompt_ids: list[int] | Tensor, max_new_tokens: i
                                else prompt_ids)]
     if not tokens:
         raise ValueError("prompt_ids is empty; give at least one token (e.g. a BOS id)")
-    if len(tokens) > block_size - 1:
+    if is_encoder_decoder(model):
+        if len(tokens) > block_size:  # the encoder reads the whole prompt; there is no sliding
+            warnings.warn(f"prompt has {len(tokens)} tokens, longer than the encoder's context "
+                          f"({block_size}); keeping the last {block_size}", stacklevel=2)
+            tokens = tokens[-block_size:]
+        # the decoder's context (block_size, with the start token) ends the output, as EOS would
+        max_new_tokens = min(max_new_tokens, block_size - 1)
+    elif len(tokens) > block_size - 1:
         warnings.warn(f"prompt has {len(tokens)} tokens, longer than the context ({block_size}); "
                       f"keeping the last {block_size - 1}", stacklevel=2)
         tokens = tokens[-(block_size - 1):]
@@ -101,19 +115,30 @@ def generate(model: nn.Module, prompt_ids: list[int] | Tensor, max_new_tokens: i
         generator.manual_seed(seed)
     keep_on_slide = max(block_size // 2, 1)
 
-    def run(ids: list[int], kv_cache: Any) -> int:
+    def forward_context() -> contextlib.ExitStack:
         # Grad mode and autocast are entered per forward, never across a `yield`: a
         # generator's context would otherwise leak into the caller's code between tokens.
-        autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
-                    else contextlib.nullcontext())
-        with torch.inference_mode(), autocast:
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if autocast_dtype:
+            stack.enter_context(torch.autocast(device.type, dtype=autocast_dtype))
+        return stack
+
+    def pick(logits: Tensor) -> int:
+        return int(sample_next(logits[:, -1], temperature, top_k, top_p, generator)[0])
+
+    def run(ids: list[int], kv_cache: Any) -> int:
+        with forward_context():
             idx = torch.tensor([ids], dtype=torch.long, device=device)
             logits, _ = model(idx, kv_cache=kv_cache)
-            return int(sample_next(logits[:, -1], temperature, top_k, top_p, generator)[0])
+            return pick(logits)
 
     was_training = model.training
     model.eval()
     try:
+        if is_encoder_decoder(model):
+            yield from _generate_encoder_decoder(model, tokens, max_new_tokens, stop_ids, pick, forward_context)
+            return
         kv_cache = model.new_kv_cache(batch_size=1)
         next_id = run(tokens, kv_cache)
         for i in range(max_new_tokens):
@@ -128,6 +153,35 @@ def generate(model: nn.Module, prompt_ids: list[int] | Tensor, max_new_tokens: i
                 next_id = run([next_id], kv_cache)
     finally:
         model.train(was_training)
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """Whether generation feeds the prompt to an encoder (and decodes from a start token)."""
+    return bool(getattr(model, "is_encoder_decoder", False))
+
+
+def _generate_encoder_decoder(model: nn.Module, tokens: list[int], max_new_tokens: int, stop_ids: set[int],
+                              pick: Callable[[Tensor], int],
+                              forward_context: Callable[[], contextlib.ExitStack]) -> Iterator[int]:
+    """`generate` for an encoder-decoder: encode once, then decode one token per step.
+
+    The decoder's cache holds its self-attention keys/values and, from the first step on, each
+    layer's cross-attention keys/values of the encoder output, so a step costs one token's
+    decoder pass whatever the prompt length.
+    """
+    device = _model_device(model)
+    with forward_context():
+        encoder_output = model.encode(torch.tensor([tokens], dtype=torch.long, device=device))
+    kv_cache = model.new_kv_cache(batch_size=1)
+    next_input = model.decoder_start_id
+    for _ in range(max_new_tokens):
+        with forward_context():
+            idx = torch.tensor([[next_input]], dtype=torch.long, device=device)
+            next_id = pick(model.decode(idx, encoder_output, kv_cache=kv_cache))
+        yield next_id
+        if next_id in stop_ids:
+            return
+        next_input = next_id
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -169,7 +223,12 @@ def generate_text(model: nn.Module, tokenizer: TokenizerLike, prompt: str | list
             stream(text[emitted:upto])
         emitted = max(emitted, upto)
 
-    prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not isinstance(prompt, str):
+        prompt_ids = list(prompt)
+    elif is_encoder_decoder(model):  # an encoder input ends with EOS, as in training (and T5)
+        prompt_ids = tokenizer.encode(prompt, add_eos=True)
+    else:
+        prompt_ids = tokenizer.encode(prompt)
     tokens = generate(model, prompt_ids, max_new_tokens, temperature, top_k,
                       top_p, seed, stop_ids, autocast_dtype=autocast_dtype)
     # closing(): leaving early (stop string) must still run generate's cleanup now, which

@@ -3,10 +3,11 @@
 from lmforge.models.bert import BERT
 from lmforge.models.blocks import KVCache
 from lmforge.models.config import ModelConfig, MoEConfig
+from lmforge.models.encdec import EncoderDecoder
 from lmforge.models.gpt import GPT
 
 # arch name -> class; each family's module adds itself here (see `build_model`)
-ARCHITECTURES = {"gpt": GPT, "bert": BERT}
+ARCHITECTURES = {"gpt": GPT, "bert": BERT, "encdec": EncoderDecoder}
 
 
 def build_model(config: ModelConfig):
@@ -14,4 +15,4 @@ def build_model(config: ModelConfig):
     return ARCHITECTURES[config.arch](config)
 
 
-__all__ = ["ARCHITECTURES", "BERT", "GPT", "KVCache", "ModelConfig", "MoEConfig", "build_model"]
+__all__ = ["ARCHITECTURES", "BERT", "EncoderDecoder", "GPT", "KVCache", "ModelConfig", "MoEConfig", "build_model"]

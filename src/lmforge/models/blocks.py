@@ -89,6 +89,55 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotate_half(x) * sin
 
 
+def relative_position_bucket(relative_position: Tensor, bidirectional: bool = True, num_buckets: int = 32,
+                             max_distance: int = 128) -> Tensor:
+    """T5's bucket (0..num_buckets-1) of each relative position `key_pos - query_pos`.
+
+    Bidirectional (encoder): half the buckets are for keys after the query, half for keys before
+    it. Causal (decoder): keys after the query all share bucket 0 (they are masked anyway). In
+    each half, the first half of the buckets are exact distances 0, 1, ...; the rest grow
+    logarithmically up to `max_distance`, beyond which every distance shares the last bucket
+    (Raffel et al. 2020; Mesh TensorFlow `_relative_position_bucket`, reproduced exactly).
+    """
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = -torch.clamp(relative_position, max=0)
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    # log(0) for distance 0 is -inf; torch.where keeps the exact bucket there
+    log_bucket = max_exact + (torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact)
+                              * (num_buckets - max_exact)).long()
+    log_bucket = torch.clamp(log_bucket, max=num_buckets - 1)
+    return buckets + torch.where(is_small, distance, log_bucket)
+
+
+class RelativePositionBias(nn.Module):
+    """T5's learned relative position bias: one scalar per (bucket, head), added to the scores.
+
+    T5 computes it once per stack (in its first layer) and every layer of the stack adds the same
+    bias; the encoder's is bidirectional, the decoder's causal. Cross-attention has none.
+    """
+
+    def __init__(self, n_head: int, num_buckets: int = 32, max_distance: int = 128, *,
+                 bidirectional: bool = True) -> None:
+        super().__init__()
+        self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
+        self.weight = nn.Parameter(torch.zeros(num_buckets, n_head))
+
+    def forward(self, query_len: int, key_len: int, offset: int = 0) -> Tensor:
+        """The (1, heads, query_len, key_len) bias for queries at positions offset.. (KV cache)."""
+        device = self.weight.device
+        query_pos = torch.arange(offset, offset + query_len, device=device)[:, None]
+        key_pos = torch.arange(key_len, device=device)[None, :]
+        bucket = relative_position_bucket(key_pos - query_pos, self.bidirectional, self.num_buckets,
+                                          self.max_distance)
+        return F.embedding(bucket, self.weight).permute(2, 0, 1).unsqueeze(0)
+
+
 # --------------------------------------------------------------------------------------------
 # KV cache
 
@@ -101,6 +150,10 @@ class KVCache:
     Buffers are allocated on the first `update` of each layer, in the device and dtype of the
     keys being written, so one cache works for fp32, bf16 autocast and CUDA without the caller
     having to know which.
+
+    `cross[layer]` holds a decoder layer's cross-attention keys/values of the encoder output:
+    they do not change while decoding, so they are computed at the first step and reused
+    (`Attention` in cross mode fills it). `reset` empties it too; `crop` keeps it.
     """
 
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, head_dim: int, max_len: int,
@@ -110,6 +163,7 @@ class KVCache:
         self.device, self.dtype = device, dtype
         self.keys: list[Tensor | None] = [None] * n_layer
         self.values: list[Tensor | None] = [None] * n_layer
+        self.cross: list[tuple[Tensor, Tensor] | None] = [None] * n_layer
         self.length = 0
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -138,8 +192,9 @@ class KVCache:
         self.length = length
 
     def reset(self) -> None:
-        """Empty the cache; the buffers are kept for reuse."""
+        """Empty the cache (and the cross-attention keys/values); the buffers are kept for reuse."""
         self.length = 0
+        self.cross = [None] * self.n_layer
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,66 +245,105 @@ class Dropout(nn.Dropout):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with grouped-query heads, optional RoPE and a KV cache.
+    """Multi-head attention: causal or bidirectional self-attention, or cross-attention.
 
     One module for every family: `causal=True` for decoders, False for BERT-style encoders;
-    `attn_mask` (bool, True = may attend, broadcastable to (B, heads, T, S)) carries padding
-    masks. q/k/v come from one fused `qkv` Linear (one matmul instead of three); HF converters
-    concatenate Llama's q_proj/k_proj/v_proj into it, or copy GPT-2's c_attn as is.
-    Cross-attention (encoder-decoder) will need q and kv from different inputs, i.e. a
-    separate `q` and `kv` projection; it is not implemented yet.
+    `cross=True` for an encoder-decoder's cross-attention, whose queries come from `x` and keys/
+    values from `context` (the encoder output). `attn_mask` (bool, True = may attend,
+    broadcastable to (B, heads, T, S)) carries padding masks; `position_bias` (float, added to
+    the scores, e.g. T5's relative bias) is folded into one additive mask together with the
+    padding and causal masks. Self-attention takes q/k/v from one fused `qkv` Linear (one matmul
+    instead of three; HF converters concatenate Llama's or T5's q/k/v into it, or copy GPT-2's
+    c_attn as is); cross-attention has a `q` and a fused `kv` Linear. `scale` multiplies the
+    scores (default 1/sqrt(head_dim); T5 uses 1.0, its init absorbs the scaling). `head_dim`
+    defaults to n_embd // n_head (T5 v1.1 has heads * head_dim != n_embd).
     """
 
     def __init__(self, n_embd: int, n_head: int, n_kv_head: int | None = None, *,
-                 causal: bool = True, bias: bool = True, dropout: float = 0.0) -> None:
+                 causal: bool = True, bias: bool = True, dropout: float = 0.0, cross: bool = False,
+                 scale: float | None = None, head_dim: int | None = None) -> None:
         super().__init__()
+        if cross and causal:
+            raise ValueError("cross-attention is never causal: every query sees the whole encoder output")
         self.n_head = n_head
         self.n_kv_head = n_kv_head or n_head
-        self.head_dim = n_embd // n_head
-        self.causal = causal
+        self.head_dim = head_dim or n_embd // n_head
+        self.causal, self.cross = causal, cross
         self.dropout = dropout
-        kv_dim = self.n_kv_head * self.head_dim
-        self.split_sizes = (n_embd, kv_dim, kv_dim)
-        self.qkv = nn.Linear(n_embd, n_embd + 2 * kv_dim, bias=bias)
-        self.out = nn.Linear(n_embd, n_embd, bias=bias)
+        self.scale = scale
+        q_dim, kv_dim = n_head * self.head_dim, self.n_kv_head * self.head_dim
+        self.split_sizes = (q_dim, kv_dim, kv_dim)
+        if cross:
+            self.q = nn.Linear(n_embd, q_dim, bias=bias)
+            self.kv = nn.Linear(n_embd, 2 * kv_dim, bias=bias)
+        else:
+            self.qkv = nn.Linear(n_embd, q_dim + 2 * kv_dim, bias=bias)
+        self.out = nn.Linear(q_dim, n_embd, bias=bias)
         self.resid_dropout = Dropout(dropout)
 
-    def forward(self, x: Tensor, *, rope: tuple[Tensor, Tensor] | None = None,
-                attn_mask: Tensor | None = None, kv_cache: KVCache | None = None,
-                layer: int = 0) -> Tensor:
-        """x: (B, T, n_embd); rope: cos/sin for these T positions; kv_cache: see `KVCache`."""
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(self.split_sizes, dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+    def _heads(self, t: Tensor, n: int) -> Tensor:
+        """(B, T, n * head_dim) -> (B, n, T, head_dim)."""
+        return t.view(*t.shape[:2], n, self.head_dim).transpose(1, 2)
+
+    def _keys_values(self, x: Tensor, context: Tensor | None, kv_cache: KVCache | None,
+                     layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v (B, heads, T|S, head_dim) for self- or cross-attention (cache-aware)."""
+        if not self.cross:
+            q, k, v = self.qkv(x).split(self.split_sizes, dim=-1)
+            return self._heads(q, self.n_head), self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
+        q = self._heads(self.q(x), self.n_head)
+        cached = kv_cache.cross[layer] if kv_cache is not None else None
+        if cached is not None:  # the encoder output's keys/values, computed at the first step
+            k, v = cached
+            return q, k.to(q.dtype), v.to(q.dtype)
+        if context is None:
+            raise ValueError("cross-attention needs `context` (the encoder output) or a filled kv_cache")
+        k, v = self.kv(context).split(self.split_sizes[1:], dim=-1)
+        k, v = self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
+        if kv_cache is not None:
+            kv_cache.cross[layer] = (k, v)
+        return q, k, v
+
+    def forward(self, x: Tensor, *, context: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None,
+                attn_mask: Tensor | None = None, position_bias: Tensor | None = None,
+                kv_cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        """x: (B, T, n_embd); context: (B, S, n_embd) for cross-attention; rope: cos/sin for
+        these T positions; position_bias: (1 or B, heads, T, S) added to the scores; kv_cache:
+        see `KVCache` (self-attention appends to it, cross-attention reads/fills `cross`)."""
+        B, T, _ = x.shape
+        q, k, v = self._keys_values(x, context, kv_cache, layer)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         past = 0
-        if kv_cache is not None:
+        if kv_cache is not None and not self.cross:
             past = kv_cache.length
             k, v = kv_cache.update(layer, k, v)
             if k.dtype != q.dtype:  # a cache allocated in another dtype than this forward's
                 k, v = k.to(q.dtype), v.to(q.dtype)
 
-        if self._use_cpu_attention(q, attn_mask, kv_cache):
+        if self._use_cpu_attention(q, attn_mask, kv_cache, position_bias, k.shape[2]):
             y = self._cpu_attention(q, k, v)
-            return self.resid_dropout(self.out(y.transpose(1, 2).reshape(B, T, C)))
+            return self.resid_dropout(self.out(y.transpose(1, 2).reshape(B, T, -1)))
 
         # Causal masking without a mask tensor whenever queries and keys start together
         # (training, prefill): SDPA's is_causal takes the fast kernel. With cached keys the
         # new queries sit at the bottom-right of the score matrix and need an explicit mask,
-        # except a single query, which may see every cached key anyway.
-        is_causal = self.causal and past == 0 and attn_mask is None
+        # except a single query, which may see every cached key anyway. An additive bias
+        # cannot be combined with is_causal, so then the causal mask is folded into it.
+        is_causal = self.causal and past == 0 and attn_mask is None and position_bias is None
         if self.causal and not is_causal and T > 1:
             causal_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
             attn_mask = causal_mask if attn_mask is None else attn_mask & causal_mask
+        if position_bias is not None:
+            # SDPA wants a float mask in the query's dtype (bf16 under autocast)
+            bias = position_bias.to(q.dtype)
+            attn_mask = bias if attn_mask is None else torch.where(attn_mask, bias, float("-inf"))
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
             enable_gqa=self.n_kv_head != self.n_head,
         )
-        y = y.transpose(1, 2).reshape(B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_dropout(self.out(y))
 
     # Why a hand-written path on CPU: SDPA's CPU flash kernel does not support dropout, so
@@ -258,26 +352,30 @@ class Attention(nn.Module):
     # flash kernel's backward is slow. Plain matmul + softmax + `cpu_keep_mask` measured, per
     # layer of the `small` preset (bf16, forward + backward, 1 thread): 144 -> 86 ms with
     # dropout 0.2, 48 -> 33 ms without. In fp32 without dropout (the `nano` preset) SDPA is
-    # faster, so it keeps that case. The hand-written path materializes the (T, T) scores, so
+    # faster, so it keeps that case. The hand-written path materializes the (T, S) scores, so
     # without dropout (which makes SDPA materialize them too) it is limited to short contexts;
-    # it never takes a mask or a KV cache (inference), where SDPA handles the offsets, and
-    # CUDA always takes SDPA.
+    # it never takes a mask, a position bias or a KV cache (inference), where SDPA handles the
+    # offsets, and CUDA always takes SDPA.
     CPU_ATTENTION_MAX_LEN = 512
 
-    def _use_cpu_attention(self, q: Tensor, attn_mask: Tensor | None, kv_cache: KVCache | None) -> bool:
-        if q.device.type != "cpu" or attn_mask is not None or kv_cache is not None:
+    def _use_cpu_attention(self, q: Tensor, attn_mask: Tensor | None, kv_cache: KVCache | None,
+                           position_bias: Tensor | None = None, key_len: int | None = None) -> bool:
+        if (q.device.type != "cpu" or attn_mask is not None or position_bias is not None
+                or kv_cache is not None):
             return False
         if self.training and self.dropout > 0:
             return True
-        return q.dtype in (torch.bfloat16, torch.float16) and q.shape[2] <= self.CPU_ATTENTION_MAX_LEN
+        longest = max(q.shape[2], key_len or 0)
+        return q.dtype in (torch.bfloat16, torch.float16) and longest <= self.CPU_ATTENTION_MAX_LEN
 
     def _cpu_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """softmax(q k^T / sqrt(d) [+ causal mask]) v, with dropout on the probabilities."""
+        """softmax(q k^T * scale [+ causal mask]) v, with dropout on the probabilities."""
         if self.n_kv_head != self.n_head:  # grouped-query: each kv head serves a group of q heads
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         T = q.shape[2]
-        scores = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)  # scaling q: T*d, not T*T, products
+        scale = self.head_dim**-0.5 if self.scale is None else self.scale
+        scores = (q * scale) @ k.transpose(-2, -1)  # scaling q: T*d, not T*S, products
         if self.causal:  # an added -inf bias, not masked_fill: its backward is free
             scores = scores + torch.full((T, T), float("-inf"), dtype=scores.dtype, device=q.device).triu_(1)
         probs = scores.softmax(dim=-1)
@@ -285,7 +383,7 @@ class Attention(nn.Module):
         if mask is None:
             return dropout(probs, self.dropout, self.training) @ v  # eval, or a p too small for 16 bits
         keep, scale = mask
-        return (probs * keep) @ (v * scale)  # dropout's scale on v: T*d, not T*T, products
+        return (probs * keep) @ (v * scale)  # dropout's scale on v: T*d, not T*S, products
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,12 +391,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: up, activation, down — or `swiglu` (Llama: gate and up).
+    """Position-wise feed-forward: up, activation, down — or gated: act(gate(x)) * up(x), down.
 
     Activations, named as Hugging Face names them: `gelu` is the exact (erf) GELU of BERT and
     nanoGPT; `gelu_tanh` is the tanh approximation GPT-2 was trained with (HF `gelu_new`), so
-    converted GPT-2 weights reproduce HF's logits; `relu` is the original Transformer's. On
-    CPUs the exact GELU is also the fast one (~6x faster than tanh-GELU in bf16 here).
+    converted GPT-2 weights reproduce HF's logits; `relu` is the original Transformer's and
+    T5 v1.0's. On CPUs the exact GELU is also the fast one (~6x faster than tanh-GELU in bf16
+    here). Gated: `swiglu` (Llama, SiLU gate) and `geglu` (T5 v1.1's "gated-gelu", tanh-GELU gate).
     """
 
     ACTIVATIONS = {
@@ -306,21 +405,22 @@ class MLP(nn.Module):
         "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
         "relu": F.relu,
     }
+    GATES = {"swiglu": F.silu, "geglu": lambda x: F.gelu(x, approximate="tanh")}
 
     def __init__(self, n_embd: int, hidden: int, kind: str = "gelu", *, bias: bool = True,
                  dropout: float = 0.0) -> None:
         super().__init__()
-        if kind not in (*self.ACTIVATIONS, "swiglu"):
+        if kind not in (*self.ACTIVATIONS, *self.GATES):
             raise ValueError(f"unknown mlp {kind!r}")
         self.kind = kind
-        self.gate = nn.Linear(n_embd, hidden, bias=bias) if kind == "swiglu" else None
+        self.gate = nn.Linear(n_embd, hidden, bias=bias) if kind in self.GATES else None
         self.up = nn.Linear(n_embd, hidden, bias=bias)
         self.down = nn.Linear(hidden, n_embd, bias=bias)
         self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate is not None:
-            h = F.silu(self.gate(x)) * self.up(x)
+            h = self.GATES[self.kind](self.gate(x)) * self.up(x)
         else:
             h = self.ACTIVATIONS[self.kind](self.up(x))
         return self.dropout(self.down(h))
@@ -331,34 +431,50 @@ class MLP(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Self-attention and feed-forward sublayers, each wrapped in a residual connection.
+    """Self-attention, optional cross-attention and feed-forward sublayers, each residual.
 
     `model.norm_position` picks where the norms sit:
     - `pre` (GPT-2, Llama, T5): x + attn(norm(x)), then x + mlp(norm(x)); trains stably deep.
     - `post` (the original Transformer, BERT): norm(x + attn(x)), then norm(x + mlp(x)).
-    `causal` makes the self-attention causal (decoders) or bidirectional (encoders). Every
+    `causal` makes the self-attention causal (decoders) or bidirectional (encoders).
+    `cross_attention` adds an encoder-decoder decoder's sublayer between the two, attending to
+    `context` (the encoder output) under `context_mask` (the encoder's padding). Every
     architecture builds its stack from this one block.
     """
 
-    def __init__(self, config, *, causal: bool) -> None:
+    def __init__(self, config, *, causal: bool, cross_attention: bool = False) -> None:
         super().__init__()
         c = config
         self.pre_norm = c.norm_position == "pre"
+        attention = dict(bias=c.bias, dropout=c.dropout, scale=c.attn_scale, head_dim=c.head_dim)
         self.attn_norm = make_norm(c.norm, c.n_embd, c.norm_eps, c.bias)
-        self.attn = Attention(c.n_embd, c.n_head, c.kv_heads, causal=causal, bias=c.bias,
-                              dropout=c.dropout)
+        self.attn = Attention(c.n_embd, c.n_head, c.kv_heads, causal=causal, **attention)
+        self.cross_norm = self.cross_attn = None
+        if cross_attention:
+            self.cross_norm = make_norm(c.norm, c.n_embd, c.norm_eps, c.bias)
+            self.cross_attn = Attention(c.n_embd, c.n_head, c.kv_heads, causal=False, cross=True, **attention)
         self.mlp_norm = make_norm(c.norm, c.n_embd, c.norm_eps, c.bias)
         from lmforge.models.moe import make_ffn  # moe.py builds on MLP above: imported here, not at the top
 
         self.mlp = make_ffn(c)  # MLP, or a Mixture-of-Experts of MLPs when model.moe.num_experts > 0
 
     def forward(self, x: Tensor, *, rope: tuple[Tensor, Tensor] | None = None,
-                attn_mask: Tensor | None = None, kv_cache: KVCache | None = None,
-                layer: int = 0) -> Tensor:
+                attn_mask: Tensor | None = None, position_bias: Tensor | None = None,
+                kv_cache: KVCache | None = None, layer: int = 0, context: Tensor | None = None,
+                context_mask: Tensor | None = None) -> Tensor:
+        """position_bias: added to the self-attention scores (T5's relative bias); context and
+        context_mask: the encoder output (B, S, n_embd) and its bool (B, 1, 1, S) padding mask."""
+        self_attn = dict(rope=rope, attn_mask=attn_mask, position_bias=position_bias, kv_cache=kv_cache,
+                         layer=layer)
+        cross = dict(context=context, attn_mask=context_mask, kv_cache=kv_cache, layer=layer)
         if self.pre_norm:
-            x = x + self.attn(self.attn_norm(x), rope=rope, attn_mask=attn_mask, kv_cache=kv_cache, layer=layer)
+            x = x + self.attn(self.attn_norm(x), **self_attn)
+            if self.cross_attn is not None:
+                x = x + self.cross_attn(self.cross_norm(x), **cross)
             return x + self.mlp(self.mlp_norm(x))
-        x = self.attn_norm(x + self.attn(x, rope=rope, attn_mask=attn_mask, kv_cache=kv_cache, layer=layer))
+        x = self.attn_norm(x + self.attn(x, **self_attn))
+        if self.cross_attn is not None:
+            x = self.cross_norm(x + self.cross_attn(x, **cross))
         return self.mlp_norm(x + self.mlp(x))
 
 

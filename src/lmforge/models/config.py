@@ -35,15 +35,25 @@ class ModelConfig:
     block_size: int = 64  # context length
     dropout: float = 0.0
     bias: bool = True  # biases in linear layers and norms
-    pos_encoding: str = "learned"  # learned | rope | sinusoidal
+    pos_encoding: str = "learned"  # learned | rope | sinusoidal | relative (T5's bias; arch encdec)
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     norm_position: str = "pre"  # pre (GPT-2, Llama, T5) | post (original Transformer, BERT)
-    mlp: str = "gelu"  # gelu (exact) | gelu_tanh (GPT-2) | relu | swiglu (Llama)
-    mlp_hidden: int | None = None  # None: 4*n_embd for gelu/relu, ~8/3*n_embd (multiple of 64) for swiglu
+    mlp: str = "gelu"  # gelu (exact) | gelu_tanh (GPT-2) | relu | swiglu (Llama) | geglu (T5 v1.1)
+    mlp_hidden: int | None = None  # None: 4*n_embd for gelu/relu, ~8/3*n_embd (multiple of 64) for swiglu/geglu
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     init_std: float = 0.02
+    attn_scale: float | None = None  # attention score scale; None: 1/sqrt(head dim); T5: 1.0
+    attn_head_dim: int | None = None  # width of one head; None: n_embd / n_head (T5 v1.1 differs)
+    # encoder-decoder (arch encdec; other families ignore these)
+    n_decoder_layer: int | None = None  # decoder blocks; None: = n_layer (encoder blocks)
+    rel_buckets: int = 32  # pos_encoding relative: T5's relative-position buckets
+    rel_max_distance: int = 128  # pos_encoding relative: distances beyond share the last bucket
+    decoder_start_token_id: int | None = None  # the decoder's first input (T5: its pad token)
+    pad_token_id: int | None = None  # decoder input where labels are -100; None: decoder_start_token_id
+    scale_embeddings: bool = False  # token embeddings * sqrt(n_embd) (the original Transformer)
+    scale_decoder_outputs: bool = False  # decoder output * n_embd^-0.5 before the LM head (T5 v1.0)
     # BERT (arch bert; other families ignore these)
     type_vocab_size: int = 2  # segment (token_type_ids) embeddings
     nsp_head: bool = False  # next-sentence-prediction head on the pooled [CLS] output
@@ -62,13 +72,18 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.attn_head_dim or self.n_embd // self.n_head
+
+    @property
+    def decoder_layers(self) -> int:
+        """encdec: the decoder's block count."""
+        return self.n_decoder_layer or self.n_layer
 
     @property
     def ffn_hidden(self) -> int:
         if self.mlp_hidden:
             return self.mlp_hidden
-        if self.mlp == "swiglu":
+        if self.mlp in ("swiglu", "geglu"):
             return 64 * ((int(8 * self.n_embd / 3) + 63) // 64)
         return 4 * self.n_embd
 
@@ -77,11 +92,11 @@ class ModelConfig:
             return UserError(f"model.{key}: {msg}")
 
         choices = {
-            "arch": ("gpt", "bert"),
-            "pos_encoding": ("learned", "rope", "sinusoidal"),
+            "arch": ("gpt", "bert", "encdec"),
+            "pos_encoding": ("learned", "rope", "sinusoidal", "relative"),
             "norm": ("layernorm", "rmsnorm"),
             "norm_position": ("pre", "post"),
-            "mlp": ("gelu", "gelu_tanh", "relu", "swiglu"),
+            "mlp": ("gelu", "gelu_tanh", "relu", "swiglu", "geglu"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -91,7 +106,11 @@ class ModelConfig:
                 raise bad(key, f"must be a positive integer, got {getattr(self, key)!r}")
         if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size <= 0):
             raise bad("vocab_size", f"must be a positive integer, got {self.vocab_size!r}")
-        if self.n_embd % self.n_head:
+        if self.attn_head_dim is not None and (not isinstance(self.attn_head_dim, int) or self.attn_head_dim <= 0):
+            raise bad("attn_head_dim", f"must be a positive integer or null, got {self.attn_head_dim!r}")
+        if self.attn_scale is not None and (not isinstance(self.attn_scale, (int, float)) or self.attn_scale <= 0):
+            raise bad("attn_scale", f"must be a positive number or null, got {self.attn_scale!r}")
+        if self.attn_head_dim is None and self.n_embd % self.n_head:
             raise bad("n_head", f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; pick a divisor of n_embd")
         if self.n_head % self.kv_heads:
             raise bad("n_kv_head", f"n_head={self.n_head} is not divisible by n_kv_head={self.kv_heads}; pick a divisor of n_head")
@@ -102,11 +121,10 @@ class ModelConfig:
         self._validate_moe(bad)
         if self.arch == "bert":
             self._validate_bert(bad)
-
-    @property
-    def has_pooler(self) -> bool:
-        """bert: whether the model has a pooler (its heads need one, or `pooler` keeps it)."""
-        return self.pooler or self.nsp_head or self.num_labels > 0
+        if self.arch == "encdec":
+            self._validate_encdec(bad)
+        elif self.pos_encoding == "relative":
+            raise bad("pos_encoding", f"relative (T5's bias) is implemented for arch encdec only, not {self.arch}")
 
     def _validate_moe(self, bad) -> None:
         m = self.moe
@@ -126,6 +144,30 @@ class ModelConfig:
         if self.arch != "gpt":  # the other families do not add the router's auxiliary losses yet
             raise bad("moe.num_experts", f"{m.num_experts}: Mixture-of-Experts is implemented for arch gpt, "
                       f"not {self.arch}; set 0")
+
+    def _validate_encdec(self, bad) -> None:
+        if self.pos_encoding not in ("sinusoidal", "relative"):
+            raise bad("pos_encoding", f"{self.pos_encoding!r}: arch encdec takes sinusoidal (the original "
+                      "Transformer) or relative (T5)")
+        if self.moe.num_experts:
+            raise bad("moe.num_experts", f"{self.moe.num_experts}: Mixture-of-Experts is implemented for arch gpt; "
+                      "set 0 for arch encdec")
+        if self.n_decoder_layer is not None and (not isinstance(self.n_decoder_layer, int) or self.n_decoder_layer <= 0):
+            raise bad("n_decoder_layer", f"must be a positive integer or null, got {self.n_decoder_layer!r}")
+        if not isinstance(self.rel_buckets, int) or self.rel_buckets < 4:
+            raise bad("rel_buckets", f"must be an integer >= 4, got {self.rel_buckets!r}")
+        if not isinstance(self.rel_max_distance, int) or self.rel_max_distance <= self.rel_buckets // 2:
+            raise bad("rel_max_distance", f"must be an integer > rel_buckets/2 = {self.rel_buckets // 2}, "
+                      f"got {self.rel_max_distance!r}")
+        for key in ("decoder_start_token_id", "pad_token_id"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise bad(key, f"must be a token id >= 0 or null, got {value!r}")
+
+    @property
+    def has_pooler(self) -> bool:
+        """bert: whether the model has a pooler (its heads need one, or `pooler` keeps it)."""
+        return self.pooler or self.nsp_head or self.num_labels > 0
 
     def _validate_bert(self, bad) -> None:
         for key in ("type_vocab_size", "num_labels"):
