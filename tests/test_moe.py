@@ -411,3 +411,26 @@ def test_moe_tiny_preset_learns_shakespeare(shakespeare_dir, tmp_path):
     util = evals[-1]["moe_util"]
     assert len(util) == 8 and min(util) > 0.02  # no expert starved
     assert summary["metrics"]["final_val_loss"] == evals[-1]["val_loss"]
+
+
+def test_row_buckets_are_few_and_waste_at_most_an_eighth():
+    from lmforge.models.moe import bucket_rows
+
+    sizes = [bucket_rows(n) for n in range(1, 4097)]
+    assert sizes[:16] == list(range(1, 17))
+    assert all(n <= b <= n * 1.125 for n, b in zip(range(1, 4097), sizes))
+    assert {bucket_rows(n) for n in range(1024, 2048)} == set(range(1024, 2049, 128))  # 8 per octave (+2048)
+
+
+def test_padded_groups_pad_with_zero_gates_and_keep_every_assignment():
+    from lmforge.models.moe import padded_groups
+
+    r = route(torch.randn(300, 4), 2)
+    token, weight, sizes = padded_groups(r)
+    assert sum(sizes) > r.token.numel()  # this example is padded
+    offsets = [0]
+    for n, m in zip(r.counts.tolist(), sizes):  # each group: the expert's assignments, then zeros
+        assert torch.equal(token[offsets[-1]:offsets[-1] + n], r.token[sum(r.counts[:len(offsets) - 1]):][:n])
+        assert torch.all(weight[offsets[-1] + n:offsets[-1] + m] == 0)
+        offsets.append(offsets[-1] + m)
+    assert torch.equal(weight[weight != 0].sort().values, r.weight.sort().values)

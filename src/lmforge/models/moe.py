@@ -15,11 +15,13 @@ Two auxiliary losses keep the router healthy; the model adds them (times `moe.au
   keeps the router's softmax out of fp32/bf16 round-off trouble.
 
 Dispatch, the part that decides speed: assignments (token, expert) are sorted by expert once
-(`route`), the tokens gathered in that order with one `index_select`, every expert runs one
-matmul chain on its contiguous slice, and one `index_add_` scatters the gated outputs back. No
-Python loop over tokens, one short loop over experts. Alternatives measured on the development
-CPU (benchmarks/moe_speed.py, docs/BENCHMARKS.md): stacked (E, out, in) expert weights sliced
-per expert, padded `bmm`, and `torch.nn.functional.grouped_mm` were no faster than this.
+(`route`), the tokens gathered in that order with one `index_select`, every expert runs its MLP
+on its contiguous slice, and one `index_add_` scatters the gated outputs back. No Python loop
+over tokens, one short loop over experts. Each expert's slice is padded to one of a few sizes
+(`padded_groups`): on CPU a matmul of a new shape costs a new oneDNN kernel, and the tokens per
+expert change every step. Alternatives measured on the development CPU (benchmarks/moe_speed.py
+--variants, docs/BENCHMARKS.md): stacked (E, out, in) expert weights used per expert, padded
+`bmm` and `torch.nn.functional.grouped_mm` were no faster.
 
 Capacity (`moe.capacity_factor` > 0): each expert takes at most ceil(cf * tokens * top_k / E)
 assignments per forward; first choices are served before second choices, and within a choice
@@ -85,6 +87,40 @@ def route(logits: Tensor, top_k: int, capacity: int | None = None) -> Routing:
                    routed=routed, dropped=dropped)
 
 
+def bucket_rows(n: int) -> int:
+    """n rounded up to one of 8 sizes per power of two (n <= 16 stays): at most 12.5% more rows."""
+    if n <= 16:
+        return n
+    step = 1 << (n.bit_length() - 4)
+    return -(-n // step) * step
+
+
+def padded_groups(routing: Routing, pad: bool = True) -> tuple[Tensor, Tensor, list[int]]:
+    """The routing's token and gate per assignment, each expert's group padded to `bucket_rows`.
+
+    Why: the number of tokens an expert gets changes every step, and on CPU every new matmul
+    shape costs oneDNN a new kernel (primitive) — measured here, a 256x704 bf16 product over a
+    varying 450-600 rows took 1.7-6x as long as over a fixed count. Rounding the counts up to a
+    few sizes lets the kernel cache hit. Padding rows repeat token 0 with gate 0, so they add
+    nothing to the output or the gradients. Returns (token, weight, group sizes).
+    """
+    sizes = routing.counts.tolist()
+    padded = [bucket_rows(n) for n in sizes] if pad else sizes
+    if padded == sizes:
+        return routing.token, routing.weight, sizes
+    device = routing.token.device
+    counts = routing.counts
+    expert = torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts)
+    rank = torch.arange(expert.numel(), device=device) - (counts.cumsum(0) - counts)[expert]
+    padded_counts = torch.tensor(padded, device=device)
+    position = (padded_counts.cumsum(0) - padded_counts)[expert] + rank
+    token = torch.zeros(sum(padded), dtype=routing.token.dtype, device=device)
+    weight = torch.zeros(sum(padded), dtype=routing.weight.dtype, device=device)
+    token[position] = routing.token
+    weight[position] = routing.weight
+    return token, weight, padded
+
+
 def load_balancing_loss(probs: Tensor, routed: Tensor, num_tokens: int) -> Tensor:
     """E * sum_i f_i * P_i with f_i = routed_i / tokens and P_i = mean router probability of i."""
     num_experts = probs.shape[-1]
@@ -102,6 +138,8 @@ class MoE(nn.Module):
     After each forward, `aux_loss` and `z_loss` hold this layer's auxiliary losses (with grad;
     the model collects them with `moe_losses`) and `stats` its routing statistics (detached).
     """
+
+    pad_groups = True  # see `padded_groups`; benchmarks/moe_speed.py switches it off to compare
 
     def __init__(self, n_embd: int, hidden: int, kind: str = "swiglu", *, num_experts: int,
                  top_k: int, capacity_factor: float = 0.0, bias: bool = True,
@@ -138,16 +176,16 @@ class MoE(nn.Module):
                       "assignments": num_tokens * self.top_k,
                       "aux_loss": self.aux_loss.detach(), "z_loss": self.z_loss.detach()}
 
+        token, weight, sizes = padded_groups(routing, self.pad_groups)
         # Cast once before the gather: under bf16 autocast the experts' matmuls run in bf16
         # anyway, and gathering/scattering half the bytes is the cheaper half of dispatch.
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        tokens = x.to(dtype).index_select(0, routing.token)
-        sizes = routing.counts.tolist()
+        tokens = x.to(dtype).index_select(0, token)
         # every expert runs, even on zero rows: all parameters stay in the graph (DDP needs that)
         outputs = torch.cat([expert(part) for expert, part in zip(self.experts, tokens.split(sizes))])
-        outputs = outputs * routing.weight.to(outputs.dtype)[:, None]
+        outputs = outputs * weight.to(outputs.dtype)[:, None]
         out = torch.zeros((num_tokens, shape[-1]), dtype=outputs.dtype, device=x.device)
-        return out.index_add_(0, routing.token, outputs).view(*shape[:-1], shape[-1])
+        return out.index_add_(0, token, outputs).view(*shape[:-1], shape[-1])
 
     def inactive_params(self) -> int:
         """Parameters a token does not use: the experts beyond its top_k (all the same size)."""

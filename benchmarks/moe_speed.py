@@ -1,0 +1,233 @@
+"""MoE training speed: an 8-expert top-2 GPT against the dense GPT with the same active parameters.
+
+    python benchmarks/moe_speed.py                      # configs/moe-tiny.yaml, precision auto
+    python benchmarks/moe_speed.py --set train.precision=fp32 --variants
+
+The MoE model is the preset (`moe-tiny`: 8 SwiGLU experts of hidden H per layer, top-2). Its
+dense peer is the same config without experts and with MLP hidden top_k * H: a token goes
+through the same matmuls (2 experts of H = one MLP of 2H; only the router is extra), so the
+tokens/s ratio measures what routing and dispatch cost. Goal: MoE step time at most 1.5x the
+dense one.
+
+One step is what `lmforge pretrain` does: forward + loss (with the MoE's auxiliary losses)
+under the precision `train.precision` resolves to, backward, gradient clipping, fused AdamW
+step, zero_grad; both models train on the same random windows of character-level Shakespeare
+(as benchmarks/train_speed.py). The contenders alternate in blocks of `--block` steps, so
+background load on a shared machine hits all alike, and we report medians.
+
+`--variants` adds lmforge's dispatch without the row padding of `padded_groups`, and the
+expert computations measured while choosing lmforge's (same routing,
+gather/scatter and parameters, only the experts' part differs; SwiGLU experts only): experts'
+weights stacked into (E, out, in) tensors and used per expert, the same padded to the largest
+expert's count and run as 3 `bmm`s, and `torch.nn.functional.grouped_mm` over the sorted tokens.
+lmforge's own (`lmforge.models.moe`) runs each expert's `MLP` on its slice of the sorted tokens.
+`--set model.moe.num_experts=...` etc. change the MoE model (and its dense peer with it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from train_speed import _machine, char_tokens, measured_peak, random_batches
+
+from lmforge.config import load_config
+from lmforge.models import GPT
+from lmforge.models.config import ModelConfig
+from lmforge.models.moe import MoE, load_balancing_loss, padded_groups, route, router_z_loss
+from lmforge.train.device import autocast, resolve_device, resolve_precision
+from lmforge.train.optim import build_optimizer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------------------------
+# Alternative dispatches (for the record in docs/BENCHMARKS.md); lmforge uses MoE.forward
+
+
+class _Variant(MoE):
+    """MoE with another expert computation; routing, losses and stats as in MoE.forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits = self.router_logits(x)
+        r = route(logits, self.top_k)
+        self.aux_loss = load_balancing_loss(logits.softmax(-1), r.routed, x.shape[0])
+        self.z_loss = router_z_loss(logits)
+        self.stats = {"routed": r.routed, "dropped": r.dropped, "assignments": x.shape[0] * self.top_k,
+                      "aux_loss": self.aux_loss.detach(), "z_loss": self.z_loss.detach()}
+        token, weight, sizes = padded_groups(r)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        tokens = x.to(dtype).index_select(0, token)
+        stacked = [torch.stack([getattr(e, name).weight for e in self.experts]).to(dtype)
+                   for name in ("gate", "up", "down")]
+        y = self.experts_forward(tokens, sizes, *stacked) * weight.to(dtype)[:, None]
+        return torch.zeros(x.shape, dtype=y.dtype).index_add_(0, token, y).view(shape)
+
+
+class StackedLoop(_Variant):
+    def experts_forward(self, tokens, sizes, gate, up, down):
+        gates, ups, downs = gate.unbind(0), up.unbind(0), down.unbind(0)
+        return torch.cat([F.linear(F.silu(F.linear(part, gates[e])) * F.linear(part, ups[e]), downs[e])
+                          for e, part in enumerate(tokens.split(sizes))])
+
+
+class PaddedBmm(_Variant):
+    def experts_forward(self, tokens, sizes, gate, up, down):
+        counts = torch.tensor(sizes)
+        num_experts, cap = counts.numel(), int(counts.max())
+        starts = counts.cumsum(0) - counts
+        expert = torch.repeat_interleave(torch.arange(num_experts), counts)
+        slot = expert * cap + torch.arange(tokens.shape[0]) - starts[expert]
+        padded = tokens.new_zeros(num_experts * cap, tokens.shape[1]).index_copy(0, slot, tokens)
+        padded = padded.view(num_experts, cap, -1)
+        h = F.silu(padded @ gate.transpose(1, 2)) * (padded @ up.transpose(1, 2))
+        return (h @ down.transpose(1, 2)).reshape(num_experts * cap, -1).index_select(0, slot)
+
+
+class GroupedMM(_Variant):
+    def experts_forward(self, tokens, sizes, gate, up, down):
+        offs = torch.tensor(sizes).cumsum(0).to(torch.int32)
+        h = F.silu(F.grouped_mm(tokens, gate.transpose(1, 2), offs=offs)) * F.grouped_mm(tokens, up.transpose(1, 2), offs=offs)
+        return F.grouped_mm(h, down.transpose(1, 2), offs=offs)
+
+
+class Unpadded(MoE):
+    pad_groups = False  # lmforge's dispatch without rounding the experts' row counts up
+
+
+VARIANTS = {"moe-unpadded": Unpadded, "moe-stacked-loop": StackedLoop, "moe-padded-bmm": PaddedBmm,
+            "moe-grouped-mm": GroupedMM}
+
+
+def with_variant(model: GPT, cls: type) -> GPT:
+    for block in model.blocks:
+        block.mlp.__class__ = cls  # same parameters, another forward
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class Contender:
+    def __init__(self, name: str, model: GPT, t, device: torch.device, precision: str) -> None:
+        self.name, self.model, self.device, self.precision = name, model, device, precision
+        self.grad_clip = t.grad_clip
+        self.optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device.type)
+        self.times: list[float] = []
+        self.losses: list[float] = []
+        model.train()
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        t0 = time.perf_counter()
+        with autocast(self.device, self.precision):
+            _, loss = self.model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.losses.append(loss.item())
+        return time.perf_counter() - t0
+
+
+def bench(preset: str, steps: int, warmup: int, block: int, overrides: list[str], variants: bool,
+          quiet: bool) -> dict:
+    tokens, vocab = char_tokens()
+    cfg = load_config(REPO / "configs" / f"{preset}.yaml", overrides)
+    t = cfg.train
+    moe_cfg = ModelConfig.from_dict(cfg.model.to_dict())
+    moe_cfg.vocab_size = 64 * math.ceil(vocab / 64)  # as the trainer pads it
+    if not moe_cfg.moe.num_experts:
+        raise SystemExit(f"configs/{preset}.yaml has no experts (model.moe.num_experts=0)")
+    dense_cfg = ModelConfig.from_dict({**moe_cfg.to_dict(), "moe": {"num_experts": 0},
+                                       "mlp_hidden": moe_cfg.moe.top_k * moe_cfg.ffn_hidden})
+    device = resolve_device(t.device)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    precision = resolve_precision(t.precision, device, moe_cfg.n_embd)
+
+    models = {}
+    for name, config in [("dense", dense_cfg), ("moe", moe_cfg)] + (
+            [(v, moe_cfg) for v in VARIANTS] if variants else []):
+        torch.manual_seed(t.seed)
+        model = GPT(ModelConfig.from_dict(config.to_dict())).to(device)
+        models[name] = with_variant(model, VARIANTS[name]) if name in VARIANTS else model
+    contenders = [Contender(n, m, t, device, precision) for n, m in models.items()]
+
+    rounds = math.ceil(steps / block)
+    batches = random_batches(tokens, warmup + rounds * block, t.batch_size, moe_cfg.block_size, seed=t.seed)
+    for c in contenders:
+        for x, y in batches[:warmup]:
+            c.step(x, y)
+    for r in range(rounds):
+        for c in (contenders if r % 2 == 0 else contenders[::-1]):
+            for x, y in batches[warmup + r * block: warmup + (r + 1) * block]:
+                c.times.append(c.step(x, y))
+        if not quiet:
+            print(f"  round {r + 1}/{rounds}: " + ", ".join(
+                f"{c.name} {1000 * statistics.median(c.times[-block:]):.1f} ms" for c in contenders),
+                file=sys.stderr, flush=True)
+
+    peak = measured_peak(device, precision)
+    tokens_per_step = t.batch_size * moe_cfg.block_size
+    dense_ms = 1000 * statistics.median(contenders[0].times)
+    result = {"preset": preset, "overrides": overrides, "precision": precision, "device": str(device),
+              "threads": torch.get_num_threads(), "batch_size": t.batch_size, "block_size": moe_cfg.block_size,
+              "num_experts": moe_cfg.moe.num_experts, "top_k": moe_cfg.moe.top_k,
+              "expert_hidden": moe_cfg.ffn_hidden, "dense_hidden": dense_cfg.ffn_hidden,
+              "steps": len(contenders[0].times), "peak_flops": peak, "contenders": {}}
+    for c in contenders:
+        ms = 1000 * statistics.median(c.times)
+        tps = tokens_per_step / (ms / 1000)
+        fpt = c.model.flops_per_token()
+        result["contenders"][c.name] = {
+            "params": c.model.num_params(), "active_params": c.model.num_params(active=True),
+            "ms_per_step": round(ms, 2), "tokens_per_s": round(tps, 1), "mfu": round(fpt * tps / peak, 4),
+            "step_time_vs_dense": round(ms / dense_ms, 3), "last_loss": round(c.losses[-1], 4)}
+    result["ratio"] = result["contenders"]["moe"]["step_time_vs_dense"]
+    return result
+
+
+def print_table(r: dict) -> None:
+    print(f"preset {r['preset']}{' ' + ' '.join(r['overrides']) if r['overrides'] else ''}: {r['precision']} on "
+          f"{r['device']} x{r['threads']} threads, batch {r['batch_size']} x {r['block_size']} tokens, "
+          f"{r['steps']} timed steps each (median); {r['num_experts']} experts of hidden {r['expert_hidden']}, "
+          f"top-{r['top_k']}; dense hidden {r['dense_hidden']}")
+    print(f"  {'model':<18} {'params':>9} {'active':>9} {'ms/step':>9} {'tokens/s':>10} {'MFU':>7} {'time/dense':>11}")
+    for name, c in r["contenders"].items():
+        print(f"  {name:<18} {c['params'] / 1e6:>8.2f}M {c['active_params'] / 1e6:>8.2f}M {c['ms_per_step']:>9.1f} "
+              f"{c['tokens_per_s']:>10,.0f} {100 * c['mfu']:>6.1f}% {c['step_time_vs_dense']:>10.2f}x")
+    verdict = "within" if r["ratio"] <= 1.5 else "NOT within"
+    print(f"  MoE step time / dense (same active parameters): {r['ratio']:.2f}x ({verdict} the 1.5x goal)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="moe-tiny", help="a configs/*.yaml with model.moe.num_experts > 0")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per model")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
+    p.add_argument("--block", type=int, default=5, help="steps per model before switching")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. train.precision=fp32, model.moe.top_k=1")
+    p.add_argument("--variants", action="store_true", help="also time the alternative dispatches")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = p.parse_args(argv)
+    result = bench(args.preset, args.steps, args.warmup, args.block, args.overrides, args.variants, args.json)
+    if args.json:
+        print(json.dumps({"machine": _machine(), "torch": torch.__version__, **result}, indent=1))
+    else:
+        print(f"machine: {_machine()}, torch {torch.__version__}")
+        print_table(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
