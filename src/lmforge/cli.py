@@ -163,7 +163,8 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     from lmforge.plan import format_plan, plan
 
     report = plan(load_config(args.config, args.set), gpus=args.gpus, gpu_type=args.gpu_type, mfu=args.mfu,
-                  tokens=args.tokens, vocab_size=args.vocab_size)
+                  tokens=args.tokens, vocab_size=args.vocab_size, lora_rank=args.lora_rank,
+                  lora_targets=args.lora_targets)
     print(json.dumps(report, indent=2) if args.json else format_plan(report))
 
 
@@ -288,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilization for the time estimate")
     p.add_argument("--tokens", type=float, default=None, help="training tokens (default: ~20 per parameter)")
     p.add_argument("--vocab-size", type=int, default=None, help="when the config leaves model.vocab_size unset")
+    p.add_argument("--lora-rank", type=int, default=None, help="also size LoRA and QLoRA fine-tuning at this rank")
+    p.add_argument("--lora-targets", default="qkv,out,gate,up,down",
+                   help="Linear layers that get adapters: qkv, out, gate, up, down, or the groups attn, mlp, all "
+                        "(default: every Linear in the blocks, as the QLoRA paper recommends)")
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("diagnose", help="is a training run overfitting, underfitting, not converging, or fine?")

@@ -1,34 +1,75 @@
 """`lmforge plan`: the sizing arithmetic of a training run, before running it.
 
-For a config: parameters (exact, and the 12·L·d² rule of thumb), training FLOPs per token,
-training memory per device (weights, gradients, AdamW state, activations) for fp32 and
-bf16-mixed, with and without activation checkpointing, FSDP-sharded over G GPUs, the
-compute-optimal token budget (Chinchilla: ~20 tokens per parameter) and the wall time on a
-given GPU type, count and MFU.
+For a config: parameters (exact, and the 12·L·d² rule of thumb; active vs total for MoE),
+training FLOPs per token, training memory per device (weights, gradients, AdamW state,
+activations) for fp32 and bf16-mixed, with and without activation checkpointing, FSDP-sharded
+over G GPUs, LoRA and QLoRA fine-tuning, the compute-optimal token budget (Chinchilla: ~20
+tokens per parameter) and the wall time on a given GPU type, count and MFU.
 
-The activation model is derived from what autograd saves in OUR blocks (`models/blocks.py`,
-`models/gpt.py`), tensor by tensor, not from a generic formula; `measure_training_peak` measures
-the real peak on CPU to check it (tests/test_plan.py). Per layer and token, a pre-norm block
-saves: its input x and the post-attention residual x1 (fp32: the residual stream stays fp32
-under autocast); per norm the normalized output the next Linear reads (LayerNorm: + mean/rstd;
-RMSNorm: + x·rstd and rstd, since `F.rms_norm` is composite); the fused qkv output (SDPA keeps
-the whole buffer alive through its v view); RoPE's rotated q and k; SDPA's output and
-logsumexp; the MLP's hidden tensors (gelu: pre- and post-activation; relu: one; swiglu: gate,
-silu(gate), up and their product). Outside the blocks: the final norm, the fp32
-log-softmax of the loss and the logits the caller holds until backward (the training loop
-keeps them), and at the start of backward two more fp32 logit-sized gradients.
+Parameters. The GPT family has a closed formula (`count_params`), checked against
+`sum(p.numel())` of the built model for every preset. An MoE block replaces the dense MLP by a
+router `Linear(d, E, bias=False)` and E expert MLPs of the dense MLP's shape; a token passes
+through the router and its top-k experts, so the *active* parameters (and the FLOPs per token)
+count k experts, the total (and the memory) all E. Architectures without a formula are counted
+exactly by building the model on the meta device (`count_params_built`: no memory, no init).
 
-Built for the GPT family now; MoE (active vs total parameters) and LoRA/QLoRA (frozen base
-weights: no gradients or optimizer state for them) plug in as more terms of `count_params`
-and `training_memory`.
+Memory, full training (AdamW, fp32 master weights): 4 bytes of weights, 4 of gradients and 8 of
+AdamW state (exp_avg, exp_avg_sq) per parameter, sharded G ways under FSDP; bf16 autocast adds
+a bf16 copy of each matmul weight per step. Activations are derived from what autograd saves in
+OUR blocks (`models/blocks.py`, `models/moe.py`), tensor by tensor, not from a generic formula,
+and checked against the peak of a real training step measured on CPU
+(`lmforge.peakmem.measure_training_peak`, tests/test_plan.py). Per layer and token, a pre-norm
+block saves: each norm's input (the residual stream, fp32 under autocast, since the master
+weights are fp32) and output (what the next Linear reads; LayerNorm: + mean/rstd; RMSNorm:
++ x·rstd and rstd, since `F.rms_norm` is composite); the fused qkv output (SDPA keeps the whole
+buffer alive through its v view); RoPE's rotated q and k; SDPA's output and logsumexp (on the
+CPU attention path instead: the scaled q, copies of k and v, and the (T, T) probabilities); the
+MLP's hidden tensors (gelu: pre- and post-activation; relu: one; swiglu/geglu: gate, act(gate),
+up and their product). An MoE block saves, instead of the MLP's: the router's fp32 input,
+logits and probabilities, and per routed copy of a token (top_k) the gathered input, the
+expert's hidden tensors and its output. A post-norm block saves the same amounts in other
+places. Outside the blocks: the final norm and the fp32 log-softmax of the loss (the training
+loop keeps only the loss, so the logits are gone), and, for a moment at the start of backward,
+two fp32 logit-sized gradients. The peak is found by walking backward (`training_memory`): at
+the head, or at the top or bottom block, where gradients pile up while activations are freed
+(MoE blocks, whose weights outweigh their activations, peak there), or at the end.
+Activation checkpointing keeps only each block's input and recomputes one block at a time.
+
+Memory, LoRA (Hu et al. 2021): the base model is frozen in bf16 (2 bytes per parameter, no
+gradients, no optimizer state); each targeted Linear W (in → out) gets A (r × in) and B
+(out × r), trained in fp32: r·(in + out) parameters with 4 + 4 + 8 bytes (weight, gradient,
+AdamW), plus autocast's bf16 copies. Frozen Linears save no input for a weight gradient, so
+activations shrink to what the input gradient needs — plus, per targeted Linear, its input (A
+reads it) and A's r-wide output (B reads it). The default targets are every Linear inside the
+blocks: `qkv` (our q, k and v projections are one fused Linear, so they get one adapter over
+its d → d + 2·kv output, as PEFT does with GPT-2's c_attn), `out`, and the MLP's `gate` (swiglu),
+`up` and `down` (in an MoE block: every expert's). The QLoRA paper found adapters on all
+linear layers necessary to match full fine-tuning, where LoRA's original q/v-only choice falls
+short; pass `--lora-targets qkv,out` for attention only. Embeddings, norms and the LM head get
+no adapters.
+
+Memory, QLoRA (Dettmers et al. 2023): as LoRA, but the blocks' Linear weights are stored in
+4-bit NF4 in blocks of 64 with one absmax scale per block; double quantization stores those
+scales in 8 bits in blocks of 256 with one fp32 scale each, i.e. 4 + 8/64 + 32/(64·256) =
+4.127 bits per weight (the paper's numbers), plus per tensor the NF4 and the 8-bit code
+books and the scales' mean (`nf4_bytes`, checked against bitsandbytes). Embeddings, norms,
+biases, an MoE router and the LM head stay bf16. Each Linear is dequantized to bf16 for its
+matmul, one at a time: the largest such weight is a transient on top.
+
+Assumptions: the plan describes a CUDA run (SDPA attention, autocast's CUDA op lists); the CPU
+checks force SDPA where a CPU run would not take it. LoRA's frozen model is checked with
+LayerNorm/RMSNorm computed in bf16 as the CPU does; CUDA autocast runs LayerNorm in fp32,
+which keeps one more fp32 copy of each norm's input (not modelled). Other architectures (BERT,
+encoder-decoder) get exact parameter counts and FLOPs, but their activations are estimated
+with the decoder block's model over all their blocks (cross-attention not included).
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
+import json
 import math
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +85,16 @@ GPU_MEMORY_GIB = {"H200": 141, "H100": 80, "A100": 80, "L40S": 48, "L4": 24, "A1
                   "3090": 24, "V100": 32, "T4": 16}
 PRECISIONS = ("fp32", "bf16")
 
+# LoRA targets: the names of the Linear layers inside a block (attention, MLP or each expert)
+LORA_TARGETS = ("qkv", "out", "gate", "up", "down")
+LORA_GROUPS = {"attn": ("qkv", "out"), "mlp": ("gate", "up", "down"), "all": LORA_TARGETS}
+DEFAULT_LORA_TARGETS = "qkv,out,gate,up,down"
+NF4_BLOCK = 64  # weights per absmax scale (QLoRA)
+DQ_BLOCK = 256  # absmax scales per fp32 scale under double quantization
+# per quantized tensor: the 16-entry NF4 code book and the 256-entry 8-bit code book of the
+# scales (fp32 each), and the scales' mean, subtracted before their 8-bit quantization
+NF4_TENSOR_CONSTANTS = (16 + 256 + 1) * 4
+
 
 # --------------------------------------------------------------------------------------------
 # Parameters and FLOPs
@@ -53,37 +104,222 @@ def _norm_params(c: ModelConfig) -> int:
     return c.n_embd * (2 if c.norm == "layernorm" and c.bias else 1)
 
 
+def _gated(c: ModelConfig) -> bool:
+    """Whether the MLP has a gate projection besides up (swiglu, geglu)."""
+    return c.mlp in ("swiglu", "geglu")
+
+
+def n_blocks(c: ModelConfig) -> int:
+    """Transformer blocks in the model: an encoder-decoder has both stacks."""
+    return c.n_layer + (c.decoder_layers if c.arch == "encdec" else 0)
+
+
+def block_linears(c: ModelConfig) -> list[tuple[str, int, int, int, int]]:
+    """The Linear layers of one block: (name, in, out, copies, active copies).
+
+    copies > 1 for an MoE block's expert projections (one per expert; top_k of them active).
+    """
+    d, q, kv, h = c.n_embd, c.n_head * c.head_dim, c.kv_heads * c.head_dim, c.ffn_hidden
+    E, k = c.moe.num_experts, min(c.moe.top_k, c.moe.num_experts)
+    experts, active = (E, k) if E else (1, 1)
+    linears = [("qkv", d, q + 2 * kv, 1, 1), ("out", q, d, 1, 1)]
+    if E:
+        linears.append(("router", d, E, 1, 1))
+    if _gated(c):
+        linears.append(("gate", d, h, experts, active))
+    linears += [("up", d, h, experts, active), ("down", h, d, experts, active)]
+    return linears
+
+
+def mlp_params(c: ModelConfig) -> int:
+    """Parameters of one dense MLP (an MoE expert has the same shape)."""
+    d, h, b = c.n_embd, c.ffn_hidden, int(c.bias)
+    n_in = 2 if _gated(c) else 1  # swiglu/geglu have gate and up projections
+    return n_in * (d * h + b * h) + h * d + b * d
+
+
 def block_params(c: ModelConfig) -> dict[str, int]:
-    """Parameters of one Transformer block, by part."""
-    d, kv, h, b = c.n_embd, c.kv_heads * c.head_dim, c.ffn_hidden, int(c.bias)
-    attn = d * (d + 2 * kv) + b * (d + 2 * kv) + d * d + b * d
-    n_in = 2 if c.mlp == "swiglu" else 1  # swiglu has gate and up projections
-    mlp = n_in * (d * h + b * h) + h * d + b * d
-    return {"attention": attn, "mlp": mlp, "norms": 2 * _norm_params(c)}
+    """Parameters of one Transformer block, by part; `mlp_active` is what one token uses."""
+    d, q, kv, b = c.n_embd, c.n_head * c.head_dim, c.kv_heads * c.head_dim, int(c.bias)
+    attn = d * (q + 2 * kv) + b * (q + 2 * kv) + q * d + b * d
+    E, k = c.moe.num_experts, min(c.moe.top_k, c.moe.num_experts)
+    mlp = mlp_params(c)
+    if E:  # router (no bias) + E experts
+        return {"attention": attn, "mlp": d * E + E * mlp, "norms": 2 * _norm_params(c),
+                "mlp_active": d * E + k * mlp}
+    return {"attention": attn, "mlp": mlp, "norms": 2 * _norm_params(c), "mlp_active": mlp}
 
 
-def count_params(c: ModelConfig) -> dict[str, int]:
+def count_params(c: ModelConfig) -> dict[str, Any]:
     """Exact parameter counts (= `sum(p.numel())` of `GPT(c)`; a tied head counts once).
 
     `embedding` is the lookup tables (token, learned positions), as `GPT.num_params` excludes
     them; an untied LM head is a matmul and counts as non-embedding. `matmul` is what costs FLOPs:
-    non-embedding plus the LM head even when tied. `approx_12Ld2` is the classic 12·L·d².
+    non-embedding plus the LM head even when tied. `active` and `matmul_active` count an MoE
+    block's router and top_k experts only (= total and matmul for dense models). `approx_12Ld2`
+    is the classic 12·L·d². Architectures other than GPT are counted by `count_params_built`.
     """
+    if c.arch != "gpt":
+        return count_params_built(c)
     d, V = c.n_embd, c.vocab_size
     embedding = V * d + (c.block_size * d if c.pos_encoding == "learned" else 0)
-    per_block = sum(block_params(c).values())
+    parts = block_params(c)
+    per_block = parts["attention"] + parts["mlp"] + parts["norms"]
+    inactive = c.n_layer * (parts["mlp"] - parts["mlp_active"])
     lm_head = 0 if c.tie_embeddings else V * d
     non_embedding = c.n_layer * per_block + _norm_params(c) + lm_head
-    return {"total": embedding + non_embedding, "embedding": embedding, "non_embedding": non_embedding,
-            "per_block": per_block, "lm_head_untied": lm_head,
-            "matmul": non_embedding + (V * d if c.tie_embeddings else 0),
-            "approx_12Ld2": 12 * c.n_layer * d * d}
+    matmul = non_embedding + (V * d if c.tie_embeddings else 0)
+    return {"total": embedding + non_embedding, "active": embedding + non_embedding - inactive,
+            "embedding": embedding, "non_embedding": non_embedding, "per_block": per_block,
+            "lm_head_untied": lm_head, "matmul": matmul, "matmul_active": matmul - inactive,
+            "approx_12Ld2": 12 * c.n_layer * d * d, "method": "exact (formula)"}
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_model(config_json: str) -> Any:
+    import torch
+
+    from lmforge.models import build_model
+
+    with torch.device("meta"):  # shapes only: no memory, no initialization
+        return build_model(ModelConfig.from_dict(json.loads(config_json)))
+
+
+def _built(c: ModelConfig) -> Any:
+    return _meta_model(json.dumps(c.to_dict(), sort_keys=True))
+
+
+def count_params_built(c: ModelConfig) -> dict[str, Any]:
+    """`count_params` by building the model (`lmforge.models.build_model`) on the meta device.
+
+    Exact for any architecture: parameters are counted from the module (shared ones once);
+    non-embedding is the model's own `num_params(exclude_embeddings=True)` where it has one, else
+    everything but the `nn.Embedding` tables; a tied head counts as a matmul (as in
+    `count_params`); `per_block` is the largest module of the model's layer lists.
+    """
+    from torch import nn
+
+    model = _built(c)
+    params = list(model.parameters())  # shared tensors once
+    total = sum(p.numel() for p in params)
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    linears = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    non_embedding = (model.num_params(exclude_embeddings=True) if hasattr(model, "num_params")
+                     else total - sum(p.numel() for p in params if id(p) in embeddings))
+    tied = sum(p.numel() for p in params if id(p) in embeddings and id(p) in linears)
+    per_block = max((sum(p.numel() for p in block.parameters()) for m in model.modules()
+                     if isinstance(m, nn.ModuleList) for block in m), default=0)
+    parts = block_params(c)
+    inactive = n_blocks(c) * (parts["mlp"] - parts["mlp_active"])
+    return {"total": total, "active": total - inactive, "embedding": total - non_embedding,
+            "non_embedding": non_embedding, "per_block": per_block,
+            "lm_head_untied": 0, "matmul": non_embedding + tied,
+            "matmul_active": non_embedding + tied - inactive,
+            "approx_12Ld2": 12 * n_blocks(c) * c.n_embd ** 2, "method": "exact (counted)"}
 
 
 def flops_per_token(c: ModelConfig, seq_len: int | None = None) -> float:
-    """Training FLOPs per token: 6·N_matmul + 12·L·d·T (attention), as `GPT.flops_per_token`."""
+    """Training FLOPs per token: 6·N_active_matmul + 12·L·d·T (attention), as `GPT.flops_per_token`.
+
+    An MoE token runs through the router and top_k experts only, so N counts those. Other
+    architectures: their model's own `flops_per_token` (which knows e.g. an encoder-decoder's
+    cross-attention), or the same formula over all their blocks.
+    """
     seq_len = c.block_size if seq_len is None else seq_len
-    return 6.0 * count_params(c)["matmul"] + 12.0 * c.n_layer * c.n_embd * seq_len
+    if c.arch != "gpt" and hasattr(_built(c), "flops_per_token"):
+        return float(_built(c).flops_per_token(seq_len))
+    return 6.0 * count_params(c)["matmul_active"] + 12.0 * n_blocks(c) * c.n_embd * seq_len
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA / QLoRA
+
+
+@dataclass(frozen=True)
+class LoRA:
+    """A LoRA (or QLoRA: `quantized=True`) fine-tuning setup: rank and targeted Linear names."""
+
+    rank: int
+    targets: tuple[str, ...]
+    quantized: bool = False
+
+    @classmethod
+    def parse(cls, rank: int, targets: str | Sequence[str] = DEFAULT_LORA_TARGETS,
+              quantized: bool = False) -> LoRA:
+        if not isinstance(rank, int) or rank <= 0:
+            raise UserError(f"--lora-rank must be a positive integer, got {rank!r}")
+        names = targets.split(",") if isinstance(targets, str) else list(targets)
+        expanded: list[str] = []
+        for name in (n.strip() for n in names):
+            if name not in LORA_TARGETS and name not in LORA_GROUPS:
+                raise UserError(f"--lora-targets: {name!r} is not one of "
+                                f"{', '.join((*LORA_TARGETS, *LORA_GROUPS))}")
+            expanded += LORA_GROUPS.get(name, (name,))
+        return cls(rank, tuple(t for t in LORA_TARGETS if t in expanded), quantized)
+
+    def targeted(self, c: ModelConfig) -> list[tuple[str, int, int, int, int]]:
+        """The block's Linear layers that get adapters (`gate` exists only with swiglu/geglu)."""
+        return [lin for lin in block_linears(c) if lin[0] in self.targets]
+
+
+def lora_params(c: ModelConfig, lora: LoRA) -> dict[str, int]:
+    """Trainable LoRA parameters: r·(in + out) per targeted Linear (and per expert)."""
+    r = lora.rank
+    per_layer = sum(r * (i + o) * n for _, i, o, n, _ in lora.targeted(c))
+    active = sum(r * (i + o) * k for _, i, o, _, k in lora.targeted(c))
+    if c.arch == "gpt":
+        return {"total": c.n_layer * per_layer, "active": c.n_layer * active, "per_layer": per_layer}
+    # other architectures: the targeted Linears found in the built model's blocks (by name)
+    from torch import nn
+
+    shapes = {id(m): (m.in_features, m.out_features) for layers in _built(c).modules()
+              if isinstance(layers, nn.ModuleList) for block in layers for name, m in block.named_modules()
+              if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in lora.targets}
+    total = sum(r * (i + o) for i, o in shapes.values())
+    L = n_blocks(c)
+    return {"total": total, "active": total - L * (per_layer - active), "per_layer": total / L}
+
+
+def nf4_bytes(numel: int, double_quant: bool = True) -> int:
+    """Bytes of one weight tensor in QLoRA's 4-bit NF4 (see the module docstring)."""
+    blocks = math.ceil(numel / NF4_BLOCK)
+    packed = math.ceil(numel / 2)  # two 4-bit codes per byte
+    if not double_quant:
+        return packed + 4 * blocks + 16 * 4  # fp32 absmax per block, NF4 code book
+    return packed + blocks + 4 * math.ceil(blocks / DQ_BLOCK) + NF4_TENSOR_CONSTANTS
+
+
+def _quantized_weights(c: ModelConfig) -> list[int]:
+    """Sizes of the weights QLoRA quantizes: every Linear inside the blocks but an MoE router
+    (tiny, and `MoE.router_logits` reads its weight in fp32); the GPT family by formula, other
+    architectures from the model built on the meta device."""
+    if c.arch == "gpt":
+        per_block = [i * o for name, i, o, copies, _ in block_linears(c) if name != "router" for _ in range(copies)]
+        return per_block * c.n_layer
+    from torch import nn
+
+    model = _built(c)
+    in_blocks = {id(m.weight): m.weight.numel() for layers in model.modules() if isinstance(layers, nn.ModuleList)
+                 for block in layers for name, m in block.named_modules()
+                 if isinstance(m, nn.Linear) and not name.endswith("router")}
+    return list(in_blocks.values())
+
+
+def frozen_base_bytes(c: ModelConfig, lora: LoRA) -> dict[str, float]:
+    """Bytes of the frozen base model: bf16 (LoRA), or NF4 block Linears + bf16 rest (QLoRA).
+
+    `per_block` (one block's bytes, what FSDP gathers) is exact for the GPT family and the
+    average block for other architectures.
+    """
+    n, L = count_params(c), n_blocks(c)
+    if not lora.quantized:
+        return {"total": n["total"] * 2, "per_block": n["per_block"] * 2,
+                "root": max(0, n["total"] - L * n["per_block"]) * 2, "dequantized_transient": 0}
+    weights = _quantized_weights(c)
+    total = sum(nf4_bytes(w) for w in weights) + (n["total"] - sum(weights)) * 2  # + bf16 rest
+    root = max(0, n["total"] - L * n["per_block"]) * 2  # embeddings, final norm, LM head
+    return {"total": total, "per_block": (total - root) / L, "root": root,
+            "dequantized_transient": max(weights) * 2}
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,27 +328,34 @@ def flops_per_token(c: ModelConfig, seq_len: int | None = None) -> float:
 
 @dataclass(frozen=True)
 class Precision:
-    """Byte sizes of one training precision: fp32, or bf16 autocast over fp32 master weights."""
+    """Byte sizes of one training setup.
+
+    fp32; bf16: autocast over fp32 master weights (the residual stream and norm inputs stay
+    fp32); bf16-frozen: a bf16 base model under bf16 autocast (LoRA/QLoRA), everything bf16.
+    """
 
     name: str
     act: int  # matmul outputs (Linear, SDPA) under autocast
+    stream: int  # the residual stream between blocks (what the embeddings and norms see)
     cast_weights: int  # autocast's per-step bf16 copies of matmul weights (0: none)
 
     @classmethod
     def of(cls, name: str) -> Precision:
-        if name not in PRECISIONS:
+        table = {"fp32": (4, 4, 0), "bf16": (2, 4, 2), "bf16-frozen": (2, 2, 0)}
+        if name not in table:
             raise UserError(f"precision {name!r} is not one of {', '.join(PRECISIONS)}")
-        return cls(name, 4, 0) if name == "fp32" else cls(name, 2, 2)
+        return cls(name, *table[name])
 
 
-def _norm_act_bytes(c: ModelConfig, p: Precision) -> int:
-    """Bytes per token a norm (and the Linear reading it) saves, besides the norm's input."""
+def _norm_act_bytes(c: ModelConfig, p: Precision, output_saved: bool = True) -> int:
+    """Bytes per token one norm saves, its input included, and its output if a Linear keeps it."""
     d = c.n_embd
-    # the norm runs in fp32 under autocast; the next Linear saves its (bf16-cast) input
-    out = d * p.act
+    out = d * p.act if output_saved else 0  # the next Linear saves its (autocast-cast) input
     if c.norm == "layernorm":
-        return out + 2 * 4  # + mean, rstd
-    return out + d * 4 + 4  # rms_norm is composite: + x*rstd (fp32) and rstd
+        return d * p.stream + 2 * p.stream + out  # input, mean, rstd (in the stream's dtype)
+    if p.stream == 4:
+        return d * 4 + d * 4 + 4 + out  # rms_norm is composite: input, x*rstd (for the weight grad), rstd
+    return d * 4 + 4 + out  # a bf16 input is upcast: the fp32 copy and rstd (frozen weight: no x*rstd)
 
 
 def attention_kernel(c: ModelConfig, precision: str, seq_len: int, device_type: str = "cuda") -> str:
@@ -124,18 +367,26 @@ def attention_kernel(c: ModelConfig, precision: str, seq_len: int, device_type: 
     return "fused"
 
 
-def layer_activation_bytes(c: ModelConfig, seq_len: int, precision: str, attention: str = "fused") -> dict[str, int]:
+def layer_activation_bytes(c: ModelConfig, seq_len: int, precision: str, attention: str = "fused",
+                           lora: LoRA | None = None) -> dict[str, int]:
     """Bytes per token that one block saves for backward, by part (see the module docstring).
 
     attention="fused": SDPA (flash/efficient kernels save q, k, v, the output and logsumexp),
     what CUDA always takes and CPU takes in fp32 without dropout. attention="cpu": the
     hand-written CPU path (`Attention._cpu_attention`, bf16 or dropout), which saves the scaled
-    q, k and v (repeated to every head under GQA) and the (T, T) probabilities.
+    q, copies of k and v (repeated to every head under GQA) and the (T, T) probabilities.
+    With `lora`, the base is frozen bf16: a Linear saves its input only if it has an adapter.
     """
-    p = Precision.of(precision)
+    p = Precision.of("bf16-frozen" if lora else precision)
+    trained = set(lora.targets) if lora else set(LORA_TARGETS)
     d, kv, h, H = c.n_embd, c.kv_heads * c.head_dim, c.ffn_hidden, c.n_head
-    residual = 2 * d * 4  # x and x1, fp32
-    norms = 2 * _norm_act_bytes(c, p)
+    E, k = c.moe.num_experts, min(c.moe.top_k, c.moe.num_experts)
+    experts_read = "up" in trained or "gate" in trained  # the first MLP Linear(s) save their input
+    if E:  # the router reads the norm's output in fp32 (saved when the router is trained); the
+        # experts read a bf16 copy, gathered per routed token (counted below)
+        norms = _norm_act_bytes(c, p, "qkv" in trained) + _norm_act_bytes(c, p, False) + (0 if lora else d * 4)
+    else:
+        norms = _norm_act_bytes(c, p, "qkv" in trained) + _norm_act_bytes(c, p, experts_read)
     rope = c.pos_encoding == "rope"
     if attention == "fused":
         attention_bytes = (d + 2 * kv) * p.act + d * p.act + H * 4  # qkv buffer, SDPA output, logsumexp
@@ -143,164 +394,118 @@ def layer_activation_bytes(c: ModelConfig, seq_len: int, precision: str, attenti
             attention_bytes += (d + kv) * p.act  # rotated q and k
     elif attention == "cpu":
         probs = H * seq_len  # per token: one row of the (T, T) probabilities per head
-        if kv != d:  # GQA: k and v repeated to every head; qkv itself is not kept
-            kept = 3 * d
-        else:  # k (rotated, or a view of qkv) and v are views into live buffers
-            kept = (d + 2 * kv) + (kv if rope else 0) + d
-        attention_bytes = (kept + probs + d) * p.act  # + the reshaped output the out-projection reads
+        # the batched matmuls save the scaled q and contiguous (B*H, T, hd) copies of k^T and v
+        # (repeated to every head under GQA); the qkv buffer itself is freed
+        kept = 3 * d
+        reshaped = d if "out" in trained else 0  # the (B, T, d) copy the out-projection reads
+        attention_bytes = (kept + probs + reshaped) * p.act
     else:
         raise ValueError(f"unknown attention kernel {attention!r}")
-    mlp = {"swiglu": 4, "gelu": 2, "gelu_tanh": 2, "relu": 1}[c.mlp] * h * p.act
+    # MLP hidden tensors: the activation's saved input(s), + the down-projection's input when
+    # down is trained (relu: the same tensor as relu's saved output)
+    hidden = 3 if _gated(c) else 1  # gated: gate, act(gate), up; else the activation's input (relu: output)
+    hidden += int("down" in trained and c.mlp != "relu")
+    mlp = hidden * h * p.act
+    if E:  # per token: fp32 router logits and probabilities, the k gates; per routed copy (k):
+        # the gathered input, the expert's hidden tensors and its output (saved by the gating)
+        mlp = E * 8 + k * 4 + k * (mlp + (d * p.act if experts_read else 0) + d * p.act)
     # 1-byte keep-masks of the two residual dropouts (attention and MLP outputs); SDPA's own
     # dropout keeps only its RNG state (the CPU path's (T, T) keep-mask is not modelled)
     dropout = 2 * d if c.dropout > 0 else 0
-    return {"residual": residual, "norms": norms, "attention": attention_bytes, "mlp": mlp, "dropout": dropout}
+    parts = {"residual_norms": norms, "attention": attention_bytes, "mlp": mlp, "dropout": dropout}
+    if lora:  # A's r-wide output, which B saves, per targeted Linear (and routed expert)
+        parts["lora"] = sum(lora.rank * p.act * active for _, _, _, _, active in lora.targeted(c))
+    return parts
 
 
 def activation_memory(c: ModelConfig, micro_batch: int, seq_len: int, precision: str,
-                      checkpointing: bool = False, attention: str = "fused") -> dict[str, float]:
-    """Activation bytes held at the start of backward for one micro-batch, by part."""
-    p = Precision.of(precision)
+                      checkpointing: bool = False, attention: str = "fused",
+                      lora: LoRA | None = None) -> dict[str, float]:
+    """Activation bytes of one micro-batch, by part: `layers` and `head` are what is saved at the
+    start of backward; `layer` is what one block saves (with checkpointing: while it is being
+    recomputed), `block_input` what checkpointing keeps per block instead."""
+    p = Precision.of("bf16-frozen" if lora else precision)
     tokens = micro_batch * seq_len
-    per_layer = sum(layer_activation_bytes(c, seq_len, precision, attention).values())
-    rope_tables = 4 * seq_len * c.head_dim * 2 if (c.pos_encoding == "rope" and p.name == "bf16") else 0
-    if checkpointing:
-        # only each block's input is kept; backward recomputes one block at a time
-        layers = c.n_layer * c.n_embd * 4 * tokens + per_layer * tokens + rope_tables
-    else:
-        layers = c.n_layer * (per_layer * tokens + rope_tables)
+    rope_tables = 4 * seq_len * c.head_dim * 2 if (c.pos_encoding == "rope" and p.act == 2) else 0
+    layer = sum(layer_activation_bytes(c, seq_len, precision, attention, lora).values()) * tokens + rope_tables
+    block_input = c.n_embd * p.stream * tokens if checkpointing else layer
     V = c.vocab_size
-    head = tokens * (c.n_embd * 4 + _norm_act_bytes(c, p) + V * 4 + 16)  # final norm, log-softmax, ids
-    logits_held = tokens * V * p.act  # returned to the training loop, alive through backward
-    backward_logit_grads = tokens * V * 4 * 2  # d log-softmax and d logits (fp32 loss)
-    return {"layers": layers, "head": head, "logits_held": logits_held,
+    # final norm (its output saved by a trained LM head), fp32 log-softmax, ids
+    head = tokens * (_norm_act_bytes(c, p, output_saved=lora is None) + V * 4 + 16)
+    backward_logit_grads = tokens * V * 4 * 2  # d log-softmax and d logits (fp32 loss), for a moment
+    return {"layers": n_blocks(c) * block_input, "head": head, "layer": layer, "block_input": block_input,
             "backward_transient": backward_logit_grads}
 
 
 def training_memory(c: ModelConfig, micro_batch: int, seq_len: int | None = None, precision: str = "bf16",
-                    checkpointing: bool = False, gpus: int = 1, attention: str = "fused") -> dict[str, float]:
-    """Peak training memory per device in bytes, by part, for AdamW with fp32 master weights.
+                    checkpointing: bool = False, gpus: int = 1, attention: str = "fused",
+                    lora: LoRA | None = None) -> dict[str, Any]:
+    """Peak training memory per device in bytes, by part, for AdamW.
 
-    With gpus > 1, FSDP shards weights, gradients and optimizer state G ways and all-gathers
-    the parameters of the block in use (plus the one prefetched) and of the root module
-    (embeddings, head). Gradients are freed after each step (`zero_grad(set_to_none=True)`), so
-    the peak is the larger of the start of backward (all activations, the head's gradient) and
-    the end of it (every gradient, the activations gone).
+    Full training keeps fp32 master weights; with `lora` the base is frozen (bf16, or NF4 for
+    QLoRA) and only the adapters are trained (fp32), under bf16 autocast (`precision` is
+    ignored). With gpus > 1, FSDP shards weights, gradients and optimizer state G ways,
+    all-gathers the parameters of the block in use (plus the one prefetched) and of the root
+    module (embeddings, head), and holds one block's unsharded gradients before reducing them.
+
+    The peak is found by walking backward as it runs, as the training loop runs it (it keeps
+    only the loss, so the logits are gone; gradients are freed after each step): at the head
+    (all activations, autocast's weight copies, the logits' gradients, the head's weight
+    gradient), then block by block from the top, each freeing its activations and weight copies
+    and adding its gradients (in bf16 first, then accumulated into fp32), to the end (every
+    gradient; a tied embedding's lookup gradient is added out of place into the head's at the
+    very end: two more vocab x d tensors). Memory is linear in the blocks done, so the top and
+    the bottom block bound it. MoE blocks, whose weights outweigh their activations at small
+    batches, peak at the bottom; dense ones at the head.
     """
     seq_len = seq_len or c.block_size
-    p = Precision.of(precision)
     n = count_params(c)
-    shard = max(gpus, 1)
-    weights = n["total"] * 4 / shard
-    optimizer = n["total"] * ADAMW_STATE_BYTES / shard
-    grads = n["total"] * 4 / shard
-    cast_weights = n["matmul"] * p.cast_weights  # autocast's bf16 copies, alive until backward uses them
-    gathered = 0.0
-    if gpus > 1:
-        root = n["total"] - c.n_layer * n["per_block"]
-        gathered = (2 * n["per_block"] + root) * 4 * (1 - 1 / shard)
-    acts = activation_memory(c, micro_batch, seq_len, precision, checkpointing, attention)
-    head_grad = c.vocab_size * c.n_embd * 4 / shard  # the first gradient backward writes
-    start_of_backward = sum(acts.values()) + head_grad + cast_weights
-    # A tied embedding's lookup gradient is a dense vocab x d tensor, added out of place into
-    # the head's gradient at the very end of backward: two more vocab x d tensors for a moment.
-    tied_sum = 2 * c.vocab_size * c.n_embd * 4 / shard if c.tie_embeddings else 0
-    end_of_backward = grads + acts["logits_held"] + tied_sum
-    peak = weights + optimizer + gathered + max(start_of_backward, end_of_backward)
+    L, shard = n_blocks(c), max(gpus, 1)
+    acts = activation_memory(c, micro_batch, seq_len, precision, checkpointing, attention, lora)
+    if lora is None:
+        p = Precision.of(precision)
+        trainable, block_trainable = n["total"], n["per_block"]
+        weights = n["total"] * 4 / shard
+        block_bytes, root_bytes = n["per_block"] * 4, max(0, n["total"] - L * n["per_block"]) * 4
+        casts = n["matmul"] * p.cast_weights  # autocast's bf16 copies, alive until backward uses them
+        block_casts = n["per_block"] * p.cast_weights
+        bf16_grads = block_casts  # a block's weight gradients come out of the bf16 matmuls in bf16
+        head_grad = c.vocab_size * c.n_embd * 4 / shard  # the first gradient backward writes
+        tied_sum = 2 * c.vocab_size * c.n_embd * 4 / shard if c.tie_embeddings else 0
+    else:
+        base = frozen_base_bytes(c, lora)
+        lp = lora_params(c, lora)
+        trainable, block_trainable = lp["total"], lp["per_layer"]
+        weights = (base["total"] + trainable * 4) / shard
+        block_bytes, root_bytes = base["per_block"], base["root"]
+        # autocast's bf16 copies of the fp32 adapters (+ QLoRA's dequantized weight at hand)
+        casts, block_casts = trainable * 2, block_trainable * 2
+        bf16_grads = block_casts
+        head_grad = tied_sum = 0
+        acts["dequantized_transient"] = base["dequantized_transient"]
+    grads = trainable * 4 / shard
+    block_grads = block_trainable * 4 / shard + bf16_grads + (block_trainable * 4 if gpus > 1 else 0)
+    optimizer = trainable * ADAMW_STATE_BYTES / shard
+    gathered = (2 * block_bytes + root_bytes) * (1 - 1 / shard) if gpus > 1 else 0.0
+    transient = acts.get("dequantized_transient", 0)
+    recompute = acts["layer"] if checkpointing else 0  # the block being recomputed
+
+    def in_block(done: int) -> float:  # while backward runs the block with `done` blocks above it done
+        remaining = (L - done) * acts["block_input"] + recompute
+        return remaining + casts - done * block_casts + head_grad + done * block_trainable * 4 / shard + block_grads
+
+    phases = {
+        "head": acts["layers"] + acts["head"] + acts["backward_transient"] + casts + head_grad,
+        "top block": in_block(0),
+        "bottom block": in_block(L - 1),
+        "end of backward": grads + tied_sum,
+    }
+    phase = max(phases, key=phases.get)
+    peak = weights + optimizer + gathered + transient + phases[phase]
     return {"weights": weights, "gradients": grads, "optimizer": optimizer, "fsdp_gathered": gathered,
-            "autocast_weight_copies": cast_weights, **{f"activations_{k}": v for k, v in acts.items()},
-            "peak": peak, "peak_phase": "start of backward" if start_of_backward >= end_of_backward
-            else "end of backward"}
-
-
-# --------------------------------------------------------------------------------------------
-# Measuring (the check of the model above; CPU, glibc)
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def can_measure() -> bool:
-    """Whether `measure_training_peak` works here (it reads glibc's allocator statistics)."""
-    import platform
-
-    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-
-
-@functools.cache
-def _mallinfo2() -> Callable[[], _MallInfo2]:
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _MallInfo2
-    return libc.mallinfo2
-
-
-def _malloc_live_bytes() -> int:
-    info = _mallinfo2()()
-    return info.uordblks + info.hblkhd  # bytes in use in the heap + in mmap-ed chunks
-
-
-def measure_training_peak(c: ModelConfig, micro_batch: int, precision: str = "fp32", steps: int = 2,
-                          threads: int = 1) -> dict[str, int]:
-    """Measured peak bytes of one training step on CPU: the model's persistent state + peak growth.
-
-    Method: after a warm-up step (so AdamW's state exists), the step's live malloc bytes (glibc
-    `mallinfo2`: in-use heap + mmap-ed chunks, i.e. what the allocator handed out and not yet
-    got back, no caching or RSS effects) are sampled after every ATen op (a
-    `TorchDispatchMode`, which sees forward, backward and optimizer ops). The peak growth plus
-    the bytes of parameters and optimizer state (exact, from the tensors) is the peak. It
-    misses temporaries that live only inside one kernel. Linux/glibc only. One thread by
-    default: tensors are allocated by the calling thread either way (the numbers are the same),
-    and on a shared CPU a single thread is many times faster than contended OpenMP workers.
-    """
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    if not can_measure():
-        raise RuntimeError("measure_training_peak needs Linux with glibc (it reads mallinfo2)")
-
-    from lmforge.models import GPT
-    from lmforge.train.device import autocast
-
-    class PeakSampler(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.peak = _malloc_live_bytes()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            self.peak = max(self.peak, _malloc_live_bytes())
-            return out
-
-    torch.manual_seed(0)
-    model = GPT(ModelConfig.from_dict(c.to_dict()))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    x, y = torch.randint(0, c.vocab_size, (2, micro_batch, c.block_size))
-    device = torch.device("cpu")
-
-    def step() -> None:
-        with autocast(device, precision):
-            _, loss = model(x, y)  # the training loop's pattern: logits held until backward ends
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    saved_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for _ in range(steps - 1):  # warm-up: the first step allocates AdamW's state
-            step()
-        before = _malloc_live_bytes()
-        with PeakSampler() as sampler:
-            step()
-    finally:
-        torch.set_num_threads(saved_threads)
-    growth = sampler.peak - before
-    persistent = sum(p.numel() * p.element_size() for p in model.parameters())
-    persistent += sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-                      if torch.is_tensor(t))
-    return {"persistent": persistent, "step_growth": growth, "peak": persistent + growth}
+            "autocast_weight_copies": casts + transient,
+            **{f"activations_{k}": acts[k] for k in ("layers", "head", "backward_transient")},
+            "trainable_params": trainable, "peak": peak, "peak_phase": phase}
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,55 +513,81 @@ def measure_training_peak(c: ModelConfig, micro_batch: int, precision: str = "fp
 
 
 def _resolve_vocab(cfg: Any, vocab_size: int | None) -> tuple[int, str]:
+    """The vocabulary size: --vocab-size, model.vocab_size, data.tokens' tokenizer, or assumed."""
     if vocab_size is not None:
         return vocab_size, "--vocab-size"
     if cfg.model.vocab_size is not None:
         return cfg.model.vocab_size, "config"
+    assumed = f"assumed {DEFAULT_VOCAB} (GPT-2's, padded): set model.vocab_size or pass --vocab-size"
     if cfg.data.tokens:
         from pathlib import Path
 
-        from lmforge.tokenizer.shards import META_FILE, read_meta
+        tokens = Path(cfg.data.tokens)
+        if not (tokens / "tokenizer.json").is_file():
+            return DEFAULT_VOCAB, f"{assumed}, or tokenize into data.tokens={tokens} first"
+        # exactly what training builds: the tokenizer + the objective's special tokens, padded
+        from lmforge.train.loop import resolve_model_config, run_tokenizer
 
-        if (Path(cfg.data.tokens) / META_FILE).is_file():
-            vocab = int(read_meta(cfg.data.tokens)["vocab_size"])
-            return 64 * math.ceil(vocab / 64), f"tokenizer in {cfg.data.tokens}"
-    return DEFAULT_VOCAB, "assumed (set model.vocab_size or pass --vocab-size)"
+        tokenizer, _ = run_tokenizer(cfg, tokens)
+        vocab = resolve_model_config(cfg, tokenizer).vocab_size
+        return vocab, f"tokenizer of {tokens}: {tokenizer.vocab_size} tokens, padded to a multiple of 64"
+    return DEFAULT_VOCAB, assumed
 
 
 def plan(cfg: Any, *, gpus: int = 1, gpu_type: str = "H100", mfu: float = 0.4, tokens: float | None = None,
-         vocab_size: int | None = None) -> dict[str, Any]:
-    """The sizing report of a config (`lmforge.config.Config`) as plain data (what `--json` prints)."""
+         vocab_size: int | None = None, lora_rank: int | None = None,
+         lora_targets: str | Sequence[str] = DEFAULT_LORA_TARGETS) -> dict[str, Any]:
+    """The sizing report of a config (`lmforge.config.Config`) as plain data (what `--json` prints).
+
+    Memory rows: fp32 and bf16-mixed full training, with and without activation checkpointing;
+    with `lora_rank`, LoRA and QLoRA rows too.
+    """
     if gpu_type not in _GPU_PEAK_BF16:
         raise UserError(f"--gpu-type {gpu_type!r} is not known; allowed: {', '.join(_GPU_PEAK_BF16)}")
     if gpus < 1:
         raise UserError(f"--gpus must be >= 1, got {gpus}")
     if not 0 < mfu <= 1:
         raise UserError(f"--mfu must be in (0, 1], got {mfu}")
-    if cfg.model.arch != "gpt":
-        raise UserError(f"model.arch={cfg.model.arch!r}: lmforge plan supports gpt")
+    if tokens is not None and tokens <= 0:
+        raise UserError(f"--tokens must be > 0, got {tokens}")
     vocab, vocab_source = _resolve_vocab(cfg, vocab_size)
     c = ModelConfig.from_dict({**cfg.model.to_dict(), "vocab_size": vocab})
     params = count_params(c)
+    moe = c.moe.num_experts > 0
     micro_batch, seq_len = cfg.train.batch_size, c.block_size
     fpt = flops_per_token(c, seq_len)
-    budget = float(tokens) if tokens else CHINCHILLA_TOKENS_PER_PARAM * params["total"]
+    budget = float(tokens) if tokens else CHINCHILLA_TOKENS_PER_PARAM * params["active"]
     total_flops = fpt * budget
     peak_flops = _GPU_PEAK_BF16[gpu_type]
     seconds = total_flops / (gpus * peak_flops * mfu)
+    setups: list[tuple[str, str, LoRA | None]] = [(p, p, None) for p in PRECISIONS]
+    lora_report = None
+    if lora_rank is not None:
+        lora = LoRA.parse(lora_rank, lora_targets)
+        if not lora.targeted(c):
+            raise UserError(f"--lora-targets {lora_targets!r}: none of these layers exists in this model "
+                            f"(mlp={c.mlp}); pick from {', '.join(LORA_TARGETS)}")
+        setups += [("lora", "bf16", lora), ("qlora", "bf16", LoRA(lora.rank, lora.targets, quantized=True))]
+        counts = lora_params(c, lora)
+        lora_report = {"rank": lora.rank, "targets": [t[0] for t in lora.targeted(c)],
+                       "trainable": counts["total"], "trainable_fraction": counts["total"] / params["total"]}
     memory = {}
-    for precision in PRECISIONS:
+    for name, precision, setup in setups:
         for ckpt in (False, True):
-            key = f"{precision}{'+act_ckpt' if ckpt else ''}"
-            memory[key] = training_memory(c, micro_batch, seq_len, precision, ckpt, gpus)
+            key = f"{name}{'+act_ckpt' if ckpt else ''}"
+            memory[key] = training_memory(c, micro_batch, seq_len, precision, ckpt, gpus, lora=setup)
             memory[key]["fits"] = memory[key]["peak"] <= GPU_MEMORY_GIB[gpu_type] * 2**30
     tokens_per_step = micro_batch * seq_len * cfg.train.grad_accum * gpus
+    per = "active parameters" if moe else "parameters"
     return {
         "model": c.to_dict(), "vocab_source": vocab_source,
-        "parameters": params,
-        "flops_per_token": fpt, "flops_per_token_6N": 6.0 * params["matmul"],
+        "parameters": params, "lora": lora_report,
+        "flops_per_token": fpt, "flops_per_token_6N": 6.0 * params["matmul_active"],
         "memory": {"micro_batch": micro_batch, "seq_len": seq_len, "gpus": gpus,
-                   "fsdp": gpus > 1, "gpu_memory_gib": GPU_MEMORY_GIB[gpu_type], "per_device": memory},
-        "compute": {"tokens": budget, "tokens_source": "--tokens" if tokens else "chinchilla (20 x parameters)",
+                   "fsdp": gpus > 1, "gpu_memory_gib": GPU_MEMORY_GIB[gpu_type], "per_device": memory,
+                   "activations_method": "per-tensor model of our blocks" if c.arch == "gpt"
+                   else f"estimated: the decoder-block model applied to {c.arch} (not validated)"},
+        "compute": {"tokens": budget, "tokens_source": "--tokens" if tokens else f"chinchilla (20 x {per})",
                     "training_flops": total_flops, "gpu_type": gpu_type, "gpus": gpus, "mfu": mfu,
                     "peak_flops_per_gpu": peak_flops, "wall_time_s": seconds,
                     "tokens_per_step": tokens_per_step, "steps": math.ceil(budget / tokens_per_step)},
@@ -385,28 +616,44 @@ def _duration(seconds: float) -> str:
 def format_plan(report: dict[str, Any]) -> str:
     """The report as a readable table."""
     m, p, mem, comp = report["model"], report["parameters"], report["memory"], report["compute"]
-    lines = [f"model   {m['n_layer']} layers x {m['n_embd']} wide, {m['n_head']} heads "
-             f"({m['n_kv_head'] or m['n_head']} kv), context {m['block_size']}, vocab {m['vocab_size']} "
-             f"({report['vocab_source']}), {m['pos_encoding']}/{m['norm']}/{m['mlp']}",
+    moe = m["moe"]["num_experts"] > 0
+    layers = (f"{m['n_layer']}+{m.get('n_decoder_layer') or m['n_layer']} (encoder+decoder)" if m["arch"] == "encdec"
+              else str(m["n_layer"]))
+    lines = [f"model   {m['arch']}: {layers} layers x {m['n_embd']} wide, {m['n_head']} heads "
+             f"({m['n_kv_head'] or m['n_head']} kv), context {m['block_size']}, {m['pos_encoding']}/{m['norm']}/"
+             f"{m['mlp']}" + (f", MoE {m['moe']['num_experts']} experts top-{m['moe']['top_k']}" if moe else ""),
+             f"vocab   {m['vocab_size']} ({report['vocab_source']})",
              "",
-             "parameters",
-             f"  total             {p['total']:>15,}  ({_si(p['total'])})",
-             f"  embedding         {p['embedding']:>15,}",
-             f"  non-embedding     {p['non_embedding']:>15,}",
-             f"  12*L*d^2 approx   {p['approx_12Ld2']:>15,}",
-             "",
-             f"FLOPs/token (train) {_si(report['flops_per_token'])}  (6N = {_si(report['flops_per_token_6N'])}"
-             f" + attention)",
-             "",
-             f"training memory per device: micro-batch {mem['micro_batch']} x {mem['seq_len']} tokens, AdamW"
-             + (f", FSDP over {mem['gpus']} GPUs" if mem["fsdp"] else ""),
-             f"  {'':<16}{'weights':>11}{'grads':>11}{'AdamW':>11}{'activations':>13}{'peak':>11}  fits "
-             f"{mem['gpu_memory_gib']} GiB"]
+             f"parameters: {p['method']}",
+             f"  total             {p['total']:>15,}  ({_si(p['total'])})"]
+    if moe:
+        lines.append(f"  active per token  {p['active']:>15,}  ({_si(p['active'])}: router + top-k experts)")
+    lines += [f"  embedding         {p['embedding']:>15,}",
+              f"  non-embedding     {p['non_embedding']:>15,}",
+              f"  12*L*d^2 approx   {p['approx_12Ld2']:>15,}"]
+    if report["lora"]:
+        lo = report["lora"]
+        lines.append(f"  LoRA r={lo['rank']:<3}       {lo['trainable']:>15,}  ({lo['trainable_fraction']:.2%} of total;"
+                     f" on {', '.join(lo['targets'])})")
+    lines += ["",
+              f"FLOPs/token (train) {_si(report['flops_per_token'])}  (6N = {_si(report['flops_per_token_6N'])}"
+              f" + attention{'; N = active' if moe else ''})",
+              "",
+              f"training memory per device: micro-batch {mem['micro_batch']} x {mem['seq_len']} tokens, AdamW"
+              + (f", FSDP over {mem['gpus']} GPUs" if mem["fsdp"] else ""),
+              f"  {'':<18}{'weights':>11}{'grads':>11}{'AdamW':>11}{'activations':>13}{'peak':>11}  fits "
+              f"{mem['gpu_memory_gib']} GiB"]
     for key, row in mem["per_device"].items():
         acts = sum(v for k, v in row.items() if k.startswith("activations_"))
-        lines.append(f"  {key:<16}{_gib(row['weights']):>11}{_gib(row['gradients']):>11}"
+        lines.append(f"  {key:<18}{_gib(row['weights']):>11}{_gib(row['gradients']):>11}"
                      f"{_gib(row['optimizer']):>11}{_gib(acts):>13}{_gib(row['peak']):>11}  "
                      f"{'yes' if row['fits'] else 'NO'}")
+    notes = ["fp32: fp32 everything; bf16: autocast over fp32 master weights"]
+    if report["lora"]:
+        notes.append("lora: frozen bf16 base; qlora: frozen NF4 base (4.127 bits/weight); fp32 adapters")
+    if not mem["activations_method"].startswith("per-tensor"):
+        notes.append(f"activations {mem['activations_method']}")
+    lines += [f"  ({n})" for n in notes]
     lines += ["",
               f"compute  {_si(comp['tokens'])} tokens ({comp['tokens_source']}), {_si(comp['training_flops'], 'FLOP')}",
               f"         {comp['gpus']} x {comp['gpu_type']} at {comp['mfu']:.0%} MFU "

@@ -1,0 +1,115 @@
+"""Peak memory of one real training step on CPU, measured: the check of `lmforge plan`'s model.
+
+`lmforge.plan` predicts training memory from what autograd saves, tensor by tensor; this module
+measures what a training step (forward, backward, AdamW step) actually allocates, so tests can
+hold the prediction to the measurement (tests/test_plan.py). CPU tensors come from glibc's
+malloc, whose statistics (`mallinfo2`) count the bytes handed out and not yet returned: unlike
+the resident set size, they see neither the allocator's caching nor pages that were freed but
+not yet given back, and unlike `torch.profiler`'s memory events they need no trace to be
+replayed. Linux/glibc only (`can_measure`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from lmforge.models.config import ModelConfig
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def can_measure() -> bool:
+    """Whether `measure_training_peak` works here (it reads glibc's allocator statistics)."""
+    import platform
+
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+@functools.cache
+def _mallinfo2() -> Callable[[], _MallInfo2]:
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    return libc.mallinfo2
+
+
+def _malloc_live_bytes() -> int:
+    info = _mallinfo2()()
+    return info.uordblks + info.hblkhd  # bytes in use in the heap + in mmap-ed chunks
+
+
+def measure_training_peak(c: ModelConfig, micro_batch: int, precision: str = "fp32", steps: int = 2,
+                          threads: int = 1, adapt: Callable[[Any], tuple[Iterable[Any], int]] | None = None,
+                          ) -> dict[str, int]:
+    """Measured peak bytes of one training step on CPU: the model's persistent state + peak growth.
+
+    Method: after a warm-up step (so AdamW's state exists), the step's live malloc bytes (glibc
+    `mallinfo2`: in-use heap + mmap-ed chunks, i.e. what the allocator handed out and not yet
+    got back, no caching or RSS effects) are sampled after every ATen op (a
+    `TorchDispatchMode`, which sees forward, backward and optimizer ops). The peak growth plus
+    the bytes of parameters and optimizer state (exact, from the tensors) is the peak. It
+    misses temporaries that live only inside one kernel. Linux/glibc only. One thread by
+    default: tensors are allocated by the calling thread either way (the numbers are the same),
+    and on a shared CPU a single thread is many times faster than contended OpenMP workers.
+
+    `adapt(model)` (e.g. LoRA applied from outside) may change the model in place and returns
+    the parameters to train and the bytes of persistent state that are not parameters (e.g.
+    quantization scales); by default every parameter is trained.
+    """
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    if not can_measure():
+        raise RuntimeError("measure_training_peak needs Linux with glibc (it reads mallinfo2)")
+
+    from lmforge.models import build_model
+    from lmforge.train.device import autocast
+
+    class PeakSampler(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.peak = _malloc_live_bytes()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.peak = max(self.peak, _malloc_live_bytes())
+            return out
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_dict(c.to_dict()))
+    trainable, extra = adapt(model) if adapt else (model.parameters(), 0)
+    # lr=0: the step does all its work (and allocations) but leaves the weights as they are, so an
+    # MoE routes the measured step exactly as the warm-up step: the same expert batch shapes, and
+    # no new entries in oneDNN's per-shape caches of bf16 matmul state (CPU-only memory that grows
+    # with every new shape, which a GPU does not have and the plan does not model)
+    optimizer = torch.optim.AdamW(list(trainable), lr=0.0, fused=True)
+    x, y = torch.randint(0, c.vocab_size, (2, micro_batch, c.block_size))
+    device = torch.device("cpu")
+
+    def step() -> None:
+        with autocast(device, precision):
+            loss = model(x, y)[1]  # as the training loop: only the loss outlives the forward
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(steps - 1):  # warm-up: the first step allocates AdamW's state
+            step()
+        before = _malloc_live_bytes()
+        with PeakSampler() as sampler:
+            step()
+    finally:
+        torch.set_num_threads(saved_threads)
+    growth = sampler.peak - before
+    persistent = extra + sum(p.numel() * p.element_size() for p in model.parameters())
+    persistent += sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                      if torch.is_tensor(t))
+    return {"persistent": persistent, "step_growth": growth, "peak": persistent + growth}
