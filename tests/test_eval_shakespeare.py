@@ -203,7 +203,7 @@ def test_real_corpus_prepare_then_make_tasks_then_eval_loads(shakespeare_dir, tm
     from lmforge.data.prepare import prepare_data
 
     cfg = load_data_config(None, ["read.split_on_blank_lines=true", "read.merge_blocks_chars=2000"])
-    prepare_data(shakespeare_dir, tmp_path / "data", cfg, workers=2)
+    prepare_data([str(shakespeare_dir)], tmp_path / "data", cfg, workers=2, progress=False)
     summary = T.make_shakespeare_tasks(None, tmp_path / "data", tmp_path / "tasks")
     m = summary["metrics"]
     assert m["speaker_mc"] >= 100 and m["continue_line"] >= 50 and m["heldout_ppl"] >= 10

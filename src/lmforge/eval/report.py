@@ -112,9 +112,11 @@ def _examples(result: dict[str, Any], k: int = 5) -> list[str]:
     kind, preds = result["kind"], result["predictions"]
     lines: list[str] = []
 
-    def short(text: str, n: int = 160) -> str:
+    def short(text: str, n: int = 160, head: bool = False) -> str:
         text = text.replace("\n", " / ")
-        return text if len(text) <= n else "..." + text[-n:]
+        if len(text) <= n:
+            return text
+        return text[:n] + "..." if head else "..." + text[-n:]
 
     if kind == "generation":
         for p in preds[:k]:
@@ -134,7 +136,7 @@ def _examples(result: dict[str, Any], k: int = 5) -> list[str]:
                          f"**{p['predicted']}**, gold {p[gold_key]}")
     elif kind == "multiple_choice":
         for p in preds[:k]:
-            choices = "; ".join(f"{'**' if j == p['gold'] else ''}{short(c, 60)}{'**' if j == p['gold'] else ''} "
+            choices = "; ".join(f"{'**' if j == p['gold'] else ''}{short(c, 60, head=True)}{'**' if j == p['gold'] else ''} "
                                 f"({ll:.2f})" for j, (c, ll) in enumerate(zip(p["choices"], p["loglikelihoods"])))
             lines.append(f"- line {p['line']}: picked {p['pred']} (norm {p['pred_norm']}), gold {p['gold']}: {choices}")
     elif kind == "perplexity":
