@@ -10,11 +10,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from data_helpers import edit_words, prose
 
-# 600 MB passes (570 MB peak); the issue's 2 GB goal is not met yet (see docs/BENCHMARKS.md)
+from lmforge.data.readers import open_parquet
+
+# Peak RSS no longer grows with the input (docs/BENCHMARKS.md): 313 MB at 150 MB, 316 MB at 600 MB.
+# The bound is the issue's 1 GB goal halved, so a per-input-MB leak (the old 570 MB at 600 MB) fails.
 SIZE_MB = float(os.environ.get("LMFORGE_MEMORY_TEST_MB", "600"))
+MAX_RSS_MB = 512
 
 
 @pytest.mark.slow
@@ -39,6 +46,29 @@ def test_large_compressed_input_in_bounded_memory(tmp_path: Path):
     rss_mb = int(proc.stdout.split("maxrss_kb")[-1].split()[0]) / 1024
     children_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"\npeak RSS {max(rss_mb, children_mb):.0f} MB for {written / 1e6:.0f} MB of input ({i} documents)")
-    assert max(rss_mb, children_mb) < 1024, f"peak RSS {rss_mb:.0f} MB for {SIZE_MB:.0f} MB of input"
+    assert max(rss_mb, children_mb) < MAX_RSS_MB, f"peak RSS {rss_mb:.0f} MB for {SIZE_MB:.0f} MB of input"
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["documents_in"] == i
+
+
+@pytest.mark.parametrize("row_group_rows", [2000, 100_000])
+def test_open_parquet_streams_the_same_batches_in_bounded_memory(tmp_path: Path, row_group_rows: int):
+    """pyarrow's default ParquetFile pre-buffers every row group iter_batches will read (the whole
+    file); open_parquet must hold about one batch, for many row groups or one, with the same batches."""
+    rng = np.random.default_rng(0)
+    letters = rng.integers(97, 123, size=(16_000, 2000), dtype=np.uint8)
+    texts = [row.tobytes().decode() for row in letters]  # 32 MB
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=row_group_rows, compression="none",
+                   use_dictionary=False)
+    file_mb = path.stat().st_size / 1e6
+    assert file_mb > 30
+    peak = 0
+    sizes, streamed = [], []
+    for batch in open_parquet(path).iter_batches(batch_size=1024):
+        peak = max(peak, pa.total_allocated_bytes())  # Arrow's buffers only (the Python lists are not counted)
+        sizes.append(batch.num_rows)
+        streamed += batch.column(0).to_pylist()
+    assert sizes == [b.num_rows for b in pq.ParquetFile(path).iter_batches(batch_size=1024)]
+    assert streamed == texts
+    assert peak / 1e6 < 12, f"{peak / 1e6:.0f} MB of Arrow memory while streaming a {file_mb:.0f} MB file"

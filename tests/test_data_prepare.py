@@ -12,6 +12,7 @@ from data_helpers import edit_words, messy_corpus, prose, write_jsonl
 from test_data_filters import CHINESE_PROSE
 
 from lmforge.cli import main
+from lmforge.data import dedup
 from lmforge.data import prepare as prepare_module
 from lmforge.data.config import load_data_config
 from lmforge.data.prepare import prepare_data
@@ -120,6 +121,21 @@ def test_output_identical_for_any_worker_count(tmp_path):
         assert one[key] == two[key]
     assert one["removed"]["exact_duplicate"] == len(range(3, 120, 11))
     assert one["removed"]["near_duplicate"] == len(range(0, 120, 7))
+
+
+def test_signatures_read_in_small_chunks_give_the_same_output(tmp_path, monkeypatch):
+    """Stage 2 streams signatures from disk in chunks and verifies candidate pairs in chunks: tiny
+    chunks (many per shard, straddling shard ends) must find the same planted duplicates."""
+    src = _big_jsonl(tmp_path / "in")
+    over = ["read.shard_bytes=20000"]
+    reference = _run([src], tmp_path / "ref", over, workers=1)
+    monkeypatch.setattr(prepare_module, "_SIG_CHUNK_ROWS", 3)
+    monkeypatch.setattr(dedup, "_CHUNK_ROWS", 2)
+    chunked = _run([src], tmp_path / "chunked", over, workers=1)
+    assert chunked["removed"]["exact_duplicate"] == len(range(3, 120, 11))
+    assert chunked["removed"]["near_duplicate"] == len(range(0, 120, 7))
+    assert chunked["documents_out"] == reference["documents_out"]
+    assert _tables(tmp_path / "chunked") == _tables(tmp_path / "ref")
 
 
 def test_interrupted_run_resumes_without_redoing_finished_shards(tmp_path, monkeypatch):
