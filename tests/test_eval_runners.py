@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from eval_helpers import direct_logprob, make_checkpoint, write_task
 
+from lmforge.errors import UserError
 from lmforge.eval import evaluate, scoring
 from lmforge.eval import metrics as M
 from lmforge.eval.runners import DEFAULT_TEMPLATES
@@ -280,3 +281,36 @@ def test_several_tasks_write_one_directory_each_and_an_overview(ckpt, tmp_path):
     assert "[one](one/report.md)" in overview and "| unstated |" in overview
     assert (tmp_path / "out" / "one" / "results.json").is_file()
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["stage"] == "eval"
+
+
+def test_classification_with_a_bert_head_uses_its_logits(tmp_path):
+    from lmforge.models import ModelConfig, build_model
+    from lmforge.train.checkpoint import save_checkpoint, tied_aliases
+
+    _, _, tok = make_checkpoint(tmp_path / "lm")
+    torch.manual_seed(1)
+    config = ModelConfig(arch="bert", vocab_size=320, n_layer=2, n_head=2, n_embd=32, block_size=24, num_labels=3,
+                         norm_position="post")
+    bert = build_model(config).eval()
+    ckpt = save_checkpoint(tmp_path / "bert", bert.state_dict(), config.to_dict(), tmp_path / "lm" / "tok" / "tokenizer.json",
+                           None, drop=tied_aliases(bert))
+    labels = ["comedy", "tragedy", "history"]
+    texts = ["the king my lord shall speak", "death upon this night", "good sir", "i pray thee tell me " * 5]
+    items = [{"text": t, "label": lab} for t, lab in zip(texts, ["comedy", "tragedy", "history", "comedy"])]
+    task = write_task(tmp_path / "c.jsonl", items, {"kind": "classification", "labels": labels, "split": "test"})
+    evaluate(ckpt, [task], tmp_path / "out", batch_size=3, progress=False)
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    for text, pred in zip(texts, result["predictions"]):
+        # the reference: the head on one unpadded [CLS] text [SEP] row (the last text is cut to the context)
+        ids = [tok.bos_id, *tok.encode(text)[:22], tok.eos_id]
+        with torch.no_grad():
+            logits, _ = bert.classify(torch.tensor([ids]))
+        assert [pred["scores"][lab] for lab in labels] == pytest.approx(logits[0].tolist(), abs=1e-4)
+        assert pred["predicted"] == labels[int(logits[0].argmax())]
+    # the head's outputs are positions: the label set must be declared, and match the head's size
+    undeclared = write_task(tmp_path / "u.jsonl", items)
+    with pytest.raises(UserError, match="declare them in the header"):
+        evaluate(ckpt, [undeclared], tmp_path / "out2", kind="classification", progress=False)
+    two = write_task(tmp_path / "t.jsonl", items[:2], {"kind": "classification", "labels": labels[:2]})
+    with pytest.raises(UserError, match="head has 3 outputs but the task has 2 labels"):
+        evaluate(ckpt, [two], tmp_path / "out3", progress=False)

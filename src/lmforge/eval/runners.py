@@ -165,8 +165,11 @@ def run_classification(task: Task, model, tokenizer, settings: Settings) -> Resu
     labels = task.options["labels"]
     template = task.options.get("template", DEFAULT_TEMPLATES["classification"])
     prompts = [_fill(task, template, i, text=item["text"]) for i, item in enumerate(task.items)]
+    if hasattr(model, "classify") and getattr(model.config, "num_labels", 0) and "labels" not in task.header:
+        raise UserError(f"{task.path}: a classification head outputs labels by position; declare them in the "
+                        "header, in the head's output order: {\"task\": {\"labels\": [...]}}")
     scores = scoring.score_labels(model, tokenizer, prompts, labels, batch_size=settings.batch_size,
-                                  progress=settings.progress)
+                                  progress=settings.progress, texts=[item["text"] for item in task.items])
     predicted = [labels[max(range(len(labels)), key=lambda k, s=s: s[k])] for s in scores]
     gold = [item["label"] for item in task.items]
     predictions = [{**_base(task, i), "text": task.items[i]["text"], "label": gold[i], "predicted": predicted[i],

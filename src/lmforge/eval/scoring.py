@@ -192,19 +192,55 @@ def generate_replies(model: torch.nn.Module, tokenizer, prompts: Sequence[str], 
 
 
 def score_labels(model: torch.nn.Module, tokenizer, prompts: Sequence[str], labels: Sequence[str],
-                 batch_size: int = 16, progress: bool = True) -> list[list[float]]:
-    """A score per (prompt, label): higher means the model prefers that label.
+                 batch_size: int = 16, progress: bool = True, texts: Sequence[str] | None = None) -> list[list[float]]:
+    """A score per (item, label): higher means the model prefers that label.
 
-    This is the one place that knows how a model scores labels. A causal language model
-    scores label L by the log-likelihood of " L" after the prompt. (A model with a
-    sequence-classification head would return its logits here instead; add that branch
-    when such a model exists.)
+    This is the one place that knows how a model scores labels:
+    - a causal language model scores label L by the log-likelihood of " L" after the prompt;
+    - a model with a sequence-classification head (`classify`, e.g. BERT with
+      model.num_labels) scores the raw `texts` (no prompt): its head's logits, output i
+      being the i-th label of the task's label set.
     """
+    if hasattr(model, "classify") and getattr(model.config, "num_labels", 0):
+        return _head_logits(model, tokenizer, list(texts if texts is not None else prompts), len(labels),
+                            batch_size, progress)
     require_causal_lm(model, "scoring labels")
     requests = [encode_pair(tokenizer, prompt, " " + label) for prompt in prompts for label in labels]
     results = loglikelihoods(model, requests, batch_size=batch_size, desc="scoring labels", progress=progress)
     k = len(labels)
     return [[r.logprob for r in results[i * k:(i + 1) * k]] for i in range(len(prompts))]
+
+
+def _head_logits(model: torch.nn.Module, tokenizer, texts: list[str], n_labels: int, batch_size: int,
+                 progress: bool) -> list[list[float]]:
+    """Classification-head logits of `[CLS] text [SEP]` (cut to the context), batched with a padding mask."""
+    if model.config.num_labels != n_labels:
+        raise UserError(f"the checkpoint's classification head has {model.config.num_labels} outputs but the task "
+                        f"has {n_labels} labels; declare the head's labels, in its output order, in the header")
+    block = model.config.block_size
+    rows = [[tokenizer.bos_id, *ids[:block - 2], tokenizer.eos_id] for ids in tokenizer.encode_batch(texts)]
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    out: list[list[float]] = [[] for _ in rows]
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc="classifying", unit="batch",
+                          disable=not progress, leave=False):
+            batch = order[start:start + batch_size]
+            width = len(rows[batch[0]])
+            ids = torch.full((len(batch), width), tokenizer.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, i in enumerate(batch):
+                ids[r, :len(rows[i])] = torch.tensor(rows[i])
+                mask[r, :len(rows[i])] = 1
+            with torch.inference_mode():
+                logits, _ = model.classify(ids.to(device), attention_mask=mask.to(device))
+            for r, i in enumerate(batch):
+                out[i] = logits[r].float().tolist()
+    finally:
+        model.train(was_training)
+    return out
 
 
 def perplexity_metrics(total_nats: float, total_tokens: int, total_bytes: int) -> dict[str, float]:
