@@ -61,6 +61,7 @@ def _base(task: Task, i: int) -> dict[str, Any]:
 
 def run_perplexity_sequences(model, sequences: list[list[int]], n_bytes: list[int], settings: Settings) -> Result:
     """Perplexity over token sequences (each starting with the token that precedes a document)."""
+    scoring.require_causal_lm(model, "perplexity")
     nll = scoring.rolling_nll(model, sequences, batch_size=settings.batch_size, progress=settings.progress)
     metrics = scoring.perplexity_metrics(sum(x.nats for x in nll), sum(x.tokens for x in nll), sum(n_bytes))
     predictions = [{"tokens": x.tokens, "bytes": b, "loss": x.nats / max(x.tokens, 1)} for x, b in zip(nll, n_bytes)]

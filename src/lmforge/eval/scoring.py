@@ -40,9 +40,13 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 def require_causal_lm(model: torch.nn.Module, what: str) -> None:
-    """Raise a UserError unless `model` is a decoder that predicts the next token (has a KV cache)."""
-    if not hasattr(model, "new_kv_cache"):
-        raise UserError(f"{what} needs a causal language model (e.g. a GPT checkpoint); "
+    """Raise a UserError unless `model` is a decoder-only model that predicts the next token.
+
+    Encoder-decoder models (T5) are not scored yet: their text goes to the encoder, so the
+    log-likelihood and prompt conventions here do not apply to them.
+    """
+    if not hasattr(model, "new_kv_cache") or getattr(model, "is_encoder_decoder", False):
+        raise UserError(f"{what} needs a decoder-only language model (e.g. a GPT checkpoint); "
                         f"this checkpoint is a {type(model).__name__}")
 
 
