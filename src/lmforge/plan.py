@@ -89,6 +89,9 @@ PRECISIONS = ("fp32", "bf16")
 LORA_TARGETS = ("qkv", "out", "gate", "up", "down")
 LORA_GROUPS = {"attn": ("qkv", "out"), "mlp": ("gate", "up", "down"), "all": LORA_TARGETS}
 DEFAULT_LORA_TARGETS = "qkv,out,gate,up,down"
+# MoE dispatch pads each expert's rows to one of 8 sizes per power of two (`models.moe.bucket_rows`):
+# n in [2^b, 2^(b+1)) rounds up to a multiple of 2^(b-3), on average 2^(b-4) rows more, ~1/24 of n
+MOE_PADDING = 1 + 1 / 24
 NF4_BLOCK = 64  # weights per absmax scale (QLoRA)
 DQ_BLOCK = 256  # absmax scales per fp32 scale under double quantization
 # per quantized tensor: the 16-entry NF4 code book and the 256-entry 8-bit code book of the
@@ -407,8 +410,9 @@ def layer_activation_bytes(c: ModelConfig, seq_len: int, precision: str, attenti
     hidden += int("down" in trained and c.mlp != "relu")
     mlp = hidden * h * p.act
     if E:  # per token: fp32 router logits and probabilities, the k gates; per routed copy (k):
-        # the gathered input, the expert's hidden tensors and its output (saved by the gating)
-        mlp = E * 8 + k * 4 + k * (mlp + (d * p.act if experts_read else 0) + d * p.act)
+        # the gathered input, the expert's hidden tensors and its output (saved by the gating),
+        # each expert's rows padded by ~1/24 on average (`moe.bucket_rows`: up to 1/8)
+        mlp = E * 8 + k * 4 + k * MOE_PADDING * (mlp + (d * p.act if experts_read else 0) + d * p.act)
     # 1-byte keep-masks of the two residual dropouts (attention and MLP outputs); SDPA's own
     # dropout keeps only its RNG state (the CPU path's (T, T) keep-mask is not modelled)
     dropout = 2 * d if c.dropout > 0 else 0
@@ -469,7 +473,9 @@ def training_memory(c: ModelConfig, micro_batch: int, seq_len: int | None = None
         block_bytes, root_bytes = n["per_block"] * 4, max(0, n["total"] - L * n["per_block"]) * 4
         casts = n["matmul"] * p.cast_weights  # autocast's bf16 copies, alive until backward uses them
         block_casts = n["per_block"] * p.cast_weights
-        bf16_grads = block_casts  # a block's weight gradients come out of the bf16 matmuls in bf16
+        # a weight's gradient comes out of its bf16 matmul in bf16, then is accumulated in fp32
+        largest = max(i * o for _, i, o, _, _ in block_linears(c))
+        bf16_grads = largest * p.cast_weights
         head_grad = c.vocab_size * c.n_embd * 4 / shard  # the first gradient backward writes
         tied_sum = 2 * c.vocab_size * c.n_embd * 4 / shard if c.tie_embeddings else 0
     else:
@@ -480,7 +486,7 @@ def training_memory(c: ModelConfig, micro_batch: int, seq_len: int | None = None
         block_bytes, root_bytes = base["per_block"], base["root"]
         # autocast's bf16 copies of the fp32 adapters (+ QLoRA's dequantized weight at hand)
         casts, block_casts = trainable * 2, block_trainable * 2
-        bf16_grads = block_casts
+        bf16_grads = 0  # (adapters: negligible)
         head_grad = tied_sum = 0
         acts["dequantized_transient"] = base["dequantized_transient"]
     grads = trainable * 4 / shard

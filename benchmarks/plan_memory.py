@@ -1,0 +1,84 @@
+"""`lmforge plan`'s predicted peak training memory vs the peak measured on CPU.
+
+    python benchmarks/plan_memory.py            # every case below, ~1-2 min on 2 cores
+    python benchmarks/plan_memory.py --quick    # nano and demo only
+
+For each case, one real training step (forward, backward, AdamW step) runs on CPU and its peak
+is measured (`lmforge.peakmem.measure_training_peak`: glibc's live malloc bytes sampled after
+every ATen op, plus the exact bytes of parameters and optimizer state), next to
+`lmforge.plan.training_memory`'s prediction for the same setup. The attention kernel is the one
+the CPU takes (SDPA in fp32, the hand-written path in bf16), or SDPA forced (`fused*`: what a
+GPU runs). LoRA wraps every block Linear (qkv, out, gate, up, down) with rank-8 adapters
+(tests/test_plan.py's reference `LoRALinear`); QLoRA stores the base in bitsandbytes' NF4
+(needs the dev extra). Vocabulary 320 where the preset leaves it to the tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+CASES = [  # preset, overrides, precision, attention ("cpu", "fused" or "fused*": SDPA forced), method
+    ("nano", [], "fp32", "fused", "full"),
+    ("nano", [], "bf16", "cpu", "full"),
+    ("nano", [], "bf16", "fused*", "full"),
+    ("demo", [], "fp32", "fused", "full"),
+    ("demo", [], "bf16", "cpu", "full"),
+    ("small", [], "fp32", "fused", "full"),
+    ("small", [], "bf16", "cpu", "full"),
+    ("llama-tiny", ["train.batch_size=4"], "bf16", "cpu", "full"),
+    ("moe-tiny", ["train.batch_size=4"], "fp32", "fused", "full"),
+    ("moe-tiny", ["train.batch_size=4"], "bf16", "cpu", "full"),
+    ("moe-tiny", [], "bf16", "cpu", "full"),
+    ("nano", [], "bf16", "cpu", "lora"),
+    ("demo", [], "bf16", "cpu", "lora"),
+    ("small", ["train.batch_size=4"], "bf16", "cpu", "lora"),
+    ("moe-tiny", ["train.batch_size=4"], "bf16", "cpu", "lora"),
+    ("nano", [], "bf16", "cpu", "qlora"),
+    ("demo", [], "bf16", "cpu", "qlora"),
+    ("small", ["train.batch_size=4"], "bf16", "cpu", "qlora"),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="nano and demo only")
+    args = parser.parse_args()
+
+    from test_plan import apply_lora
+
+    from lmforge.config import load_config
+    from lmforge.models import ModelConfig
+    from lmforge.models.blocks import Attention
+    from lmforge.peakmem import measure_training_peak
+    from lmforge.plan import LoRA, training_memory
+
+    cases = [c for c in CASES if not args.quick or c[0] in ("nano", "demo")]
+    print(f"{'preset':<11}{'batch':>6} {'precision':<10}{'attention':<10}{'method':<7}"
+          f"{'predicted':>11}{'measured':>11}{'ratio':>7}  peak at")
+    for preset, overrides, precision, attention, method in cases:
+        cfg = load_config(ROOT / "configs" / f"{preset}.yaml", overrides)
+        config = ModelConfig.from_dict({**cfg.model.to_dict(), "vocab_size": cfg.model.vocab_size or 320})
+        batch = cfg.train.batch_size
+        lora = LoRA.parse(8, quantized=method == "qlora") if method != "full" else None
+        kernel = "fused" if attention.startswith("fused") else "cpu"
+        predicted = training_memory(config, batch, precision=precision, attention=kernel, lora=lora)
+        saved = Attention._use_cpu_attention
+        if attention == "fused*":
+            Attention._use_cpu_attention = lambda self, *a, **k: False
+        try:
+            measured = measure_training_peak(config, batch, precision,
+                                             adapt=(lambda m, lora=lora: apply_lora(m, lora)) if lora else None)
+        finally:
+            Attention._use_cpu_attention = saved
+        print(f"{preset:<11}{batch:>6} {precision:<10}{attention:<10}{method:<7}"
+              f"{predicted['peak'] / 2**20:>8.1f}MiB{measured['peak'] / 2**20:>8.1f}MiB"
+              f"{predicted['peak'] / measured['peak']:>7.3f}  {predicted['peak_phase']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
