@@ -294,6 +294,11 @@ def test_memory_terms_scale_as_expected():
     assert ckpt["activations_layers"] < bf16["activations_layers"] / 4
     fsdp = training_memory(config, batch, precision="bf16", gpus=8)
     assert fsdp["optimizer"] == bf16["optimizer"] / 8 and fsdp["fsdp_gathered"] > 0
+    # FSDP gathers bf16 parameters (train/distributed.py's policy): no autocast copies; two blocks
+    # and the root (embeddings 50304*768 + 1024*768, final norm) are unsharded at a time
+    per_block = count_params(config)["per_block"]
+    assert fsdp["autocast_weight_copies"] == 0
+    assert fsdp["fsdp_gathered"] == 2 * (2 * per_block + 50304 * 768 + 1024 * 768 + 2 * 768)
     assert fsdp["activations_layers"] == bf16["activations_layers"]  # per device: its own micro-batch
     assert fsdp["peak"] < bf16["peak"]
     lora = training_memory(config, batch, lora=LoRA.parse(16))

@@ -448,9 +448,11 @@ def training_memory(c: ModelConfig, micro_batch: int, seq_len: int | None = None
 
     Full training keeps fp32 master weights; with `lora` the base is frozen (bf16, or NF4 for
     QLoRA) and only the adapters are trained (fp32), under bf16 autocast (`precision` is
-    ignored). With gpus > 1, FSDP shards weights, gradients and optimizer state G ways,
-    all-gathers the parameters of the block in use (plus the one prefetched) and of the root
-    module (embeddings, head), and holds one block's unsharded gradients before reducing them.
+    ignored). With gpus > 1, FSDP2 (as `train.distributed.parallelize` applies it: one unit per
+    block, parameters gathered in the compute dtype) shards weights, gradients and optimizer state
+    G ways, all-gathers the parameters of the block in use (plus the one prefetched) and of the
+    root module (embeddings, head), and holds one block's unsharded gradients before reducing
+    them. The FSDP terms are not measured here (no GPUs): they follow FSDP2's documented design.
 
     The peak is found by walking backward as it runs, as the training loop runs it (it keeps
     only the loss, so the logits are gone; gradients are freed after each step): at the head
@@ -470,9 +472,15 @@ def training_memory(c: ModelConfig, micro_batch: int, seq_len: int | None = None
         p = Precision.of(precision)
         trainable, block_trainable = n["total"], n["per_block"]
         weights = n["total"] * 4 / shard
-        block_bytes, root_bytes = n["per_block"] * 4, max(0, n["total"] - L * n["per_block"]) * 4
-        casts = n["matmul"] * p.cast_weights  # autocast's bf16 copies, alive until backward uses them
-        block_casts = n["per_block"] * p.cast_weights
+        # FSDP gathers the parameters in the compute dtype (`train.distributed.parallelize`:
+        # bf16 with bf16 autocast), so there are no autocast copies; one process casts each
+        # weight for its matmul and keeps the copy until backward has used it
+        gathered_bytes = 4 - p.cast_weights if gpus > 1 else 4
+        block_bytes = n["per_block"] * gathered_bytes
+        root_bytes = max(0, n["total"] - L * n["per_block"]) * gathered_bytes
+        cast_bytes = 0 if gpus > 1 else p.cast_weights
+        casts = n["matmul"] * cast_bytes
+        block_casts = n["per_block"] * cast_bytes
         # a weight's gradient comes out of its bf16 matmul in bf16, then is accumulated in fp32
         largest = max(i * o for _, i, o, _, _ in block_linears(c))
         bf16_grads = largest * p.cast_weights
@@ -490,9 +498,12 @@ def training_memory(c: ModelConfig, micro_batch: int, seq_len: int | None = None
         head_grad = tied_sum = 0
         acts["dequantized_transient"] = base["dequantized_transient"]
     grads = trainable * 4 / shard
+    # FSDP: a block's unsharded gradients (fp32, the reduce dtype) until they are reduce-scattered
     block_grads = block_trainable * 4 / shard + bf16_grads + (block_trainable * 4 if gpus > 1 else 0)
     optimizer = trainable * ADAMW_STATE_BYTES / shard
-    gathered = (2 * block_bytes + root_bytes) * (1 - 1 / shard) if gpus > 1 else 0.0
+    # FSDP: all-gathered (unsharded) parameters of two blocks (the one in use, the one prefetched)
+    # and of the root module (embeddings, final norm, head), which stays gathered
+    gathered = 2 * block_bytes + root_bytes if gpus > 1 else 0.0
     transient = acts.get("dequantized_transient", 0)
     recompute = acts["layer"] if checkpointing else 0  # the block being recomputed
 
