@@ -263,6 +263,19 @@ def test_token_directory_perplexity_names_its_split(ckpt, tmp_path):
     result = out["tasks"][0]
     assert result["split"] == "val" and result["kind"] == "perplexity"
     assert result["metrics"]["tokens"] == 2 * model.config.block_size  # --limit 2 = two context windows
+    # the whole split: every token once; bytes are those of the split's text
+    from lmforge.tokenizer.shards import load_split
+
+    stream = [int(t) for shard in load_split(tmp_path / "tokens", "val") for t in shard]
+    whole = evaluate(ckpt_dir, [tmp_path / "tokens"], tmp_path / "out1", progress=False)["tasks"][0]["metrics"]
+    assert whole["tokens"] == len(stream)
+    assert whole["bytes"] == len(tok.decode([t for t in stream if t != tok.eos_id]).encode("utf-8"))
+    nats = 0.0
+    ids = [tok.eos_id, *stream]
+    for begin in range(0, len(ids) - 1, model.config.block_size):
+        window = ids[begin:begin + model.config.block_size + 1]
+        nats -= direct_logprob(model, window, len(window) - 1)
+    assert whole["loss"] == pytest.approx(nats / len(stream), abs=1e-4)
     out = evaluate(ckpt_dir, [tmp_path / "tokens"], tmp_path / "out2", split="train", limit=1, progress=False)
     assert out["tasks"][0]["split"] == "train" and "memorization" in out["tasks"][0]["split_note"]
 

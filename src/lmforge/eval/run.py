@@ -71,13 +71,17 @@ def _token_dir_task(path: Path, split: str | None, model, tokenizer, limit: int 
     if meta.get("eos_id") != tokenizer.eos_id or meta.get("vocab_size") != tokenizer.vocab_size:
         raise UserError(f"{path}/meta.json was made with another tokenizer (vocab {meta.get('vocab_size')}, "
                         f"eos {meta.get('eos_id')}) than the checkpoint's; re-tokenize with the checkpoint's tokenizer")
-    stream = np.concatenate([np.asarray(s) for s in load_split(path, split)]).astype(np.int64)
+    shards = load_split(path, split)
     block = model.config.block_size
+    # the stream starts right after a document boundary: prefix the eos that precedes every document.
+    # An int64 array, not a list: a split can hold far more tokens than a Python list should.
+    ids = np.concatenate([np.array([tokenizer.eos_id]), *shards]).astype(np.int64)
     if limit:
-        stream = stream[:limit * block]  # with the leading eos: exactly `limit` windows
-    # the stream starts right after a document boundary: prefix the eos that precedes every document
-    ids = [tokenizer.eos_id, *stream.tolist()]
-    n_bytes = len(tokenizer.decode([t for t in ids[1:] if t != tokenizer.eos_id]).encode("utf-8"))
+        ids = ids[:limit * block + 1]  # exactly `limit` windows of block_size predicted tokens
+        text_ids = ids[1:][ids[1:] != tokenizer.eos_id]
+        n_bytes = len(tokenizer.decode(text_ids.tolist()).encode("utf-8"))
+    else:  # the UTF-8 bytes of the split's documents, counted when it was tokenized
+        n_bytes = int(meta["splits"][split]["bytes"])
     result = run_perplexity_sequences(model, [ids], [n_bytes], settings)
     result.notes.append(f"the '{split}' token stream of {path}: every token (including the <|eos|> document "
                         "separators) is predicted once, in disjoint windows of the model's context")

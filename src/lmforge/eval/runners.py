@@ -59,7 +59,7 @@ def _base(task: Task, i: int) -> dict[str, Any]:
     return {"line": task.lines[i], **({"id": item["id"]} if "id" in item else {})}
 
 
-def run_perplexity_sequences(model, sequences: list[list[int]], n_bytes: list[int], settings: Settings) -> Result:
+def run_perplexity_sequences(model, sequences: list, n_bytes: list[int], settings: Settings) -> Result:
     """Perplexity over token sequences (each starting with the token that precedes a document)."""
     scoring.require_causal_lm(model, "perplexity")
     nll = scoring.rolling_nll(model, sequences, batch_size=settings.batch_size, progress=settings.progress)

@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -114,7 +115,7 @@ class NLL:
     tokens: int
 
 
-def rolling_nll(model: torch.nn.Module, sequences: Sequence[list[int]], batch_size: int = 16,
+def rolling_nll(model: torch.nn.Module, sequences: Sequence[list[int] | np.ndarray], batch_size: int = 16,
                 stride: int | None = None, desc: str = "perplexity", progress: bool = True) -> list[NLL]:
     """NLL of every token after the first of each sequence, in windows of the model's context.
 
@@ -149,7 +150,7 @@ def rolling_nll(model: torch.nn.Module, sequences: Sequence[list[int]], batch_si
             idx = torch.zeros(len(chunk), width, dtype=torch.long)
             targets = torch.full((len(chunk), width), -100, dtype=torch.long)
             for r, (_, tokens, n_scored) in enumerate(chunk):
-                t = torch.tensor(tokens)
+                t = torch.as_tensor(tokens, dtype=torch.long)
                 idx[r, :len(tokens) - 1] = t[:-1]
                 targets[r, len(tokens) - 1 - n_scored:len(tokens) - 1] = t[-n_scored:]
             with torch.inference_mode():
