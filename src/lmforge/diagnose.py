@@ -27,15 +27,22 @@ Why these rules, and their thresholds (all in `Thresholds`, reported in `--json`
   before it by 25% *and* by 10% of the progress made so far (so that noise on a loss near zero,
   where relative noise is large, is not a spike). Gradient-norm spikes (> 10x the running
   median) are reported for every verdict: alone they are a warning, not a verdict.
-- Overfitting needs >= 2 evals and all of: the val-train gap grew by >= max(0.05 nats, 2% of
-  the best val loss) above its minimum (0.05 nats = a 5% perplexity ratio); the train loss
-  fell by at least half that since the gap began to grow; and val no longer improves: it ended
-  >= max(0.01 nats, 0.5%) above its best, or improved < 0.5% over the last quarter of the run.
-  The gap "began to grow" at the last eval whose gap was within 10% of the growth above the
-  minimum gap; the best checkpoint is the eval with the lowest val loss (what the trainer saves
-  as `checkpoints/best`).
-- Still improving: the loss fell >= 1% over the last quarter of the run (val when there are
-  >= 2 evals, else the smoothed train loss), scaled to a quarter when the evals are sparser.
+- Overfitting needs >= 2 evals and all of: val no longer improves: it ended >= max(0.01 nats,
+  0.5%) above its best, or fell < 0.5% over the last quarter of the run; and from the eval where
+  val stopped improving (the first within that tolerance of its best), the val-train gap grew by
+  >= max(0.05 nats, 2% of the best val loss) (0.05 nats = a 5% perplexity ratio) while the
+  train loss fell by at least half that. Measuring the growth only from there ignores early
+  evals, where train and val can differ for other reasons (e.g. an easier val split). The gap
+  "began to grow" at the last eval within 10% of the total growth above the smallest gap of
+  the run; the best checkpoint is the eval with the lowest val loss (what the trainer saves as
+  `checkpoints/best`).
+- Still improving: the loss fell >= 2% over the last quarter of the run (on a power-law
+  curve, ~4% more from doubling the run; smaller gains are the slow tail every LM curve has,
+  which "train longer" would overstate), measured by the slope
+  of a least-squares line through the val losses of the last quarter (at least the last 3
+  evals) when there are >= 2 evals, else through the per-step train losses; with >= 5 points
+  the fall must also be >= 3 standard errors of the slope, so that noise is not read as
+  progress.
 - Underfitting needs a reference for "high". A Transformer can represent a bigram model
   exactly (token embedding -> output), so it should beat one; the default reference is the
   val loss of a count-based bigram model of the training split (interpolated absolute
@@ -86,7 +93,8 @@ class Thresholds:
     val_rise_nats: float = 0.01  # val ended >= max(0.01 nats, 0.5% of best) above its best
     val_rise_rel: float = 0.005
     val_stall_rel: float = 0.005  # or val improved < 0.5% over the last quarter
-    improving_rel: float = 0.01  # still improving: >= 1% over the last quarter
+    improving_rel: float = 0.02  # still improving: >= 2% over the last quarter ...
+    trend_sigmas: float = 3.0  # ... and >= 3 standard errors of the fitted slope (with >= 5 points)
     last_part: float = 0.25  # "the last part of the run"
     underfit_vs_bigram: float = 0.90  # loss >= 90% of the bigram baseline's val loss: high
     underfit_vs_target: float = 1.05  # loss >= 105% of a stated target: high
@@ -371,10 +379,10 @@ def diagnose_records(records: list[dict[str, Any]], *, config: dict[str, Any] | 
 
     # ---- evals ------------------------------------------------------------------------------
     evals = [r for r in rows if "val_loss" in r and _finite(r["val_loss"])]
-    val = dict(evals=len(evals))
+    val: dict[str, Any] = dict(evals=len(evals))
+    val_rel, val_err, val_points = None, 0.0, 0
     evidence["val_loss"] = val
     overfit = False
-    val_rel = None
     if evals:
         e_steps = np.array([r["step"] for r in evals], dtype=np.float64)
         v = np.array([r["val_loss"] for r in evals], dtype=np.float64)
@@ -390,24 +398,34 @@ def diagnose_records(records: list[dict[str, Any]], *, config: dict[str, Any] | 
         limitations.append(f"{'no' if not evals else 'only one'} val evaluation in metrics.jsonl: overfitting cannot "
                            f"be judged (set train.eval_every to evaluate during training)")
     else:
-        g_min_i = int(np.argmin(gap))
-        growth = float(gap[-1] - gap[g_min_i])
         need = max(th.gap_growth_nats, th.gap_growth_rel * float(v[vb]))
-        onset_i = None
-        if growth > 0:
-            grown = np.flatnonzero(gap[:-1] <= gap[g_min_i] + 0.1 * growth)
-            onset_i = int(grown[-1]) if len(grown) else g_min_i
-        train_fall = float(tr[onset_i] - tr[-1]) if onset_i is not None else 0.0
+        tol = max(th.val_rise_nats, th.val_rise_rel * float(v[vb]))
+        # val stopped improving at the first eval within `tol` of its best; overfitting is judged
+        # on how the gap grew from there (earlier, at a high loss, train and val can differ for
+        # other reasons, e.g. an easier val split, and the gap there says little)
+        plateau = int(np.flatnonzero(v <= v[vb] + tol)[0])
+        low = plateau + int(np.argmin(gap[plateau:]))
+        growth = float(gap[-1] - gap[low])
+        train_fall = float(tr[low] - tr[-1])
+        # where the gap began to grow, over the whole run: the last eval within 10% of the total
+        # growth above the smallest gap
+        g_min_i = int(np.argmin(gap))
+        total = float(gap[-1] - gap[g_min_i])
+        onset_i = int(np.flatnonzero(gap[:-1] <= gap[g_min_i] + 0.1 * total)[-1]) if total > 0 else None
         val_rise = float(v[-1] - v[vb])
-        val_rel, val_from, _ = _recent_improvement(e_steps, v, th.last_part, 3)
-        val_rose = val_rise >= max(th.val_rise_nats, th.val_rise_rel * float(v[vb]))
+        val_rel, val_from, val_err = _recent_improvement(e_steps, v, th.last_part, 3)
+        val_points = int((e_steps >= val_from).sum()) if val_from is not None else 0
+        val_rose = val_rise >= tol
         val_stalled = val_rel is not None and val_rel < th.val_stall_rel
-        overfit = growth >= need and train_fall >= 0.5 * need and (val_rose or val_stalled)
+        overfit = (plateau < len(v) - 1 and growth >= need and train_fall >= 0.5 * need
+                   and (val_rose or val_stalled))
         val["val_trend"] = "rose" if val_rose else "stalled" if val_stalled else "improving"
-        val.update(gap_min=_r(gap[g_min_i]), gap_min_step=int(e_steps[g_min_i]), gap_growth=_r(growth),
-                   gap_growth_needed=_r(need), gap_began_to_grow_step=int(e_steps[onset_i]) if onset_i is not None else None,
-                   train_fall_since_gap_grew=_r(train_fall), rise_above_best=_r(val_rise),
-                   relative_improvement_last_quarter=_r(val_rel), last_quarter_from_step=val_from)
+        val.update(val_stopped_improving_step=int(e_steps[plateau]), gap_growth=_r(growth),
+                   gap_growth_from_step=int(e_steps[low]), gap_growth_needed=_r(need),
+                   train_fall_since=_r(train_fall), gap_min=_r(gap[g_min_i]), gap_min_step=int(e_steps[g_min_i]),
+                   gap_began_to_grow_step=int(e_steps[onset_i]) if onset_i is not None else None,
+                   rise_above_best=_r(val_rise), relative_improvement_last_quarter=_r(val_rel),
+                   standard_error=_r(val_err), last_quarter_from_step=val_from)
         if len(evals) == 2:
             limitations.append("only two val evaluations: the val trend rests on one comparison")
 
@@ -453,15 +471,19 @@ def diagnose_records(records: list[dict[str, Any]], *, config: dict[str, Any] | 
                        f"{loss_spikes[0]['step']}); {len(grad_spikes)} gradient-norm spikes", evidence, limitations,
                        config, reference, th)
     if overfit:
-        return _finish("overfitting", f"val loss {val['val_trend']} "
-                       f"(best {val['best']:.3f} at step {val['best_step']}, final {val['final']:.3f}) while train fell "
-                       f"{val['train_fall_since_gap_grew']:.3f} after step {val['gap_began_to_grow_step']}: the gap grew "
-                       f"{val['gap_growth']:.3f} to {val['gap_final']:.3f}", evidence, limitations, config, reference, th)
-    # the train trend must also stand out of the batch noise (a fall of 3 standard errors); the
-    # eval losses are averages over fixed batches, and few: their trend is used as it is
-    train_improving = train_rel is not None and train_rel >= max(th.improving_rel, 3 * train_err)
+        return _finish("overfitting", f"val loss {val['val_trend']} (best {val['best']:.3f} at step {val['best_step']}, "
+                       f"final {val['final']:.3f}) while train fell {val['train_fall_since']:.3f} after step "
+                       f"{val['gap_growth_from_step']}: the val-train gap grew {val['gap_growth']:.3f} to "
+                       f"{val['gap_final']:.3f} (it began to grow at step {val['gap_began_to_grow_step']})",
+                       evidence, limitations, config, reference, th)
+    # a trend must also stand out of the noise: a fall of 3 standard errors of the fitted slope
+    # (checked with >= 5 points; the per-step train loss always has them, a few evals may not)
+    def improving(rel: float | None, err: float, points: int) -> bool:
+        return rel is not None and rel >= th.improving_rel and (points < 5 or rel >= th.trend_sigmas * err)
+
+    train_points = int((steps >= train_from).sum()) if train_from is not None else 0
     judged_rel = val_rel if val_rel is not None else train_rel
-    if (val_rel is not None and val_rel >= th.improving_rel) or (val_rel is None and train_improving):
+    if improving(val_rel, val_err, val_points) if val_rel is not None else improving(train_rel, train_err, train_points):
         what = "val" if val_rel is not None else "train"
         return _finish("still_improving", f"{what} loss still fell {judged_rel:.1%} over the last quarter of the run "
                        f"(>= {th.improving_rel:.0%}): {loss_words()}", evidence, limitations, config, reference, th)
@@ -641,10 +663,13 @@ def format_diagnosis(d: Diagnosis) -> str:
                         if val.get("relative_improvement_last_quarter") is not None else ""))
         if "gap_growth" in val:
             lines.append(f"  - gap val - train ({val['train_at_evals']}): min {val['gap_min']:+.3f} at step "
-                         f"{val['gap_min_step']}, final {val['gap_final']:+.3f}; grew {val['gap_growth']:.3f} "
-                         f"(overfitting needs >= {val['gap_growth_needed']:.3f})"
-                         + (f", from step {val['gap_began_to_grow_step']}" if val.get("gap_began_to_grow_step") else "")
-                         + f"; train fell {val['train_fall_since_gap_grew']:.3f} since")
+                         f"{val['gap_min_step']}, final {val['gap_final']:+.3f}"
+                         + (f", began to grow at step {val['gap_began_to_grow_step']}"
+                            if val.get("gap_began_to_grow_step") else ""))
+            lines.append(f"  - since val stopped improving (step {val['val_stopped_improving_step']}, within "
+                         f"{d.thresholds['val_rise_nats']:g} nats/{d.thresholds['val_rise_rel']:.1%} of its best): gap "
+                         f"grew {val['gap_growth']:.3f} from step {val['gap_growth_from_step']} (overfitting needs >= "
+                         f"{val['gap_growth_needed']:.3f}), train fell {val['train_fall_since']:.3f}")
     else:
         lines.append("  - val loss: none logged")
     if inst:
