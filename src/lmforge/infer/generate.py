@@ -14,6 +14,7 @@ of the (fixed) encoder output. The sampling is the same `sample_next`.
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -30,6 +31,8 @@ class TokenizerLike(Protocol):
     def encode(self, text: str, add_eos: bool = False) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
+
+    def token_to_id(self, token: str) -> int | None: ...
 
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -160,6 +163,29 @@ def is_encoder_decoder(model: nn.Module) -> bool:
     return bool(getattr(model, "is_encoder_decoder", False))
 
 
+SENTINEL = re.compile(r"<\|extra_id_(\d+)\|>|<extra_id_(\d+)>")
+
+
+def encode_source(tokenizer: TokenizerLike, text: str) -> list[int]:
+    """An encoder-decoder's input ids for `text`: EOS-terminated, as the span and seq2seq
+    objectives (and T5) train it, with sentinel markers (`<|extra_id_N|>`, T5's `<extra_id_N>`)
+    as the tokenizer's sentinel ids: that is how a span-corruption model is asked to fill a gap.
+    They are the one exception to special-token strings in user text staying text; a marker
+    the tokenizer does not have, and every control token (`<|eos|>`, chat roles), stays text.
+    """
+    ids: list[int] = []
+    last = 0
+    for match in SENTINEL.finditer(text):
+        n = match.group(1) or match.group(2)
+        sentinel_id = next((i for i in (tokenizer.token_to_id(f"<|extra_id_{n}|>"),
+                                         tokenizer.token_to_id(f"<extra_id_{n}>")) if i is not None), None)
+        if sentinel_id is None:
+            continue
+        ids += tokenizer.encode(text[last:match.start()]) + [sentinel_id]
+        last = match.end()
+    return ids + tokenizer.encode(text[last:], add_eos=True)
+
+
 def _generate_encoder_decoder(model: nn.Module, tokens: list[int], max_new_tokens: int, stop_ids: set[int],
                               pick: Callable[[Tensor], int],
                               forward_context: Callable[[], contextlib.ExitStack]) -> Iterator[int]:
@@ -225,8 +251,8 @@ def generate_text(model: nn.Module, tokenizer: TokenizerLike, prompt: str | list
 
     if not isinstance(prompt, str):
         prompt_ids = list(prompt)
-    elif is_encoder_decoder(model):  # an encoder input ends with EOS, as in training (and T5)
-        prompt_ids = tokenizer.encode(prompt, add_eos=True)
+    elif is_encoder_decoder(model):
+        prompt_ids = encode_source(tokenizer, prompt)
     else:
         prompt_ids = tokenizer.encode(prompt)
     tokens = generate(model, prompt_ids, max_new_tokens, temperature, top_k,
