@@ -431,3 +431,40 @@ def test_real_run_with_enough_data_fits_well(tmp_path, capsys):
     assert d.verdict == "good_fit", format_diagnosis(d)
     assert abs(d.evidence["val_loss"]["gap_final"]) < 0.05
     assert d.evidence["reference"]["ratio"] < 0.6  # far below the bigram model's loss
+
+
+def modular_tokens(root: Path, docs: int = 60) -> Path:
+    """Text over 8 letters where each letter is (previous + the one before) mod 8, 70% of the time:
+    a bigram model sees nothing (the previous letter alone says nothing about the next); only a
+    model that learns the rule over two positions gets below ln 8."""
+    import random
+
+    from lmforge.tokenizer.shards import tokenize_corpus
+    from lmforge.tokenizer.train import train_tokenizer
+
+    rng = random.Random(0)
+    (root / "corpus").mkdir(parents=True)
+    for d in range(docs):
+        x = [rng.randrange(8), rng.randrange(8)]
+        for _ in range(2000):
+            x.append((x[-1] + x[-2]) % 8 if rng.random() < 0.7 else rng.randrange(8))
+        text = "".join("abcdefgh"[i] for i in x)
+        (root / "corpus" / f"doc{d:03d}.txt").write_text("\n".join(text[i:i + 50] for i in range(0, len(text), 50)))
+    train_tokenizer(root / "corpus", root / "tok", kind="char")
+    tokenize_corpus(root / "tok", root / "corpus", root / "tokens", val_fraction=0.1)
+    return root / "tokens"
+
+
+@pytest.mark.slow
+def test_real_run_that_cannot_use_context_underfits(tmp_path):
+    from lmforge.train.loop import pretrain
+
+    run = tmp_path / "run"
+    pretrain(tiny_config(modular_tokens(tmp_path), "train.batch_size=16", "train.max_steps=400",
+                         "train.eval_every=50", "train.eval_steps=8", "train.lr=1e-2", "train.min_lr=1e-3",
+                         "train.warmup_steps=20", "train.seed=1"), run)
+    d = diagnose_run(run)
+    assert d.verdict == "underfitting", format_diagnosis(d)
+    ref = d.evidence["reference"]
+    assert ref["ratio"] >= 0.95 and ref["bigram_val_loss"] == pytest.approx(math.log(8), abs=0.1)
+    assert d.evidence["train_loss"]["plateau_step"] < 200  # flat early

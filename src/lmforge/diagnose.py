@@ -100,7 +100,7 @@ class Thresholds:
     underfit_vs_target: float = 1.05  # loss >= 105% of a stated target: high
     close_gap_nats: float = 0.10  # good fit: val within max(0.1 nats, 5%) of train
     close_gap_rel: float = 0.05
-    plateau_rel: float = 0.02  # plateau step: smoothed loss first within 2% of its final value
+    plateau_rel: float = 0.02  # plateau step: the smoothed loss stays within 2% of its final value from there
     baseline_train_tokens: int = 20_000_000
     baseline_val_tokens: int = 2_000_000
 
@@ -302,12 +302,26 @@ def _recent_improvement(steps: np.ndarray, values: np.ndarray, part: float, min_
     return float(-slope * span / end), int(x[0]), stderr * span / end
 
 
-def _nonfinite_step(rows: list[dict[str, Any]]) -> tuple[int, str] | None:
-    for r in rows:
-        for key in ("loss", "grad_norm", "val_loss"):
-            if key in r and not _finite(r[key]):
-                return r["step"], f"{key} is {r[key]}"
-    return None
+def _column(rows: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(values with NaN where missing or not a finite number, whether the key is present)."""
+    values = [r.get(key) for r in rows]
+    try:
+        column = np.array(values, dtype=np.float64)  # None -> NaN
+    except (TypeError, ValueError):
+        column = np.array([v if _finite(v) else np.nan for v in values], dtype=np.float64)
+    return column, np.array([key in r for r in rows])
+
+
+def _nonfinite_step(rows: list[dict[str, Any]], columns: dict[str, tuple[np.ndarray, np.ndarray]]
+                    ) -> tuple[int, str] | None:
+    bad = np.zeros(len(rows), dtype=bool)
+    for values, present in columns.values():
+        bad |= present & ~np.isfinite(values)
+    if not bad.any():
+        return None
+    r = rows[int(np.argmax(bad))]
+    key = next(k for k, (values, present) in columns.items() if k in r and not _finite(r[k]))
+    return r["step"], f"{key} is {r[key]}"
 
 
 def diagnose_records(records: list[dict[str, Any]], *, config: dict[str, Any] | None = None,
@@ -326,8 +340,8 @@ def diagnose_records(records: list[dict[str, Any]], *, config: dict[str, Any] | 
         raise ValueError("no metrics records")
     cfg_train = (config or {}).get("train", {}) or {}
     steps = np.array([r["step"] for r in rows], dtype=np.float64)
-    loss = np.array([r["loss"] if _finite(r.get("loss")) else np.nan for r in rows])
-    grad = np.array([r["grad_norm"] if _finite(r.get("grad_norm")) else np.nan for r in rows])
+    columns = {key: _column(rows, key) for key in ("loss", "grad_norm", "val_loss")}
+    loss, grad = (np.where(np.isfinite(columns[key][0]), columns[key][0], np.nan) for key in ("loss", "grad_norm"))
     last_step = int(steps[-1])
     max_steps = cfg_train.get("max_steps")
     limitations: list[str] = []
@@ -348,7 +362,7 @@ def diagnose_records(records: list[dict[str, Any]], *, config: dict[str, Any] | 
     window = int(min(max(round(th.smooth_fraction * len(rows)), th.smooth_min), th.smooth_max))
     smooth = trailing_median(loss, window)
     finite = np.isfinite(smooth)
-    nonfinite = _nonfinite_step(rows)
+    nonfinite = _nonfinite_step(rows, columns)
     if not finite.any():
         evidence["instability"] = {"nonfinite_step": rows[0]["step"], "nonfinite": "no finite loss"}
         return _finish("not_converging", f"no finite train loss in {len(rows)} steps", evidence, limitations,
@@ -361,7 +375,8 @@ def diagnose_records(records: list[dict[str, Any]], *, config: dict[str, Any] | 
     progress = start - best
     rise = (end - best) / abs(best) if best else 0.0
     train_rel, train_from, train_err = _recent_improvement(steps, loss, th.last_part, 3)
-    plateau_i = int(np.flatnonzero(finite & (smooth <= end + th.plateau_rel * abs(end)))[0])
+    away = np.flatnonzero(finite & (np.abs(smooth - end) > th.plateau_rel * abs(end)))
+    plateau_i = min(int(away[-1]) + 1, end_i) if len(away) else 0
     evidence["train_loss"] = {
         "smoothing": f"trailing median of {window} steps", "start": _r(start), "best": _r(best),
         "best_step": int(steps[best_i]), "final": _r(end), "rise_above_best": _r(rise),
@@ -435,11 +450,13 @@ def diagnose_records(records: list[dict[str, Any]], *, config: dict[str, Any] | 
     if reference and reference.get("kind") == "target":
         bar = th.underfit_vs_target * reference["loss"]
         high = model_loss >= bar
-        ref_words = f"the target {reference['loss']:.3f} (high = >= {bar:.3f})"
+        ref_words = (f"{model_loss / reference['loss']:.2f}x the target {reference['loss']:.3f} "
+                     f"(high from {th.underfit_vs_target:.2f}x)")
     elif reference and reference.get("bigram_val_loss") is not None:
         bar = th.underfit_vs_bigram * reference["bigram_val_loss"]
         high = model_loss >= bar
-        ref_words = f"{th.underfit_vs_bigram:.0%} of a bigram model's val loss {reference['bigram_val_loss']:.3f}"
+        ref_words = (f"{model_loss / reference['bigram_val_loss']:.2f}x a bigram model's val loss "
+                     f"{reference['bigram_val_loss']:.3f} (high from {th.underfit_vs_bigram:.2f}x)")
     if reference:
         evidence["reference"] = {**reference, "compared": which, "model_loss": _r(model_loss),
                                  "ratio": _r(model_loss / (reference.get("loss") or reference.get("bigram_val_loss"))),
@@ -488,8 +505,8 @@ def diagnose_records(records: list[dict[str, Any]], *, config: dict[str, Any] | 
         return _finish("still_improving", f"{what} loss still fell {judged_rel:.1%} over the last quarter of the run "
                        f"(>= {th.improving_rel:.0%}): {loss_words()}", evidence, limitations, config, reference, th)
     if high:
-        return _finish("underfitting", f"the loss flattened from step {int(steps[plateau_i])} at {which} "
-                       f"{model_loss:.3f}, not below {ref_words}", evidence, limitations, config, reference, th)
+        return _finish("underfitting", f"the loss flattened from step {int(steps[plateau_i])}: {which} "
+                       f"{model_loss:.3f} is {ref_words}", evidence, limitations, config, reference, th)
     if high is None:
         limitations.append("no reference loss (token dir not found, no --target-loss): whether the plateau is high "
                            "for this model class was not judged")
@@ -546,8 +563,8 @@ def _remedies(verdict: str, evidence: dict[str, Any], config: dict[str, Any] | N
         out.append(f"a larger model: more layers or width (model.n_layer{now('n_layer', m)}, model.n_embd{now('n_embd', m)})")
         ref = evidence.get("reference", {})
         if ref.get("unigram_val_loss") and ref.get("model_loss") and ref["model_loss"] >= 0.95 * ref["unigram_val_loss"]:
-            out.append(f"the loss sits at the unigram level ({ref['unigram_val_loss']:.3f}): the model ignores context, "
-                       f"typical of a learning rate too high to settle: lower train.lr{now('lr')}")
+            out.append(f"the loss sits at the unigram level ({ref['unigram_val_loss']:.3f}): the model uses no context; "
+                       f"a learning rate too high to settle often leaves a model there: try train.lr{now('lr')} x0.3")
         else:
             out.append(f"tune the learning rate: train.lr{now('lr')} (try x0.3 and x3)")
         if (t.get("weight_decay") or 0) > 0.1 or (m.get("dropout") or 0) > 0:
@@ -655,7 +672,7 @@ def format_diagnosis(d: Diagnosis) -> str:
         lines.append(f"  - train loss ({train['smoothing']}): {train['start']} at the first step, best {train['best']} at "
                      f"step {train['best_step']}, final {train['final']}; "
                      + (f"{_trend(improvement)} over the last quarter; " if improvement is not None else "")
-                     + f"flat (within 2%) from step {train['plateau_step']}")
+                     + f"within {d.thresholds['plateau_rel']:.0%} of its final value from step {train['plateau_step']}")
     if val.get("evals"):
         lines.append(f"  - val loss: {val['evals']} evals, best {val['best']} at step {val['best_step']} "
                      f"(checkpoints/best), final {val['final']} at step {val['final_step']}"
