@@ -678,7 +678,7 @@ def format_diagnosis(d: Diagnosis) -> str:
                      f"(checkpoints/best), final {val['final']} at step {val['final_step']}"
                      + (f"; {_trend(val['relative_improvement_last_quarter'])} over the last quarter"
                         if val.get("relative_improvement_last_quarter") is not None else ""))
-        if "gap_growth" in val:
+        if "gap_growth" in val and d.verdict != "not_converging":  # unstable curves make gaps meaningless
             lines.append(f"  - gap val - train ({val['train_at_evals']}): min {val['gap_min']:+.3f} at step "
                          f"{val['gap_min_step']}, final {val['gap_final']:+.3f}"
                          + (f", began to grow at step {val['gap_began_to_grow_step']}"
@@ -764,5 +764,7 @@ def live_warning(records: list[dict[str, Any]] | str | Path) -> str | None:
     if d.verdict not in ("overfitting", "not_converging"):
         return None
     step = records[-1]["step"]
-    hint = d.remedies[0].split(":")[0]
+    hint = (f"the best checkpoint so far is checkpoints/best (step {d.evidence['best_checkpoint_step']}); "
+            f"train.patience=N stops a run after N evals without improvement" if d.verdict == "overfitting"
+            else "lower train.lr, warm up longer (train.warmup_steps) or clip gradients (train.grad_clip=1.0)")
     return f"diagnose (step {step}): {d.verdict.replace('_', ' ')}: {d.reason}; {hint}"
