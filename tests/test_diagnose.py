@@ -282,6 +282,8 @@ def test_live_warning_only_for_overfitting_and_not_converging(tmp_path):
     assert line.startswith("diagnose (step 1000): overfitting:") and "\n" not in line
     assert "not converging" in live_warning(synth(*CURVES["diverging"]))
     assert live_warning(tmp_path / "missing.jsonl") is None
+    (tmp_path / "broken.jsonl").write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "lo\n')
+    assert live_warning(tmp_path / "broken.jsonl").startswith("diagnose: live check skipped (JSONDecodeError")
 
 
 def test_metrics_tail_reads_only_new_complete_lines_and_starts_over_on_a_new_file(tmp_path):
@@ -325,6 +327,16 @@ def test_cli_json_and_text(tmp_path, capsys):
     assert main(["diagnose", str(run)]) == 0
     text = capsys.readouterr().out
     assert "verdict: OVERFITTING" in text and "from step 500" in text and "remedies:" in text
+
+
+def test_the_bigram_reference_only_for_next_token_losses(tmp_path, tokens):
+    train, val = CURVES["underfitting"]
+    clm = diagnose_run(write_run(tmp_path / "clm", synth(train, val), {"data": {"tokens": str(tokens)}}))
+    assert clm.evidence["reference"]["kind"] == "bigram" and clm.evidence["reference"]["tokens_dir"] == str(tokens)
+    mlm = diagnose_run(write_run(tmp_path / "mlm", synth(train, val), {"data": {"tokens": str(tokens)},
+                                                                       "objective": "mlm"}))
+    assert "reference" not in mlm.evidence and any("not a next-token loss" in x for x in mlm.limitations)
+    assert diagnose_run(tmp_path / "mlm", target_loss=2.0).verdict == "underfitting"
 
 
 def one_error_line(capsys) -> str:

@@ -632,16 +632,20 @@ def diagnose_run(run_dir: str | Path, *, target_loss: float | None = None) -> Di
     metrics_summary = (summary or {}).get("metrics", {})
     reference, train_tokens = None, None
     tokens_dir = _tokens_dir(config, run_dir)
+    objective = (config or {}).get("objective") or "clm"
+    if objective != "clm" and target_loss is None:
+        limitations.append(f"objective {objective!r}: its loss is not a next-token loss, so the bigram reference does "
+                           f"not apply; pass --target-loss to judge underfitting")
     if tokens_dir is not None:
         try:
             from lmforge.tokenizer.shards import read_meta
 
             train_tokens = read_meta(tokens_dir)["splits"]["train"]["tokens"]
-            if target_loss is None:
+            if target_loss is None and objective == "clm":
                 reference = bigram_reference(tokens_dir)
         except (UserError, KeyError, ValueError) as e:
             limitations.append(f"the token dir {tokens_dir} could not be read ({e})")
-    elif config is not None and target_loss is None:
+    elif config is not None and target_loss is None and objective == "clm":
         limitations.append(f"the token dir named in config.yaml ({((config.get('data') or {}).get('tokens'))}) was "
                            f"not found, so there is no bigram reference; pass --target-loss")
     if target_loss is not None:
@@ -754,13 +758,16 @@ def live_warning(records: list[dict[str, Any]] | str | Path) -> str | None:
     warn: they call for action now (stop early, lower the learning rate); "still improving" is
     the normal state mid-run and "underfitting" needs the finished curve.
     """
-    if not isinstance(records, list):
-        if not Path(records).is_file():
+    try:
+        if not isinstance(records, list):
+            if not Path(records).is_file():
+                return None
+            records = _tail.read(Path(records))
+        if not records:
             return None
-        records = _tail.read(Path(records))
-    if not records:
-        return None
-    d = diagnose_records(records)
+        d = diagnose_records(records)
+    except Exception as e:  # advice must never stop a training run
+        return f"diagnose: live check skipped ({type(e).__name__}: {e})"
     if d.verdict not in ("overfitting", "not_converging"):
         return None
     step = records[-1]["step"]
