@@ -167,6 +167,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tokens, tmp_path):
     assert ckpt.latest_checkpoint(out).name == "step_000010"
     state = torch.load(ckpt.latest_checkpoint(out) / "trainer_state.pt", weights_only=True)
     assert state["step"] == 10
+    last = losses(out)[-1]  # the failing step is logged, for `lmforge diagnose`
+    assert last["step"] == 12 and math.isnan(last["loss"])
 
 
 def test_early_stopping(tokens, tmp_path, monkeypatch):

@@ -254,6 +254,8 @@ class _Trainer:
             what = "loss" if not math.isfinite(loss_value) else "gradient norm"
             last = ckpt.latest_checkpoint(self.out)
             kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+            # the failing step is logged too (NaN/Infinity in JSON), so `lmforge diagnose` sees it
+            self._log({"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm_value})
             raise TrainingFailed(
                 f"step {step + 1}: {what} is {loss_value if what == 'loss' else grad_norm_value}; training stopped "
                 f"({kept}). Try a lower train.lr, more train.warmup_steps or train.grad_clip=1.0"
