@@ -402,7 +402,10 @@ def test_moe_tiny_preset_learns_shakespeare(shakespeare_dir, tmp_path):
     tokenize_corpus(tmp_path / "tok", shakespeare_dir, tmp_path / "tokens", val_fraction=0.05)
     cfg = load_config(ROOT / "configs" / "moe-tiny.yaml",
                       [f"data.tokens={tmp_path / 'tokens'}", "train.max_steps=150", "train.eval_every=50",
-                       "train.warmup_steps=20", "train.eval_steps=4"])
+                       "train.warmup_steps=20", "train.eval_steps=4", "train.batch_size=8",
+                       # one thread: on a shared 2-core machine two OpenMP threads stall whenever
+                       # another process holds a core (measured 10x slower steps under load)
+                       "train.threads=1"])
     summary = pretrain(cfg, tmp_path / "run")
     evals = [r for r in records(tmp_path / "run") if "val_loss" in r]
     assert [r["step"] for r in evals] == [50, 100, 150]
@@ -434,3 +437,34 @@ def test_padded_groups_pad_with_zero_gates_and_keep_every_assignment():
         assert torch.all(weight[offsets[-1] + n:offsets[-1] + m] == 0)
         offsets.append(offsets[-1] + m)
     assert torch.equal(weight[weight != 0].sort().values, r.weight.sort().values)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_moe_two_processes_match_one(tokens, tmp_path, parallel):
+    """Under torchrun every expert gets a gradient on every rank (DDP would fail otherwise), and
+    without the load-balancing loss — a function of each rank's own batch, as in every MoE
+    implementation — two processes reproduce one."""
+    import subprocess
+    import sys
+
+    def run(out: Path, batch: int, *launcher: str, extra: tuple[str, ...] = ()) -> list[dict]:
+        cmd = [*launcher, "pretrain", "configs/nano.yaml", "--out", str(out)]
+        for s in (f"data.tokens={tokens}", *MOE_SETS, "model.moe.aux_loss_coef=0", "model.n_layer=2",
+                  "model.n_head=2", "model.n_embd=32", "model.block_size=32", f"train.batch_size={batch}",
+                  "train.grad_accum=2", "train.max_steps=6", "train.warmup_steps=2", "train.lr=3e-3",
+                  "train.eval_every=3", "train.eval_steps=2", "train.precision=fp32", "train.threads=1", *extra):
+            cmd += ["--set", s]
+        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return records(out)
+
+    single = run(tmp_path / "single", 4, sys.executable, "-m", "lmforge")
+    multi = run(tmp_path / "multi", 2, sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", "2", "-m", "lmforge", extra=(f"train.parallel={parallel}",))
+    assert len(single) == len(multi) == 6
+    for a, b in zip(single, multi):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4, (a, b)
+        assert len(b["moe_util"]) == 4
+    assert abs(single[-1]["val_loss"] - multi[-1]["val_loss"]) <= 1e-4

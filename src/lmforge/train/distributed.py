@@ -66,8 +66,17 @@ def shutdown() -> None:
 
 
 def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """The Transformer blocks: members of the model's ModuleLists (the units FSDP shards by)."""
-    return [block for m in model.modules() if isinstance(m, nn.ModuleList) for block in m]
+    """The Transformer blocks: members of the model's outermost ModuleLists (the units FSDP
+    shards by). ModuleLists inside a block (an MoE layer's experts) stay part of their block:
+    sharding a block first and then its experts again would shard their parameters twice."""
+    blocks: list[nn.Module] = []
+    inside: set[int] = set()
+    for m in model.modules():  # pre-order: a stack comes before the lists nested in its blocks
+        if isinstance(m, nn.ModuleList) and id(m) not in inside:
+            for block in m:
+                blocks.append(block)
+                inside.update(id(sub) for sub in block.modules())
+    return blocks
 
 
 def parallelize(model: nn.Module, info: DistInfo, device: torch.device, compile: bool = False,
