@@ -340,6 +340,21 @@ def test_attention_bias_and_scale_against_a_hand_computation():
     assert attn._use_cpu_attention(q.bfloat16(), None, None)  # no bias, no mask: the fast path
 
 
+def test_cross_attention_cpu_fast_path_matches_sdpa(monkeypatch):
+    """bf16 cross-attention without a mask takes the hand-written CPU path (T queries, S keys,
+    never causal); it must agree with SDPA's, here through the whole decoder."""
+    attn = Attention(64, 4, causal=False, cross=True, bias=True, scale=0.3)
+    x, context = torch.randn(2, 5, 64), torch.randn(2, 9, 64)
+    q = attn._heads(attn.q(x), 4)
+    assert attn._use_cpu_attention(q.bfloat16(), None, None, None, 9)
+    assert not attn._use_cpu_attention(q.bfloat16(), None, None, None, 600)  # long keys: SDPA
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = attn(x, context=context).float()
+        monkeypatch.setattr(Attention, "_use_cpu_attention", lambda self, *a: False)
+        slow = attn(x, context=context).float()
+    assert (fast - slow).abs().max() <= 2e-2 * slow.abs().max()
+
+
 # --------------------------------------------------------------------------------------------
 # Generation
 

@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message")
     p.set_defaults(func=_cmd_chat)
 
-    p = sub.add_parser("convert", help="convert checkpoints to and from Hugging Face (GPT-2, Llama, Mistral, BERT)")
+    p = sub.add_parser("convert", help="convert checkpoints to and from Hugging Face (GPT-2, Llama, Mistral, BERT, T5)")
     p.add_argument("direction", choices=["from-hf", "to-hf"])
     p.add_argument("src", help="from-hf: an HF model dir; to-hf: a checkpoint or run dir")
     p.add_argument("out", help="output dir (replaced atomically)")

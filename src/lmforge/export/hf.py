@@ -10,7 +10,8 @@ drift apart, and every shape check can name the HF tensor at fault.
 
 Supported now: GPT-2 (`gpt2`), Llama incl. grouped-query attention (`llama`), dense Mistral
 (`mistral`, without a sliding window), Mixtral (`mixtral`: Mistral with top-k MoE MLPs) and BERT (`bert`: BertModel, BertForMaskedLM,
-BertForPreTraining, BertForNextSentencePrediction, BertForSequenceClassification).
+BertForPreTraining, BertForNextSentencePrediction, BertForSequenceClassification) and T5
+(`t5`: T5ForConditionalGeneration, v1.0 and v1.1).
 Everything else is a one-line `UserError` naming the config field and what is allowed.
 
 Heads differ between the HF classes of one family. Which ones a BERT checkpoint has is read
