@@ -102,9 +102,11 @@ def padded_groups(routing: Routing, pad: bool = True) -> tuple[Tensor, Tensor, l
     shape costs oneDNN a new kernel (primitive) — measured here, a 256x704 bf16 product over a
     varying 450-600 rows took 1.7-6x as long as over a fixed count. Rounding the counts up to a
     few sizes lets the kernel cache hit. Padding rows repeat token 0 with gate 0, so they add
-    nothing to the output or the gradients. Returns (token, weight, group sizes).
+    nothing to the output or the gradients. GPUs' matmul libraries do not need this: no padding
+    there. Returns (token, weight, group sizes).
     """
     sizes = routing.counts.tolist()
+    pad = pad and routing.token.device.type == "cpu"
     padded = [bucket_rows(n) for n in sizes] if pad else sizes
     if padded == sizes:
         return routing.token, routing.weight, sizes
