@@ -454,9 +454,11 @@ class TransformerBlock(nn.Module):
             self.cross_norm = make_norm(c.norm, c.n_embd, c.norm_eps, c.bias)
             self.cross_attn = Attention(c.n_embd, c.n_head, c.kv_heads, causal=False, cross=True, **attention)
         self.mlp_norm = make_norm(c.norm, c.n_embd, c.norm_eps, c.bias)
-        from lmforge.models.moe import make_ffn  # moe.py builds on MLP above: imported here, not at the top
+        # MLP, or a Mixture-of-Experts of MLPs when model.moe.num_experts > 0 (moe.py builds on
+        # MLP above, hence the import here rather than at the top)
+        from lmforge.models.moe import make_ffn
 
-        self.mlp = make_ffn(c)  # MLP, or a Mixture-of-Experts of MLPs when model.moe.num_experts > 0
+        self.mlp = make_ffn(c)
 
     def forward(self, x: Tensor, *, rope: tuple[Tensor, Tensor] | None = None,
                 attn_mask: Tensor | None = None, position_bias: Tensor | None = None,
