@@ -92,6 +92,10 @@ def resolve_model_config(cfg: Config, tokenizer: Tokenizer) -> ModelConfig:
             f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {vocab} tokens "
             f"({tokenizer.source}); remove model.vocab_size or set it >= {vocab}"
         )
+    if model_cfg.arch == "encdec":  # the decoder starts from the tokenizer's pad token, as T5's does
+        for key in ("decoder_start_token_id", "pad_token_id"):
+            if getattr(model_cfg, key) is None:
+                setattr(model_cfg, key, tokenizer.pad_id)
     return model_cfg
 
 
