@@ -220,3 +220,24 @@ def test_seq2seq_pairs_split_pad_and_errors(tokens, tmp_path):
     pairs.write_text('{"source": "a", "target": "b"}\nnot json\n')
     with pytest.raises(UserError, match=r"pairs.jsonl:2: not valid JSON"):
         PairSource(pairs, tok, "train", 32)
+
+
+def test_contrastive_pretraining_of_a_bert_runs_end_to_end(tokens, tmp_path):
+    """SimCSE through `pretrain`: the in-batch loss falls from ~ln(batch) and the checkpoint embeds."""
+    import json
+
+    from train_helpers import tiny_config
+
+    from lmforge.train.checkpoint import load_pretrained
+    from lmforge.train.loop import pretrain
+
+    cfg = tiny_config(tokens, "model.arch=bert", "model.norm_position=post", "model.dropout=0.1",
+                      "objective=contrastive", "train.max_steps=30", "train.batch_size=8")
+    pretrain(cfg, tmp_path / "run")
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first, last = recs[0]["loss"], recs[-1]["loss"]
+    assert abs(first - math.log(8)) < 1.0 and last < first
+    assert all(math.isfinite(r["val_loss"]) for r in recs if "val_loss" in r)
+    model, tok = load_pretrained(tmp_path / "run")
+    ids = torch.tensor([tok.encode("the king shall speak")])
+    assert model.embed(ids).shape == (1, 32)
