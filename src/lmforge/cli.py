@@ -295,12 +295,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: every Linear in the blocks, as the QLoRA paper recommends)")
     p.set_defaults(func=_cmd_plan)
 
-    p = sub.add_parser("diagnose", help="is a training run overfitting, underfitting, not converging, or fine?")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run dir from `lmforge pretrain` (reads its metrics.jsonl)")
-    p.add_argument("--json", action="store_true", help="print the verdict, evidence and remedies as JSON")
-    p.add_argument("--target-loss", type=float, default=None,
-                   help="the loss this model class reaches on this data (nats/token); default reference: a bigram model")
-    p.set_defaults(func=_cmd_diagnose)
     p = sub.add_parser("eval", help="evaluate a checkpoint on task files: perplexity, generation, qa, binary, "
                                     "classification, multiple choice")
     p.add_argument("--ckpt", required=True, help="checkpoint dir, or a run dir (uses its best checkpoint)")
@@ -320,6 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation/qa: override the task's reply length")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("diagnose", help="is a training run overfitting, underfitting, not converging, or fine?")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run dir from `lmforge pretrain` (reads its metrics.jsonl)")
+    p.add_argument("--json", action="store_true", help="print the verdict, evidence and remedies as JSON")
+    p.add_argument("--target-loss", type=float, default=None,
+                   help="the loss this model class reaches on this data (nats/token); default reference: a bigram model")
+    p.set_defaults(func=_cmd_diagnose)
     return parser
 
 
