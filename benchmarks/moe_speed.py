@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from train_speed import _machine, char_tokens, measured_peak, random_batches
+from train_speed import _machine, char_tokens, measured_peak, random_batches, timed_rounds
 
 from lmforge.config import load_config
 from lmforge.models import GPT
@@ -167,14 +167,7 @@ def bench(preset: str, steps: int, warmup: int, block: int, overrides: list[str]
     for c in contenders:
         for x, y in batches[:warmup]:
             c.step(x, y)
-    for r in range(rounds):
-        for c in (contenders if r % 2 == 0 else contenders[::-1]):
-            for x, y in batches[warmup + r * block: warmup + (r + 1) * block]:
-                c.times.append(c.step(x, y))
-        if not quiet:
-            print(f"  round {r + 1}/{rounds}: " + ", ".join(
-                f"{c.name} {1000 * statistics.median(c.times[-block:]):.1f} ms" for c in contenders),
-                file=sys.stderr, flush=True)
+    timed_rounds(contenders, batches, warmup, rounds, block, quiet=quiet)
 
     peak = measured_peak(device, precision)
     tokens_per_step = t.batch_size * moe_cfg.block_size

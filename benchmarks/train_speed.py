@@ -174,15 +174,7 @@ def bench_preset(preset: str, steps: int, warmup: int, block: int, overrides: li
             c.step(x, y)
         if t.compile and c.name == "lmforge":
             t_compile = time.perf_counter() - t0
-    for r in range(rounds):
-        order = contenders if r % 2 == 0 else contenders[::-1]
-        for c in order:
-            for x, y in batches[warmup + r * block: warmup + (r + 1) * block]:
-                c.times.append(c.step(x, y))
-        if not quiet:
-            print(f"  [{preset}] round {r + 1}/{rounds}: " + ", ".join(
-                f"{c.name} {1000 * statistics.median(c.times[-block:]):.1f} ms" for c in contenders),
-                file=sys.stderr, flush=True)
+    timed_rounds(contenders, batches, warmup, rounds, block, f"[{preset}] ", quiet)
 
     peak = measured_peak(device, precision)
     flops_per_token = GPT(mc).flops_per_token(mc.block_size) if t.compile else model.flops_per_token(mc.block_size)
@@ -205,6 +197,20 @@ def bench_preset(preset: str, steps: int, warmup: int, block: int, overrides: li
     if "transformers-same-act" in result["contenders"]:
         result["ratio_same_activation"] = round(ours / result["contenders"]["transformers-same-act"]["tokens_per_s"], 3)
     return result
+
+
+def timed_rounds(contenders: list, batches: list, warmup: int, rounds: int, block: int, label: str = "",
+                 quiet: bool = False) -> None:
+    """Time `block` steps of each contender per round, reversing the order every round so that
+    drift and other jobs' load fall on all contenders alike; step times go to `c.times`."""
+    for r in range(rounds):
+        for c in (contenders if r % 2 == 0 else contenders[::-1]):
+            for x, y in batches[warmup + r * block: warmup + (r + 1) * block]:
+                c.times.append(c.step(x, y))
+        if not quiet:
+            print(f"  {label}round {r + 1}/{rounds}: " + ", ".join(
+                f"{c.name} {1000 * statistics.median(c.times[-block:]):.1f} ms" for c in contenders),
+                file=sys.stderr, flush=True)
 
 
 def measured_peak(device: torch.device, precision: str, repeats: int = 3) -> float:

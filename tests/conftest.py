@@ -73,3 +73,15 @@ def shakespeare_dir(tmp_path_factory: pytest.TempPathFactory, shakespeare_cache:
 def tiny_corpus_shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same tiny corpus, created once per session: for module-scoped fixtures; do not modify."""
     return write_docs(tmp_path_factory.mktemp("tiny") / "corpus", TINY_DOCS)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small char tokenizer (read-only; shared by the model and conversion tests)."""
+    from lmforge.tokenizer.train import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tok")
+    (root / "corpus").mkdir()
+    (root / "corpus" / "a.txt").write_text("the king shall speak of love and death upon this night\n" * 20)
+    train_tokenizer(root / "corpus", root / "tok", kind="char")
+    return root / "tok" / "tokenizer.json"

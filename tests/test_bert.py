@@ -34,17 +34,6 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="module")
-def tokenizer_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lmforge.tokenizer.train import train_tokenizer
-
-    root = tmp_path_factory.mktemp("tok")
-    (root / "corpus").mkdir()
-    (root / "corpus" / "a.txt").write_text("the king shall speak of love and death upon this night\n" * 20)
-    train_tokenizer(root / "corpus", root / "tok", kind="char")
-    return root / "tok" / "tokenizer.json"
-
-
 def hf_bert(cls: str = "BertForPreTraining", **kw):
     cfg = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
                max_position_embeddings=32, type_vocab_size=2, hidden_dropout_prob=0.0,

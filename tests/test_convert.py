@@ -30,17 +30,6 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="module")
-def tokenizer_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lmforge.tokenizer.train import train_tokenizer
-
-    root = tmp_path_factory.mktemp("tok")
-    (root / "corpus").mkdir()
-    (root / "corpus" / "a.txt").write_text("the king shall speak of love and death upon this night\n" * 20)
-    train_tokenizer(root / "corpus", root / "tok", kind="char")
-    return root / "tok" / "tokenizer.json"
-
-
 def _perturb_(model: torch.nn.Module, scale: float = 0.05) -> None:
     """Move every parameter off its init (ones, zeros) so a mis-mapped norm or bias shows."""
     with torch.no_grad():

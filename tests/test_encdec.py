@@ -98,17 +98,6 @@ T5_MODELS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tokenizer_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lmforge.tokenizer.train import train_tokenizer
-
-    root = tmp_path_factory.mktemp("tok")
-    (root / "corpus").mkdir()
-    (root / "corpus" / "a.txt").write_text("the king shall speak of love and death upon this night\n" * 20)
-    train_tokenizer(root / "corpus", root / "tok", kind="char")
-    return root / "tok" / "tokenizer.json"
-
-
 def batch(s_len: int = 30, t_len: int = 25):
     """Source ids with one padded row, labels with ignored (-100) tail positions."""
     ids = torch.randint(2, VOCAB, (2, s_len))

@@ -245,17 +245,6 @@ def test_bad_moe_config_is_a_one_line_user_error(tmp_path, capsys):
 # Hugging Face Mixtral
 
 
-@pytest.fixture(scope="module")
-def tokenizer_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lmforge.tokenizer.train import train_tokenizer
-
-    root = tmp_path_factory.mktemp("tok")
-    (root / "corpus").mkdir()
-    (root / "corpus" / "a.txt").write_text("the king shall speak of love and death upon this night\n" * 20)
-    train_tokenizer(root / "corpus", root / "tok", kind="char")
-    return root / "tok" / "tokenizer.json"
-
-
 def hf_mixtral(**kw):
     transformers = pytest.importorskip("transformers")
     cfg = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -74,7 +74,10 @@ def test_mlm_masks_15_percent_of_ordinary_tokens_80_10_10(tokens):
     assert abs(replaced.sum() / n - 0.1) < 0.02
     assert abs(kept.sum() / n - 0.1) < 0.02  # a random token can equal the original: ~1/vocab extra
     assert not np.isin(ids[chosen][replaced], sorted(special_ids(tok))).any()
-    # unchosen positions are untouched: they are the window itself
+    # unchosen positions are untouched: they are the window itself (drawn first from the step's rng)
+    windows = src.windows(np.random.default_rng([3, 5]), 400)
+    inner = ~chosen[:, 1:-1]
+    assert np.array_equal(ids[:, 1:-1][inner], windows[inner])
     again = obj.global_batch(src, seed=3, step=5, rows=400)
     assert torch.equal(again["input_ids"], batch["input_ids"])  # a function of (seed, step)
 
@@ -218,7 +221,7 @@ def test_seq2seq_pairs_split_pad_and_errors(tokens, tmp_path):
     with pytest.raises(UserError, match=r"pairs.jsonl:2: needs non-empty string fields"):
         PairSource(pairs, tok, "train", 32)
     pairs.write_text('{"source": "a", "target": "b"}\nnot json\n')
-    with pytest.raises(UserError, match=r"pairs.jsonl:2: not valid JSON"):
+    with pytest.raises(UserError, match=r"pairs.jsonl:2: invalid JSON"):
         PairSource(pairs, tok, "train", 32)
 
 

@@ -120,6 +120,27 @@ def _decode_utf8(file: Path, data: bytes, base_offset: int = 0, base_line: int =
         ) from None
 
 
+def iter_jsonl_objects(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line of a small JSONL file (task files, pairs,
+    texts to embed): invalid UTF-8, invalid JSON or a line that is not an object is a one-line
+    `UserError` naming file:line. Field checks are the caller's."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{path}:{lineno}: invalid UTF-8; re-encode the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg}); fix or remove the line") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{lineno}: each line must be a JSON object, got {type(record).__name__}")
+            yield lineno, record
+
+
 def _read_jsonl(file: Path) -> Iterator[Document]:
     with open(file, "rb") as f:
         _check_not_binary(file, f.read(_BINARY_SNIFF_BYTES))

@@ -14,11 +14,11 @@ docs/EVAL.md; `ITEM_FIELDS` below is the same list in code.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmforge.data.readers import iter_jsonl_objects
 from lmforge.errors import UserError
 
 KINDS = ("perplexity", "generation", "qa", "binary", "classification", "multiple_choice")
@@ -72,28 +72,15 @@ def load_task(path: str | Path, kind: str | None = None) -> Task:
     header: dict[str, Any] | None = None
     header_line = 0
     records: list[tuple[int, dict[str, Any]]] = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise UserError(f"{path}:{lineno}: invalid UTF-8; re-encode the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg}); fix or remove the line") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{lineno}: each line must be a JSON object, got {type(record).__name__}")
-            if set(record) == {"task"}:
-                if header is not None or records:
-                    raise UserError(f"{path}:{lineno}: a task header ({{\"task\": ...}}) may only be the first line")
-                if not isinstance(record["task"], dict):
-                    raise UserError(f"{path}:{lineno}: 'task' must be an object, e.g. {{\"task\": {{\"kind\": \"qa\"}}}}")
-                header, header_line = record["task"], lineno
-                continue
-            records.append((lineno, record))
+    for lineno, record in iter_jsonl_objects(path):
+        if set(record) == {"task"}:
+            if header is not None or records:
+                raise UserError(f"{path}:{lineno}: a task header ({{\"task\": ...}}) may only be the first line")
+            if not isinstance(record["task"], dict):
+                raise UserError(f"{path}:{lineno}: 'task' must be an object, e.g. {{\"task\": {{\"kind\": \"qa\"}}}}")
+            header, header_line = record["task"], lineno
+            continue
+        records.append((lineno, record))
 
     header = header or {}
     file_kind = header.get("kind")

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from lmforge.data.readers import iter_jsonl_objects
 from lmforge.errors import UserError
 from lmforge.fsutil import atomic_write_bytes, atomic_write_text
 
@@ -102,18 +103,12 @@ def read_texts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} does not exist; pass a text file (one text per line) or a .jsonl file")
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     if path.suffix != ".jsonl":
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
         return [line for line in lines if line.strip()]
     texts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{number}: invalid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+    for number, record in iter_jsonl_objects(path):
+        if not isinstance(record.get("text"), str):
             raise UserError(f"{path}:{number}: expected an object with a string \"text\" field")
         texts.append(record["text"])
     return texts

@@ -39,9 +39,7 @@ class BERT(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        if config.vocab_size is None:
-            raise UserError("model.vocab_size is not set; set it or build the model from a tokenizer")
-        config.validate()
+        config.check_buildable()
         self.config = c = config
         self.tok_embeddings = nn.Embedding(c.vocab_size, c.n_embd)
         self.pos_embeddings = nn.Embedding(c.block_size, c.n_embd)

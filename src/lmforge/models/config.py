@@ -185,6 +185,12 @@ class ModelConfig:
         if self.mlp not in ("gelu", "gelu_tanh", "relu"):
             raise bad("mlp", f"{self.mlp!r}: arch bert's MLM head needs a plain activation; use gelu, gelu_tanh or relu")
 
+    def check_buildable(self) -> None:
+        """Validate, and require vocab_size (what every architecture needs before building)."""
+        if self.vocab_size is None:
+            raise UserError("model.vocab_size is not set; set it or build the model from a tokenizer")
+        self.validate()
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

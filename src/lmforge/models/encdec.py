@@ -50,9 +50,7 @@ class EncoderDecoder(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        if config.vocab_size is None:
-            raise UserError("model.vocab_size is not set; set it or build the model from a tokenizer")
-        config.validate()
+        config.check_buildable()
         self.config = c = config
         self.tok_embeddings = nn.Embedding(c.vocab_size, c.n_embd)  # encoder, decoder (and tied head)
         self.relative = c.pos_encoding == "relative"

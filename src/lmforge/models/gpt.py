@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmforge.errors import UserError
 from lmforge.models.blocks import (
     MLP,
     Dropout,
@@ -34,9 +33,7 @@ class GPT(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        if config.vocab_size is None:
-            raise UserError("model.vocab_size is not set; set it or build the model from a tokenizer")
-        config.validate()
+        config.check_buildable()
         self.config = c = config
         self.tok_embeddings = nn.Embedding(c.vocab_size, c.n_embd)
         self.pos_embeddings = (nn.Embedding(c.block_size, c.n_embd)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge.data.readers import iter_jsonl_objects
 from lmforge.errors import UserError
 from lmforge.train.batches import TokenBatches
 
@@ -301,28 +302,19 @@ class PairSource:
     def __init__(self, path: str | Path, tokenizer: Any, split: str, block_size: int,
                  val_fraction: float = 0.05) -> None:
         import hashlib
-        import json
 
         path = Path(path)
         if not path.is_file():
             raise UserError(f"data.pairs: {path} does not exist; point it at a JSONL file of "
                             '{"source": ..., "target": ...} lines')
         sources, targets = [], []
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg}); fix or remove the line") from None
-                if not isinstance(record, dict) or not all(isinstance(record.get(k), str) and record[k].strip()
-                                                           for k in ("source", "target")):
-                    raise UserError(f'{path}:{line_no}: needs non-empty string fields "source" and "target"')
-                in_val = hashlib.sha256(record["source"].encode()).digest()[0] < val_fraction * 256
-                if in_val == (split == "val"):
-                    sources.append(record["source"])
-                    targets.append(record["target"])
+        for line_no, record in iter_jsonl_objects(path):
+            if not all(isinstance(record.get(k), str) and record[k].strip() for k in ("source", "target")):
+                raise UserError(f'{path}:{line_no}: needs non-empty string fields "source" and "target"')
+            in_val = hashlib.sha256(record["source"].encode()).digest()[0] < val_fraction * 256
+            if in_val == (split == "val"):
+                sources.append(record["source"])
+                targets.append(record["target"])
         if not sources:
             raise UserError(f"{path}: no {split} pairs (val takes ~{val_fraction:.0%} by content hash); add pairs")
         cut = block_size - 1
