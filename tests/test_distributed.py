@@ -60,3 +60,11 @@ def test_two_processes_match_one(tokens, tmp_path, parallel):
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 11))
     for x, y in zip(a[8:], b[8:]):
         assert abs(x["loss"] - y["loss"]) <= 1e-4, (x, y)
+
+
+def test_contrastive_bert_trains_under_ddp(tokens, tmp_path):
+    """The SimCSE loss leaves the MLM head without gradients: DDP must not wait for them."""
+    out = tmp_path / "ddp"
+    run(TORCHRUN + args(tokens, out, 2, "train.parallel=ddp", "model.arch=bert", "model.norm_position=post",
+                        "model.dropout=0.1", "objective=contrastive"))
+    assert [r["step"] for r in metrics(out)] == list(range(1, 9))

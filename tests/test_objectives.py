@@ -244,3 +244,13 @@ def test_contrastive_pretraining_of_a_bert_runs_end_to_end(tokens, tmp_path):
     model, tok = load_pretrained(tmp_path / "run")
     ids = torch.tensor([tok.encode("the king shall speak")])
     assert model.embed(ids).shape == (1, 32)
+
+
+def test_nsp_turns_on_the_nsp_head(tokens):
+    from lmforge.train.loop import resolve_model_config
+
+    cfg = load_config(None, [f"data.tokens={tokens}", "objective=mlm", "mlm.nsp=true", "model.arch=bert",
+                             "model.norm_position=post"])
+    assert resolve_model_config(cfg, Tokenizer.load(tokens / "tokenizer.json")).nsp_head
+    cfg = load_config(None, [f"data.tokens={tokens}", "objective=mlm", "model.arch=bert", "model.norm_position=post"])
+    assert not resolve_model_config(cfg, Tokenizer.load(tokens / "tokenizer.json")).nsp_head

@@ -80,8 +80,13 @@ def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def parallelize(model: nn.Module, info: DistInfo, device: torch.device, compile: bool = False,
-                precision: str = "fp32") -> nn.Module:
-    """Apply compile and DDP/FSDP2 to a plain model. Returns the module to train with."""
+                precision: str = "fp32", all_parameters_used: bool = True) -> nn.Module:
+    """Apply compile and DDP/FSDP2 to a plain model. Returns the module to train with.
+
+    all_parameters_used=False (an objective that leaves some parameters without gradients, e.g.
+    a BERT's MLM head under the contrastive loss) makes DDP look for unused parameters each step
+    instead of waiting forever for their gradients.
+    """
     if info.enabled and info.parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -102,7 +107,7 @@ def parallelize(model: nn.Module, info: DistInfo, device: torch.device, compile:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=not all_parameters_used)
     return model
 
 

@@ -92,6 +92,8 @@ def resolve_model_config(cfg: Config, tokenizer: Tokenizer) -> ModelConfig:
             f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {vocab} tokens "
             f"({tokenizer.source}); remove model.vocab_size or set it >= {vocab}"
         )
+    if cfg.objective == "mlm" and cfg.mlm.nsp:
+        model_cfg.nsp_head = True  # next-sentence prediction trains the NSP head
     if model_cfg.arch == "encdec":  # the decoder starts from the tokenizer's pad token, as T5's does
         for key in ("decoder_start_token_id", "pad_token_id"):
             if getattr(model_cfg, key) is None:
@@ -169,7 +171,8 @@ class _Trainer:
             trainer_state = ckpt.read_trainer_state(self.resume_from)
             for key in self.state:
                 self.state[key] = trainer_state.get(key, self.state[key])
-        self.model = dist.parallelize(self.raw_model, info, self.device, compile=t.compile, precision=self.precision)
+        self.model = dist.parallelize(self.raw_model, info, self.device, compile=t.compile, precision=self.precision,
+                                      all_parameters_used=self.objective.uses_all_parameters)
         self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, (t.beta1, t.beta2), self.device.type)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         torch.manual_seed(t.seed + info.rank)  # dropout masks differ per rank

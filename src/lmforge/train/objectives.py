@@ -57,6 +57,7 @@ class Objective:
     name = "clm"
     arch = "gpt"  # the model family the objective trains
     extra_tokens: tuple[str, ...] = ()  # tokens the tokenizer must have (added if missing)
+    uses_all_parameters = True  # False: some parameters get no gradient (DDP must look for them)
 
     def __init__(self, cfg: Any, tokenizer: Any, model_config: Any) -> None:
         self.cfg, self.tokenizer, self.model_config = cfg, tokenizer, model_config
@@ -253,6 +254,7 @@ class Contrastive(Objective):
     """
 
     name, arch = "contrastive", "bert"
+    uses_all_parameters = False  # the MLM head (and heads) take no part in the sentence vectors
 
     def __init__(self, cfg: Any, tokenizer: Any, model_config: Any) -> None:
         super().__init__(cfg, tokenizer, model_config)
