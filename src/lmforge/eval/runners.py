@@ -13,7 +13,7 @@ from typing import Any
 
 from lmforge.errors import UserError
 from lmforge.eval import metrics as M
-from lmforge.eval import scoring
+from lmforge.eval import scoring, seq2seq
 from lmforge.eval.tasks import Task
 
 DEFAULT_TEMPLATES = {
@@ -61,7 +61,7 @@ def _base(task: Task, i: int) -> dict[str, Any]:
 
 def run_perplexity_sequences(model, sequences: list, n_bytes: list[int], settings: Settings) -> Result:
     """Perplexity over token sequences (each starting with the token that precedes a document)."""
-    scoring.require_causal_lm(model, "perplexity")
+    seq2seq.require_lm(model, "perplexity", allow_seq2seq=False)
     nll = scoring.rolling_nll(model, sequences, batch_size=settings.batch_size, progress=settings.progress)
     metrics = scoring.perplexity_metrics(sum(x.nats for x in nll), sum(x.tokens for x in nll), sum(n_bytes))
     predictions = [{"tokens": x.tokens, "bytes": b, "loss": x.nats / max(x.tokens, 1)} for x, b in zip(nll, n_bytes)]
@@ -94,7 +94,7 @@ def _generate(task: Task, model, tokenizer, prompts: list[str], settings: Settin
 def run_generation(task: Task, model, tokenizer, settings: Settings) -> Result:
     import sacrebleu
 
-    scoring.require_causal_lm(model, "a generation task")
+    seq2seq.require_lm(model, "a generation task")
     prompts = [item["prompt"] for item in task.items]
     replies, notes = _generate(task, model, tokenizer, prompts, settings, 64, None)
     references = [item["references"] for item in task.items]
@@ -115,7 +115,7 @@ def run_generation(task: Task, model, tokenizer, settings: Settings) -> Result:
 
 
 def run_qa(task: Task, model, tokenizer, settings: Settings) -> Result:
-    scoring.require_causal_lm(model, "a qa task")
+    seq2seq.require_lm(model, "a qa task")
     template = task.options.get("template")
     prompts = []
     for i, item in enumerate(task.items):
@@ -136,7 +136,7 @@ def run_qa(task: Task, model, tokenizer, settings: Settings) -> Result:
 
 
 def run_binary(task: Task, model, tokenizer, settings: Settings) -> Result:
-    scoring.require_causal_lm(model, "a binary task")
+    seq2seq.require_lm(model, "a binary task")
     if settings.answer_mode not in ANSWER_MODES:
         raise UserError(f"--answer-mode {settings.answer_mode!r} is not one of {', '.join(ANSWER_MODES)}")
     template = task.options.get("template", DEFAULT_TEMPLATES["binary"])
@@ -179,11 +179,12 @@ def run_classification(task: Task, model, tokenizer, settings: Settings) -> Resu
 
 
 def run_multiple_choice(task: Task, model, tokenizer, settings: Settings) -> Result:
-    scoring.require_causal_lm(model, "a multiple_choice task")
+    seq2seq.require_lm(model, "a multiple_choice task")
+    encode_pair = seq2seq.pair_encoder(model)  # an encoder-decoder: context to the encoder
     requests, owners = [], []
     for i, item in enumerate(task.items):
         for choice in item["choices"]:
-            requests.append(scoring.encode_pair(tokenizer, item["context"], choice))
+            requests.append(encode_pair(tokenizer, item["context"], choice))
             owners.append(i)
     results = scoring.loglikelihoods(model, requests, batch_size=settings.batch_size, desc="scoring choices",
                                      progress=settings.progress)

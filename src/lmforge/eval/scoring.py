@@ -10,6 +10,10 @@ the boundary is tokenized as in running text), the input is cut from the left to
 context length, and the score is the sum of the continuation tokens' log-probabilities.
 Requests are batched longest-first with right padding: in a causal model a padded position
 never influences an earlier one, so no attention mask is needed.
+
+Encoder-decoder models (T5) are scored and prompted by `seq2seq.py` instead (the context goes
+to the encoder, the decoder writes the continuation); `loglikelihoods` and `generate_replies`
+hand them over.
 """
 
 from __future__ import annotations
@@ -40,17 +44,6 @@ def _device(model: torch.nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def require_causal_lm(model: torch.nn.Module, what: str) -> None:
-    """Raise a UserError unless `model` is a decoder-only model that predicts the next token.
-
-    Encoder-decoder models (T5) are not scored yet: their text goes to the encoder, so the
-    log-likelihood and prompt conventions here do not apply to them.
-    """
-    if not hasattr(model, "new_kv_cache") or getattr(model, "is_encoder_decoder", False):
-        raise UserError(f"{what} needs a decoder-only language model (e.g. a GPT checkpoint); "
-                        f"this checkpoint is a {type(model).__name__}")
-
-
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids with a leading eos, continuation ids), tokenized as lm-evaluation-harness does."""
     # trailing spaces of the context belong to the continuation (" yes", not "Answer: " + "yes")
@@ -68,6 +61,9 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 def loglikelihoods(model: torch.nn.Module, requests: Sequence[tuple[list[int], list[int]]],
                    batch_size: int = 16, desc: str = "scoring", progress: bool = True) -> list[LogLikelihood]:
     """Score each (context ids, continuation ids) request; returns results in request order."""
+    if getattr(model, "is_encoder_decoder", False):  # (encoder ids, target ids): see eval/seq2seq.py
+        from lmforge.eval import seq2seq
+        return seq2seq.loglikelihoods(model, requests, batch_size=batch_size, desc=desc, progress=progress)
     block_size = model.config.block_size
     device = _device(model)
     for i, (context, continuation) in enumerate(requests):
@@ -176,6 +172,10 @@ def generate_replies(model: torch.nn.Module, tokenizer, prompts: Sequence[str], 
     The prompt keeps its last `block_size - max_new_tokens` tokens so the reply fits the
     context without the generator sliding its window; `on_truncate(i)` is told about each cut.
     """
+    if getattr(model, "is_encoder_decoder", False):  # the prompt goes to the encoder: see eval/seq2seq.py
+        from lmforge.eval import seq2seq
+        return seq2seq.generate_replies(model, tokenizer, prompts, max_new_tokens, stop, seed, temperature,
+                                        desc=desc, progress=progress, on_truncate=on_truncate)
     from lmforge.infer.generate import generate_text
 
     block_size = model.config.block_size
@@ -202,6 +202,7 @@ def score_labels(model: torch.nn.Module, tokenizer, prompts: Sequence[str], labe
 
     This is the one place that knows how a model scores labels:
     - a causal language model scores label L by the log-likelihood of " L" after the prompt;
+    - an encoder-decoder by the log-likelihood of "L" written by the decoder for the prompt (seq2seq.py);
     - a model with a sequence-classification head (`classify`, e.g. BERT with
       model.num_labels) scores the raw `texts` (no prompt): its head's logits, output i
       being the i-th label of the task's label set.
@@ -209,8 +210,11 @@ def score_labels(model: torch.nn.Module, tokenizer, prompts: Sequence[str], labe
     if hasattr(model, "classify") and getattr(model.config, "num_labels", 0):
         return _head_logits(model, tokenizer, list(texts if texts is not None else prompts), len(labels),
                             batch_size, progress)
-    require_causal_lm(model, "scoring labels")
-    requests = [encode_pair(tokenizer, prompt, " " + label) for prompt in prompts for label in labels]
+    from lmforge.eval import seq2seq  # an encoder-decoder reads the prompt with its encoder
+
+    seq2seq.require_lm(model, "scoring labels")
+    pair = seq2seq.pair_encoder(model)
+    requests = [pair(tokenizer, prompt, " " + label) for prompt in prompts for label in labels]
     results = loglikelihoods(model, requests, batch_size=batch_size, desc="scoring labels", progress=progress)
     k = len(labels)
     return [[r.logprob for r in results[i * k:(i + 1) * k]] for i in range(len(prompts))]

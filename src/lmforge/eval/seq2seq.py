@@ -1,0 +1,150 @@
+"""Evaluation of encoder-decoder checkpoints (T5, the original Transformer), and which kinds a model takes.
+
+A seq2seq model does not continue its input: the encoder reads a source and the decoder writes
+a target from its start token. So, as lm-evaluation-harness does for seq2seq models, the task's
+context or prompt goes to the ENCODER and the continuation or reply is scored or written by the
+DECODER:
+
+- the encoder input is `encode_source(tokenizer, context)` (EOS-terminated, sentinel markers as
+  sentinel ids: how the `span`/`seq2seq` objectives and `lmforge generate` feed it), cut from the
+  left to block_size as `generate` cuts it;
+- the continuation is the decoder's target text, tokenized on its own: the seq2seq objective's
+  targets start at the decoder's start token with no leading space, so leading whitespace of the
+  continuation is dropped (`" yes"` -> `"yes"`, like T5's SentencePiece does) and no EOS is
+  appended (the score is that of the text, not of "the text and then the end");
+- log p(continuation | context) = sum over t of log p(target_t | encoder output, start + targets[:t]),
+  i.e. the teacher-forced decoder of training (decoder input = start token + targets[:-1]);
+- replies come from `generate_text`, which encodes the prompt with `encode_source` and decodes
+  greedily from the start token with the encoder output cached: no second decoding loop here.
+
+Perplexity of a text is a decoder-only measure (it needs a model that predicts a text from its
+own prefix) and is refused for encoder-decoders; encoder-only models (BERT) only score labels
+with a classification head. `require_lm` says so in one line, naming the kinds that work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lmforge.errors import UserError
+from lmforge.eval.scoring import LogLikelihood, _device
+from lmforge.eval.scoring import encode_pair as causal_encode_pair
+from lmforge.infer.generate import encode_source, generate_text, is_encoder_decoder
+
+SEQ2SEQ_KINDS = "generation, qa, binary, classification (label scoring) or multiple_choice"
+
+
+def _is_causal_lm(model: torch.nn.Module) -> bool:
+    return hasattr(model, "new_kv_cache") and not is_encoder_decoder(model)
+
+
+def require_lm(model: torch.nn.Module, what: str, allow_seq2seq: bool = True) -> None:
+    """Raise a one-line UserError unless `model` can do `what` (a decoder-only LM always can;
+    an encoder-decoder when `allow_seq2seq`); the message names the kinds the model does take."""
+    if _is_causal_lm(model) or (allow_seq2seq and is_encoder_decoder(model)):
+        return
+    name = type(model).__name__
+    if is_encoder_decoder(model):
+        raise UserError(f"{what} needs a decoder-only language model (e.g. a GPT checkpoint): the perplexity "
+                        f"of a text is a decoder-only measure; this checkpoint is a {name} (encoder-decoder), "
+                        f"evaluate it with {SEQ2SEQ_KINDS} tasks")
+    head = hasattr(model, "classify") and getattr(getattr(model, "config", None), "num_labels", 0)
+    works = ("only classification tasks work with it (through its classification head)" if head else
+             "it has no classification head (model.num_labels), which is the only way eval uses an encoder; "
+             "fine-tune one for classification tasks")
+    needs = "a decoder-only language model (e.g. a GPT checkpoint)"
+    needs += " or an encoder-decoder (T5)" if allow_seq2seq else ""
+    raise UserError(f"{what} needs {needs}; this checkpoint is a {name}: {works}")
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(encoder ids, decoder target ids) for scoring `continuation` as the reply to `context`."""
+    target = continuation.lstrip() or continuation  # a whitespace-only continuation stays as it is
+    return encode_source(tokenizer, context), tokenizer.encode(target)
+
+
+def pair_encoder(model: torch.nn.Module) -> Callable[[object, str, str], tuple[list[int], list[int]]]:
+    """The request builder for `model`: this module's for an encoder-decoder, scoring's otherwise."""
+    return encode_pair if is_encoder_decoder(model) else causal_encode_pair
+
+
+def loglikelihoods(model: torch.nn.Module, requests: Sequence[tuple[list[int], list[int]]],
+                   batch_size: int = 16, desc: str = "scoring", progress: bool = True) -> list[LogLikelihood]:
+    """Score each (encoder ids, target ids) request with an encoder-decoder; results in request order.
+
+    Batched longest-first: encoder rows are right-padded under an attention mask (masked in the
+    encoder's self-attention and in cross-attention), decoder rows are right-padded with no mask
+    (causal: a padded position never influences an earlier one). The encoder keeps its last
+    block_size ids; the decoder scores at most the first block_size target ids (`tokens` says
+    how many).
+    """
+    block_size = model.config.block_size
+    start_id = model.decoder_start_id
+    device = _device(model)
+    rows = []
+    for i, (source, target) in enumerate(requests):
+        if not target:
+            raise ValueError(f"request {i} has an empty continuation")
+        if not source:
+            raise ValueError(f"request {i} has an empty encoder input (it needs at least the eos)")
+        rows.append((i, source[-block_size:], target[:block_size]))
+    rows.sort(key=lambda r: -(len(r[1]) + len(r[2])))
+    out: list[LogLikelihood | None] = [None] * len(requests)
+    was_training = model.training
+    model.eval()
+    try:
+        bar = tqdm(total=len(rows), desc=desc, unit="req", disable=not progress, leave=False)
+        for begin in range(0, len(rows), batch_size):
+            chunk = rows[begin:begin + batch_size]
+            s_len = max(len(source) for _, source, _ in chunk)
+            t_len = max(len(target) for _, _, target in chunk)
+            source_ids = torch.zeros(len(chunk), s_len, dtype=torch.long)  # any id under the mask
+            mask = torch.zeros(len(chunk), s_len, dtype=torch.long)
+            decoder_ids = torch.full((len(chunk), t_len), start_id, dtype=torch.long)
+            for r, (_, source, target) in enumerate(chunk):
+                source_ids[r, :len(source)] = torch.tensor(source)
+                mask[r, :len(source)] = 1
+                decoder_ids[r, 1:len(target)] = torch.tensor(target[:-1])  # start token, then targets[:-1]
+            with torch.inference_mode():
+                mask = mask.to(device)
+                encoder_output = model.encode(source_ids.to(device), attention_mask=mask)
+                logits = model.decode(decoder_ids.to(device), encoder_output, attention_mask=mask)
+                logprobs = F.log_softmax(logits.float(), dim=-1)
+            for r, (i, _, target) in enumerate(chunk):
+                positions = logprobs[r, :len(target)]
+                targets = torch.tensor(target, device=positions.device)
+                token_lp = positions.gather(-1, targets[:, None]).squeeze(-1)
+                greedy = bool((positions.argmax(-1) == targets).all())
+                out[i] = LogLikelihood(float(token_lp.double().sum()), len(target), greedy)
+            bar.update(len(chunk))
+        bar.close()
+    finally:
+        model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+def generate_replies(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int,
+                     stop: Sequence[str] | None, seed: int, temperature: float = 0.0,
+                     desc: str = "generating", progress: bool = True,
+                     on_truncate: Callable[[int], None] | None = None) -> list[str]:
+    """One reply per prompt from an encoder-decoder (greedy by default), through `generate_text`.
+
+    The prompt goes to the encoder as `encode_source` makes it, keeping its last block_size ids
+    (`on_truncate(i)` is told about each cut); a reply is at most block_size - 1 tokens (the
+    decoder's context, with its start token). The seed is per item (seed + i), as for a decoder.
+    """
+    block_size = model.config.block_size
+    replies = []
+    for i, prompt in enumerate(tqdm(prompts, desc=desc, unit="item", disable=not progress, leave=False)):
+        ids = encode_source(tokenizer, prompt)
+        if len(ids) > block_size:  # cut here (what generate would do) so the cut is reported, not warned
+            ids = ids[-block_size:]
+            if on_truncate is not None:
+                on_truncate(i)
+        replies.append(generate_text(model, tokenizer, ids, max_new_tokens=max_new_tokens,
+                                     temperature=temperature, seed=seed + i, stop=list(stop or [])))
+    return replies
