@@ -117,3 +117,25 @@ def test_template_with_an_unknown_field_is_a_user_error(ckpt_dir, tmp_path, caps
                       {"kind": "binary", "template": "Q: {query}\nA:"})
     code, _, err = run_eval(capsys, ckpt_dir, task, tmp_path / "out")
     assert code == 2 and "template 'Q: {query}\\nA:' cannot be filled" in one_error_line(err)
+
+
+def test_sampled_generation_is_batched_and_per_item_seeded(tmp_path, capsys):
+    """--temperature samples; a reply is the one `generate_text` gives its prompt alone with seed
+    --seed + i, whatever --batch-size (batches are left-padded); a negative temperature is exit 2."""
+    from lmforge.infer.generate import generate_text
+
+    ckpt, model, tok = make_checkpoint(tmp_path / "ck", block_size=48)
+    prompts = ["KING:\nthe king my lord", "a", "ROMEO:\nwhat light through yonder", "my", "good sir, I pray thee now"]
+    task = write_task(tmp_path / "g.jsonl", [{"prompt": p, "reference": "the king"} for p in prompts],
+                      {"kind": "generation", "split": "test", "max_new_tokens": 10, "stop": ["\n"]})
+    expected = [generate_text(model, tok, [tok.eos_id, *tok.encode(p)], max_new_tokens=10, temperature=0.9,
+                              seed=5 + i, stop=["\n"]) for i, p in enumerate(prompts)]
+    assert len(set(expected)) > 1
+    for batch in ("1", "3", "16"):
+        code, _, _ = run_eval(capsys, ckpt, task, tmp_path / f"out{batch}", "--temperature", "0.9", "--seed", "5",
+                              "--batch-size", batch)
+        result = json.loads((tmp_path / f"out{batch}" / "results.json").read_text())
+        assert code == 0 and [p["prediction"] for p in result["predictions"]] == expected
+        assert result["temperature"] == 0.9
+    code, _, err = run_eval(capsys, ckpt, task, tmp_path / "bad", "--temperature", "-1")
+    assert code == 2 and "--temperature must be >= 0" in one_error_line(err)

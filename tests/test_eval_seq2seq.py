@@ -94,8 +94,8 @@ def test_batched_loglikelihoods_equal_one_request_at_a_time(variant, tok):
 def test_encode_pair_sends_the_context_to_the_encoder(tok):
     source, target = seq2seq.encode_pair(tok, "Question: is it so?\nAnswer:", " yes")
     assert source == tok.encode("Question: is it so?\nAnswer:", add_eos=True)
-    assert target == tok.encode("yes")  # the decoder's target text: no leading space, no eos
-    assert seq2seq.encode_pair(tok, "x", "\n")[1] == tok.encode("\n")  # whitespace-only stays
+    assert target == tok.encode("yes") + [tok.eos_id]  # the whole reply: no leading space, eos-terminated
+    assert seq2seq.encode_pair(tok, "x", "\n")[1] == tok.encode("\n") + [tok.eos_id]  # whitespace-only stays
 
 
 MC_ITEMS = [
@@ -124,7 +124,7 @@ def test_cli_multiple_choice_and_generation_on_an_encdec_checkpoint(t5_ckpt, tok
     result = json.loads((tmp_path / "out" / "mc" / "results.json").read_text())
     correct = 0
     for item, pred in zip(MC_ITEMS, result["predictions"]):
-        lls = [direct_logprob(model, encode_source(tok, item["context"]), tok.encode(c.lstrip()))[0]
+        lls = [direct_logprob(model, encode_source(tok, item["context"]), tok.encode(c.lstrip()) + [tok.eos_id])[0]
                for c in item["choices"]]
         assert pred["loglikelihoods"] == pytest.approx(lls, abs=1e-4)
         assert pred["pred"] == max(range(len(lls)), key=lambda j: lls[j])
@@ -159,8 +159,8 @@ def test_binary_and_classification_score_labels_with_the_decoder(t5_ckpt, tok, t
     result = json.loads((tmp_path / "ll" / "results.json").read_text())
     for item, pred in zip(items, result["predictions"]):
         source = encode_source(tok, f"Question: {item['question']}\nAnswer:")
-        assert pred["logprob_yes"] == pytest.approx(direct_logprob(model, source, tok.encode("yes"))[0], abs=1e-4)
-        assert pred["logprob_no"] == pytest.approx(direct_logprob(model, source, tok.encode("no"))[0], abs=1e-4)
+        assert pred["logprob_yes"] == pytest.approx(direct_logprob(model, source, tok.encode("yes") + [tok.eos_id])[0], abs=1e-4)
+        assert pred["logprob_no"] == pytest.approx(direct_logprob(model, source, tok.encode("no") + [tok.eos_id])[0], abs=1e-4)
     evaluate(ckpt, [binary], tmp_path / "gen", answer_mode="generate", progress=False)
     result = json.loads((tmp_path / "gen" / "results.json").read_text())
     assert [p["reply"] for p in result["predictions"]] == [
@@ -174,7 +174,7 @@ def test_binary_and_classification_score_labels_with_the_decoder(t5_ckpt, tok, t
     result = json.loads((tmp_path / "cls" / "results.json").read_text())
     for item, pred in zip(texts, result["predictions"]):
         source = encode_source(tok, f"{item['text']}\nLabel:")
-        expected = {lab: direct_logprob(model, source, tok.encode(lab))[0] for lab in labels}
+        expected = {lab: direct_logprob(model, source, tok.encode(lab) + [tok.eos_id])[0] for lab in labels}
         assert pred["scores"] == pytest.approx(expected, abs=1e-4)
 
 

@@ -219,3 +219,91 @@ def test_generate_text_with_a_real_model():
     out = generate_text(model, ByteTokenizer(), "hello", max_new_tokens=20, seed=1)
     again = generate_text(model, ByteTokenizer(), "hello", max_new_tokens=20, seed=1)
     assert isinstance(out, str) and out == again
+
+
+# --------------------------------------------------------------------------------------------
+# batched generation (left-padded prompts of different lengths in one batch)
+
+BATCH_PROMPTS = [[7, 8, 9, 10, 11, 12, 13], [1, 2], [40, 41, 42, 43], [99]]
+
+
+@pytest.mark.parametrize("arch", [dict(pos_encoding="learned"), dict(pos_encoding="sinusoidal"),
+                                  dict(pos_encoding="rope", n_kv_head=1, norm="rmsnorm", mlp="swiglu"),
+                                  dict(pos_encoding="rope", moe={"num_experts": 4, "top_k": 2})])
+def test_left_padded_batch_gives_each_row_its_own_logits(arch):
+    """Prefill and two decode steps of a padded batch: every row's logits equal that row run alone."""
+    model = tiny_gpt(block_size=24, **arch).eval()
+    width = max(len(p) for p in BATCH_PROMPTS)
+    pad = torch.tensor([width - len(p) for p in BATCH_PROMPTS])
+    idx = torch.zeros(len(BATCH_PROMPTS), width, dtype=torch.long)
+    for row, p in enumerate(BATCH_PROMPTS):
+        idx[row, width - len(p):] = torch.tensor(p)
+    with torch.no_grad():
+        cache = model.new_kv_cache(len(BATCH_PROMPTS), left_pad=pad)
+        batched = [model(idx, kv_cache=cache)[0]]
+        for step in ([3], [4]):
+            batched.append(model(torch.tensor([step] * len(BATCH_PROMPTS)), kv_cache=cache)[0])
+        for row, p in enumerate(BATCH_PROMPTS):
+            alone, _ = model(torch.tensor([p + [3, 4]]))
+            torch.testing.assert_close(batched[0][row, width - len(p):], alone[0, :len(p)], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(batched[1][row, 0], alone[0, len(p)], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(batched[2][row, 0], alone[0, len(p) + 1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_generate_batch_equals_generate_per_prompt(temperature):
+    from lmforge.infer.generate import generate_batch
+
+    model = tiny_gpt(block_size=24, pos_encoding="rope")
+    seeds = [11, 12, 13, 14]
+    alone = [list(generate(model, p, 9, temperature=temperature, top_k=50, seed=s))
+             for p, s in zip(BATCH_PROMPTS, seeds)]
+    batched = generate_batch(model, BATCH_PROMPTS, 9, temperature=temperature, top_k=50, seeds=seeds)
+    assert batched == alone
+    assert model.training  # mode restored
+
+
+def test_generate_batch_rows_end_at_their_stop_and_leave_the_batch():
+    from lmforge.infer.generate import generate_batch
+
+    model = tiny_gpt(block_size=24)
+    alone = [list(generate(model, p, 10, temperature=0.0)) for p in BATCH_PROMPTS]
+    stop = alone[1][2]  # the third token of row 1 ends that row (and any row that produces it)
+    expected = [a[:a.index(stop) + 1] if stop in a else a for a in alone]
+    assert generate_batch(model, BATCH_PROMPTS, 10, temperature=0.0, stop_ids={stop}) == expected
+    calls = []
+    out = generate_batch(model, BATCH_PROMPTS, 10, temperature=0.0,
+                         finished=lambda i, ids: calls.append(i) or (i == 0 and len(ids) == 3))
+    assert out[0] == alone[0][:3] and out[1:] == alone[1:]
+    # row 0 was asked after each of its 3 tokens, then left the batch; the others until the last step
+    assert calls.count(0) == 3 and calls.count(1) == 9
+
+
+def test_generate_batch_refuses_what_does_not_fit():
+    from lmforge.infer.generate import generate_batch
+
+    with pytest.raises(ValueError, match="does not fit"):
+        generate_batch(tiny_gpt(block_size=16), [[1] * 10], 7)
+    with pytest.raises(ValueError, match="empty"):
+        generate_batch(tiny_gpt(), [[1], []], 2)
+
+
+def test_generate_texts_equals_generate_text_with_stop_strings():
+    from lmforge.infer.generate import generate_texts
+
+    model = tiny_gpt(block_size=40, pos_encoding="rope")
+    tok = ByteTokenizer()
+    prompts = ["hello", "a", "the cat sat", "xyz!", "Q", "longer prompt here"]
+    ids = [tok.encode(p) for p in prompts]
+    plain = [generate_text(model, tok, p, max_new_tokens=16, temperature=0.0) for p in ids]
+    # stop at a character that the replies contain somewhere in their middle
+    chars = [c for text in plain for c in text[2:-2] if c != "\ufffd"]
+    stop = [max(set(chars), key=chars.count)]
+    expected = [generate_text(model, tok, p, max_new_tokens=16, temperature=0.7, seed=i, stop=stop)
+                for i, p in enumerate(ids)]
+    got = generate_texts(model, tok, ids, max_new_tokens=16, temperature=0.7, seeds=list(range(len(ids))),
+                         stop=stop, batch_size=4)
+    assert got == expected
+    greedy_stopped = [generate_text(model, tok, p, max_new_tokens=16, temperature=0.0, stop=stop) for p in ids]
+    assert any(len(g) < len(p) for g, p in zip(greedy_stopped, plain))  # the stop string really cut some
+    assert generate_texts(model, tok, ids, max_new_tokens=16, temperature=0.0, stop=stop, batch_size=3) == greedy_stopped

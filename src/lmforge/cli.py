@@ -61,7 +61,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
     result = evaluate(args.ckpt, args.task, args.out, kind=args.kind, split=args.split, limit=args.limit,
                       seed=args.seed, batch_size=args.batch_size, answer_mode=args.answer_mode,
-                      max_new_tokens=args.max_new_tokens, device=args.device)
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, device=args.device)
     for r in result["tasks"]:
         note = f" ({r['split_note']})" if r.get("split_note") else ""
         print(f"{r['task']} [{r['kind']}, split: {r['split']}{note}, {r['metrics'].get('n')} items]: {headline(r)}")
@@ -308,10 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token dir: the split to read (default val); task file without a header split: the split to record")
     p.add_argument("--limit", type=int, default=None, help="only the first N items (a token dir: N context windows)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="requests scored per forward pass; prompts generated together (replies do not depend on it)")
     p.add_argument("--answer-mode", default="loglikelihood", choices=["loglikelihood", "generate"],
                    help="binary tasks: compare the likelihoods of yes/no, or parse a generated reply strictly")
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation/qa: override the task's reply length")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="generated replies: 0 = greedy (default); > 0 samples, item i with seed --seed + i")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_eval)
 

@@ -92,8 +92,8 @@ def _token_dir_task(path: Path, split: str | None, model, tokenizer, limit: int 
 
 def evaluate(ckpt: str | Path, tasks: list[str | Path], out: str | Path, *, kind: str | None = None,
              split: str | None = None, limit: int | None = None, seed: int = 0, batch_size: int = 16,
-             answer_mode: str = "loglikelihood", max_new_tokens: int | None = None, device: str = "cpu",
-             progress: bool = True) -> dict[str, Any]:
+             answer_mode: str = "loglikelihood", max_new_tokens: int | None = None, temperature: float = 0.0,
+             device: str = "cpu", progress: bool = True) -> dict[str, Any]:
     """Evaluate a checkpoint (or run dir) on each task; returns {"tasks": [result, ...], ...}."""
     from lmforge.train.checkpoint import load_pretrained, resolve_checkpoint
 
@@ -103,6 +103,8 @@ def evaluate(ckpt: str | Path, tasks: list[str | Path], out: str | Path, *, kind
         raise UserError(f"--limit must be >= 1, got {limit}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if not temperature >= 0:
+        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
     sources = _task_sources(tasks)
     # load (= validate) every task file before the model: a bad line fails in a second
     loaded = {p: load_task(p, kind) for p in sources if not (p.is_dir() and (p / "meta.json").is_file())}
@@ -118,7 +120,7 @@ def evaluate(ckpt: str | Path, tasks: list[str | Path], out: str | Path, *, kind
     checkpoint = resolve_checkpoint(ckpt)
     model, tokenizer = load_pretrained(checkpoint, device)
     settings = Settings(batch_size=batch_size, seed=seed, answer_mode=answer_mode,
-                        max_new_tokens=max_new_tokens, progress=progress)
+                        max_new_tokens=max_new_tokens, temperature=temperature, progress=progress)
     results: list[dict[str, Any]] = []
     extras: list[tuple[str, list[float]] | None] = []
     for source in sources:
@@ -142,6 +144,7 @@ def evaluate(ckpt: str | Path, tasks: list[str | Path], out: str | Path, *, kind
         if note == TRAIN_NOTE and info["kind"] in PASSAGE_KINDS:
             warnings.warn(f"{info['task']}: evaluating on the training split; {TRAIN_NOTE}", stacklevel=2)
         results.append({**info, "split_note": note, "checkpoint": str(checkpoint), "limit": limit, "seed": seed,
+                        "temperature": temperature,
                         "metrics": result.metrics, "notes": result.notes, "predictions": result.predictions})
         extras.append(result.item_scores)
 
@@ -163,7 +166,7 @@ def evaluate(ckpt: str | Path, tasks: list[str | Path], out: str | Path, *, kind
         write_summary(tmp, "eval", config={"tasks": [str(s) for s in sources], "kind": kind, "split": split,
                                            "limit": limit, "seed": seed, "batch_size": batch_size,
                                            "answer_mode": answer_mode, "max_new_tokens": max_new_tokens,
-                                           "device": device},
+                                           "temperature": temperature, "device": device},
                       inputs={"checkpoint": checkpoint, **{f"task:{n}": s for n, s in zip(names, sources)}},
                       metrics={r["task"]: {k: v for k, v in r["metrics"].items()
                                            if k not in ("per_class", "confusion_matrix")} for r in results},

@@ -86,6 +86,7 @@ def _generate(task: Task, model, tokenizer, prompts: list[str], settings: Settin
     truncated: list[int] = []
     replies = scoring.generate_replies(model, tokenizer, prompts, int(max_new), stop, seed=settings.seed,
                                        temperature=settings.temperature, progress=settings.progress,
+                                       batch_size=settings.batch_size,
                                        on_truncate=truncated.append)
     notes = [f"{len(truncated)} prompt(s) longer than the context minus max_new_tokens were cut from the left"] if truncated else []
     return replies, notes

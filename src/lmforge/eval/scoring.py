@@ -165,9 +165,12 @@ def rolling_nll(model: torch.nn.Module, sequences: Sequence[list[int] | np.ndarr
 
 def generate_replies(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int,
                      stop: Sequence[str] | None, seed: int, temperature: float = 0.0,
-                     desc: str = "generating", progress: bool = True,
+                     desc: str = "generating", progress: bool = True, batch_size: int = 16,
                      on_truncate: Callable[[int], None] | None = None) -> list[str]:
     """One reply per prompt (greedy by default); a prompt is `<|eos|>` + its tokens, cut from the left.
+
+    Prompts run `batch_size` at a time (`infer.generate.generate_texts`: left-padded batches,
+    each reply the same as generating its prompt alone).
 
     The prompt keeps its last `block_size - max_new_tokens` tokens so the reply fits the
     context without the generator sliding its window; `on_truncate(i)` is told about each cut.
@@ -176,24 +179,27 @@ def generate_replies(model: torch.nn.Module, tokenizer, prompts: Sequence[str], 
         from lmforge.eval import seq2seq
         return seq2seq.generate_replies(model, tokenizer, prompts, max_new_tokens, stop, seed, temperature,
                                         desc=desc, progress=progress, on_truncate=on_truncate)
-    from lmforge.infer.generate import generate_text
+    from lmforge.infer.generate import generate_texts
 
     block_size = model.config.block_size
     room = block_size - max_new_tokens
     if room < 2:
         raise UserError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
                         f"context of {block_size} tokens; lower max_new_tokens")
-    replies = []
-    for i, prompt in enumerate(tqdm(prompts, desc=desc, unit="item", disable=not progress, leave=False)):
-        ids = [tokenizer.eos_id, *tokenizer.encode(prompt)]
-        if len(ids) > room:
-            ids = ids[-room:]
+    ids = []
+    for i, prompt in enumerate(prompts):
+        item = [tokenizer.eos_id, *tokenizer.encode(prompt)]
+        if len(item) > room:
+            item = item[-room:]
             if on_truncate is not None:
                 on_truncate(i)
-        # the seed is per item (seed + i): an item's reply does not depend on which items ran before it
-        replies.append(generate_text(model, tokenizer, ids, max_new_tokens=max_new_tokens,
-                                     temperature=temperature, seed=seed + i, stop=list(stop or [])))
-    return replies
+        ids.append(item)
+    # batched, prompts of similar length together; the seed is per item (seed + i), so an
+    # item's reply does not depend on which items share its batch or ran before it
+    with tqdm(total=len(prompts), desc=desc, unit="item", disable=not progress, leave=False) as bar:
+        return generate_texts(model, tokenizer, ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                              seeds=[seed + i for i in range(len(prompts))], stop=list(stop or []),
+                              batch_size=batch_size, on_batch=bar.update)
 
 
 def score_labels(model: torch.nn.Module, tokenizer, prompts: Sequence[str], labels: Sequence[str],

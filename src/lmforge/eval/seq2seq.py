@@ -62,9 +62,14 @@ def require_lm(model: torch.nn.Module, what: str, allow_seq2seq: bool = True) ->
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(encoder ids, decoder target ids) for scoring `continuation` as the reply to `context`."""
+    """(encoder ids, decoder target ids) for scoring `continuation` as the whole reply to `context`.
+
+    The target ends with eos, as the span and seq2seq objectives (and T5, and lm-evaluation-
+    harness for seq2seq models) end every target: the score is that of the complete reply, so
+    a choice that is the beginning of another ("Paris" / "Paris, France") is not favoured.
+    """
     target = continuation.lstrip() or continuation  # a whitespace-only continuation stays as it is
-    return encode_source(tokenizer, context), tokenizer.encode(target)
+    return encode_source(tokenizer, context), tokenizer.encode(target, add_eos=True)
 
 
 def pair_encoder(model: torch.nn.Module) -> Callable[[object, str, str], tuple[list[int], list[int]]]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -111,21 +111,13 @@ def generate(model: nn.Module, prompt_ids: list[int] | Tensor, max_new_tokens: i
     stop_ids = stop_ids or set()
     if max_new_tokens <= 0:
         return
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
+    generator = _generator(device, seed)
     keep_on_slide = max(block_size // 2, 1)
 
     def forward_context() -> contextlib.ExitStack:
         # Grad mode and autocast are entered per forward, never across a `yield`: a
         # generator's context would otherwise leak into the caller's code between tokens.
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.inference_mode())
-        if autocast_dtype:
-            stack.enter_context(torch.autocast(device.type, dtype=autocast_dtype))
-        return stack
+        return _forward_context(device, autocast_dtype)
 
     def pick(logits: Tensor) -> int:
         return int(sample_next(logits[:, -1], temperature, top_k, top_p, generator)[0])
@@ -156,6 +148,141 @@ def generate(model: nn.Module, prompt_ids: list[int] | Tensor, max_new_tokens: i
                 next_id = run([next_id], kv_cache)
     finally:
         model.train(was_training)
+
+
+def _forward_context(device: torch.device, autocast_dtype: torch.dtype | None) -> contextlib.ExitStack:
+    """inference_mode, and autocast to `autocast_dtype` if given, for one forward pass."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode())
+    if autocast_dtype:
+        stack.enter_context(torch.autocast(device.type, dtype=autocast_dtype))
+    return stack
+
+
+def _generator(device: torch.device, seed: int | None) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def generate_batch(model: nn.Module, prompts: Sequence[list[int]], max_new_tokens: int,
+                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                   seeds: Sequence[int | None] | None = None, stop_ids: set[int] | None = None,
+                   finished: Callable[[int, list[int]], bool] | None = None, *,
+                   autocast_dtype: torch.dtype | None = None) -> list[list[int]]:
+    """Continue several prompts in one batch (decoder-only models); the new ids of each.
+
+    Row i gets what `generate(model, prompts[i], ..., seed=seeds[i])` yields (up to the
+    round-off of batched matmuls, which can flip a near-tie): the prompts are left-padded to
+    the longest, the cache's `left_pad` gives each row the positions it would have alone and
+    masks its padding, and each row samples with its own generator. A row ends with a token
+    in `stop_ids` (kept as its last id, as `generate` yields it), after `max_new_tokens`, or
+    when `finished(i, new_ids)` returns True (e.g. a stop string in the decoded text);
+    finished rows leave the batch, so a long reply does not make short ones cost more. Every
+    prompt plus `max_new_tokens` must fit the context: there is no sliding window here.
+    """
+    if is_encoder_decoder(model):
+        raise ValueError("generate_batch is for decoder-only models; call generate once per prompt")
+    n = len(prompts)
+    if not n or max_new_tokens <= 0:
+        return [[] for _ in prompts]
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError("a prompt is empty; give at least one token (e.g. a BOS id)")
+    width = max(lengths)
+    if width + max_new_tokens > model.config.block_size:
+        raise ValueError(f"the longest prompt ({width} tokens) plus max_new_tokens={max_new_tokens} does not fit "
+                         f"the context of {model.config.block_size} tokens")
+    device = _model_device(model)
+    generators = [_generator(device, seed) for seed in (seeds if seeds is not None else [None] * n)]
+    idx = torch.zeros((n, width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        idx[row, width - len(prompt):] = torch.as_tensor(prompt, dtype=torch.long)
+    pad = torch.tensor([width - length for length in lengths], device=device)
+    stop_ids = stop_ids or set()
+    new_ids: list[list[int]] = [[] for _ in prompts]
+    active = list(range(n))  # the prompt index of each batch row
+    was_training = model.training
+    model.eval()
+    try:
+        kv_cache = model.new_kv_cache(batch_size=n, left_pad=pad)
+        inputs = idx.to(device)
+        for step in range(max_new_tokens):
+            with _forward_context(device, autocast_dtype):
+                logits, _ = model(inputs, kv_cache=kv_cache)
+            last = logits[:, -1]
+            if temperature == 0:
+                picked = sample_next(last, 0.0).tolist()
+            else:  # one draw per row from the row's own generator, as `generate` draws
+                picked = [int(sample_next(last[row:row + 1], temperature, top_k, top_p, generators[i])[0])
+                          for row, i in enumerate(active)]
+            keep = []
+            for row, i in enumerate(active):
+                new_ids[i].append(picked[row])
+                if not (picked[row] in stop_ids or step == max_new_tokens - 1
+                        or (finished is not None and finished(i, new_ids[i]))):
+                    keep.append(row)
+            if not keep:
+                break
+            if len(keep) < len(active):
+                kv_cache.select(torch.tensor(keep, device=device))
+                active = [active[row] for row in keep]
+            inputs = torch.tensor([[picked[row]] for row in keep], dtype=torch.long, device=device)
+    finally:
+        model.train(was_training)
+    return new_ids
+
+
+def first_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Where the earliest of the stop strings starts in text (None if none occurs)."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def generate_texts(model: nn.Module, tokenizer: TokenizerLike, prompts: Sequence[list[int]],
+                   max_new_tokens: int = 256, temperature: float = 1.0, top_k: int | None = None,
+                   top_p: float | None = None, seeds: Sequence[int | None] | None = None,
+                   stop: Sequence[str] | None = None, batch_size: int = 16,
+                   on_batch: Callable[[int], None] | None = None, *,
+                   autocast_dtype: torch.dtype | None = None) -> list[str]:
+    """`generate_text` for many prompts (token ids), `batch_size` at a time (`generate_batch`).
+
+    The same text per prompt as `generate_text(model, tokenizer, prompts[i], ..., seed=seeds[i])`
+    (eos and stop strings end a reply the same way). Prompts are batched longest first, so
+    a batch holds prompts of similar length and little padding. `on_batch(n)` is called
+    after each batch of n prompts (progress bars). Decoder-only models; the prompts must
+    leave room for max_new_tokens in the context.
+    """
+    stops = [s for s in (stop or []) if s]
+    eos_id = getattr(tokenizer, "eos_id", None)
+    stop_ids = {eos_id} if eos_id is not None else set()
+    seeds = list(seeds) if seeds is not None else [None] * len(prompts)
+
+    def visible(ids: list[int]) -> list[int]:
+        return ids[:-1] if ids and ids[-1] in stop_ids else ids
+
+    def text_of(ids: list[int]) -> str:
+        text = tokenizer.decode(visible(ids))
+        cut = first_stop(text, stops)
+        return text if cut is None else text[:cut]
+
+    def finished(_: int, ids: list[int]) -> bool:
+        return bool(stops) and first_stop(tokenizer.decode(visible(ids)), stops) is not None
+
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    texts = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        replies = generate_batch(model, [prompts[i] for i in chunk], max_new_tokens, temperature, top_k, top_p,
+                                 [seeds[i] for i in chunk], stop_ids, finished, autocast_dtype=autocast_dtype)
+        for i, ids in zip(chunk, replies):
+            texts[i] = text_of(ids)
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return texts
 
 
 def is_encoder_decoder(model: nn.Module) -> bool:
@@ -267,9 +394,9 @@ def generate_text(model: nn.Module, tokenizer: TokenizerLike, prompt: str | list
             # Decoding the whole continuation each step (not token by token) lets byte-level
             # tokens that split a UTF-8 character join up again.
             text = tokenizer.decode(new_ids)
-            hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-            if hits:
-                text = text[:min(hits)]
+            cut = first_stop(text, stops)
+            if cut is not None:
+                text = text[:cut]
                 break
             if text.endswith("\ufffd"):
                 continue

@@ -154,10 +154,16 @@ class KVCache:
     `cross[layer]` holds a decoder layer's cross-attention keys/values of the encoder output:
     they do not change while decoding, so they are computed at the first step and reused
     (`Attention` in cross mode fills it). `reset` empties it too; `crop` keeps it.
+
+    `left_pad` (B,) lets sequences of different lengths share one batch: row b's first
+    `left_pad[b]` positions are padding. The model then numbers row b's positions from the
+    first real token (so each row gets the positions it would get alone) and masks the padding
+    keys out of every query (`padding_mask`). `select(rows)` drops finished rows.
     """
 
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, head_dim: int, max_len: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 left_pad: Tensor | None = None) -> None:
         self.n_layer, self.batch_size, self.max_len = n_layer, batch_size, max_len
         self.shape = (batch_size, n_kv_head, max_len, head_dim)
         self.device, self.dtype = device, dtype
@@ -165,6 +171,42 @@ class KVCache:
         self.values: list[Tensor | None] = [None] * n_layer
         self.cross: list[tuple[Tensor, Tensor] | None] = [None] * n_layer
         self.length = 0
+        if left_pad is not None and (left_pad.shape != (batch_size,) or bool((left_pad < 0).any())):
+            raise ValueError(f"left_pad must be {batch_size} non-negative counts, got {left_pad.tolist()}")
+        self.left_pad = left_pad if left_pad is not None and bool(left_pad.any()) else None
+
+    def positions(self, T: int) -> Tensor | None:
+        """(B, T) position of each of the next T tokens counted from its row's first real token
+        (padding positions get 0); None without left padding (positions are length + arange(T))."""
+        if self.left_pad is None:
+            return None
+        pad = self.left_pad
+        return (torch.arange(self.length, self.length + T, device=pad.device)[None] - pad[:, None]).clamp_(min=0)
+
+    def padding_mask(self, T: int) -> Tensor | None:
+        """(B, 1, T, length + T) bool, True where the next T queries may attend: every real key,
+        and a padding query its own key (a query with no key at all would make NaNs, and the NaNs
+        of a padding position would reach real ones through 0 * NaN in the attention sum). The
+        causal part is the attention's business. None without left padding."""
+        if self.left_pad is None:
+            return None
+        pad = self.left_pad
+        keys = torch.arange(self.length + T, device=pad.device)
+        queries = torch.arange(self.length, self.length + T, device=pad.device)
+        real = keys[None, None, :] >= pad[:, None, None]  # (B, 1, S)
+        own = keys[None, :] == queries[:, None]  # (T, S)
+        return (real | own)[:, None]
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only these batch rows (e.g. the sequences still generating)."""
+        self.keys = [k if k is None else k.index_select(0, rows) for k in self.keys]
+        self.values = [v if v is None else v.index_select(0, rows) for v in self.values]
+        self.cross = [c if c is None else (c[0].index_select(0, rows), c[1].index_select(0, rows))
+                      for c in self.cross]
+        self.batch_size = int(rows.numel())
+        self.shape = (self.batch_size, *self.shape[1:])
+        if self.left_pad is not None:
+            self.left_pad = self.left_pad.index_select(0, rows)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k/v (batch, kv_heads, T, head_dim) after the cached ones; return all of them."""

@@ -94,7 +94,9 @@ class GPT(nn.Module):
         `moe.z_loss_coef` * z-loss, see `lmforge.models.moe`), so eval losses stay pure
         cross-entropy, comparable with dense models. With a
         `kv_cache`, idx continues the cached sequence: its positions start at
-        `kv_cache.length`, its keys/values are appended and the cache advances by T.
+        `kv_cache.length`, its keys/values are appended and the cache advances by T; a cache
+        with `left_pad` numbers each row's positions from its first real token and masks its
+        padding (batched generation of prompts of different lengths, `infer.generate_batch`).
         Raises ValueError (internal misuse, not a user error) if the sequence would be longer
         than `block_size`.
         """
@@ -104,16 +106,22 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens is longer than the context "
                              f"block_size={self.config.block_size}")
         x = self.tok_embeddings(idx)
+        # positions: start..start+T, or per row when the cache batches left-padded sequences
+        pos = kv_cache.positions(T) if kv_cache is not None else None
+        where = slice(start, start + T) if pos is None else pos
         if self.pos_embeddings is not None:
-            x = x + self.pos_embeddings.weight[start:start + T]
+            x = x + self.pos_embeddings.weight[where]
         elif self.config.pos_encoding == "sinusoidal":
-            x = x + self.pos_table[start:start + T].to(x.dtype)
+            x = x + self.pos_table[where].to(x.dtype)
         rope = None
         if self.config.pos_encoding == "rope":
-            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+            rope = (self.rope_cos[where], self.rope_sin[where])
+            if pos is not None:  # (B, T, head_dim) -> (B, 1, T, head_dim), broadcast over heads
+                rope = (rope[0][:, None], rope[1][:, None])
+        attn_mask = kv_cache.padding_mask(T) if kv_cache is not None else None
         x = self.dropout(x)
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope=rope, kv_cache=kv_cache, layer=layer)
+            x = block(x, rope=rope, attn_mask=attn_mask, kv_cache=kv_cache, layer=layer)
         if kv_cache is not None:
             kv_cache.advance(T)
         logits = self.lm_head(self.norm(x))
@@ -135,15 +143,16 @@ class GPT(nn.Module):
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None,
                      device: torch.device | str | None = None,
-                     dtype: torch.dtype | None = None) -> KVCache:
+                     dtype: torch.dtype | None = None, left_pad: Tensor | None = None) -> KVCache:
         """An empty KV cache for `batch_size` sequences of up to `max_len` (default block_size).
 
         device/dtype default to those of the keys computed in the first forward pass (so the
-        model's device, and bf16 under bf16 autocast).
+        model's device, and bf16 under bf16 autocast). `left_pad` (B,): padding tokens at the
+        start of each row, for prompts of different lengths in one batch (see `KVCache`).
         """
         c = self.config
         max_len = min(max_len or c.block_size, c.block_size)
-        return KVCache(c.n_layer, batch_size, c.kv_heads, c.head_dim, max_len, device, dtype)
+        return KVCache(c.n_layer, batch_size, c.kv_heads, c.head_dim, max_len, device, dtype, left_pad)
 
     def num_params(self, exclude_embeddings: bool = False, active: bool = False) -> int:
         """Exact parameter count; a tied weight counts once.
