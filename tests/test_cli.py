@@ -122,3 +122,14 @@ def test_python_m_lmforge_entry_point():
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: --set model.n_layers=2: unknown config key model.n_layers; did you mean model.n_layer?"
+
+
+def test_plan_and_embed_option_mistakes_are_one_line(tmp_path, capsys):
+    """--lora-targets without a rank, an output file embed cannot write: exit 2 before any work;
+    the GPU type is matched without regard to case."""
+    assert main(["plan", "nano", "--lora-targets", "attn"]) == 2
+    assert "--lora-targets needs --lora-rank" in error_line(capsys)
+    assert main(["plan", "nano", "--gpu-type", "h100", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["compute"]["gpu_type"] == "H100"
+    assert main(["embed", "--ckpt", str(tmp_path / "nowhere"), "--text", "x", "--out", str(tmp_path / "v.txt")]) == 2
+    assert "write vectors to FILE.npy" in error_line(capsys) and not (tmp_path / "v.txt").exists()

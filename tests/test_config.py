@@ -9,6 +9,8 @@ from lmforge.config import config_from_dict, dump_yaml, load_config, to_dict
 from lmforge.errors import UserError
 from lmforge.models.config import ModelConfig
 
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -85,3 +87,14 @@ def test_resolved_config_round_trips():
     again = config_from_dict(yaml.safe_load(dump_yaml(cfg)))
     assert to_dict(again) == to_dict(cfg)
     assert ModelConfig.from_dict(to_dict(cfg)["model"]) == cfg.model
+
+
+def test_a_preset_name_is_found_from_any_directory(tmp_path, monkeypatch):
+    """`lmforge pretrain nano` works outside the repository root too; an unknown name lists the presets."""
+    from lmforge.config import find_preset
+
+    monkeypatch.chdir(tmp_path)
+    assert find_preset("nano").resolve() == (REPO_CONFIGS / "nano.yaml").resolve()
+    assert load_config("moe-tiny").model.moe.num_experts == 8
+    with pytest.raises(UserError, match=r"config nanox is neither a file nor a preset; presets: .*bert-mini.*nano"):
+        load_config("nanox")

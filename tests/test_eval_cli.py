@@ -10,6 +10,7 @@ import pytest
 from eval_helpers import make_checkpoint, write_task
 
 from lmforge.cli import main
+from lmforge.models import ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +140,25 @@ def test_sampled_generation_is_batched_and_per_item_seeded(tmp_path, capsys):
         assert result["temperature"] == 0.9
     code, _, err = run_eval(capsys, ckpt, task, tmp_path / "bad", "--temperature", "-1")
     assert code == 2 and "--temperature must be >= 0" in one_error_line(err)
+
+
+def test_generate_and_chat_on_an_encoder_checkpoint_are_one_line(tmp_path, capsys, monkeypatch):
+    """A BERT reads but does not write text: generate and chat say so in one line, exit 2."""
+    import io
+
+    from lmforge.models import build_model
+    from lmforge.train.checkpoint import save_checkpoint, tied_aliases
+
+    root = make_checkpoint(tmp_path / "gpt")[0].parent  # for its tokenizer
+    config = ModelConfig(arch="bert", vocab_size=320, n_layer=1, n_head=2, n_embd=32, block_size=32,
+                         norm_position="post")
+    model = build_model(config)
+    ckpt = save_checkpoint(tmp_path / "bert", model.state_dict(), config.to_dict(), root / "tok" / "tokenizer.json",
+                           None, drop=tied_aliases(model))
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(ckpt), "--prompt", "the king"]) == 2
+    captured = capsys.readouterr()
+    assert "does not write it" in one_error_line(captured.err) and "the king" not in captured.out
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    assert main(["chat", "--ckpt", str(ckpt)]) == 2
+    assert "generate and chat need a GPT or encoder-decoder" in one_error_line(capsys.readouterr().err)

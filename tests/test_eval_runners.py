@@ -329,5 +329,5 @@ def test_classification_with_a_bert_head_uses_its_logits(tmp_path):
         evaluate(ckpt, [two], tmp_path / "out3", progress=False)
     # kinds that read log-likelihoods or generate need a decoder: a one-line error, not wrong numbers
     ppl = write_task(tmp_path / "p.jsonl", [{"text": "the king"}], {"kind": "perplexity"})
-    with pytest.raises(UserError, match="perplexity needs a decoder-only language model .* is a BERT"):
+    with pytest.raises(UserError, match="perplexity needs a decoder-only language model .* is an encoder \\(BERT\\)"):
         evaluate(ckpt, [ppl], tmp_path / "out4", progress=False)

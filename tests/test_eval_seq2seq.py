@@ -186,7 +186,7 @@ def test_perplexity_on_an_encdec_checkpoint_is_one_line_exit_2(t5_ckpt, tmp_path
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert "perplexity needs a decoder-only language model" in lines[0]
-    assert "EncoderDecoder (encoder-decoder)" in lines[0]
+    assert "is an encoder-decoder (EncoderDecoder)" in lines[0]
     assert "generation, qa, binary, classification (label scoring) or multiple_choice" in lines[0]
     assert not (tmp_path / "out").exists()
 
@@ -195,11 +195,11 @@ def test_encoder_only_errors_name_the_kinds_that_work():
     base = dict(arch="bert", vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=32, block_size=24, norm_position="post")
     with_head, bare = build_model(ModelConfig(**base, num_labels=2)), build_model(ModelConfig(**base))
     with pytest.raises(UserError, match=r"^a multiple_choice task needs a decoder-only language model \(e.g. a GPT "
-                                        r"checkpoint\) or an encoder-decoder \(T5\); this checkpoint is a BERT: "
+                                        r"checkpoint\) or an encoder-decoder \(T5\); this checkpoint is an encoder \(BERT\): "
                                         r"only classification tasks work with it"):
         seq2seq.require_lm(with_head, "a multiple_choice task")
     with pytest.raises(UserError, match=r"perplexity needs a decoder-only language model \(e.g. a GPT checkpoint\); "
-                                        r"this checkpoint is a BERT: it has no classification head"):
+                                        r"this checkpoint is an encoder \(BERT\): it has no classification head"):
         seq2seq.require_lm(bare, "perplexity", allow_seq2seq=False)
     gpt = build_model(ModelConfig(vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=32, block_size=24))
     seq2seq.require_lm(gpt, "perplexity", allow_seq2seq=False)  # a decoder does every kind

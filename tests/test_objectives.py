@@ -250,7 +250,8 @@ def test_nsp_turns_on_the_nsp_head(tokens):
     from lmforge.train.loop import resolve_model_config
 
     cfg = load_config(None, [f"data.tokens={tokens}", "objective=mlm", "mlm.nsp=true", "model.arch=bert",
-                             "model.norm_position=post"])
+                             "model.norm_position=post", "model.nsp_head=false"])
     assert resolve_model_config(cfg, Tokenizer.load(tokens / "tokenizer.json")).nsp_head
+    assert cfg.model.nsp_head  # what the run's config.yaml records is what was built
     cfg = load_config(None, [f"data.tokens={tokens}", "objective=mlm", "model.arch=bert", "model.norm_position=post"])
     assert not resolve_model_config(cfg, Tokenizer.load(tokens / "tokenizer.json")).nsp_head

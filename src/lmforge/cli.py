@@ -94,7 +94,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
     summary = pretrain(cfg, out, resume=args.resume, overwrite=args.overwrite)
     if summary and os.environ.get("RANK", "0") == "0":  # under torchrun, one line, not one per process
         m = summary["metrics"]
-        print(f"done: {m['steps']} steps, final val loss {m['final_val_loss']}, best {m['best_val_loss']} "
+        def loss(x) -> str:
+            return f"{x:.4f}" if isinstance(x, (int, float)) else str(x)
+
+        print(f"done: {m['steps']} steps, final val loss {loss(m['final_val_loss'])}, best {loss(m['best_val_loss'])} "
               f"(step {m['best_step']}); {m['tokens_per_s']:,.0f} tokens/s; report: {out / 'report.md'}")
 
 
@@ -104,10 +107,11 @@ def _sampling(args: argparse.Namespace) -> dict:
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    from lmforge.infer.generate import generate_text, is_encoder_decoder
+    from lmforge.infer.generate import generate_text, is_encoder_decoder, require_generative
     from lmforge.train.checkpoint import load_pretrained
 
     model, tokenizer = load_pretrained(args.ckpt, args.device)
+    require_generative(model, args.ckpt)
     prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
     if not is_encoder_decoder(model):  # a continuation follows its prompt; a seq2seq output stands alone
         sys.stdout.write(prompt)
@@ -118,9 +122,11 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
 def _cmd_chat(args: argparse.Namespace) -> None:
     from lmforge.infer.chat import chat_loop
+    from lmforge.infer.generate import require_generative
     from lmforge.train.checkpoint import load_pretrained
 
     model, tokenizer = load_pretrained(args.ckpt, args.device)
+    require_generative(model, args.ckpt)
     if sys.stdin.isatty():
         print("chatting with", args.ckpt, "— /reset clears the history, /quit or Ctrl-D leaves")
     chat_loop(model, tokenizer, system=args.system, **_sampling(args))
@@ -160,11 +166,14 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     import json
 
     from lmforge.config import load_config
-    from lmforge.plan import format_plan, plan
+    from lmforge.plan import GPU_MEMORY_GIB, format_plan, plan
 
-    report = plan(load_config(args.config, args.set), gpus=args.gpus, gpu_type=args.gpu_type, mfu=args.mfu,
+    if args.lora_targets is not None and args.lora_rank is None:
+        raise UserError("--lora-targets needs --lora-rank (the adapters' rank), e.g. --lora-rank 16")
+    gpu_type = next((g for g in GPU_MEMORY_GIB if g.lower() == args.gpu_type.lower()), args.gpu_type)  # h100 = H100
+    report = plan(load_config(args.config, args.set), gpus=args.gpus, gpu_type=gpu_type, mfu=args.mfu,
                   tokens=args.tokens, vocab_size=args.vocab_size, lora_rank=args.lora_rank,
-                  lora_targets=args.lora_targets)
+                  lora_targets=args.lora_targets or "qkv,out,gate,up,down")
     print(json.dumps(report, indent=2) if args.json else format_plan(report))
 
 
@@ -241,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_tokenize)
 
     p = sub.add_parser("pretrain", help="pretrain a model from a YAML recipe")
-    p.add_argument("config", help="YAML recipe, e.g. configs/nano.yaml (or just: nano)")
+    p.add_argument("config", help="YAML recipe, e.g. configs/nano.yaml, or a preset name: nano")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.lr=1e-3 (repeatable)")
     p.add_argument("--out", default=None, help="run dir (default runs/<config name>)")
@@ -281,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_embed)
 
     p = sub.add_parser("plan", help="size a model: parameters, FLOPs, training memory, tokens and time")
-    p.add_argument("config", help="YAML recipe, e.g. configs/gpt2-124m.yaml (or just: gpt2-124m)")
+    p.add_argument("config", help="YAML recipe, e.g. configs/gpt2-124m.yaml, or a preset name: gpt2-124m")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--gpus", type=int, default=1, help="GPU count (FSDP shards weights/grads/optimizer over them)")
@@ -290,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=float, default=None, help="training tokens (default: ~20 per parameter)")
     p.add_argument("--vocab-size", type=int, default=None, help="when the config leaves model.vocab_size unset")
     p.add_argument("--lora-rank", type=int, default=None, help="also size LoRA and QLoRA fine-tuning at this rank")
-    p.add_argument("--lora-targets", default="qkv,out,gate,up,down",
+    p.add_argument("--lora-targets", default=None,
                    help="Linear layers that get adapters: qkv, out, gate, up, down, or the groups attn, mlp, all "
                         "(default: every Linear in the blocks, as the QLoRA paper recommends)")
     p.set_defaults(func=_cmd_plan)
@@ -348,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lmforge plan ... | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor another at exit's flush
+        return 1
     if args.debug:
         print(f"[{args.command} took {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
     return 0

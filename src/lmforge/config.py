@@ -102,12 +102,29 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
+# the presets of a source checkout (an editable install); `configs/` of the working dir comes first
+PRESET_DIRS = (Path("configs"), Path(__file__).resolve().parents[2] / "configs")
+
+
+def find_preset(name: str | Path) -> Path:
+    """`nano` -> configs/nano.yaml (in the working dir, else in lmforge's source checkout);
+    any path that exists, or has a suffix, is returned as it is."""
+    path = Path(name)
+    if path.exists() or path.suffix:
+        return path
+    for folder in PRESET_DIRS:
+        if (folder / f"{path}.yaml").is_file():
+            return folder / f"{path}.yaml"
+    names = sorted({p.stem for folder in PRESET_DIRS if folder.is_dir() for p in folder.glob("*.yaml")})
+    if names:
+        raise UserError(f"config {name} is neither a file nor a preset; presets: {', '.join(names)}")
+    return path
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML recipe (or the defaults when `path` is None) and apply `--set` overrides."""
     if path is not None:
-        path = Path(path)
-        if not path.exists() and not path.suffix and (Path("configs") / f"{path}.yaml").exists():
-            path = Path("configs") / f"{path}.yaml"  # `lmforge pretrain nano` finds configs/nano.yaml
+        path = find_preset(path)  # `lmforge pretrain nano` finds configs/nano.yaml
     cfg, where = load_tree(Config, path, overrides, _CHOICES, "configs/nano.yaml")
     _check_ranges(cfg, where)
     return cfg

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from lmforge.errors import UserError
-from lmforge.eval import report
+from lmforge.eval import report, seq2seq
 from lmforge.eval.runners import RUNNERS, Result, Settings, run_perplexity_sequences
 from lmforge.eval.tasks import KINDS, load_task
 from lmforge.fsutil import atomic_dir, atomic_write_json, atomic_write_text, write_summary
@@ -66,6 +66,7 @@ def _token_dir_task(path: Path, split: str | None, model, tokenizer, limit: int 
 
     if kind not in (None, "perplexity"):
         raise UserError(f"{path} is a token directory: only --kind perplexity applies to it")
+    seq2seq.require_lm(model, "perplexity", allow_seq2seq=False)
     split = split or "val"
     meta = read_meta(path)
     if meta.get("eos_id") != tokenizer.eos_id or meta.get("vocab_size") != tokenizer.vocab_size:

@@ -50,7 +50,7 @@ def require_lm(model: torch.nn.Module, what: str, allow_seq2seq: bool = True) ->
     name = type(model).__name__
     if is_encoder_decoder(model):
         raise UserError(f"{what} needs a decoder-only language model (e.g. a GPT checkpoint): the perplexity "
-                        f"of a text is a decoder-only measure; this checkpoint is a {name} (encoder-decoder), "
+                        f"of a text is a decoder-only measure; this checkpoint is an encoder-decoder ({name}), "
                         f"evaluate it with {SEQ2SEQ_KINDS} tasks")
     head = hasattr(model, "classify") and getattr(getattr(model, "config", None), "num_labels", 0)
     works = ("only classification tasks work with it (through its classification head)" if head else
@@ -58,7 +58,7 @@ def require_lm(model: torch.nn.Module, what: str, allow_seq2seq: bool = True) ->
              "fine-tune one for classification tasks")
     needs = "a decoder-only language model (e.g. a GPT checkpoint)"
     needs += " or an encoder-decoder (T5)" if allow_seq2seq else ""
-    raise UserError(f"{what} needs {needs}; this checkpoint is a {name}: {works}")
+    raise UserError(f"{what} needs {needs}; this checkpoint is an encoder ({name}): {works}")
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:

@@ -135,6 +135,9 @@ def embed_command(ckpt: str | Path, texts: Sequence[str], out: str | Path | None
     """`lmforge embed`: load a checkpoint, embed `texts`, write them; returns a few numbers."""
     from lmforge.train.checkpoint import load_pretrained, resolve_checkpoint
 
+    if out is not None and str(out) != "-" and Path(out).suffix not in (".npy", ".jsonl"):
+        raise UserError(f"--out {out}: write vectors to FILE.npy (an N x dim array) or FILE.jsonl (JSON lines), "
+                        f"or leave --out out for JSON lines on stdout")
     t0 = time.perf_counter()
     path = resolve_checkpoint(ckpt)
     model, tokenizer = load_pretrained(path, device)

@@ -285,6 +285,16 @@ def generate_texts(model: nn.Module, tokenizer: TokenizerLike, prompts: Sequence
     return texts
 
 
+def require_generative(model: nn.Module, source: object) -> None:
+    """Raise a one-line UserError if `model` (loaded from `source`) cannot write text (BERT)."""
+    if not hasattr(model, "new_kv_cache"):
+        from lmforge.errors import UserError
+
+        raise UserError(f"{source} is a {type(model).__name__} checkpoint (an encoder: it reads text but does not "
+                        f"write it); generate and chat need a GPT or encoder-decoder checkpoint. Use this one with "
+                        f"`lmforge embed`, or `lmforge eval` on a classification task")
+
+
 def is_encoder_decoder(model: nn.Module) -> bool:
     """Whether generation feeds the prompt to an encoder (and decodes from a start token)."""
     return bool(getattr(model, "is_encoder_decoder", False))

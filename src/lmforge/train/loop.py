@@ -93,7 +93,8 @@ def resolve_model_config(cfg: Config, tokenizer: Tokenizer) -> ModelConfig:
             f"({tokenizer.source}); remove model.vocab_size or set it >= {vocab}"
         )
     if cfg.objective == "mlm" and cfg.mlm.nsp:
-        model_cfg.nsp_head = True  # next-sentence prediction trains the NSP head
+        # next-sentence prediction trains the NSP head; the run's config.yaml says so too
+        model_cfg.nsp_head = cfg.model.nsp_head = True
     if model_cfg.arch == "encdec":  # the decoder starts from the tokenizer's pad token, as T5's does
         for key in ("decoder_start_token_id", "pad_token_id"):
             if getattr(model_cfg, key) is None:
