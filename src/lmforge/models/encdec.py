@@ -244,7 +244,8 @@ class EncoderDecoder(nn.Module):
 
         One example is `seq_len` source tokens (default block_size; the loop counts these as the
         step's tokens) and `decoder_len` target tokens (default seq_len; span corruption's
-        targets are about a quarter of that, so the default overstates its FLOPs). Every
+        targets are about a quarter of that: the training loop passes the objective's lengths,
+        `Objective.example_lengths`). Every
         matmul weight costs 6 FLOPs per token it is applied to: encoder weights and the cross-
         attention key/value projections per source token, the other decoder weights and the LM
         head per target token. Attention's QK^T and AV add 12 * width * keys per query per

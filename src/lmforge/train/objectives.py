@@ -71,6 +71,11 @@ class Objective:
     def source(self, tokens_dir: Any, split: str) -> TokenBatches:
         return TokenBatches(tokens_dir, split, self.window_length(self.model_config.block_size) - 1)
 
+    def example_lengths(self) -> tuple[int, int | None]:
+        """(input tokens, decoder tokens or None) of one example, for FLOPs and MFU: an
+        encoder-decoder's decoder may read fewer tokens than its encoder."""
+        return self.model_config.block_size, None
+
     def make_batch(self, windows: np.ndarray, rng: np.random.Generator, source: TokenBatches) -> Batch:
         return {"input_ids": torch.from_numpy(windows[:, :-1]), "targets": torch.from_numpy(windows[:, 1:])}
 
@@ -212,6 +217,10 @@ class SpanCorruption(Objective):
 
     def window_length(self, block_size: int) -> int:
         return self.raw_length
+
+    def example_lengths(self) -> tuple[int, int | None]:
+        noise, spans = self._counts(self.raw_length)  # every example has exactly these lengths
+        return self.raw_length - noise + spans + 1, noise + spans + 1
 
     def noise_mask(self, length: int, rng: np.random.Generator) -> np.ndarray:
         """Bool (length,): which tokens are noise; spans alternate non-noise, noise, ..."""
