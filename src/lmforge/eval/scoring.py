@@ -91,16 +91,21 @@ def loglikelihoods(model: torch.nn.Module, requests: Sequence[tuple[list[int], l
             for r, (i, tokens, n_cont) in enumerate(chunk):
                 n_cont = min(n_cont, len(tokens) - 1)  # a continuation longer than the context is cut
                 end = len(tokens) - 1
-                positions = logprobs[r, end - n_cont:end]
-                targets = torch.tensor(tokens[-n_cont:], device=positions.device)
-                token_lp = positions.gather(-1, targets[:, None]).squeeze(-1)
-                greedy = bool((positions.argmax(-1) == targets).all())
-                out[i] = LogLikelihood(float(token_lp.double().sum()), n_cont, greedy)
+                out[i] = score_positions(logprobs[r, end - n_cont:end], tokens[-n_cont:])
             bar.update(len(chunk))
         bar.close()
     finally:
         model.train(was_training)
     return out  # type: ignore[return-value]
+
+
+def score_positions(logprobs: torch.Tensor, targets: Sequence[int]) -> LogLikelihood:
+    """The summed log-probability of `targets` under (len(targets), vocab) log-probabilities,
+    and whether each target is the argmax of its position (greedy decoding would write them)."""
+    wanted = torch.tensor(list(targets), device=logprobs.device)
+    token_lp = logprobs.gather(-1, wanted[:, None]).squeeze(-1)
+    greedy = bool((logprobs.argmax(-1) == wanted).all())
+    return LogLikelihood(float(token_lp.double().sum()), len(wanted), greedy)
 
 
 @dataclass

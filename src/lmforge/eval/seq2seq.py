@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lmforge.errors import UserError
-from lmforge.eval.scoring import LogLikelihood, _device
+from lmforge.eval.scoring import LogLikelihood, _device, score_positions
 from lmforge.eval.scoring import encode_pair as causal_encode_pair
 from lmforge.infer.generate import encode_source, generate_text, is_encoder_decoder
 
@@ -120,11 +120,7 @@ def loglikelihoods(model: torch.nn.Module, requests: Sequence[tuple[list[int], l
                 logits = model.decode(decoder_ids.to(device), encoder_output, attention_mask=mask)
                 logprobs = F.log_softmax(logits.float(), dim=-1)
             for r, (i, _, target) in enumerate(chunk):
-                positions = logprobs[r, :len(target)]
-                targets = torch.tensor(target, device=positions.device)
-                token_lp = positions.gather(-1, targets[:, None]).squeeze(-1)
-                greedy = bool((positions.argmax(-1) == targets).all())
-                out[i] = LogLikelihood(float(token_lp.double().sum()), len(target), greedy)
+                out[i] = score_positions(logprobs[r, :len(target)], target)
             bar.update(len(chunk))
         bar.close()
     finally:
