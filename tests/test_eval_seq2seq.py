@@ -138,16 +138,22 @@ def test_cli_multiple_choice_and_generation_on_an_encdec_checkpoint(t5_ckpt, tok
     assert any(replies)  # a test of empty strings would prove little
 
 
-def test_replies_go_through_generate_text_with_a_seed_per_item(t5_ckpt, tok):
+@pytest.mark.parametrize("batch_size", [1, 2, 16])
+def test_batched_replies_equal_generate_text_with_a_seed_per_item(t5_ckpt, tok, batch_size):
+    """Sources of different lengths share a batch (right-padded under the encoder mask): each
+    reply is the one `generate_text` gives its prompt alone, with seed 7 + i."""
     _, model = t5_ckpt
-    prompts = ["the king", "death upon this night " * 3, "love"]  # the second is longer than the encoder's context
-    cut: list[int] = []
+    prompts = ["the king", "death upon this night " * 3, "love", "good my lord, the night is come"]
+    cut: list[int] = []  # the second prompt is longer than the encoder's context
     got = scoring.generate_replies(model, tok, prompts, 6, ["x"], seed=7, temperature=0.9, progress=False,
-                                   on_truncate=cut.append)
+                                   on_truncate=cut.append, batch_size=batch_size)
     assert cut == [1]
     expected = [generate_text(model, tok, encode_source(tok, p)[-BLOCK:], max_new_tokens=6, temperature=0.9,
                               seed=7 + i, stop=["x"]) for i, p in enumerate(prompts)]
     assert got == expected
+    greedy = scoring.generate_replies(model, tok, prompts, 6, [], seed=0, progress=False, batch_size=batch_size)
+    assert greedy == [generate_text(model, tok, encode_source(tok, p)[-BLOCK:], max_new_tokens=6, temperature=0.0)
+                      for p in prompts]
     assert expected[0] == generate_text(model, tok, prompts[0], max_new_tokens=6, temperature=0.9, seed=7, stop=["x"])
 
 

@@ -172,28 +172,31 @@ def generate_replies(model: torch.nn.Module, tokenizer, prompts: Sequence[str], 
                      stop: Sequence[str] | None, seed: int, temperature: float = 0.0,
                      desc: str = "generating", progress: bool = True, batch_size: int = 16,
                      on_truncate: Callable[[int], None] | None = None) -> list[str]:
-    """One reply per prompt (greedy by default); a prompt is `<|eos|>` + its tokens, cut from the left.
+    """One reply per prompt (greedy by default), `batch_size` prompts at a time.
 
-    Prompts run `batch_size` at a time (`infer.generate.generate_texts`: left-padded batches,
-    each reply the same as generating its prompt alone).
-
-    The prompt keeps its last `block_size - max_new_tokens` tokens so the reply fits the
-    context without the generator sliding its window; `on_truncate(i)` is told about each cut.
+    A decoder-only model reads `<|eos|>` + the prompt's tokens, cut from the left to
+    `block_size - max_new_tokens` so the reply fits the context without the generator sliding
+    its window. An encoder-decoder's encoder reads the prompt as `encode_source` makes it (as
+    the span/seq2seq objectives and `lmforge generate` feed it), cut from the left to
+    block_size; its reply is at most block_size - 1 tokens. `on_truncate(i)` is told about
+    each cut. Batches come from `infer.generate.generate_texts`: each reply is the same as
+    generating its prompt alone, with the per-item seed `seed + i`.
     """
-    if getattr(model, "is_encoder_decoder", False):  # the prompt goes to the encoder: see eval/seq2seq.py
-        from lmforge.eval import seq2seq
-        return seq2seq.generate_replies(model, tokenizer, prompts, max_new_tokens, stop, seed, temperature,
-                                        desc=desc, progress=progress, on_truncate=on_truncate)
-    from lmforge.infer.generate import generate_texts
+    from lmforge.infer.generate import encode_source, generate_texts, is_encoder_decoder
 
     block_size = model.config.block_size
-    room = block_size - max_new_tokens
-    if room < 2:
-        raise UserError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
-                        f"context of {block_size} tokens; lower max_new_tokens")
+    if is_encoder_decoder(model):
+        room = block_size
+        encode = lambda prompt: encode_source(tokenizer, prompt)  # noqa: E731
+    else:
+        room = block_size - max_new_tokens
+        if room < 2:
+            raise UserError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                            f"context of {block_size} tokens; lower max_new_tokens")
+        encode = lambda prompt: [tokenizer.eos_id, *tokenizer.encode(prompt)]  # noqa: E731
     ids = []
     for i, prompt in enumerate(prompts):
-        item = [tokenizer.eos_id, *tokenizer.encode(prompt)]
+        item = encode(prompt)
         if len(item) > room:
             item = item[-room:]
             if on_truncate is not None:

@@ -10,12 +10,13 @@ DECODER:
   left to block_size as `generate` cuts it;
 - the continuation is the decoder's target text, tokenized on its own: the seq2seq objective's
   targets start at the decoder's start token with no leading space, so leading whitespace of the
-  continuation is dropped (`" yes"` -> `"yes"`, like T5's SentencePiece does) and no EOS is
-  appended (the score is that of the text, not of "the text and then the end");
+  continuation is dropped (`" yes"` -> `"yes"`, like T5's SentencePiece does) and EOS is
+  appended, as every target of those objectives ends: the score is that of the whole reply;
 - log p(continuation | context) = sum over t of log p(target_t | encoder output, start + targets[:t]),
   i.e. the teacher-forced decoder of training (decoder input = start token + targets[:-1]);
-- replies come from `generate_text`, which encodes the prompt with `encode_source` and decodes
-  greedily from the start token with the encoder output cached: no second decoding loop here.
+- replies come from `scoring.generate_replies` -> `infer.generate.generate_texts` (batched: the
+  sources right-padded under the encoder's padding mask, every row decoding from the start token
+  with cached cross keys/values): no second decoding loop here.
 
 Perplexity of a text is a decoder-only measure (it needs a model that predicts a text from its
 own prefix) and is refused for encoder-decoders; encoder-only models (BERT) only score labels
@@ -33,7 +34,7 @@ from tqdm import tqdm
 from lmforge.errors import UserError
 from lmforge.eval.scoring import LogLikelihood, _device, score_positions
 from lmforge.eval.scoring import encode_pair as causal_encode_pair
-from lmforge.infer.generate import encode_source, generate_text, is_encoder_decoder
+from lmforge.infer.generate import encode_source, is_encoder_decoder
 
 SEQ2SEQ_KINDS = "generation, qa, binary, classification (label scoring) or multiple_choice"
 
@@ -126,26 +127,3 @@ def loglikelihoods(model: torch.nn.Module, requests: Sequence[tuple[list[int], l
     finally:
         model.train(was_training)
     return out  # type: ignore[return-value]
-
-
-def generate_replies(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int,
-                     stop: Sequence[str] | None, seed: int, temperature: float = 0.0,
-                     desc: str = "generating", progress: bool = True,
-                     on_truncate: Callable[[int], None] | None = None) -> list[str]:
-    """One reply per prompt from an encoder-decoder (greedy by default), through `generate_text`.
-
-    The prompt goes to the encoder as `encode_source` makes it, keeping its last block_size ids
-    (`on_truncate(i)` is told about each cut); a reply is at most block_size - 1 tokens (the
-    decoder's context, with its start token). The seed is per item (seed + i), as for a decoder.
-    """
-    block_size = model.config.block_size
-    replies = []
-    for i, prompt in enumerate(tqdm(prompts, desc=desc, unit="item", disable=not progress, leave=False)):
-        ids = encode_source(tokenizer, prompt)
-        if len(ids) > block_size:  # cut here (what generate would do) so the cut is reported, not warned
-            ids = ids[-block_size:]
-            if on_truncate is not None:
-                on_truncate(i)
-        replies.append(generate_text(model, tokenizer, ids, max_new_tokens=max_new_tokens,
-                                     temperature=temperature, seed=seed + i, stop=list(stop or [])))
-    return replies

@@ -173,47 +173,67 @@ def generate_batch(model: nn.Module, prompts: Sequence[list[int]], max_new_token
                    seeds: Sequence[int | None] | None = None, stop_ids: set[int] | None = None,
                    finished: Callable[[int, list[int]], bool] | None = None, *,
                    autocast_dtype: torch.dtype | None = None) -> list[list[int]]:
-    """Continue several prompts in one batch (decoder-only models); the new ids of each.
+    """Continue several prompts in one batch; the new ids of each.
 
     Row i gets what `generate(model, prompts[i], ..., seed=seeds[i])` yields (up to the
-    round-off of batched matmuls, which can flip a near-tie): the prompts are left-padded to
-    the longest, the cache's `left_pad` gives each row the positions it would have alone and
-    masks its padding, and each row samples with its own generator. A row ends with a token
-    in `stop_ids` (kept as its last id, as `generate` yields it), after `max_new_tokens`, or
-    when `finished(i, new_ids)` returns True (e.g. a stop string in the decoded text);
-    finished rows leave the batch, so a long reply does not make short ones cost more. Every
-    prompt plus `max_new_tokens` must fit the context: there is no sliding window here.
+    round-off of batched matmuls, which can flip a near-tie), and each row samples with its
+    own generator. A decoder-only model reads the prompts left-padded to the longest: the
+    cache's `left_pad` gives each row the positions it would have alone and masks its padding.
+    An encoder-decoder encodes the prompts right-padded under a padding mask (used by the
+    encoder and by every decoder step's cross-attention), and all rows decode from the start
+    token together. A row ends with a token in `stop_ids` (kept as its last id, as `generate`
+    yields it), after `max_new_tokens`, or when `finished(i, new_ids)` returns True (e.g. a stop
+    string in the decoded text); finished rows leave the batch, so a long reply does not make
+    short ones cost more. Every prompt must fit the context (plus `max_new_tokens` for a
+    decoder-only model): there is no sliding window here.
     """
-    if is_encoder_decoder(model):
-        raise ValueError("generate_batch is for decoder-only models; call generate once per prompt")
     n = len(prompts)
     if not n or max_new_tokens <= 0:
         return [[] for _ in prompts]
     lengths = [len(p) for p in prompts]
     if min(lengths) == 0:
         raise ValueError("a prompt is empty; give at least one token (e.g. a BOS id)")
-    width = max(lengths)
-    if width + max_new_tokens > model.config.block_size:
-        raise ValueError(f"the longest prompt ({width} tokens) plus max_new_tokens={max_new_tokens} does not fit "
-                         f"the context of {model.config.block_size} tokens")
+    width, block_size = max(lengths), model.config.block_size
+    seq2seq = is_encoder_decoder(model)
+    if seq2seq:
+        max_new_tokens = min(max_new_tokens, block_size - 1)  # the decoder's context, with its start token
+    if width + (0 if seq2seq else max_new_tokens) > block_size:
+        raise ValueError(f"the longest prompt ({width} tokens){'' if seq2seq else f' plus max_new_tokens={max_new_tokens}'}"
+                         f" does not fit the context of {block_size} tokens")
     device = _model_device(model)
     generators = [_generator(device, seed) for seed in (seeds if seeds is not None else [None] * n)]
     idx = torch.zeros((n, width), dtype=torch.long)
+    real = torch.zeros((n, width), dtype=torch.long)  # encoder-decoder: 1 = real source token
     for row, prompt in enumerate(prompts):
-        idx[row, width - len(prompt):] = torch.as_tensor(prompt, dtype=torch.long)
-    pad = torch.tensor([width - length for length in lengths], device=device)
+        where = slice(0, len(prompt)) if seq2seq else slice(width - len(prompt), width)
+        idx[row, where] = torch.as_tensor(prompt, dtype=torch.long)
+        real[row, where] = 1
     stop_ids = stop_ids or set()
     new_ids: list[list[int]] = [[] for _ in prompts]
     active = list(range(n))  # the prompt index of each batch row
     was_training = model.training
     model.eval()
     try:
-        kv_cache = model.new_kv_cache(batch_size=n, left_pad=pad)
-        inputs = idx.to(device)
+        if seq2seq:
+            mask = real.to(device)
+            with _forward_context(device, autocast_dtype):
+                encoder_output = model.encode(idx.to(device), attention_mask=mask)
+            kv_cache = model.new_kv_cache(batch_size=n)
+            inputs = torch.full((n, 1), model.decoder_start_id, dtype=torch.long, device=device)
+
+            def forward(ids: Tensor) -> Tensor:  # cross keys/values are cached after the first step
+                return model.decode(ids, encoder_output if kv_cache.length == 0 else None,
+                                    attention_mask=mask, kv_cache=kv_cache)
+        else:
+            kv_cache = model.new_kv_cache(batch_size=n, left_pad=(width - real.sum(1)).to(device))
+            inputs = idx.to(device)
+
+            def forward(ids: Tensor) -> Tensor:
+                return model(ids, kv_cache=kv_cache)[0]
+
         for step in range(max_new_tokens):
             with _forward_context(device, autocast_dtype):
-                logits, _ = model(inputs, kv_cache=kv_cache)
-            last = logits[:, -1]
+                last = forward(inputs)[:, -1]
             if temperature == 0:
                 picked = sample_next(last, 0.0).tolist()
             else:  # one draw per row from the row's own generator, as `generate` draws
@@ -228,7 +248,10 @@ def generate_batch(model: nn.Module, prompts: Sequence[list[int]], max_new_token
             if not keep:
                 break
             if len(keep) < len(active):
-                kv_cache.select(torch.tensor(keep, device=device))
+                rows = torch.tensor(keep, device=device)
+                kv_cache.select(rows)
+                if seq2seq:
+                    mask = mask.index_select(0, rows)
                 active = [active[row] for row in keep]
             inputs = torch.tensor([[picked[row]] for row in keep], dtype=torch.long, device=device)
     finally:
@@ -253,8 +276,9 @@ def generate_texts(model: nn.Module, tokenizer: TokenizerLike, prompts: Sequence
     The same text per prompt as `generate_text(model, tokenizer, prompts[i], ..., seed=seeds[i])`
     (eos and stop strings end a reply the same way). Prompts are batched longest first, so
     a batch holds prompts of similar length and little padding. `on_batch(n)` is called
-    after each batch of n prompts (progress bars). Decoder-only models; the prompts must
-    leave room for max_new_tokens in the context.
+    after each batch of n prompts (progress bars). The prompts are token ids as the model
+    reads them (an encoder-decoder's from `encode_source`); a decoder-only model's must leave
+    room for max_new_tokens in the context.
     """
     stops = [s for s in (stop or []) if s]
     eos_id = getattr(tokenizer, "eos_id", None)
