@@ -135,10 +135,13 @@ def _cmd_chat(args: argparse.Namespace) -> None:
 def _cmd_convert(args: argparse.Namespace) -> None:
     from lmforge.export.hf import from_hf, to_hf
 
-    summary = (from_hf if args.direction == "from-hf" else to_hf)(args.src, args.out)
+    if args.direction == "from-hf":  # a checkpoint without its tokenizer cannot be loaded: refuse up front
+        summary = from_hf(args.src, args.out, overwrite=args.overwrite, require_tokenizer=True)
+    else:
+        summary = to_hf(args.src, args.out, overwrite=args.overwrite)
     m = summary["metrics"]
     print(f"converted {args.src} ({m.get('hf_class', m['model_type'])}, {m['tensors']} tensors) into {args.out}"
-          + ("" if m["tokenizer"] else "; no tokenizer.json was found, add one before loading the checkpoint"))
+          + ("" if m["tokenizer"] else "; the checkpoint has no tokenizer.json, so the HF dir has none either"))
     if m.get("initialized"):
         print(f"initialized (not in the HF weights): {', '.join(m['initialized'])}")
     if m.get("dropped"):
@@ -270,10 +273,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message")
     p.set_defaults(func=_cmd_chat)
 
-    p = sub.add_parser("convert", help="convert checkpoints to and from Hugging Face (GPT-2, Llama, Mistral, BERT, T5)")
-    p.add_argument("direction", choices=["from-hf", "to-hf"])
-    p.add_argument("src", help="from-hf: an HF model dir; to-hf: a checkpoint or run dir")
-    p.add_argument("out", help="output dir (replaced atomically)")
+    convert = sub.add_parser("convert", help="convert checkpoints to and from Hugging Face (GPT-2, Llama, Mistral, "
+                                              "Mixtral, BERT, T5)").add_subparsers(dest="direction", required=True)
+    p = convert.add_parser("from-hf", help="an HF model dir -> an lmforge checkpoint dir")
+    p.add_argument("src", metavar="HF_DIR", help="an HF model dir with config.json, model.safetensors (or a sharded "
+                   "index, or pytorch_model.bin) and tokenizer.json (required: the checkpoint carries its tokenizer)")
+    p.add_argument("out", metavar="OUT", help="checkpoint dir to write (atomically); not inside or around HF_DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
+    p.set_defaults(func=_cmd_convert)
+    p = convert.add_parser("to-hf", help="an lmforge checkpoint -> an HF dir (transformers; BERT: also "
+                                         "sentence-transformers)")
+    p.add_argument("src", metavar="CKPT", help="checkpoint dir, or a run dir (uses its best checkpoint)")
+    p.add_argument("out", metavar="OUT", help="HF dir to write (atomically); not inside or around CKPT")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("embed", help="sentence vectors from an encoder checkpoint (mean-pooled, L2-normalized)")

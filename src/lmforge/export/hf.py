@@ -18,6 +18,15 @@ Heads differ between the HF classes of one family. Which ones a BERT checkpoint 
 from its weights (pooler, NSP, classifier); a head lmforge's model always has but the file
 lacks (BERT's MLM head in a sentence-transformers `BertModel`) is an *optional* rule group:
 from-hf initializes it and reports it, and to-hf reports what an HF class cannot hold.
+
+Llama and Mistral share one layout: a checkpoint records the `model_type` it was converted from
+(`hf_model_type`), so a Mistral goes back as Mistral; a model trained here goes out as Llama.
+A BERT's tokenizer.json gains BERT's [CLS]/[SEP] post-processor at to-hf (lmforge adds them by
+id), so HF tokenizers and sentence-transformers feed the encoder what training and
+`lmforge embed` did.
+
+Both directions write the output under a temp name and swap it in (`atomic_dir`); an output
+that is, lies inside or holds the input is refused, and a non-empty one needs `overwrite`.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmforge.errors import UserError
-from lmforge.fsutil import atomic_dir, atomic_write_json, write_summary
+from lmforge.fsutil import atomic_dir, atomic_write_json, atomic_write_text, write_summary
 from lmforge.models.config import ModelConfig
 
 
@@ -158,14 +167,60 @@ def _gpt2_rules(c: ModelConfig) -> list[TensorRule]:
 
 
 def _rope_theta(hf: dict[str, Any], where: str) -> float:
-    # transformers 5 writes `rope_parameters`; older files `rope_theta` + `rope_scaling`
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind != "default":
-        field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
-        raise UserError(f"{where}: {field}.rope_type={kind!r} (RoPE scaling) is not supported; "
-                        "allowed: 'default' (no scaling)")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    """The RoPE base; any RoPE scaling is refused (lmforge implements plain RoPE only).
+
+    transformers 5 writes `rope_parameters`; older files `rope_theta` + `rope_scaling`. A file may
+    hold both, and transformers applies a scaling from either, so both are checked; an error names
+    the key as the file spells it (`rope_type`, or the legacy `type`). A dict without a type is
+    the default (unscaled) RoPE, as transformers reads it. The base follows transformers too: a
+    non-empty `rope_scaling` replaces `rope_parameters`, and the chosen dict's rope_theta comes
+    first, then the top-level rope_theta, then 10000.
+    """
+    for field in ("rope_parameters", "rope_scaling"):
+        params = hf.get(field)
+        if params is None:
+            continue
+        if not isinstance(params, dict):
+            raise UserError(f"{where}: {field}={params!r} is not supported; allowed: null or an object "
+                            "with rope_type 'default'")
+        key = "rope_type" if "rope_type" in params else "type"
+        kind = params.get(key, "default")
+        if kind != "default":
+            raise UserError(f"{where}: {field}.{key}={kind!r} (RoPE scaling) is not supported; lmforge "
+                            f"implements unscaled RoPE only (allowed: {field} null or {key} 'default')")
+    params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    return float(params.get("rope_theta") or hf.get("rope_theta") or 10000.0)
+
+
+def _llama_head_dim(hf: dict[str, Any], n_embd: int, n_head: int, where: str) -> int:
+    """The width of one attention head, as transformers computes it.
+
+    transformers 5 saves `head_dim`; older files leave it out and transformers takes
+    hidden_size // num_attention_heads. Heads need not tile hidden_size (q/k/v project to
+    heads * head_dim, o_proj back; lmforge's attention takes any width, `attn_head_dim`), but
+    transformers' Llama config refuses a hidden_size that num_attention_heads does not divide
+    (Mistral's and Mixtral's do not), so such a Llama file is refused here too.
+    """
+    for key, value in (("hidden_size", n_embd), ("num_attention_heads", n_head)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UserError(f"{where}: {key}={value!r} is not supported; allowed: a positive integer")
+    if hf.get("model_type") == "llama" and n_embd % n_head:
+        raise UserError(f"{where}: hidden_size={n_embd} is not divisible by num_attention_heads={n_head}; "
+                        "transformers' Llama requires it (whatever head_dim says): fix one of the two")
+    kv_heads = hf.get("num_key_value_heads") or n_head
+    if not isinstance(kv_heads, int) or isinstance(kv_heads, bool) or kv_heads <= 0 or n_head % kv_heads:
+        raise UserError(f"{where}: num_key_value_heads={kv_heads!r} does not divide num_attention_heads={n_head}; "
+                        "grouped-query attention needs a divisor")
+    head_dim = hf.get("head_dim")
+    name = f"head_dim={head_dim!r}"
+    if head_dim is None:
+        head_dim = n_embd // n_head
+        name = f"hidden_size // num_attention_heads = {n_embd} // {n_head} = {head_dim} (there is no head_dim)"
+    if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim <= 0:
+        raise UserError(f"{where}: {name} is not supported; allowed: a positive integer")
+    if head_dim % 2:  # RoPE rotates pairs of channels
+        raise UserError(f"{where}: {name} is odd; RoPE needs an even head dim (fix the field to match the weights)")
+    return head_dim
 
 
 def _llama_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
@@ -174,9 +229,7 @@ def _llama_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
     _only(hf, "mlp_bias", False, (False,), where)
     n_embd, n_head = _need(hf, "hidden_size", where), _need(hf, "num_attention_heads", where)
     block_size = _need(hf, "max_position_embeddings", where)
-    if hf.get("head_dim") not in (None, n_embd // n_head):
-        raise UserError(f"{where}: head_dim={hf['head_dim']} is not supported; allowed: "
-                        f"hidden_size / num_attention_heads = {n_embd // n_head}")
+    head_dim = _llama_head_dim(hf, n_embd, n_head, where)
     window = hf.get("sliding_window")
     if window is not None and window < block_size:
         raise UserError(f"{where}: sliding_window={window} < max_position_embeddings={block_size} is not "
@@ -185,6 +238,7 @@ def _llama_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
     return ModelConfig(
         vocab_size=_need(hf, "vocab_size", where), n_layer=_need(hf, "num_hidden_layers", where),
         n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=n_embd,
+        attn_head_dim=None if head_dim * n_head == n_embd else head_dim,
         block_size=block_size, dropout=float(hf.get("attention_dropout", 0.0)), bias=False,
         pos_encoding="rope", norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         mlp="swiglu", mlp_hidden=_need(hf, "intermediate_size", where),
@@ -203,6 +257,13 @@ def _llama_config_to_hf(c: ModelConfig) -> dict[str, Any]:
         "attention_bias": False, "mlp_bias": False, "attention_dropout": c.dropout,
         "tie_word_embeddings": c.tie_embeddings, "initializer_range": c.init_std,
     }
+
+
+def _mistral_config_to_hf(c: ModelConfig) -> dict[str, Any]:
+    """A converted Mistral goes back as Mistral: Llama's fields without the bias switches Mistral
+    lacks, and no sliding window (from-hf took only windows that cover the whole context)."""
+    hf = {k: v for k, v in _llama_config_to_hf(c).items() if k not in ("attention_bias", "mlp_bias")}
+    return {**hf, "model_type": "mistral", "sliding_window": None}
 
 
 def _llama_rules(c: ModelConfig) -> list[TensorRule]:
@@ -471,7 +532,7 @@ ARCHITECTURES: dict[str, HFArch] = {
                    "transformer.", _GPT2_DERIVED),
     "llama": HFArch("llama", "LlamaForCausalLM", _llama_config_from_hf, _llama_config_to_hf,
                     _llama_rules, "model.", _ROPE_DERIVED),
-    "mistral": HFArch("mistral", "MistralForCausalLM", _llama_config_from_hf, _llama_config_to_hf,
+    "mistral": HFArch("mistral", "MistralForCausalLM", _llama_config_from_hf, _mistral_config_to_hf,
                       _llama_rules, "model.", _ROPE_DERIVED),
     "mixtral": HFArch("mixtral", "MixtralForCausalLM", _mixtral_config_from_hf, _mixtral_config_to_hf,
                       _mixtral_rules, "model.", _ROPE_DERIVED),
@@ -532,7 +593,15 @@ def hf_layout_for(c: ModelConfig) -> HFArch:
             raise unrepresentable("mlp", "the Llama layout (pos_encoding=rope) needs mlp=swiglu")
         if c.bias:
             raise unrepresentable("bias", "the Llama layout (pos_encoding=rope) needs bias=false")
-        return ARCHITECTURES["mixtral" if c.moe.num_experts else "llama"]
+        if c.moe.num_experts:
+            return ARCHITECTURES["mixtral"]
+        # one layout, two HF classes: a checkpoint converted from Mistral goes back as Mistral
+        if c.hf_model_type == "mistral":
+            return ARCHITECTURES["mistral"]
+        if c.n_embd % c.n_head:  # heads wider than n_embd / n_head are fine; a remainder is not (HF's check)
+            raise unrepresentable("n_head", f"the Llama layout needs n_embd={c.n_embd} divisible by n_head "
+                                  "(transformers' LlamaConfig checks it)")
+        return ARCHITECTURES["llama"]
     raise unrepresentable("pos_encoding", "allowed: learned (GPT-2 layout) or rope (Llama layout)")
 
 
@@ -702,11 +771,42 @@ def read_hf_weights(hf_dir: Path) -> tuple[dict[str, torch.Tensor], Path]:
     raise UserError(f"{hf_dir}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
-def from_hf(hf_dir: str | Path, out: str | Path) -> dict[str, Any]:
+def check_output(out: Path, inputs: list[tuple[str, Path]], *, overwrite: bool) -> None:
+    """Refuse an output dir that would destroy what convert reads, or replace a dir unasked.
+
+    The output is built under a temp name and swapped in whole (`atomic_dir`), so an output that
+    is an input, lies inside one or holds one would delete or change that input: always refused.
+    An existing non-empty dir is replaced only with `overwrite` (`--overwrite`, as in `pretrain`).
+    `inputs` pairs a name for the message ("checkpoint") with the path read.
+    """
+    target = out.resolve()
+    for name, path in inputs:
+        source = path.resolve()
+        if target == source:
+            raise UserError(f"output {out} is the {name} being converted ({path}); converting would replace it; "
+                            "pick another output dir")
+        if source in target.parents:
+            raise UserError(f"output {out} is inside the {name} being converted ({path}); converting would "
+                            "change it; pick an output dir outside it")
+        if target in source.parents:
+            raise UserError(f"output {out} contains the {name} being converted ({path}); converting would "
+                            "delete it; pick an output dir outside it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} exists and is not a directory; pick another output dir")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} already exists and is not empty; use --overwrite to replace it, or another output dir")
+
+
+def from_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False,
+            require_tokenizer: bool = False) -> dict[str, Any]:
     """Convert an HF model directory into an lmforge checkpoint directory; returns the summary.
 
     The summary's metrics name the tensors initialized because the file lacked them
-    (`initialized`, e.g. BERT's MLM head in a sentence-transformers BertModel).
+    (`initialized`, e.g. BERT's MLM head in a sentence-transformers BertModel). Without a
+    tokenizer.json in `hf_dir` the checkpoint holds the weights only: to_hf reads it, but
+    generate/eval/embed (`load_pretrained`) do not, so the CLI passes `require_tokenizer`
+    and refuses such a dir up front. `out` must not overlap `hf_dir`; a non-empty `out` is
+    replaced only with `overwrite` (see `check_output`).
     """
     from lmforge.train.checkpoint import save_checkpoint
 
@@ -714,6 +814,12 @@ def from_hf(hf_dir: str | Path, out: str | Path) -> dict[str, Any]:
     hf_dir, out = Path(hf_dir), Path(out)
     hf = read_hf_config(hf_dir)
     where = str(hf_dir / "config.json")
+    check_output(out, [("HF model dir", hf_dir)], overwrite=overwrite)
+    tokenizer = hf_dir / "tokenizer.json"
+    if require_tokenizer and not tokenizer.is_file():
+        raise UserError(f"{tokenizer} does not exist; an lmforge checkpoint carries its tokenizer (generate, eval "
+                        "and embed need it): write it first, e.g. AutoTokenizer.from_pretrained(dir)"
+                        ".save_pretrained(dir)")
     arch = arch_for(hf.get("model_type"), where)
     hf_state, weights_file = read_hf_weights(hf_dir)
     try:
@@ -736,21 +842,23 @@ def from_hf(hf_dir: str | Path, out: str | Path) -> dict[str, Any]:
             fresh = build_model(config).state_dict()
         dtype = next(iter(state.values())).dtype
         state.update({k: fresh[k].to(dtype) for k in initialized})
-    tokenizer = hf_dir / "tokenizer.json"
     if tokenizer.is_file():
         from lmforge.tokenizer import Tokenizer
 
         if Tokenizer.load(tokenizer).vocab_size > config.vocab_size:  # a mismatched tokenizer
             raise UserError(f"{tokenizer} has more tokens than vocab_size={config.vocab_size} in {where}; "
                             "it belongs to another model")
-    save_checkpoint(out, state, config.to_dict(), tokenizer if tokenizer.is_file() else None, None)
-    if arch.model_type == "bert":
-        _copy_sentence_transformers_config(hf_dir, out)
+    config.hf_model_type = arch.model_type  # to-hf writes a Mistral back as Mistral, not Llama
     params = sum(t.numel() for t in state.values())
-    return write_summary(out, "convert-from-hf", config=config.to_dict(), inputs={"hf_dir": hf_dir},
-                         metrics={"model_type": arch.model_type, "tensors": len(state), "parameters": params,
-                                  "tokenizer": tokenizer.is_file(), "initialized": initialized},
-                         wall_time_s=time.perf_counter() - t0)
+    with atomic_dir(out) as tmp:  # the checkpoint, its metadata and summary appear together
+        save_checkpoint(tmp, state, config.to_dict(), tokenizer if tokenizer.is_file() else None, None)
+        if arch.model_type == "bert":
+            _copy_sentence_transformers_config(hf_dir, tmp)
+        summary = write_summary(tmp, "convert-from-hf", config=config.to_dict(), inputs={"hf_dir": hf_dir},
+                                metrics={"model_type": arch.model_type, "tensors": len(state), "parameters": params,
+                                         "tokenizer": tokenizer.is_file(), "initialized": initialized},
+                                wall_time_s=time.perf_counter() - t0)
+    return summary
 
 
 # --------------------------------------------------------------------------------------------
@@ -820,15 +928,57 @@ def _tokenizer_config(tokenizer_file: Path, block_size: int, arch: str = "gpt") 
             found = next((n for n in names if tok.token_to_id(n) is not None), None)
             if found is not None:
                 cfg[f"{role}_token"] = found
+        # segment ids too: BERT reads them, and a pair is segment 0 then 1 (the post-processor's)
+        cfg["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
     return cfg, ids
 
 
-def to_hf(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
-    """Convert an lmforge checkpoint (or a run dir's best one) into an HF directory; returns the summary."""
+def _bert_tokenizer_json(tokenizer_file: Path) -> str | None:
+    """tokenizer.json text that wraps texts as our BERT was trained, or None to copy the file as is.
+
+    lmforge adds [CLS]/[SEP] by id (the mlm objective, `lmforge embed`: `<|bos|> A <|eos|>`, a
+    pair `<|bos|> A <|eos|> B <|eos|>` with segment 1 from B on), so its tokenizer.json has no
+    post-processor, and `AutoTokenizer` / `SentenceTransformer` would feed the encoder bare text
+    (vectors off by cosine ~0.99). This adds BERT's TemplateProcessing with our tokens. A tokenizer
+    that already adds special tokens (an HF BERT's, e.g. all-MiniLM-L6-v2's) is left untouched.
+    """
+    import tokenizers
+    from tokenizers import processors
+
+    from lmforge.tokenizer import Tokenizer
+
+    backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+    probe = tokenizers.Tokenizer.from_str(backend.to_str())  # without the file's padding/truncation
+    probe.no_padding()
+    probe.no_truncation()
+    if probe.encode("a b", add_special_tokens=True).ids != probe.encode("a b", add_special_tokens=False).ids:
+        return None
+    tok = Tokenizer.load(tokenizer_file)
+    try:
+        cls_id, sep_id = tok.bos_id, tok.eos_id
+    except UserError:  # no [CLS]/[SEP] to add (not an lmforge tokenizer); `lmforge embed` refuses it too
+        return None
+    cls, sep = tok.id_to_token(cls_id), tok.id_to_token(sep_id)
+    template = processors.TemplateProcessing(single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+                                             special_tokens=[(cls, cls_id), (sep, sep_id)])
+    existing = backend.post_processor  # e.g. byte-level offset trimming: keep it, then wrap
+    backend.post_processor = template if existing is None else processors.Sequence([existing, template])
+    return backend.to_str(pretty=True)
+
+
+def to_hf(ckpt: str | Path, out: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
+    """Convert an lmforge checkpoint (or a run dir's best one) into an HF directory; returns the summary.
+
+    `out` must not overlap the checkpoint (or the run dir given); a non-empty `out` is replaced
+    only with `overwrite` (see `check_output`).
+    """
     from lmforge.train.checkpoint import read_model_config, read_weights, resolve_checkpoint
 
     t0 = time.perf_counter()
-    ckpt, out = resolve_checkpoint(ckpt), Path(out)
+    given, out = Path(ckpt), Path(out)
+    ckpt = resolve_checkpoint(given)
+    check_output(out, [("checkpoint", ckpt)] + ([("run dir", given)] if given.resolve() != ckpt.resolve() else []),
+                 overwrite=overwrite)
     config = ModelConfig.from_dict(read_model_config(ckpt))
     if config.vocab_size is None:
         raise UserError(f"{ckpt / 'config.json'}: vocab_size is not set; the checkpoint is incomplete")
@@ -840,7 +990,11 @@ def to_hf(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
         if tokenizer.is_file():
             tok_config, special_ids = _tokenizer_config(tokenizer, config.block_size, config.arch)
             hf_config.update(special_ids)
-            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+            bert_json = _bert_tokenizer_json(tokenizer) if config.arch == "bert" else None
+            if bert_json is None:
+                shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+            else:
+                atomic_write_text(tmp / "tokenizer.json", bert_json)
             atomic_write_json(tmp / "tokenizer_config.json", tok_config)
             if config.arch != "bert":  # an encoder does not generate
                 generation = {k: v for k, v in special_ids.items() if k != "pad_token_id"}

@@ -60,6 +60,9 @@ class ModelConfig:
     num_labels: int = 0  # sequence-classification head on the pooled output; 0 = none
     pooler: bool = False  # keep the pooler (dense+tanh on [CLS]) even when no head uses it (HF BertModel)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # The Hugging Face model_type a converted checkpoint came from (`lmforge convert from-hf`);
+    # to-hf writes it back where two HF families share one layout (mistral vs llama). No effect on the model.
+    hf_model_type: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
