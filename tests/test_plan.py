@@ -13,16 +13,19 @@ from torch import nn
 from lmforge.cli import main
 from lmforge.config import load_config
 from lmforge.models import ARCHITECTURES, GPT, ModelConfig, build_model
-from lmforge.peakmem import can_measure, measure_training_peak
+from lmforge.peakmem import can_measure, measure_training_peak, objective_batch
 from lmforge.plan import (
     LoRA,
     attention_kernel,
+    block_activation_bytes,
     count_params,
     count_params_built,
     flops_per_token,
     lora_params,
     nf4_bytes,
+    objective_lengths,
     plan,
+    stacks,
     training_memory,
 )
 from lmforge.train.device import _GPU_PEAK_BF16
@@ -270,6 +273,106 @@ def test_activation_checkpointing_prediction_within_15_percent_of_measured(monke
     assert predicted < training_memory(config, batch, precision="fp32")["peak"]
 
 
+# BERT and encoder-decoders, with the batches their objectives cut: bert-mini's mlm + nsp rows
+# (post-norm blocks, dropout 0.1: the CPU takes the hand-written attention in fp32 too), t5-small's
+# and transformer-base's span corruption (128 encoder and 29 decoder positions; T5's relative
+# bias sends its self-attention to SDPA's math path).
+ENCODER_CASES = [("bert-mini", "fp32"), ("bert-mini", "bf16"), ("t5-small", "fp32"), ("t5-small", "bf16"),
+                 ("transformer-base", "fp32"), ("transformer-base", "bf16")]
+
+
+def preset_run(name: str, *overrides: str, vocab: int = 320):
+    """The preset's config tree (for its objective) and model config (vocab `vocab` when unset)."""
+    cfg = load_config(CONFIGS / f"{name}.yaml", list(overrides))
+    return cfg, ModelConfig.from_dict({**cfg.model.to_dict(), "vocab_size": cfg.model.vocab_size or vocab})
+
+
+def _is_weight_copy(t: torch.Tensor) -> bool:
+    """Whether t is (a view of) autocast's bf16 copy of a parameter (the plan counts those apart)."""
+    fn = t.grad_fn
+    while fn is not None and type(fn).__name__ in ("TBackward0", "ViewBackward0", "TransposeBackward0"):
+        fn = fn.next_functions[0][0]
+    return (fn is not None and type(fn).__name__ == "ToCopyBackward0"
+            and type(fn.next_functions[0][0]).__name__ == "AccumulateGrad")
+
+
+def saved_bytes_of_blocks(model: nn.Module, blocks: list[nn.Module], cfg, config: ModelConfig, batch_size: int,
+                          precision: str) -> list[int]:
+    """Bytes autograd saves for backward while each of `blocks` runs forward (one training forward
+    with the objective's batch): every saved storage once, to the block that saved it first, without
+    parameters and autocast's weight copies."""
+    from lmforge.train.device import autocast
+
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: set[int] = set()
+    totals = [0] * len(blocks)
+    current: list[int | None] = [None]
+    for i, block in enumerate(blocks):
+        block.register_forward_pre_hook(lambda m, a, i=i: current.__setitem__(0, i))
+        block.register_forward_hook(lambda m, a, o: current.__setitem__(0, None))
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen and storage.data_ptr() not in parameters and not _is_weight_copy(t):
+            seen.add(storage.data_ptr())
+            if current[0] is not None:
+                totals[current[0]] += storage.nbytes()
+        return t
+
+    batch, loss_of = objective_batch(cfg, config, batch_size)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(torch.device("cpu"), precision):
+        loss_of(model, batch)
+    return totals
+
+
+@pytest.mark.parametrize("preset,precision", [*ENCODER_CASES, ("t5-small", "fp32-dropout"), ("nano", "bf16"),
+                                            ("llama-tiny", "bf16")])
+def test_block_activations_equal_what_autograd_saves(preset, precision):
+    """Per block, the plan's tensor-by-tensor model against the tensors autograd really saves
+    (saved-tensor hooks: exact, unlike a peak), block 1 of every stack (block 0 of a decoder
+    also saves the shared fp32 encoder output, which the plan counts once outside the blocks)."""
+    precision, *dropout = precision.split("-")
+    cfg, config = preset_run(preset, *(["model.dropout=0.1"] if dropout else []))
+    seq_len, decoder_len = objective_lengths(cfg, config.block_size)
+    torch.manual_seed(0)
+    model = build_model(config)
+    lists = {"encoder": model.encoder_blocks, "decoder": model.decoder_blocks} if config.arch == "encdec" \
+        else {"encoder" if config.arch == "bert" else "": model.blocks}
+    model_stacks = stacks(config, seq_len, decoder_len)
+    batch_size = 2
+    measured = saved_bytes_of_blocks(model, [lists[s.name][1] for s in model_stacks], cfg, config, batch_size,
+                                     precision)
+    attention = attention_kernel(config, precision, seq_len, "cpu")
+    for stack, saved in zip(model_stacks, measured):
+        predicted = sum(block_activation_bytes(config, stack, precision, attention).values()) * batch_size
+        if config.pos_encoding == "rope" and precision == "bf16":
+            predicted += 4 * stack.length * config.head_dim * 2  # the cast cos/sin tables
+        assert predicted == pytest.approx(saved, rel=0.01), (stack, predicted, saved)
+
+
+@needs_glibc
+@pytest.mark.parametrize("preset,precision", ENCODER_CASES)
+def test_bert_and_encoder_decoder_peak_memory_within_15_percent_of_measured(preset, precision):
+    """The whole step (batch 4, to stay fast), as the GPT presets are checked above."""
+    cfg, config = preset_run(preset)
+    seq_len, decoder_len = objective_lengths(cfg, config.block_size)
+    attention = attention_kernel(config, precision, seq_len, "cpu")
+    predicted = training_memory(config, 4, seq_len, precision, attention=attention, decoder_len=decoder_len)
+    measured = measure_training_peak(config, 4, precision, cfg=cfg)
+    # the plan's lengths are the objective's real batch shapes
+    assert measured["shapes"]["input_ids"] == (4, seq_len)
+    if decoder_len is not None:
+        assert measured["shapes"]["labels"] == (4, decoder_len) and decoder_len < seq_len
+    else:
+        assert "next_sentence_label" in measured["shapes"]  # bert-mini trains mlm + nsp
+    # (AdamW also keeps a step count per parameter tensor)
+    assert predicted["weights"] + predicted["optimizer"] == pytest.approx(measured["persistent"], rel=1e-4)
+    assert abs(predicted["peak"] / measured["peak"] - 1) < 0.15, (predicted["peak"], measured)
+    # the step's own memory (activations, gradients, weight copies) alone, without the exact terms
+    step = predicted["peak"] - predicted["weights"] - predicted["optimizer"]
+    assert abs(step / measured["step_growth"] - 1) < 0.15, (step, measured)
+
+
 @pytest.mark.slow
 @needs_glibc
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -379,12 +482,17 @@ def test_plan_counts_other_architectures_by_building_them(path, capsys):
     assert report["parameters"]["total"] == sum(p.numel() for p in model.parameters())
     assert report["parameters"]["non_embedding"] == model.num_params(exclude_embeddings=True)
     assert report["parameters"]["method"] == "exact (counted)"
-    assert report["flops_per_token"] == model.flops_per_token()
+    seq_len, decoder_len = objective_lengths(cfg, cfg.model.block_size)
+    assert report["flops_per_token"] == (model.flops_per_token(seq_len, decoder_len) if cfg.model.arch == "encdec"
+                                         else model.flops_per_token(seq_len))
     # LoRA adapters on every Linear named qkv/out/gate/up/down inside the blocks
     named = [m for name, m in model.named_modules() if isinstance(m, nn.Linear)
              and name.rsplit(".", 1)[-1] in ("qkv", "out", "gate", "up", "down")]
     assert report["lora"]["trainable"] == sum(4 * (m.in_features + m.out_features) for m in named)
-    assert "not validated" in report["memory"]["activations_method"]
+    # full training is validated for these architectures; LoRA on them is not
+    assert report["memory"]["activations_method"].startswith("per-tensor model")
+    assert "LoRA/QLoRA rows: not validated" in report["memory"]["activations_method"]
+    assert "not validated" not in plan(cfg)["memory"]["activations_method"]
     assert main(["plan", str(path), "--set", "model.vocab_size=128"]) == 0
     assert "exact (counted)" in capsys.readouterr().out
 

@@ -7,6 +7,14 @@ malloc, whose statistics (`mallinfo2`) count the bytes handed out and not yet re
 the resident set size, they see neither the allocator's caching nor pages that were freed but
 not yet given back, and unlike `torch.profiler`'s memory events they need no trace to be
 replayed. Linux/glibc only (`can_measure`).
+
+The batch is the one training feeds the model: given the run's config, its objective
+(`lmforge.train.objectives`) cuts the micro-batch from random token windows with its own
+`make_batch` and computes the loss with its own `loss`, so the measured step has the
+objective's real shapes (BERT's [CLS] A [SEP] B [SEP] rows with MLM labels, token types and
+the NSP label; span corruption's encoder inputs and its shorter decoder targets). The
+tokenizer it needs is a synthetic word-level one of the model's vocabulary size
+(`objective_batch`).
 """
 
 from __future__ import annotations
@@ -43,9 +51,49 @@ def _malloc_live_bytes() -> int:
     return info.uordblks + info.hblkhd  # bytes in use in the heap + in mmap-ed chunks
 
 
+def objective_batch(cfg: Any, c: ModelConfig, micro_batch: int, seed: int = 0,
+                    ) -> tuple[dict[str, Any], Callable[[Any, dict[str, Any]], Any]]:
+    """One micro-batch as `cfg.objective` cuts it for model `c`, and the objective's loss function.
+
+    The objective gets a synthetic word-level tokenizer of exactly `c.vocab_size` tokens
+    (lmforge's special tokens, the objective's extra ones such as [MASK] or the span sentinels,
+    ordinary tokens for the rest) and random windows of ordinary tokens in place of a token
+    directory; everything else (masking, NSP pairs, span corruption, the loss call) is the
+    objective's own code, run as the training loop runs it.
+    """
+    import numpy as np
+    import tokenizers
+    from tokenizers import models
+
+    from lmforge.tokenizer.tok import SPECIAL_TOKENS, Tokenizer
+    from lmforge.train.objectives import OBJECTIVES, objective_for, token_fallbacks, with_tokens
+
+    extra = OBJECTIVES[cfg.objective].extra_tokens
+    ordinary = c.vocab_size - len(SPECIAL_TOKENS) - len(extra)
+    if ordinary < 8:
+        raise ValueError(f"vocab_size={c.vocab_size} leaves no room for {cfg.objective}'s "
+                         f"{len(extra)} extra tokens")
+    names = [*SPECIAL_TOKENS, *(f"t{i}" for i in range(ordinary))]
+    backend = tokenizers.Tokenizer(models.WordLevel({t: i for i, t in enumerate(names)}, unk_token="t0"))
+    backend.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in SPECIAL_TOKENS])
+    tokenizer = Tokenizer(backend, kind="wordlevel", source="peakmem's synthetic tokenizer")
+    with_tokens(tokenizer, extra, token_fallbacks())
+    objective = objective_for(cfg, tokenizer, c)
+    first = len(SPECIAL_TOKENS)
+
+    class RandomWindows:  # stands in for `TokenBatches`: windows of random ordinary tokens
+        @staticmethod
+        def windows(rng: np.random.Generator, n: int) -> np.ndarray:
+            return rng.integers(first, first + ordinary, size=(n, objective.window_length(c.block_size)))
+
+    rng = np.random.default_rng(seed)
+    batch = objective.make_batch(RandomWindows.windows(rng, micro_batch), rng, RandomWindows())
+    return batch, objective.loss
+
+
 def measure_training_peak(c: ModelConfig, micro_batch: int, precision: str = "fp32", steps: int = 2,
                           threads: int = 1, adapt: Callable[[Any], tuple[Iterable[Any], int]] | None = None,
-                          ) -> dict[str, int]:
+                          cfg: Any = None) -> dict[str, Any]:
     """Measured peak bytes of one training step on CPU: the model's persistent state + peak growth.
 
     Method: after a warm-up step (so AdamW's state exists), the step's live malloc bytes (glibc
@@ -60,6 +108,10 @@ def measure_training_peak(c: ModelConfig, micro_batch: int, precision: str = "fp
     `adapt(model)` (e.g. LoRA applied from outside) may change the model in place and returns
     the parameters to train and the bytes of persistent state that are not parameters (e.g.
     quantization scales); by default every parameter is trained.
+
+    `cfg` (a `lmforge.config.Config`): the micro-batch and the loss are its objective's
+    (`objective_batch`); without it, next-token prediction on random ids (`model(x, y)`).
+    `shapes` in the result are the batch's tensor shapes.
     """
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -88,12 +140,19 @@ def measure_training_peak(c: ModelConfig, micro_batch: int, precision: str = "fp
     # no new entries in oneDNN's per-shape caches of bf16 matmul state (CPU-only memory that grows
     # with every new shape, which a GPU does not have and the plan does not model)
     optimizer = torch.optim.AdamW(list(trainable), lr=0.0, fused=True)
-    x, y = torch.randint(0, c.vocab_size, (2, micro_batch, c.block_size))
+    if cfg is None:
+        x, y = torch.randint(0, c.vocab_size, (2, micro_batch, c.block_size))
+        batch = {"input_ids": x, "targets": y}
+
+        def loss_of(model: Any, batch: dict[str, Any]) -> Any:
+            return model(batch["input_ids"], batch["targets"])[1]
+    else:
+        batch, loss_of = objective_batch(cfg, c, micro_batch)
     device = torch.device("cpu")
 
     def step() -> None:
         with autocast(device, precision):
-            loss = model(x, y)[1]  # as the training loop: only the loss outlives the forward
+            loss = loss_of(model, batch)  # as the training loop: only the loss outlives the forward
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -112,4 +171,5 @@ def measure_training_peak(c: ModelConfig, micro_batch: int, precision: str = "fp
     persistent = extra + sum(p.numel() * p.element_size() for p in model.parameters())
     persistent += sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                       if torch.is_tensor(t))
-    return {"persistent": persistent, "step_growth": growth, "peak": persistent + growth}
+    return {"persistent": persistent, "step_growth": growth, "peak": persistent + growth,
+            "shapes": {k: tuple(v.shape) for k, v in batch.items()}}
