@@ -432,13 +432,9 @@ def objective_lengths(cfg: Any, block_size: int) -> tuple[int, int | None]:
     seq2seq pads each batch to its longest pair, at most block_size on either side.
     """
     if cfg.objective == "span":
-        from lmforge.train.objectives import SpanCorruption
+        from lmforge.train.objectives import span_lengths
 
-        span = object.__new__(SpanCorruption)  # its length arithmetic reads only the span options
-        span.opts = cfg.span
-        raw = span._raw_length(block_size)
-        noise, spans = span._counts(raw)
-        return raw - noise + spans + 1, noise + spans + 1
+        return span_lengths(cfg.span, block_size)[1:]
     return block_size, (block_size if cfg.objective == "seq2seq" else None)
 
 

@@ -177,6 +177,27 @@ class MaskedLM(Objective):
                      next_sentence_label=batch.get("next_sentence_label"))[1]
 
 
+def span_counts(opts: Any, length: int) -> tuple[int, int]:
+    """(noise tokens, noise spans) of a window of `length` tokens under the `span` options."""
+    noise = min(max(round(length * opts.noise_density), 1), length - 1)
+    spans = max(round(noise / opts.mean_span_length), 1)
+    return noise, spans
+
+
+def span_lengths(opts: Any, block_size: int) -> tuple[int, int, int]:
+    """(raw window, encoder input, decoder target) lengths of span corruption: the longest raw
+    window whose corrupted input (kept tokens + one sentinel per span + EOS) and target (sentinels
+    + noise + EOS) both fit `block_size`. `lmforge plan` sizes span runs with it too."""
+    for length in range(2 * block_size, 1, -1):
+        noise, spans = span_counts(opts, length)
+        if length - noise + spans + 1 <= block_size and noise + spans + 1 <= block_size:
+            if spans > NUM_SENTINELS:
+                raise UserError(f"span: {spans} noise spans per example need more than {NUM_SENTINELS} "
+                                "sentinels; lower model.block_size or raise span.mean_span_length")
+            return length, length - noise + spans + 1, noise + spans + 1
+    raise UserError(f"model.block_size={block_size} is too short for span corruption")
+
+
 class SpanCorruption(Objective):
     """T5's span corruption (Raffel et al. 2020, `random_spans_noise_mask`).
 
@@ -198,33 +219,17 @@ class SpanCorruption(Objective):
         self.pad_id = tokenizer.pad_id
         self.sentinels = np.array([find_token(tokenizer, sentinel(i), (f"<extra_id_{i}>",))
                                    for i in range(NUM_SENTINELS)], dtype=np.int64)
-        self.raw_length = self._raw_length(model_config.block_size)
-
-    def _counts(self, length: int) -> tuple[int, int]:
-        noise = min(max(round(length * self.opts.noise_density), 1), length - 1)
-        spans = max(round(noise / self.opts.mean_span_length), 1)
-        return noise, spans
-
-    def _raw_length(self, block_size: int) -> int:
-        for length in range(2 * block_size, 1, -1):
-            noise, spans = self._counts(length)
-            if length - noise + spans + 1 <= block_size and noise + spans + 1 <= block_size:
-                if spans > NUM_SENTINELS:
-                    raise UserError(f"span: {spans} noise spans per example need more than {NUM_SENTINELS} "
-                                    "sentinels; lower model.block_size or raise span.mean_span_length")
-                return length
-        raise UserError(f"model.block_size={block_size} is too short for span corruption")
+        self.raw_length, *self.lengths = span_lengths(self.opts, model_config.block_size)
 
     def window_length(self, block_size: int) -> int:
         return self.raw_length
 
     def example_lengths(self) -> tuple[int, int | None]:
-        noise, spans = self._counts(self.raw_length)  # every example has exactly these lengths
-        return self.raw_length - noise + spans + 1, noise + spans + 1
+        return self.lengths[0], self.lengths[1]  # every example has exactly these lengths
 
     def noise_mask(self, length: int, rng: np.random.Generator) -> np.ndarray:
         """Bool (length,): which tokens are noise; spans alternate non-noise, noise, ..."""
-        noise, spans = self._counts(length)
+        noise, spans = span_counts(self.opts, length)
 
         def segment(items: int, parts: int) -> np.ndarray:  # random composition of items into parts >= 1
             first = np.zeros(items, dtype=bool)
