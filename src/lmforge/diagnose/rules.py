@@ -1,8 +1,8 @@
-"""Diagnose a training run from its curves: `lmforge diagnose RUN_DIR`, and a live warning at evals.
+"""The verdict of `lmforge diagnose`: which of five cases a run's curves are in (`diagnose_records`).
 
-Reads `metrics.jsonl` (one record per step: `loss`, `grad_norm`, ...; eval steps add `val_loss`
-and `train_eval_loss`, the train loss measured like the val loss) and says which of five cases
-the run is in, with the numbers that show it and the remedies that fit:
+From the records of `metrics.jsonl` (one record per step: `loss`, `grad_norm`, ...; eval steps add
+`val_loss` and `train_eval_loss`, the train loss measured like the val loss) it says which of five
+cases the run is in, with the numbers that show it and the remedies that fit:
 
 - `not_converging`: a non-finite loss, a train loss that rose well above its best (diverging),
   no progress from the start, or repeated loss spikes (oscillating).
@@ -62,16 +62,22 @@ rests on the train loss, and `limitations` says so.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lmforge.errors import UserError
+from lmforge.diagnose.curves import (
+    _column,
+    _finite,
+    _grad_spikes,
+    _nonfinite_step,
+    _recent_improvement,
+    _spikes,
+    _value_at,
+    trailing_median,
+)
 
 VERDICTS = ("good_fit", "underfitting", "overfitting", "not_converging", "still_improving")
 
@@ -121,30 +127,6 @@ class Diagnosis:
         return asdict(self)
 
 
-# ---- reading a run ---------------------------------------------------------------------------
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl, one-line UserError on a bad line (naming file and line)."""
-    path = Path(path)
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("step"), int) or "loss" not in record:
-                raise ValueError("need an object with an integer 'step' and a 'loss'")
-        except ValueError as e:
-            raise UserError(f"{path}:{number}: not a metrics record ({e}); was it written by `lmforge pretrain`?") from None
-        records.append(record)
-    return records
-
-
 def _steps_and_evals(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by_step: dict[int, dict[str, Any]] = {}
     for r in records:  # a resumed run re-logs steps after its checkpoint: the last one counts
@@ -152,176 +134,8 @@ def _steps_and_evals(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-# ---- curve statistics ------------------------------------------------------------------------
-
-
-def trailing_median(values: np.ndarray, window: int) -> np.ndarray:
-    """out[i] = median(values[max(0, i - window + 1) : i + 1]), ignoring NaNs."""
-    out = np.empty(len(values))
-    head = min(window - 1, len(values))
-    for i in range(head):
-        out[i] = np.nanmedian(values[: i + 1]) if np.isfinite(values[: i + 1]).any() else np.nan
-    if len(values) >= window:
-        windows = np.lib.stride_tricks.sliding_window_view(values, window)
-        for start in range(0, len(windows), 8192):  # chunks keep memory small on long runs
-            chunk = windows[start:start + 8192]
-            with np.errstate(all="ignore"):
-                out[window - 1 + start: window - 1 + start + len(chunk)] = np.nanmedian(chunk, axis=1) \
-                    if np.isnan(chunk).any() else np.median(chunk, axis=1)
-    return out
-
-
-def _value_at(steps: np.ndarray, values: np.ndarray, step: float) -> float:
-    """The value at the last logged step <= `step` (the first value if none)."""
-    i = max(int(np.searchsorted(steps, step, side="right")) - 1, 0)
-    return float(values[i])
-
-
-def _median_before(values: np.ndarray, window: int) -> np.ndarray:
-    """out[i] = median of the (finite) `window` values before i; NaN at i = 0."""
-    with np.errstate(all="ignore"):
-        return np.concatenate([[np.nan], trailing_median(values, window)[:-1]])
-
-
-def _spikes(steps: np.ndarray, values: np.ndarray, start: float, ratio: float, progress: float,
-            window: int) -> list[dict[str, Any]]:
-    """Spike episodes: runs of steps whose value exceeds the median of the `window` steps before
-    by `ratio` of that median and by `progress` x (start - median)."""
-    median = _median_before(values, window)
-    with np.errstate(invalid="ignore"):
-        excess = values - median
-        spiked = (excess > ratio * np.abs(median)) & (excess > progress * np.maximum(start - median, 0.0))
-    episodes: list[dict[str, Any]] = []
-    for i in np.flatnonzero(spiked):
-        if i > 0 and spiked[i - 1]:
-            episodes[-1]["peak"] = max(episodes[-1].get("peak", episodes[-1]["loss"]), round(float(values[i]), 4))
-        else:
-            episodes.append({"step": int(steps[i]), "loss": round(float(values[i]), 4),
-                             "median_before": round(float(median[i]), 4)})
-    return episodes
-
-
-def _grad_spikes(steps: np.ndarray, norms: np.ndarray, ratio: float, window: int) -> tuple[float | None, list[dict]]:
-    finite = norms[np.isfinite(norms)]
-    if not len(finite):
-        return None, []
-    median = _median_before(norms, window)
-    median[:5] = np.nan  # a running median needs a few steps first
-    with np.errstate(invalid="ignore"):
-        spiked = np.flatnonzero((median > 0) & (norms > ratio * median))
-    return float(np.median(finite)), [{"step": int(steps[i]), "grad_norm": round(float(norms[i]), 3),
-                                       "x_median": round(float(norms[i] / median[i]), 1)} for i in spiked]
-
-
-# ---- the bigram reference --------------------------------------------------------------------
-
-
-def _sample_split(tokens_dir: Path, split: str, limit: int) -> np.ndarray:
-    from lmforge.tokenizer.shards import load_split
-
-    shards = load_split(tokens_dir, split)
-    per_shard = max(limit // len(shards), 1)
-    return np.concatenate([np.asarray(s[:per_shard], dtype=np.int64) for s in shards])[:limit]
-
-
-def bigram_reference(tokens_dir: str | Path, th: Thresholds = THRESHOLDS) -> dict[str, Any]:
-    """Losses of count models of the train split, measured on the val split (nats/token).
-
-    `bigram_val_loss`: interpolated absolute discounting (Ney, Essen & Kneser 1994), D = 0.75,
-    backing off to an add-one unigram. `unigram_entropy`: entropy of the train token counts
-    (the loss of the best context-free model). Up to 20M train and 2M val tokens are read (from
-    the start of every shard), which keeps this a few seconds on any corpus.
-    """
-    from lmforge.tokenizer.shards import read_meta
-
-    tokens_dir = Path(tokens_dir)
-    vocab = int(read_meta(tokens_dir)["vocab_size"])
-    train = _sample_split(tokens_dir, "train", th.baseline_train_tokens)
-    val = _sample_split(tokens_dir, "val", th.baseline_val_tokens)
-    vocab = max(vocab, int(train.max()) + 1, int(val.max()) + 1)
-    unigram = np.bincount(train, minlength=vocab).astype(np.float64)
-    p_unigram = (unigram + 1.0) / (unigram.sum() + vocab)
-    seen = unigram[unigram > 0] / unigram.sum()
-    pairs, pair_counts = np.unique(train[:-1] * vocab + train[1:], return_counts=True)
-    context = np.bincount(train[:-1], minlength=vocab).astype(np.float64)
-    followers = np.bincount(pairs // vocab, minlength=vocab).astype(np.float64)
-    discount = 0.75
-    a, b = val[:-1], val[1:]
-    codes = a * vocab + b
-    where = np.clip(np.searchsorted(pairs, codes), 0, len(pairs) - 1)
-    count_ab = np.where(pairs[where] == codes, pair_counts[where], 0).astype(np.float64)
-    count_a = context[a]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = np.where(count_a > 0,
-                     np.maximum(count_ab - discount, 0.0) / count_a + discount * followers[a] / count_a * p_unigram[b],
-                     p_unigram[b])
-    return {
-        "kind": "bigram",
-        "tokens_dir": str(tokens_dir),
-        "bigram_val_loss": round(float(-np.log(p).mean()), 4),
-        "unigram_val_loss": round(float(-np.log(p_unigram[val]).mean()), 4),
-        "unigram_entropy": round(float(-(seen * np.log(seen)).sum()), 4),
-        "uniform_loss": round(math.log(vocab), 4),
-        "train_tokens_read": int(len(train)),
-        "val_tokens_read": int(len(val)),
-    }
-
-
-# ---- the diagnosis ---------------------------------------------------------------------------
-
-
 def _r(x: float | None, digits: int = 4) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), digits)
-
-
-def _recent_improvement(steps: np.ndarray, values: np.ndarray, part: float, min_points: int
-                        ) -> tuple[float | None, int | None, float]:
-    """How much `values` fell over the last `part` of the run, relative to the final level.
-
-    A least-squares line through the points of the last `part` of the steps (at least the last
-    `min_points`; sparse evals reach further back), its fall projected over `part` of the run and
-    divided by the line's final value. A fitted slope is steadier than a two-point difference on
-    noisy curves. Returns (relative fall, first step used, standard error of the fall); the fall
-    is None with < 2 points, the error 0 with < 3.
-    """
-    keep = np.isfinite(values)
-    steps, values = steps[keep], values[keep]
-    if len(steps) < 2 or steps[-1] <= steps[0]:
-        return None, None, 0.0
-    span = part * (steps[-1] - steps[0])
-    first = max(min(int(np.searchsorted(steps, steps[-1] - span)), len(steps) - min_points), 0)
-    x, y = steps[first:], values[first:]
-    slope, intercept = np.polyfit(x, y, 1)
-    end = slope * x[-1] + intercept
-    if not end > 0:
-        return None, None, 0.0
-    stderr = 0.0
-    if len(x) > 2:
-        residual = y - (slope * x + intercept)
-        stderr = float(np.sqrt(residual @ residual / (len(x) - 2) / ((x - x.mean()) @ (x - x.mean()))))
-    return float(-slope * span / end), int(x[0]), stderr * span / end
-
-
-def _column(rows: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(values with NaN where missing or not a finite number, whether the key is present)."""
-    values = [r.get(key) for r in rows]
-    try:
-        column = np.array(values, dtype=np.float64)  # None -> NaN
-    except (TypeError, ValueError):
-        column = np.array([v if _finite(v) else np.nan for v in values], dtype=np.float64)
-    return column, np.array([key in r for r in rows])
-
-
-def _nonfinite_step(rows: list[dict[str, Any]], columns: dict[str, tuple[np.ndarray, np.ndarray]]
-                    ) -> tuple[int, str] | None:
-    bad = np.zeros(len(rows), dtype=bool)
-    for values, present in columns.values():
-        bad |= present & ~np.isfinite(values)
-    if not bad.any():
-        return None
-    r = rows[int(np.argmax(bad))]
-    key = next(k for k, (values, present) in columns.items() if k in r and not _finite(r[k]))
-    return r["step"], f"{key} is {r[key]}"
 
 
 def diagnose_records(records: list[dict[str, Any]], *, config: dict[str, Any] | None = None,
@@ -586,192 +400,3 @@ def _finish(verdict: str, reason: str, evidence: dict[str, Any], limitations: li
             config: dict[str, Any] | None, reference: dict[str, Any] | None, th: Thresholds) -> Diagnosis:
     return Diagnosis(verdict, reason, evidence, _remedies(verdict, evidence, config, reference), limitations,
                      asdict(th))
-
-
-# ---- a run dir, the CLI text, the live warning ----------------------------------------------
-
-
-def _tokens_dir(config: dict[str, Any] | None, run_dir: Path) -> Path | None:
-    tokens = ((config or {}).get("data") or {}).get("tokens")
-    if not tokens:
-        return None
-    for candidate in (Path(tokens), run_dir / tokens):
-        if (candidate / "meta.json").is_file():
-            return candidate
-    return None
-
-
-def diagnose_run(run_dir: str | Path, *, target_loss: float | None = None) -> Diagnosis:
-    """Diagnose the training run in `run_dir` (the --out dir of `lmforge pretrain`)."""
-    import yaml
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir}: no such run directory; pass the --out dir of `lmforge pretrain`")
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        raise UserError(f"{metrics} not found: {run_dir} is not a training run (no step was logged there)")
-    records = read_records(metrics)
-    if not records:
-        raise UserError(f"{metrics} is empty: the run has not logged a step yet")
-    if target_loss is not None and not (math.isfinite(target_loss) and target_loss > 0):
-        raise UserError(f"--target-loss must be a positive loss in nats per token, got {target_loss}")
-    limitations = []
-    config = None
-    if (run_dir / "config.yaml").is_file():
-        try:
-            config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            limitations.append(f"{run_dir / 'config.yaml'} is unreadable ({type(e).__name__}); remedies are generic")
-    summary = None
-    if (run_dir / "summary.json").is_file():
-        try:
-            summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-        except ValueError:
-            limitations.append(f"{run_dir / 'summary.json'} is unreadable")
-    metrics_summary = (summary or {}).get("metrics", {})
-    reference, train_tokens = None, None
-    tokens_dir = _tokens_dir(config, run_dir)
-    objective = (config or {}).get("objective") or "clm"
-    if objective != "clm" and target_loss is None:
-        limitations.append(f"objective {objective!r}: its loss is not a next-token loss, so the bigram reference does "
-                           f"not apply; pass --target-loss to judge underfitting")
-    if tokens_dir is not None:
-        try:
-            from lmforge.tokenizer.shards import read_meta
-
-            train_tokens = read_meta(tokens_dir)["splits"]["train"]["tokens"]
-            if target_loss is None and objective == "clm":
-                reference = bigram_reference(tokens_dir)
-        except (UserError, KeyError, ValueError) as e:
-            limitations.append(f"the token dir {tokens_dir} could not be read ({e})")
-    elif config is not None and target_loss is None and objective == "clm":
-        limitations.append(f"the token dir named in config.yaml ({((config.get('data') or {}).get('tokens'))}) was "
-                           f"not found, so there is no bigram reference; pass --target-loss")
-    if target_loss is not None:
-        reference = {"kind": "target", "loss": float(target_loss)}
-    diagnosis = diagnose_records(records, config=config, finished=summary is not None,
-                                 stop_reason=metrics_summary.get("stop_reason"), reference=reference,
-                                 train_tokens=train_tokens, world_size=int(metrics_summary.get("world_size") or 1))
-    diagnosis.evidence["run"]["dir"] = str(run_dir)
-    diagnosis.limitations = limitations + diagnosis.limitations
-    return diagnosis
-
-
-def _trend(relative_fall: float) -> str:
-    return f"fell {relative_fall:.1%}" if relative_fall >= 0 else f"rose {-relative_fall:.1%}"
-
-
-def format_diagnosis(d: Diagnosis) -> str:
-    """The human-readable report: verdict, evidence with numbers and steps, remedies, limitations."""
-    e = d.evidence
-    run, train, val, inst = e["run"], e.get("train_loss"), e.get("val_loss", {}), e.get("instability", {})
-    lines = [f"run: {run.get('dir', '')} ({run['last_step']} steps"
-             + (f" of {run['max_steps']}" if run.get("max_steps") else "")
-             + (f", {run['stop_reason']}" if run.get("stop_reason") else ", no summary.json" if run.get("finished") is False else "")
-             + (f", {run['epochs']:g} epochs" if run.get("epochs") else "") + ")",
-             f"verdict: {d.verdict.replace('_', ' ').upper()} - {d.reason}", "evidence:"]
-    if train:
-        improvement = train["relative_improvement_last_quarter"]
-        lines.append(f"  - train loss ({train['smoothing']}): {train['start']} at the first step, best {train['best']} at "
-                     f"step {train['best_step']}, final {train['final']}; "
-                     + (f"{_trend(improvement)} over the last quarter; " if improvement is not None else "")
-                     + f"within {d.thresholds['plateau_rel']:.0%} of its final value from step {train['plateau_step']}")
-    if val.get("evals"):
-        lines.append(f"  - val loss: {val['evals']} evals, best {val['best']} at step {val['best_step']} "
-                     f"(checkpoints/best), final {val['final']} at step {val['final_step']}"
-                     + (f"; {_trend(val['relative_improvement_last_quarter'])} over the last quarter"
-                        if val.get("relative_improvement_last_quarter") is not None else ""))
-        if "gap_growth" in val and d.verdict != "not_converging":  # unstable curves make gaps meaningless
-            lines.append(f"  - gap val - train ({val['train_at_evals']}): min {val['gap_min']:+.3f} at step "
-                         f"{val['gap_min_step']}, final {val['gap_final']:+.3f}"
-                         + (f", began to grow at step {val['gap_began_to_grow_step']}"
-                            if val.get("gap_began_to_grow_step") else ""))
-            lines.append(f"  - since val stopped improving (step {val['val_stopped_improving_step']}, within "
-                         f"{d.thresholds['val_rise_nats']:g} nats/{d.thresholds['val_rise_rel']:.1%} of its best): gap "
-                         f"grew {val['gap_growth']:.3f} from step {val['gap_growth_from_step']} (overfitting needs >= "
-                         f"{val['gap_growth_needed']:.3f}), train fell {val['train_fall_since']:.3f}")
-    else:
-        lines.append("  - val loss: none logged")
-    if inst:
-        if inst.get("nonfinite_step") is not None:
-            lines.append(f"  - non-finite values: {inst['nonfinite']} at step {inst['nonfinite_step']}")
-        spikes = inst.get("loss_spikes", [])
-        lines.append(f"  - loss spikes: {inst.get('loss_spike_count', 0)}"
-                     + (" at steps " + ", ".join(str(s["step"]) for s in spikes[:8]) if spikes else ""))
-        gs = inst.get("grad_norm_spikes", [])
-        if inst.get("grad_norm_median") is not None:
-            lines.append(f"  - gradient norm: median {inst['grad_norm_median']}; {inst.get('grad_norm_spike_count', 0)} "
-                         f"spikes (> {d.thresholds['grad_spike_ratio']:g}x the running median)"
-                         + (": " + ", ".join(f"step {s['step']} {s['grad_norm']} ({s['x_median']}x)" for s in gs[:5])
-                            if gs else ""))
-    ref = e.get("reference")
-    if ref:
-        if ref.get("kind") == "target":
-            lines.append(f"  - reference: target loss {ref['loss']}; {ref['compared']} {ref['model_loss']} "
-                         f"({ref['ratio']:.2f}x)")
-        else:
-            lines.append(f"  - reference: a bigram model of the train split reaches {ref['bigram_val_loss']} on val "
-                         f"(unigram {ref['unigram_val_loss']}, uniform {ref['uniform_loss']}); {ref['compared']} "
-                         f"{ref['model_loss']} ({ref['ratio']:.2f}x)")
-    lines.append("remedies:")
-    lines += [f"  - {r}" for r in d.remedies]
-    if d.limitations:
-        lines.append("limitations:")
-        lines += [f"  - {x}" for x in d.limitations]
-    return "\n".join(lines)
-
-
-class _MetricsTail:
-    """Reads a growing metrics.jsonl incrementally, so a check at every eval costs only the new lines.
-
-    It starts over when the file is another one (another path, inode or first line: a new run in
-    the same dir) or shorter than what was read (resume trims the lines after its checkpoint).
-    """
-
-    def __init__(self) -> None:
-        self.signature: tuple | None = None
-        self.offset = 0
-        self.records: list[dict[str, Any]] = []
-
-    def read(self, path: Path) -> list[dict[str, Any]]:
-        with open(path, "rb") as f:
-            stat = os.fstat(f.fileno())
-            signature = (str(path), stat.st_dev, stat.st_ino, f.readline())
-            if signature != self.signature or stat.st_size < self.offset:
-                self.signature, self.offset, self.records = signature, 0, []
-            f.seek(self.offset)
-            chunk = f.read()
-        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line being written is read next time
-        self.offset += len(complete)
-        self.records += [json.loads(line) for line in complete.decode("utf-8").splitlines() if line.strip()]
-        return self.records
-
-
-_tail = _MetricsTail()
-
-
-def live_warning(records: list[dict[str, Any]] | str | Path) -> str | None:
-    """One warning line when the run so far overfits or does not converge, else None.
-
-    Called by the training loop at every eval with its metrics.jsonl. Only these two verdicts
-    warn: they call for action now (stop early, lower the learning rate); "still improving" is
-    the normal state mid-run and "underfitting" needs the finished curve.
-    """
-    try:
-        if not isinstance(records, list):
-            if not Path(records).is_file():
-                return None
-            records = _tail.read(Path(records))
-        if not records:
-            return None
-        d = diagnose_records(records)
-    except Exception as e:  # advice must never stop a training run
-        return f"diagnose: live check skipped ({type(e).__name__}: {e})"
-    if d.verdict not in ("overfitting", "not_converging"):
-        return None
-    step = records[-1]["step"]
-    hint = (f"the best checkpoint so far is checkpoints/best (step {d.evidence['best_checkpoint_step']}); "
-            f"train.patience=N stops a run after N evals without improvement" if d.verdict == "overfitting"
-            else "lower train.lr, warm up longer (train.warmup_steps) or clip gradients (train.grad_clip=1.0)")
-    return f"diagnose (step {step}): {d.verdict.replace('_', ' ')}: {d.reason}; {hint}"
