@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lmforge.errors import UserError
+from lmforge.models import eval_mode
 
 
 @dataclass
@@ -75,9 +76,7 @@ def loglikelihoods(model: torch.nn.Module, requests: Sequence[tuple[list[int], l
     rows = [(i, (ctx + cont)[-(block_size + 1):], len(cont)) for i, (ctx, cont) in enumerate(requests)]
     rows.sort(key=lambda r: -len(r[1]))
     out: list[LogLikelihood | None] = [None] * len(requests)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         bar = tqdm(total=len(rows), desc=desc, unit="req", disable=not progress, leave=False)
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
@@ -94,8 +93,6 @@ def loglikelihoods(model: torch.nn.Module, requests: Sequence[tuple[list[int], l
                 out[i] = score_positions(logprobs[r, end - n_cont:end], tokens[-n_cont:])
             bar.update(len(chunk))
         bar.close()
-    finally:
-        model.train(was_training)
     return out  # type: ignore[return-value]
 
 
@@ -141,9 +138,7 @@ def rolling_nll(model: torch.nn.Module, sequences: Sequence[list[int] | np.ndarr
     windows.sort(key=lambda w: -len(w[1]))
     totals = [NLL(0.0, 0) for _ in sequences]
     device = _device(model)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         bar = tqdm(total=len(windows), desc=desc, unit="window", disable=not progress, leave=False)
         for start in range(0, len(windows), batch_size):
             chunk = windows[start:start + batch_size]
@@ -163,8 +158,6 @@ def rolling_nll(model: torch.nn.Module, sequences: Sequence[list[int] | np.ndarr
                 totals[s].tokens += n_scored
             bar.update(len(chunk))
         bar.close()
-    finally:
-        model.train(was_training)
     return totals
 
 
@@ -245,9 +238,7 @@ def _head_logits(model: torch.nn.Module, tokenizer, texts: list[str], n_labels: 
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     out: list[list[float]] = [[] for _ in rows]
     device = _device(model)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for start in tqdm(range(0, len(order), batch_size), desc="classifying", unit="batch",
                           disable=not progress, leave=False):
             batch = order[start:start + batch_size]
@@ -261,8 +252,6 @@ def _head_logits(model: torch.nn.Module, tokenizer, texts: list[str], n_labels: 
                 logits, _ = model.classify(ids.to(device), attention_mask=mask.to(device))
             for r, i in enumerate(batch):
                 out[i] = logits[r].float().tolist()
-    finally:
-        model.train(was_training)
     return out
 
 

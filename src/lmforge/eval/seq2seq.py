@@ -35,6 +35,7 @@ from lmforge.errors import UserError
 from lmforge.eval.scoring import LogLikelihood, _device, score_positions
 from lmforge.eval.scoring import encode_pair as causal_encode_pair
 from lmforge.infer.generate import encode_source, is_encoder_decoder
+from lmforge.models import eval_mode
 
 SEQ2SEQ_KINDS = "generation, qa, binary, classification (label scoring) or multiple_choice"
 
@@ -100,9 +101,7 @@ def loglikelihoods(model: torch.nn.Module, requests: Sequence[tuple[list[int], l
         rows.append((i, source[-block_size:], target[:block_size]))
     rows.sort(key=lambda r: -(len(r[1]) + len(r[2])))
     out: list[LogLikelihood | None] = [None] * len(requests)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         bar = tqdm(total=len(rows), desc=desc, unit="req", disable=not progress, leave=False)
         for begin in range(0, len(rows), batch_size):
             chunk = rows[begin:begin + batch_size]
@@ -124,6 +123,4 @@ def loglikelihoods(model: torch.nn.Module, requests: Sequence[tuple[list[int], l
                 out[i] = score_positions(logprobs[r, :len(target)], target)
             bar.update(len(chunk))
         bar.close()
-    finally:
-        model.train(was_training)
     return out  # type: ignore[return-value]

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from lmforge.data.readers import iter_jsonl_objects
 from lmforge.errors import UserError
 from lmforge.fsutil import atomic_write_bytes, atomic_write_text
+from lmforge.models import eval_mode
 
 SENTENCE_CONFIG = "sentence_bert_config.json"  # sentence-transformers' name for max_seq_length & co
 
@@ -69,9 +70,7 @@ def embed_texts(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], *,
     rows = [[cls_id, *ids[: max_length - 2], sep_id] for ids in tokenizer.encode_batch(list(texts))]
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     out = np.zeros((len(rows), model.config.n_embd), dtype=np.float32)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with torch.inference_mode():
             for start in tqdm(range(0, len(order), batch_size), desc="embed", unit="batch",
                               disable=not progress, leave=False):
@@ -86,8 +85,6 @@ def embed_texts(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], *,
                 if normalize:
                     vectors = F.normalize(vectors, dim=-1)
                 out[batch] = vectors.cpu().numpy()
-    finally:
-        model.train(was_training)
     return out
 
 

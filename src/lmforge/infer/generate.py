@@ -22,6 +22,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from lmforge.models import eval_mode
+
 
 class TokenizerLike(Protocol):
     """What `generate_text` needs from a tokenizer (`lmforge.tokenizer.Tokenizer` has it)."""
@@ -128,9 +130,7 @@ def generate(model: nn.Module, prompt_ids: list[int] | Tensor, max_new_tokens: i
             logits, _ = model(idx, kv_cache=kv_cache)
             return pick(logits)
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         if is_encoder_decoder(model):
             yield from _generate_encoder_decoder(model, tokens, max_new_tokens, stop_ids, pick, forward_context)
             return
@@ -146,8 +146,6 @@ def generate(model: nn.Module, prompt_ids: list[int] | Tensor, max_new_tokens: i
                 next_id = run(tokens[-keep_on_slide:], kv_cache)
             else:
                 next_id = run([next_id], kv_cache)
-    finally:
-        model.train(was_training)
 
 
 def _forward_context(device: torch.device, autocast_dtype: torch.dtype | None) -> contextlib.ExitStack:
@@ -211,9 +209,7 @@ def generate_batch(model: nn.Module, prompts: Sequence[list[int]], max_new_token
     stop_ids = stop_ids or set()
     new_ids: list[list[int]] = [[] for _ in prompts]
     active = list(range(n))  # the prompt index of each batch row
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         if seq2seq:
             mask = real.to(device)
             with _forward_context(device, autocast_dtype):
@@ -254,8 +250,6 @@ def generate_batch(model: nn.Module, prompts: Sequence[list[int]], max_new_token
                     mask = mask.index_select(0, rows)
                 active = [active[row] for row in keep]
             inputs = torch.tensor([[picked[row]] for row in keep], dtype=torch.long, device=device)
-    finally:
-        model.train(was_training)
     return new_ids
 
 

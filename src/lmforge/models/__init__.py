@@ -1,5 +1,10 @@
 """Model architectures and the building blocks they share (attention, MLP, norms, positions)."""
 
+import contextlib
+from collections.abc import Iterator
+
+from torch import nn
+
 from lmforge.models.bert import BERT
 from lmforge.models.blocks import KVCache
 from lmforge.models.config import ModelConfig, MoEConfig
@@ -15,4 +20,15 @@ def build_model(config: ModelConfig):
     return ARCHITECTURES[config.arch](config)
 
 
-__all__ = ["ARCHITECTURES", "BERT", "EncoderDecoder", "GPT", "KVCache", "ModelConfig", "MoEConfig", "build_model"]
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model.eval()` for the block (no dropout), then the mode it had before, even on error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+__all__ = ["ARCHITECTURES", "BERT", "EncoderDecoder", "GPT", "KVCache", "ModelConfig", "MoEConfig", "build_model", "eval_mode"]
