@@ -103,29 +103,26 @@ def hf_layout_for(c: ModelConfig) -> HFArch:
     if c.attn_scale is not None:
         raise unrepresentable("attn_scale", "the GPT-2, Llama and BERT layouts scale attention by "
                               "1/sqrt(head dim); remove attn_scale")
-    if c.arch == "bert":  # post-norm, learned positions and a plain activation: checked by the config
+    def layernorm_layout(name: str, activations: object, allowed: str) -> None:
+        """BERT and GPT-2: LayerNorm with biases everywhere, a plain activation, no GQA."""
         if c.norm != "layernorm":
-            raise unrepresentable("norm", "the BERT layout needs norm=layernorm")
+            raise unrepresentable("norm", f"the {name} needs norm=layernorm")
         if not c.bias:
-            raise unrepresentable("bias", "the BERT layout needs bias=true")
-        if c.mlp not in _BERT_ACT_OUT:
-            raise unrepresentable("mlp", "the BERT layout needs mlp=gelu, gelu_tanh or relu")
+            raise unrepresentable("bias", f"the {name} needs bias=true")
+        if c.mlp not in activations:
+            raise unrepresentable("mlp", f"the {name} needs mlp={allowed}")
         if c.kv_heads != c.n_head:
-            raise unrepresentable("n_kv_head", "the BERT layout needs n_kv_head=n_head (no GQA)")
+            raise unrepresentable("n_kv_head", f"the {name} needs n_kv_head=n_head (no GQA)")
+
+    if c.arch == "bert":  # post-norm, learned positions and a plain activation: checked by the config
+        layernorm_layout("BERT layout", _BERT_ACT_OUT, "gelu, gelu_tanh or relu")
         return ARCHITECTURES["bert"]
     if c.moe.num_experts and c.pos_encoding != "rope":
         raise UserError(f"model.moe.num_experts={c.moe.num_experts}: Mixture-of-Experts models convert to "
                         "Hugging Face as Mixtral, which needs pos_encoding=rope (with norm=rmsnorm, "
                         f"mlp=swiglu, bias=false), not {c.pos_encoding}")
-    if c.pos_encoding == "learned":  # GPT-2: LayerNorm with bias everywhere
-        if c.norm != "layernorm":
-            raise unrepresentable("norm", "the GPT-2 layout (pos_encoding=learned) needs norm=layernorm")
-        if not c.bias:
-            raise unrepresentable("bias", "the GPT-2 layout (pos_encoding=learned) needs bias=true")
-        if c.mlp not in _GPT2_ACT_OUT:
-            raise unrepresentable("mlp", "the GPT-2 layout needs mlp=gelu_tanh, gelu or relu")
-        if c.kv_heads != c.n_head:
-            raise unrepresentable("n_kv_head", "the GPT-2 layout needs n_kv_head=n_head (no GQA)")
+    if c.pos_encoding == "learned":  # GPT-2
+        layernorm_layout("GPT-2 layout (pos_encoding=learned)", _GPT2_ACT_OUT, "gelu_tanh, gelu or relu")
         return ARCHITECTURES["gpt2"]
     if c.pos_encoding == "rope":  # Llama: RMSNorm, SwiGLU, no biases
         if c.norm != "rmsnorm":
