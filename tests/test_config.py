@@ -95,6 +95,8 @@ def test_a_preset_name_is_found_from_any_directory(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     assert find_preset("nano").resolve() == (REPO_CONFIGS / "nano.yaml").resolve()
+    (tmp_path / "nano").mkdir()  # e.g. a run's --out: a directory is not a recipe
+    assert find_preset("nano").resolve() == (REPO_CONFIGS / "nano.yaml").resolve()
     assert load_config("moe-tiny").model.moe.num_experts == 8
     with pytest.raises(UserError, match=r"config nanox is neither a file nor a preset; presets: .*bert-mini.*nano"):
         load_config("nanox")

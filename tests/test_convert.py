@@ -344,6 +344,30 @@ def test_convert_never_writes_over_into_or_around_its_input(tmp_path, tokenizer_
     assert not (hf_dir / "lmforge").exists() and not (ckpt / "hf").exists() and not (run / "hf").exists()
 
 
+def test_convert_refuses_a_symlink_or_the_working_directory_as_output(tmp_path, tokenizer_file, capsys, monkeypatch):
+    """A symlinked output would be swapped for a real dir (the linked one left as it was); "." or a
+    parent of the working directory would be renamed away under the user: one line, exit 2."""
+    hf_dir = save_hf(MODELS["gpt2"](), tmp_path / "hf", tokenizer_file)
+    ckpt = tmp_path / "ckpt"
+    assert main(["convert", "from-hf", str(hf_dir), str(ckpt)]) == 0
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path / "full")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "a" / "work").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a" / "work")
+    for out, message in [(tmp_path / "link", "is a symbolic link"), (tmp_path / "dangling", "is a symbolic link"),
+                         (".", "is or contains the current directory"),
+                         (tmp_path / "a", "is or contains the current directory")]:
+        capsys.readouterr()
+        assert main(["convert", "to-hf", str(ckpt), str(out), "--overwrite"]) == 2, out
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: output {out} {message}") and err.count("\n") == 1, err
+    assert (tmp_path / "full" / "keep.txt").read_text() == "x" and (tmp_path / "link").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "ckpt", "dangling", "full", "hf", "link"]
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["work"]
+
+
 def test_convert_replaces_a_non_empty_output_only_with_overwrite(tmp_path, tokenizer_file, capsys):
     hf_dir = save_hf(MODELS["gpt2"](), tmp_path / "hf", tokenizer_file)
     out = tmp_path / "existing"
@@ -511,6 +535,50 @@ def test_bert_to_hf_tokenizer_adds_cls_and_sep_like_lmforge(trained_bert, tmp_pa
     pair = hf_tok("To be", "or not")
     assert pair["input_ids"] == [tok.bos_id, *a, tok.eos_id, *b, tok.eos_id]
     assert pair["token_type_ids"] == [0] * (len(a) + 2) + [1] * (len(b) + 1)
+
+
+@pytest.mark.parametrize("arch", ["gpt", "bert"])
+def test_to_hf_refuses_heads_the_layernorm_layouts_cannot_hold(arch, tmp_path, tokenizer_file, capsys):
+    """GPT-2 and BERT in transformers have heads of hidden/heads: attn_head_dim is named, exit 2."""
+    from lmforge.models import build_model
+    from lmforge.train.checkpoint import save_checkpoint, tied_aliases
+
+    extra = {"norm_position": "post"} if arch == "bert" else {}
+    config = ModelConfig(arch=arch, vocab_size=320, n_layer=1, n_head=4, n_embd=16, block_size=32,
+                         attn_head_dim=8, **extra)
+    model = build_model(config)
+    ckpt = save_checkpoint(tmp_path / "ck", model.state_dict(), config.to_dict(), tokenizer_file, None,
+                           drop=tied_aliases(model))
+    capsys.readouterr()
+    assert main(["convert", "to-hf", str(ckpt), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "model.attn_head_dim=8 has no Hugging Face equivalent" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_bert_with_one_segment_type_keeps_pairs_in_segment_0(tmp_path, tokenizer_file):
+    """type_vocab_size 1 has no segment 1: the exported tokenizer must not make one (HF's model
+    would index out of its segment table)."""
+    from lmforge.models import build_model
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.train.checkpoint import save_checkpoint, tied_aliases
+
+    vocab = Tokenizer.load(tokenizer_file).vocab_size
+    config = ModelConfig(arch="bert", vocab_size=vocab + 8, n_layer=1, n_head=2, n_embd=16, block_size=32,
+                         type_vocab_size=1, norm_position="post")
+    model = build_model(config)
+    ckpt = save_checkpoint(tmp_path / "bert", model.state_dict(), config.to_dict(), tokenizer_file, None,
+                           drop=tied_aliases(model))
+    assert main(["convert", "to-hf", str(ckpt), str(tmp_path / "hf")]) == 0
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    pair = hf_tok("the king", "shall speak", return_tensors="pt")
+    assert pair["token_type_ids"].max() == 0
+    hf = transformers.BertModel.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    with torch.no_grad():
+        hidden = hf(**pair).last_hidden_state
+        ours = model.eval().encode(pair["input_ids"], token_type_ids=pair["token_type_ids"],
+                                   attention_mask=pair["attention_mask"])
+    assert (hidden - ours).abs().max() < 1e-4
 
 
 def test_bert_to_hf_gives_lmforge_embed_vectors_in_sentence_transformers(trained_bert, tmp_path, monkeypatch):

@@ -369,9 +369,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `lmforge plan ... | head`: the reader left; no traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor another at exit's flush
-        return 1
+    except BrokenPipeError:  # `lmforge plan ... | head`: the reader of stdout left; no traceback
+        if args.debug:
+            raise
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:  # it was stdout: quiet, and no second error at exit's flush
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
+        raise  # another pipe broke: that is a real error
     if args.debug:
         print(f"[{args.command} took {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
     return 0

@@ -108,9 +108,9 @@ PRESET_DIRS = (Path("configs"), Path(__file__).resolve().parents[2] / "configs")
 
 def find_preset(name: str | Path) -> Path:
     """`nano` -> configs/nano.yaml (in the working dir, else in lmforge's source checkout);
-    any path that exists, or has a suffix, is returned as it is."""
+    a file that exists, or any path with a suffix, is returned as it is."""
     path = Path(name)
-    if path.exists() or path.suffix:
+    if path.is_file() or path.suffix:  # a directory called `nano` (say, a run's --out) is not a recipe
         return path
     for folder in PRESET_DIRS:
         if (folder / f"{path}.yaml").is_file():

@@ -46,9 +46,12 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Build a directory under a temp name and rename it to `path` only if the block succeeds.
 
-    An existing `path` is replaced (the old one is removed after the new one is in place).
+    An existing `path` is replaced (the old one is removed after the new one is in place); if
+    the final rename fails, the old one is put back and the temp dir removed.
     """
     path = Path(path)
+    if path.name in ("", ".", ".."):  # "." or "dir/..": name the directory itself
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     if tmp.exists():
@@ -60,12 +63,21 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old{os.getpid()}")
-        os.replace(path, old)
-    os.replace(tmp, path)
+    try:
+        if path.exists() or path.is_symlink():
+            old = path.with_name(f".{path.name}.old{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        if old is not None and not (path.exists() or path.is_symlink()):
+            os.replace(old, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_symlink() or not old.is_dir():
+            old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -156,8 +156,7 @@ def task_report(result: dict[str, Any], plots: list[str]) -> str:
         f"- split read: **{result['split']}**" + (f" — {result['split_note']}" if result.get("split_note") else ""),
         f"- items: {m.get('n')}" + (f" (first {result['limit']} of {result['items_in_file']}, --limit)"
                                     if result.get("limit") else ""),
-        f"- seed: {result['seed']}" + (f"; answers read by {m['answer_mode']}" if "answer_mode" in m else "")
-        + (f"; sampling at temperature {result['temperature']}" if result.get("temperature") else ""),
+        f"- seed: {result['seed']}" + (f"; answers read by {m['answer_mode']}" if "answer_mode" in m else ""),
     ]
     if result.get("description"):
         lines.append(f"- about: {result['description']}")

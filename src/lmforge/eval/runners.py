@@ -88,7 +88,14 @@ def _generate(task: Task, model, tokenizer, prompts: list[str], settings: Settin
                                        temperature=settings.temperature, progress=settings.progress,
                                        batch_size=settings.batch_size,
                                        on_truncate=truncated.append)
-    notes = [f"{len(truncated)} prompt(s) longer than the context minus max_new_tokens were cut from the left"] if truncated else []
+    seq2seq = getattr(model, "is_encoder_decoder", False)
+    room = "the encoder's context" if seq2seq else "the context minus max_new_tokens"
+    notes = [f"{len(truncated)} prompt(s) longer than {room} were cut from the left"] if truncated else []
+    if seq2seq and int(max_new) > model.config.block_size - 1:
+        notes.append(f"max_new_tokens={max_new} is more than the decoder's context allows: replies end after "
+                     f"{model.config.block_size - 1} tokens")
+    notes.append(f"replies sampled at temperature {settings.temperature}, item i with seed {settings.seed} + i"
+                 if settings.temperature else "greedy replies")
     return replies, notes
 
 

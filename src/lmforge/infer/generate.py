@@ -198,6 +198,8 @@ def generate_batch(model: nn.Module, prompts: Sequence[list[int]], max_new_token
     if width + (0 if seq2seq else max_new_tokens) > block_size:
         raise ValueError(f"the longest prompt ({width} tokens){'' if seq2seq else f' plus max_new_tokens={max_new_tokens}'}"
                          f" does not fit the context of {block_size} tokens")
+    if seeds is not None and len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} prompts; give one seed per prompt (or None)")
     device = _model_device(model)
     generators = [_generator(device, seed) for seed in (seeds if seeds is not None else [None] * n)]
     idx = torch.zeros((n, width), dtype=torch.long)
@@ -268,11 +270,12 @@ def generate_texts(model: nn.Module, tokenizer: TokenizerLike, prompts: Sequence
     """`generate_text` for many prompts (token ids), `batch_size` at a time (`generate_batch`).
 
     The same text per prompt as `generate_text(model, tokenizer, prompts[i], ..., seed=seeds[i])`
-    (eos and stop strings end a reply the same way). Prompts are batched longest first, so
-    a batch holds prompts of similar length and little padding. `on_batch(n)` is called
-    after each batch of n prompts (progress bars). The prompts are token ids as the model
-    reads them (an encoder-decoder's from `encode_source`); a decoder-only model's must leave
-    room for max_new_tokens in the context.
+    (eos and stop strings end a reply the same way), for prompts that fit: where `generate_text`
+    would cut a too-long prompt with a warning, this raises ValueError (cut them first). Prompts
+    are batched longest first, so a batch holds prompts of similar length and little padding.
+    `on_batch(n)` is called after each batch of n prompts (progress bars). The prompts are token
+    ids as the model reads them (an encoder-decoder's from `encode_source`); a decoder-only
+    model's must leave room for max_new_tokens in the context.
     """
     stops = [s for s in (stop or []) if s]
     eos_id = getattr(tokenizer, "eos_id", None)

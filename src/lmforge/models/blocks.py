@@ -175,22 +175,22 @@ class KVCache:
             raise ValueError(f"left_pad must be {batch_size} non-negative counts, got {left_pad.tolist()}")
         self.left_pad = left_pad if left_pad is not None and bool(left_pad.any()) else None
 
-    def positions(self, T: int) -> Tensor | None:
+    def positions(self, T: int, device: torch.device | None = None) -> Tensor | None:
         """(B, T) position of each of the next T tokens counted from its row's first real token
         (padding positions get 0); None without left padding (positions are length + arange(T))."""
         if self.left_pad is None:
             return None
-        pad = self.left_pad
+        pad = self.left_pad.to(device) if device is not None else self.left_pad
         return (torch.arange(self.length, self.length + T, device=pad.device)[None] - pad[:, None]).clamp_(min=0)
 
-    def padding_mask(self, T: int) -> Tensor | None:
+    def padding_mask(self, T: int, device: torch.device | None = None) -> Tensor | None:
         """(B, 1, T, length + T) bool, True where the next T queries may attend: every real key,
         and a padding query its own key (a query with no key at all would make NaNs, and the NaNs
         of a padding position would reach real ones through 0 * NaN in the attention sum). The
         causal part is the attention's business. None without left padding."""
         if self.left_pad is None:
             return None
-        pad = self.left_pad
+        pad = self.left_pad.to(device) if device is not None else self.left_pad
         keys = torch.arange(self.length + T, device=pad.device)
         queries = torch.arange(self.length, self.length + T, device=pad.device)
         real = keys[None, None, :] >= pad[:, None, None]  # (B, 1, S)

@@ -107,7 +107,7 @@ class GPT(nn.Module):
                              f"block_size={self.config.block_size}")
         x = self.tok_embeddings(idx)
         # positions: start..start+T, or per row when the cache batches left-padded sequences
-        pos = kv_cache.positions(T) if kv_cache is not None else None
+        pos = kv_cache.positions(T, idx.device) if kv_cache is not None else None
         where = slice(start, start + T) if pos is None else pos
         if self.pos_embeddings is not None:
             x = x + self.pos_embeddings.weight[where]
@@ -118,7 +118,7 @@ class GPT(nn.Module):
             rope = (self.rope_cos[where], self.rope_sin[where])
             if pos is not None:  # (B, T, head_dim) -> (B, 1, T, head_dim), broadcast over heads
                 rope = (rope[0][:, None], rope[1][:, None])
-        attn_mask = kv_cache.padding_mask(T) if kv_cache is not None else None
+        attn_mask = kv_cache.padding_mask(T, idx.device) if kv_cache is not None else None
         x = self.dropout(x)
         for layer, block in enumerate(self.blocks):
             x = block(x, rope=rope, attn_mask=attn_mask, kv_cache=kv_cache, layer=layer)

@@ -107,6 +107,13 @@ def check_output(out: Path, inputs: list[tuple[str, Path]], *, overwrite: bool) 
         if target in source.parents:
             raise UserError(f"output {out} contains the {name} being converted ({path}); converting would "
                             "delete it; pick an output dir outside it")
+    if out.is_symlink():  # the swap would replace the link, not the directory it names
+        raise UserError(f"output {out} is a symbolic link; give the directory itself ({out.resolve()}) "
+                        "or another output dir")
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise UserError(f"output {out} is or contains the current directory, which converting would replace; "
+                        "pick a new output dir")
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} exists and is not a directory; pick another output dir")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -249,7 +256,7 @@ def _tokenizer_config(tokenizer_file: Path, block_size: int, arch: str = "gpt") 
     return cfg, ids
 
 
-def _bert_tokenizer_json(tokenizer_file: Path) -> str | None:
+def _bert_tokenizer_json(tokenizer_file: Path, type_vocab_size: int = 2) -> str | None:
     """tokenizer.json text that wraps texts as our BERT was trained, or None to copy the file as is.
 
     lmforge adds [CLS]/[SEP] by id (the mlm objective, `lmforge embed`: `<|bos|> A <|eos|>`, a
@@ -257,6 +264,7 @@ def _bert_tokenizer_json(tokenizer_file: Path) -> str | None:
     post-processor, and `AutoTokenizer` / `SentenceTransformer` would feed the encoder bare text
     (vectors off by cosine ~0.99). This adds BERT's TemplateProcessing with our tokens. A tokenizer
     that already adds special tokens (an HF BERT's, e.g. all-MiniLM-L6-v2's) is left untouched.
+    A model with one segment type (`type_vocab_size: 1`) keeps B in segment 0: it has no other.
     """
     import tokenizers
     from tokenizers import processors
@@ -275,7 +283,9 @@ def _bert_tokenizer_json(tokenizer_file: Path) -> str | None:
     except UserError:  # no [CLS]/[SEP] to add (not an lmforge tokenizer); `lmforge embed` refuses it too
         return None
     cls, sep = tok.id_to_token(cls_id), tok.id_to_token(sep_id)
-    template = processors.TemplateProcessing(single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+    second = 1 if type_vocab_size > 1 else 0
+    template = processors.TemplateProcessing(single=f"{cls}:0 $A:0 {sep}:0",
+                                             pair=f"{cls}:0 $A:0 {sep}:0 $B:{second} {sep}:{second}",
                                              special_tokens=[(cls, cls_id), (sep, sep_id)])
     existing = backend.post_processor  # e.g. byte-level offset trimming: keep it, then wrap
     backend.post_processor = template if existing is None else processors.Sequence([existing, template])
@@ -306,7 +316,7 @@ def to_hf(ckpt: str | Path, out: str | Path, *, overwrite: bool = False) -> dict
         if tokenizer.is_file():
             tok_config, special_ids = _tokenizer_config(tokenizer, config.block_size, config.arch)
             hf_config.update(special_ids)
-            bert_json = _bert_tokenizer_json(tokenizer) if config.arch == "bert" else None
+            bert_json = _bert_tokenizer_json(tokenizer, config.type_vocab_size) if config.arch == "bert" else None
             if bert_json is None:
                 shutil.copyfile(tokenizer, tmp / "tokenizer.json")
             else:

@@ -113,6 +113,9 @@ def hf_layout_for(c: ModelConfig) -> HFArch:
             raise unrepresentable("mlp", f"the {name} needs mlp={allowed}")
         if c.kv_heads != c.n_head:
             raise unrepresentable("n_kv_head", f"the {name} needs n_kv_head=n_head (no GQA)")
+        if c.head_dim * c.n_head != c.n_embd:
+            raise unrepresentable("attn_head_dim", f"the {name} needs heads of n_embd / n_head = "
+                                  f"{c.n_embd / c.n_head:g} wide; remove attn_head_dim")
 
     if c.arch == "bert":  # post-norm, learned positions and a plain activation: checked by the config
         layernorm_layout("BERT layout", _BERT_ACT_OUT, "gelu, gelu_tanh or relu")
