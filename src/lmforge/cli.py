@@ -169,14 +169,11 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     import json
 
     from lmforge.config import load_config
-    from lmforge.plan import GPU_MEMORY_GIB, format_plan, plan
+    from lmforge.plan import format_plan, plan
 
-    if args.lora_targets is not None and args.lora_rank is None:
-        raise UserError("--lora-targets needs --lora-rank (the adapters' rank), e.g. --lora-rank 16")
-    gpu_type = next((g for g in GPU_MEMORY_GIB if g.lower() == args.gpu_type.lower()), args.gpu_type)  # h100 = H100
-    report = plan(load_config(args.config, args.set), gpus=args.gpus, gpu_type=gpu_type, mfu=args.mfu,
+    report = plan(load_config(args.config, args.set), gpus=args.gpus, gpu_type=args.gpu_type, mfu=args.mfu,
                   tokens=args.tokens, vocab_size=args.vocab_size, lora_rank=args.lora_rank,
-                  lora_targets=args.lora_targets or "qkv,out,gate,up,down")
+                  lora_targets=args.lora_targets)
     print(json.dumps(report, indent=2) if args.json else format_plan(report))
 
 

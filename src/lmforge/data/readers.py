@@ -120,6 +120,14 @@ def _decode_utf8(file: Path, data: bytes, base_offset: int = 0, base_line: int =
         ) from None
 
 
+def _json_line(path: str | Path, lineno: int, line: str) -> Any:
+    """One JSONL line parsed, or a one-line UserError naming file:line."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg}); fix or remove the line") from None
+
+
 def iter_jsonl_objects(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line of a small JSONL file (task files, pairs,
     texts to embed): invalid UTF-8, invalid JSON or a line that is not an object is a one-line
@@ -132,10 +140,7 @@ def iter_jsonl_objects(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]
                 raise UserError(f"{path}:{lineno}: invalid UTF-8; re-encode the file as UTF-8") from None
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg}); fix or remove the line") from None
+            record = _json_line(path, lineno, line)
             if not isinstance(record, dict):
                 raise UserError(f"{path}:{lineno}: each line must be a JSON object, got {type(record).__name__}")
             yield lineno, record
@@ -151,10 +156,7 @@ def _read_jsonl(file: Path) -> Iterator[Document]:
             offset += len(raw)
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{file}:{lineno}: invalid JSON ({e.msg}); fix or remove the line") from None
+            record = _json_line(file, lineno, line)
             if not isinstance(record, dict) or TEXT_FIELD not in record:
                 raise UserError(
                     f"{file}:{lineno}: missing field '{TEXT_FIELD}'; each line must be a JSON object with a string '{TEXT_FIELD}'"

@@ -15,6 +15,7 @@ from lmforge.errors import UserError
 from lmforge.eval import metrics as M
 from lmforge.eval import scoring, seq2seq
 from lmforge.eval.tasks import Task
+from lmforge.infer.generate import is_encoder_decoder
 
 DEFAULT_TEMPLATES = {
     "binary": "Question: {question}\nAnswer:",
@@ -88,10 +89,10 @@ def _generate(task: Task, model, tokenizer, prompts: list[str], settings: Settin
                                        temperature=settings.temperature, progress=settings.progress,
                                        batch_size=settings.batch_size,
                                        on_truncate=truncated.append)
-    seq2seq = getattr(model, "is_encoder_decoder", False)
-    room = "the encoder's context" if seq2seq else "the context minus max_new_tokens"
+    encdec = is_encoder_decoder(model)
+    room = "the encoder's context" if encdec else "the context minus max_new_tokens"
     notes = [f"{len(truncated)} prompt(s) longer than {room} were cut from the left"] if truncated else []
-    if seq2seq and int(max_new) > model.config.block_size - 1:
+    if encdec and int(max_new) > model.config.block_size - 1:
         notes.append(f"max_new_tokens={max_new} is more than the decoder's context allows: replies end after "
                      f"{model.config.block_size - 1} tokens")
     notes.append(f"replies sampled at temperature {settings.temperature}, item i with seed {settings.seed} + i"

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lmforge.errors import UserError
+from lmforge.infer.generate import encode_source, generate_texts, is_encoder_decoder
 from lmforge.models import eval_mode
 
 
@@ -62,7 +63,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 def loglikelihoods(model: torch.nn.Module, requests: Sequence[tuple[list[int], list[int]]],
                    batch_size: int = 16, desc: str = "scoring", progress: bool = True) -> list[LogLikelihood]:
     """Score each (context ids, continuation ids) request; returns results in request order."""
-    if getattr(model, "is_encoder_decoder", False):  # (encoder ids, target ids): see eval/seq2seq.py
+    if is_encoder_decoder(model):  # (encoder ids, target ids): see eval/seq2seq.py
         from lmforge.eval import seq2seq
         return seq2seq.loglikelihoods(model, requests, batch_size=batch_size, desc=desc, progress=progress)
     block_size = model.config.block_size
@@ -175,8 +176,6 @@ def generate_replies(model: torch.nn.Module, tokenizer, prompts: Sequence[str], 
     each cut. Batches come from `infer.generate.generate_texts`: each reply is the same as
     generating its prompt alone, with the per-item seed `seed + i`.
     """
-    from lmforge.infer.generate import encode_source, generate_texts, is_encoder_decoder
-
     block_size = model.config.block_size
     if is_encoder_decoder(model):
         room = block_size

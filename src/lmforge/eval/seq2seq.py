@@ -34,20 +34,16 @@ from tqdm import tqdm
 from lmforge.errors import UserError
 from lmforge.eval.scoring import LogLikelihood, _device, score_positions
 from lmforge.eval.scoring import encode_pair as causal_encode_pair
-from lmforge.infer.generate import encode_source, is_encoder_decoder
+from lmforge.infer.generate import can_generate, encode_source, is_encoder_decoder
 from lmforge.models import eval_mode
 
 SEQ2SEQ_KINDS = "generation, qa, binary, classification (label scoring) or multiple_choice"
 
 
-def _is_causal_lm(model: torch.nn.Module) -> bool:
-    return hasattr(model, "new_kv_cache") and not is_encoder_decoder(model)
-
-
 def require_lm(model: torch.nn.Module, what: str, allow_seq2seq: bool = True) -> None:
     """Raise a one-line UserError unless `model` can do `what` (a decoder-only LM always can;
     an encoder-decoder when `allow_seq2seq`); the message names the kinds the model does take."""
-    if _is_causal_lm(model) or (allow_seq2seq and is_encoder_decoder(model)):
+    if can_generate(model) and (allow_seq2seq or not is_encoder_decoder(model)):
         return
     name = type(model).__name__
     if is_encoder_decoder(model):

@@ -14,6 +14,7 @@ of the (fixed) encoder output. The sampling is the same `sample_next`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -22,6 +23,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from lmforge.errors import UserError
 from lmforge.models import eval_mode
 
 
@@ -116,10 +118,9 @@ def generate(model: nn.Module, prompt_ids: list[int] | Tensor, max_new_tokens: i
     generator = _generator(device, seed)
     keep_on_slide = max(block_size // 2, 1)
 
-    def forward_context() -> contextlib.ExitStack:
-        # Grad mode and autocast are entered per forward, never across a `yield`: a
-        # generator's context would otherwise leak into the caller's code between tokens.
-        return _forward_context(device, autocast_dtype)
+    # Grad mode and autocast are entered per forward, never across a `yield`: a generator's
+    # context would otherwise leak into the caller's code between tokens.
+    forward_context = functools.partial(_forward_context, device, autocast_dtype)
 
     def pick(logits: Tensor) -> int:
         return int(sample_next(logits[:, -1], temperature, top_k, top_p, generator)[0])
@@ -203,17 +204,16 @@ def generate_batch(model: nn.Module, prompts: Sequence[list[int]], max_new_token
     device = _model_device(model)
     generators = [_generator(device, seed) for seed in (seeds if seeds is not None else [None] * n)]
     idx = torch.zeros((n, width), dtype=torch.long)
-    real = torch.zeros((n, width), dtype=torch.long)  # encoder-decoder: 1 = real source token
-    for row, prompt in enumerate(prompts):
+    for row, prompt in enumerate(prompts):  # an encoder-decoder's sources right-padded, a decoder's left
         where = slice(0, len(prompt)) if seq2seq else slice(width - len(prompt), width)
         idx[row, where] = torch.as_tensor(prompt, dtype=torch.long)
-        real[row, where] = 1
+    length = torch.tensor(lengths, device=device)
     stop_ids = stop_ids or set()
     new_ids: list[list[int]] = [[] for _ in prompts]
     active = list(range(n))  # the prompt index of each batch row
     with eval_mode(model):
         if seq2seq:
-            mask = real.to(device)
+            mask = (torch.arange(width, device=device)[None] < length[:, None]).long()  # 1 = real source token
             with _forward_context(device, autocast_dtype):
                 encoder_output = model.encode(idx.to(device), attention_mask=mask)
             kv_cache = model.new_kv_cache(batch_size=n)
@@ -223,7 +223,7 @@ def generate_batch(model: nn.Module, prompts: Sequence[list[int]], max_new_token
                 return model.decode(ids, encoder_output if kv_cache.length == 0 else None,
                                     attention_mask=mask, kv_cache=kv_cache)
         else:
-            kv_cache = model.new_kv_cache(batch_size=n, left_pad=(width - real.sum(1)).to(device))
+            kv_cache = model.new_kv_cache(batch_size=n, left_pad=width - length)
             inputs = idx.to(device)
 
             def forward(ids: Tensor) -> Tensor:
@@ -306,11 +306,14 @@ def generate_texts(model: nn.Module, tokenizer: TokenizerLike, prompts: Sequence
     return texts
 
 
+def can_generate(model: nn.Module) -> bool:
+    """Whether `model` writes text (a GPT or an encoder-decoder; not an encoder such as BERT)."""
+    return hasattr(model, "new_kv_cache")
+
+
 def require_generative(model: nn.Module, source: object) -> None:
     """Raise a one-line UserError if `model` (loaded from `source`) cannot write text (BERT)."""
-    if not hasattr(model, "new_kv_cache"):
-        from lmforge.errors import UserError
-
+    if not can_generate(model):
         raise UserError(f"{source} is a {type(model).__name__} checkpoint (an encoder: it reads text but does not "
                         f"write it); generate and chat need a GPT or encoder-decoder checkpoint. Use this one with "
                         f"`lmforge embed`, or `lmforge eval` on a classification task")

@@ -49,12 +49,17 @@ def _resolve_vocab(cfg: Any, vocab_size: int | None) -> tuple[int, str]:
 
 def plan(cfg: Any, *, gpus: int = 1, gpu_type: str = "H100", mfu: float = 0.4, tokens: float | None = None,
          vocab_size: int | None = None, lora_rank: int | None = None,
-         lora_targets: str | Sequence[str] = DEFAULT_LORA_TARGETS) -> dict[str, Any]:
+         lora_targets: str | Sequence[str] | None = None) -> dict[str, Any]:
     """The sizing report of a config (`lmforge.config.Config`) as plain data (what `--json` prints).
 
     Memory rows: fp32 and bf16-mixed full training, with and without activation checkpointing;
-    with `lora_rank`, LoRA and QLoRA rows too.
+    with `lora_rank`, LoRA and QLoRA rows too (adapters on `lora_targets`, default
+    `DEFAULT_LORA_TARGETS`). `gpu_type` is matched without regard to case (h100 = H100).
     """
+    if lora_targets is not None and lora_rank is None:
+        raise UserError("--lora-targets needs --lora-rank (the adapters' rank), e.g. --lora-rank 16")
+    lora_targets = DEFAULT_LORA_TARGETS if lora_targets is None else lora_targets
+    gpu_type = next((g for g in _GPU_PEAK_BF16 if g.lower() == gpu_type.lower()), gpu_type)
     if gpu_type not in _GPU_PEAK_BF16:
         raise UserError(f"--gpu-type {gpu_type!r} is not known; allowed: {', '.join(_GPU_PEAK_BF16)}")
     if gpus < 1:

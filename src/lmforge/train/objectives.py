@@ -219,13 +219,13 @@ class SpanCorruption(Objective):
         self.pad_id = tokenizer.pad_id
         self.sentinels = np.array([find_token(tokenizer, sentinel(i), (f"<extra_id_{i}>",))
                                    for i in range(NUM_SENTINELS)], dtype=np.int64)
-        self.raw_length, *self.lengths = span_lengths(self.opts, model_config.block_size)
+        self.raw_length, self.input_length, self.target_length = span_lengths(self.opts, model_config.block_size)
 
     def window_length(self, block_size: int) -> int:
         return self.raw_length
 
     def example_lengths(self) -> tuple[int, int | None]:
-        return self.lengths[0], self.lengths[1]  # every example has exactly these lengths
+        return self.input_length, self.target_length  # every example has exactly these lengths
 
     def noise_mask(self, length: int, rng: np.random.Generator) -> np.ndarray:
         """Bool (length,): which tokens are noise; spans alternate non-noise, noise, ..."""

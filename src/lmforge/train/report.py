@@ -53,9 +53,10 @@ def plot_loss(records: list[dict[str, Any]], out_png: Path, title: str = "") -> 
 def _sample(trainer, prompt: str = "\n", max_new_tokens: int = 200) -> str | None:
     """A short sample from the trained model (single process only: FSDP shards the weights);
     None for a model that does not generate text (an encoder such as BERT)."""
-    if trainer.info.enabled or not hasattr(trainer.raw_model, "new_kv_cache"):
+    from lmforge.infer.generate import can_generate, generate_text
+
+    if trainer.info.enabled or not can_generate(trainer.raw_model):
         return None
-    from lmforge.infer.generate import generate_text
     from lmforge.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(trainer.tokenizer_file)
