@@ -2,6 +2,7 @@
 
     python benchmarks/moe_speed.py                      # configs/moe-tiny.yaml, precision auto
     python benchmarks/moe_speed.py --set train.precision=fp32 --variants
+    python benchmarks/moe_speed.py --profile 10       # + per-phase times and the ops the MoE pays for
 
 The MoE model is the preset (`moe-tiny`: 8 SwiGLU experts of hidden H per layer, top-2). Its
 dense peer is the same config without experts and with MLP hidden top_k * H: a token goes
@@ -123,23 +124,33 @@ class Contender:
         self.grad_clip = t.grad_clip
         self.optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device.type)
         self.times: list[float] = []
+        self.phases: dict[str, list[float]] = {}
         self.losses: list[float] = []
         model.train()
 
+    PHASES = ("forward", "backward", "clip", "adamw")
+
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        t0 = time.perf_counter()
+        """One training step; its phases' times go to `self.phases` (CPU: no sync needed)."""
+        marks = [time.perf_counter()]
         with autocast(self.device, self.precision):
             _, loss = self.model(x, y)
+        marks.append(time.perf_counter())
         loss.backward()
+        marks.append(time.perf_counter())
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        marks.append(time.perf_counter())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        marks.append(time.perf_counter())
         self.losses.append(loss.item())
-        return time.perf_counter() - t0
+        for name, t0, t1 in zip(self.PHASES, marks, marks[1:]):
+            self.phases.setdefault(name, []).append(t1 - t0)
+        return marks[-1] - marks[0]
 
 
 def bench(preset: str, steps: int, warmup: int, block: int, overrides: list[str], variants: bool,
-          quiet: bool) -> dict:
+          quiet: bool, profile_steps: int = 0) -> dict:
     tokens, vocab = char_tokens()
     cfg = load_config(REPO / "configs" / f"{preset}.yaml", overrides)
     t = cfg.train
@@ -163,11 +174,14 @@ def bench(preset: str, steps: int, warmup: int, block: int, overrides: list[str]
     contenders = [Contender(n, m, t, device, precision) for n, m in models.items()]
 
     rounds = math.ceil(steps / block)
-    batches = random_batches(tokens, warmup + rounds * block, t.batch_size, moe_cfg.block_size, seed=t.seed)
+    batches = random_batches(tokens, warmup + rounds * block + profile_steps, t.batch_size, moe_cfg.block_size,
+                             seed=t.seed)
     for c in contenders:
         for x, y in batches[:warmup]:
             c.step(x, y)
     timed_rounds(contenders, batches, warmup, rounds, block, quiet=quiet)
+    if profile_steps:
+        profile(contenders, batches, profile_steps)
 
     peak = measured_peak(device, precision)
     tokens_per_step = t.batch_size * moe_cfg.block_size
@@ -202,6 +216,31 @@ def print_table(r: dict) -> None:
     print(f"  MoE step time / dense (same active parameters): {r['ratio']:.2f}x ({verdict} the 1.5x goal)")
 
 
+def profile(contenders: list[Contender], batches: list, steps: int, top: int = 8) -> None:
+    """Where the MoE's extra time goes: per-phase medians of the timed steps, then torch
+    profiler's self-CPU time per op over `steps` more steps of the dense model and the MoE."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    dense, moe = contenders[0], contenders[1]
+    print("per-phase medians of the timed steps (ms):")
+    for name in Contender.PHASES:
+        a, b = (1000 * statistics.median(c.phases[name][-len(c.times):]) for c in (dense, moe))
+        print(f"  {name:<9} dense {a:7.1f}  moe {b:7.1f}  (+{b - a:.1f})")
+    ops = {}
+    for c in (dense, moe):
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for x, y in batches[-steps:]:
+                c.step(x, y)
+        ops[c.name] = {e.key: (e.self_cpu_time_total / 1000 / steps, e.count / steps) for e in prof.key_averages()}
+    names = sorted(set(ops["dense"]) | set(ops["moe"]),
+                   key=lambda k: -(ops["moe"].get(k, (0, 0))[0] - ops["dense"].get(k, (0, 0))[0]))
+    print(f"ops with the largest extra self-CPU time per step ({steps} profiled steps each):")
+    for k in names[:top]:
+        (a, na), (b, nb) = ops["dense"].get(k, (0.0, 0)), ops["moe"].get(k, (0.0, 0))
+        print(f"  {k:<28} dense {a:7.1f} ms in {na:5.0f} calls  moe {b:7.1f} ms in {nb:5.0f} calls  (+{b - a:.1f} ms)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="moe-tiny", help="a configs/*.yaml with model.moe.num_experts > 0")
@@ -212,8 +251,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="config override, e.g. train.precision=fp32, model.moe.top_k=1")
     p.add_argument("--variants", action="store_true", help="also time the alternative dispatches")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="also print per-phase times and the ops that cost the MoE more (profiling STEPS steps)")
     args = p.parse_args(argv)
-    result = bench(args.preset, args.steps, args.warmup, args.block, args.overrides, args.variants, args.json)
+    result = bench(args.preset, args.steps, args.warmup, args.block, args.overrides, args.variants, args.json,
+                   args.profile)
     if args.json:
         print(json.dumps({"machine": _machine(), "torch": torch.__version__, **result}, indent=1))
     else:
