@@ -68,3 +68,20 @@ def test_contrastive_bert_trains_under_ddp(tokens, tmp_path):
     run(TORCHRUN + args(tokens, out, 2, "train.parallel=ddp", "model.arch=bert", "model.norm_position=post",
                         "model.dropout=0.1", "objective=contrastive"))
     assert [r["step"] for r in metrics(out)] == list(range(1, 9))
+
+
+def test_a_worker_that_left_its_group_exits_with_its_code_and_all_its_output():
+    # torchrun workers end with os._exit (see distributed.leave_process); what they printed to
+    # a pipe must still arrive, and the exit code must be the command's
+    code = ("import lmforge.train.distributed as d, lmforge.cli as cli\n"
+            "d.left_process_group = True\n"
+            "print('x' * 5000, end='')\n"
+            "cli.main(['plan', 'nano'])\n"
+            "raise SystemExit(99)  # not reached: main() ends the process\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("x" * 5000) and "parameters" in proc.stdout
+
+    code = code.replace("['plan', 'nano']", "['plan', 'no-such-config']")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: "), (proc.returncode, proc.stderr[-2000:])

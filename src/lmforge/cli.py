@@ -350,6 +350,14 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    distributed = sys.modules.get("lmforge.train.distributed")  # imported only by commands that train
+    if distributed is not None and distributed.left_process_group:  # a torchrun worker
+        distributed.leave_process(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:
         warnings.formatwarning = _one_line_warning
