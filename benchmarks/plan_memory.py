@@ -8,7 +8,8 @@ For each case, one real training step (forward, backward, AdamW step) runs on CP
 is measured (`lmforge.peakmem.measure_training_peak`: glibc's live malloc bytes sampled after
 every ATen op, plus the exact bytes of parameters and optimizer state), next to
 `lmforge.plan.training_memory`'s prediction for the same setup. The micro-batch is the one the
-preset's objective cuts (clm windows; mlm + nsp rows for bert-mini; span corruption's 128
+preset's objective cuts (clm windows; mlm + nsp rows for bert-mini, or the contrastive objective's
+two dropout views of each row; span corruption's 128
 encoder and 29 decoder positions for t5-small and transformer-base), at the preset's batch
 size. The attention is what the CPU takes (`cpu`: per attention, SDPA in fp32, the hand-written
 path in bf16 or with dropout, SDPA's math path with T5's position bias; `fused`: SDPA
@@ -48,6 +49,8 @@ CASES = [  # preset, overrides, precision, attention ("cpu", "fused" or "fused*"
     ("small", ["train.batch_size=4"], "bf16", "cpu", "qlora"),
     ("bert-mini", [], "fp32", "cpu", "full"),  # dropout 0.1: the hand-written attention in fp32 too
     ("bert-mini", [], "bf16", "cpu", "full"),
+    ("bert-mini", ["objective=contrastive"], "fp32", "cpu", "full"),  # two dropout views, no MLM head
+    ("bert-mini", ["objective=contrastive"], "bf16", "cpu", "full"),
     ("t5-small", [], "fp32", "cpu", "full"),  # relative bias: SDPA's math path in self-attention
     ("t5-small", [], "bf16", "cpu", "full"),
     ("t5-small", ["model.dropout=0.1"], "fp32", "cpu", "full"),
@@ -81,7 +84,7 @@ def main() -> None:
         lora = LoRA.parse(8, quantized=method == "qlora") if method != "full" else None
         kernel = "fused" if attention.startswith("fused") else "cpu"
         predicted = training_memory(config, batch, seq_len, precision=precision, attention=kernel, lora=lora,
-                                    decoder_len=decoder_len)
+                                    decoder_len=decoder_len, objective=cfg.objective)
         saved = Attention._use_cpu_attention
         if attention == "fused*":
             Attention._use_cpu_attention = lambda self, *a, **k: False
@@ -90,7 +93,8 @@ def main() -> None:
                                              adapt=(lambda m, lora=lora: apply_lora(m, lora)) if lora else None)
         finally:
             Attention._use_cpu_attention = saved
-        label = " ".join([preset, *(o.removeprefix("model.") for o in overrides if not o.startswith("train."))])
+        label = " ".join([preset, *(o.removeprefix("model.").removeprefix("objective=")
+                                    for o in overrides if not o.startswith("train."))])
         print(f"{label:<21}{batch:>6} {precision:<10}{attention:<10}{method:<7}"
               f"{predicted['peak'] / 2**20:>8.1f}MiB{measured['peak'] / 2**20:>8.1f}MiB"
               f"{predicted['peak'] / measured['peak']:>7.3f}  {predicted['peak_phase']}", flush=True)

@@ -373,6 +373,40 @@ def test_bert_and_encoder_decoder_peak_memory_within_15_percent_of_measured(pres
     assert abs(step / measured["step_growth"] - 1) < 0.15, (step, measured)
 
 
+@needs_glibc
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_contrastive_peak_memory_within_15_percent_of_measured(precision):
+    """bert-mini under the contrastive objective: both dropout views of each example through the
+    encoder, no MLM head (which, like the pooler and NSP head, gets no gradient or AdamW state)."""
+    cfg, config = preset_run("bert-mini", "objective=contrastive")
+    attention = attention_kernel(config, precision, config.block_size, "cpu")
+    predicted = training_memory(config, 4, config.block_size, precision, attention=attention,
+                                objective="contrastive")
+    measured = measure_training_peak(config, 4, precision, cfg=cfg)
+    assert measured["shapes"]["input_ids"] == (4, config.block_size)  # the loss doubles the rows itself
+    assert predicted["weights"] + predicted["optimizer"] == pytest.approx(measured["persistent"], rel=1e-4)
+    assert abs(predicted["peak"] / measured["peak"] - 1) < 0.15, (predicted["peak"], measured)
+    step = predicted["peak"] - predicted["weights"] - predicted["optimizer"]
+    assert abs(step / measured["step_growth"] - 1) < 0.15, (step, measured)
+    # the encoder runs both views: twice the block activations of the same batch under mlm
+    as_mlm = training_memory(config, 4, config.block_size, precision, attention=attention)
+    assert as_mlm["activations_layers"] == predicted["activations_layers"] / 2
+
+
+def test_contrastive_flops_count_two_encoder_passes_and_no_mlm_head():
+    cfg, config = preset_run("bert-mini", "objective=contrastive")
+    model = build_model(config)
+    # N: the encoder's non-embedding parameters (norms included, as GPT.flops_per_token counts them)
+    encoder = sum(p.numel() for m in (model.emb_norm, model.blocks) for p in m.parameters())
+    L, d, T = config.n_layer, config.n_embd, config.block_size
+    expected = 2 * (6 * encoder + 12 * L * d * T)
+    assert flops_per_token(config, T, objective="contrastive") == expected
+    assert plan(cfg, vocab_size=config.vocab_size)["flops_per_token"] == expected
+    # the training loop's MFU uses the objective's count (Objective.flops_per_token)
+    objective = objective_batch(cfg, config, 1)[1].__self__  # the Contrastive objective, as training builds it
+    assert objective.flops_per_token(model) == expected
+
+
 @pytest.mark.slow
 @needs_glibc
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

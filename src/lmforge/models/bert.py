@@ -204,18 +204,21 @@ class BERT(nn.Module):
             n -= sum(e.weight.numel() for e in (self.tok_embeddings, self.pos_embeddings, self.type_embeddings))
         return n
 
-    def flops_per_token(self, seq_len: int | None = None) -> float:
+    def flops_per_token(self, seq_len: int | None = None, mlm_head: bool = True) -> float:
         """Training FLOPs per token (forward + backward), defined as `GPT.flops_per_token`.
 
         6 * N + 12 * n_layer * n_embd * seq_len, with N the parameters of the per-token matmuls:
         the encoder, the MLM transform and the MLM output projection (vocab * n_embd, counted
         even when tied, and computed at every position as `forward` does). The pooler and the
-        heads on it run once per sequence, not per token, and are left out.
+        heads on it run once per sequence, not per token, and are left out. mlm_head=False: the
+        encoder alone (sentence vectors, `forward(..., return_embeddings=True)`).
         """
         c = self.config
         n = self.num_params(exclude_embeddings=True)
         if c.tie_embeddings:
             n += self.lm_head.weight.numel()
+        if not mlm_head:
+            n -= sum(p.numel() for m in (self.mlm_dense, self.mlm_norm, self.lm_head) for p in m.parameters())
         for head in (self.pooler, self.nsp_head, self.classifier):
             if head is not None:
                 n -= sum(p.numel() for p in head.parameters())

@@ -52,10 +52,10 @@ checks force SDPA where a CPU run would not take it. LoRA's frozen model is chec
 LayerNorm/RMSNorm computed in bf16 as the CPU does; CUDA autocast runs LayerNorm in fp32,
 which keeps one more fp32 copy of each norm's input (not modelled). Validated on CPU (fp32 and
 bf16, tests/test_plan.py, benchmarks/plan_memory.py): GPT, llama, MoE presets, LoRA/QLoRA on
-GPT presets, bert-mini (mlm + nsp), t5-small and transformer-base (span). Not validated: LoRA
+GPT presets, bert-mini (mlm + nsp, and contrastive: both dropout views of each row through the
+encoder, no MLM head), t5-small and transformer-base (span). Not validated: LoRA
 and QLoRA on BERT/encoder-decoders (their rows say so), padded batches (seq2seq, BERT with an
-attention mask: modelled as full block_size rows), the contrastive objective (two views per
-row, no MLM head: not modelled), and, for lack of a GPU here, every CUDA-only term (FSDP;
+attention mask: modelled as full block_size rows), and, for lack of a GPU here, every CUDA-only term (FSDP;
 SDPA's efficient kernel with T5's bias, which also keeps the (1, heads, T, S) bias per layer:
 not modelled).
 """
@@ -260,11 +260,13 @@ def block_activation_bytes(c: ModelConfig, stack: Stack, precision: str, attenti
 
 
 def _ends(c: ModelConfig, p: Precision, micro_batch: int, model_stacks: list[Stack], lora: LoRA | None,
-          ) -> dict[str, float]:
+          contrastive: bool = False) -> dict[str, float]:
     """Bytes saved outside the blocks: `inputs` (until the end of backward: token ids, BERT's
     embedding norm, the encoder's final norm and output, T5's position buckets), `head` (until
     the head's backward: the final norm or BERT's MLM transform, the fp32 log-softmax, targets)
-    and `transient`, the gradients alive for a moment at the start of backward."""
+    and `transient`, the gradients alive for a moment at the start of backward. contrastive: a
+    BERT's sentence vectors (`Contrastive`): micro_batch counts both views' rows; no segment ids,
+    no MLM head: the mean-pooled, normalized vectors, and the hidden states' fp32 gradient."""
     B, d, V, trained = micro_batch, c.n_embd, c.vocab_size, lora is None
     first, last = model_stacks[0], model_stacks[-1]
     S, T = first.length, last.length  # encoder (or only stack) and decoder positions
@@ -274,6 +276,10 @@ def _ends(c: ModelConfig, p: Precision, micro_batch: int, model_stacks: list[Sta
     if c.arch == "gpt":
         inputs = T * 8
         head = T * _norm_act_bytes(c, p, output_saved=trained) + loss
+    elif c.arch == "bert" and contrastive:  # ids; the embedding norm; pooled vectors, their norms, logits
+        inputs = S * (8 + _norm_act_bytes(c, p, output_saved=False) + drop)
+        head = 3 * d * 4 + 2 * B
+        transient = S * d * 4  # the mean's backward spreads the vectors' gradient over every position
     elif c.arch == "bert":  # ids, segment ids; the embedding norm (the first block saves its output)
         inputs = S * (16 + _norm_act_bytes(c, p, output_saved=False) + drop)
         # the MLM transform at every position: dense (input), activation (input), norm (input: a
@@ -298,7 +304,8 @@ def _ends(c: ModelConfig, p: Precision, micro_batch: int, model_stacks: list[Sta
 
 def activation_memory(c: ModelConfig, micro_batch: int, seq_len: int, precision: str,
                       checkpointing: bool = False, attention: str = "fused",
-                      lora: LoRA | None = None, decoder_len: int | None = None) -> dict[str, Any]:
+                      lora: LoRA | None = None, decoder_len: int | None = None,
+                      contrastive: bool = False) -> dict[str, Any]:
     """Activation bytes of one micro-batch, by part: `layers` (all blocks), `inputs` and `head`
     are what is saved at the start of backward; `blocks` lists per block (forward order) its stack,
     what it saves (`saved`: with checkpointing, while it is being recomputed) and what is kept
@@ -313,7 +320,7 @@ def activation_memory(c: ModelConfig, micro_batch: int, seq_len: int, precision:
         saved = sum(block_activation_bytes(c, stack, precision, attention, lora).values()) * B + rope_tables
         kept = stack.length * c.n_embd * p.stream * B if checkpointing else saved
         blocks += [{"stack": stack, "saved": saved, "kept": kept}] * stack.layers
-    ends = _ends(c, p, B, model_stacks, lora)
+    ends = _ends(c, p, B, model_stacks, lora, contrastive)
     return {"layers": sum(b["kept"] for b in blocks), "inputs": ends["inputs"], "head": ends["head"],
             "backward_transient": ends["transient"], "blocks": blocks}
 
@@ -328,13 +335,25 @@ def _stack_block_params(c: ModelConfig) -> dict[str, int]:
     return {name: sum(p.numel() for p in blocks[0].parameters()) for name, blocks in lists.items()}
 
 
+def _encoder_params(c: ModelConfig) -> int:
+    """A BERT's parameters that its sentence vectors use: the embeddings, their norm, the blocks."""
+    model = _built(c)
+    used = (model.tok_embeddings, model.pos_embeddings, model.type_embeddings, model.emb_norm, model.blocks)
+    return sum(p.numel() for m in used for p in m.parameters())
+
+
 def training_memory(c: ModelConfig, micro_batch: int, seq_len: int | None = None, precision: str = "bf16",
                     checkpointing: bool = False, gpus: int = 1, attention: str = "fused",
-                    lora: LoRA | None = None, decoder_len: int | None = None) -> dict[str, Any]:
+                    lora: LoRA | None = None, decoder_len: int | None = None,
+                    objective: str | None = None) -> dict[str, Any]:
     """Peak training memory per device in bytes, by part, for AdamW.
 
     seq_len: positions per example (an encoder-decoder's source), default block_size;
     decoder_len: an encoder-decoder's target positions, default seq_len (`objective_lengths`).
+    objective: "contrastive" (a BERT's sentence vectors, `train.objectives.Contrastive`) runs
+    both dropout views of each example through the encoder (2 x micro_batch rows) and never the
+    MLM head, pooler or NSP head, which get no gradients and no AdamW state; any other value
+    (clm, mlm, span, seq2seq) is modelled from the model's structure alone.
     Full training keeps fp32 master weights; with `lora` the base is frozen (bf16, or NF4 for
     QLoRA) and only the adapters are trained (fp32), under bf16 autocast (`precision` is
     ignored). With gpus > 1, FSDP2 (as `train.distributed.parallelize` applies it: one unit per
@@ -348,7 +367,9 @@ def training_memory(c: ModelConfig, micro_batch: int, seq_len: int | None = None
     (all activations, autocast's weight copies, the logits' gradients, the head's weight
     gradient), then block by block from the top (the decoder's, then the encoder's), each
     freeing its activations and weight copies and adding its gradients (in bf16 first, then
-    accumulated into fp32; in a decoder, also the encoder output's gradient), to the end (every
+    accumulated into fp32; in a decoder, also the encoder output's gradient; while it runs, its
+    MLP's hidden-layer gradient, which decides the peak when no vocabulary-sized logits
+    gradient does: the contrastive objective, larger models), to the end (every
     gradient; a tied embedding's lookup gradient is added out of place into the head's at the
     very end: two more vocab x d tensors). Memory is linear in the blocks done within a stack,
     so each stack's top and bottom blocks bound it. MoE blocks, whose weights outweigh their
@@ -357,7 +378,11 @@ def training_memory(c: ModelConfig, micro_batch: int, seq_len: int | None = None
     seq_len = seq_len or c.block_size
     n = count_params(c)
     shard = max(gpus, 1)
-    acts = activation_memory(c, micro_batch, seq_len, precision, checkpointing, attention, lora, decoder_len)
+    contrastive = objective == "contrastive"
+    if contrastive and c.arch != "bert":
+        raise UserError(f"objective contrastive trains a BERT encoder (model.arch=bert), not arch={c.arch}")
+    rows = 2 * micro_batch if contrastive else micro_batch
+    acts = activation_memory(c, rows, seq_len, precision, checkpointing, attention, lora, decoder_len, contrastive)
     stack_params = _stack_block_params(c)
     if lora is None:
         p = Precision.of(precision)
@@ -378,6 +403,10 @@ def training_memory(c: ModelConfig, micro_batch: int, seq_len: int | None = None
         bf16_grads = largest * p.cast_weights
         head_grad = c.vocab_size * c.n_embd * 4 / shard  # the first gradient backward writes
         tied_sum = 2 * c.vocab_size * c.n_embd * 4 / shard if c.tie_embeddings else 0
+        if contrastive:  # only the embeddings and blocks are used: no head, its weight copy or gradient
+            trainable = _encoder_params(c)
+            casts = sum(block_casts[s.name] * s.layers for s in stacks(c, seq_len))
+            head_grad = tied_sum = 0
     else:
         base = frozen_base_bytes(c, lora)
         lp = lora_params(c, lora)
@@ -403,6 +432,11 @@ def training_memory(c: ModelConfig, micro_batch: int, seq_len: int | None = None
     phases = {"head": acts["layers"] + acts["inputs"] + acts["head"] + acts["backward_transient"] + casts
               + head_grad}
     backward = acts["blocks"][::-1]  # blocks in the order backward runs them
+    # while a block runs backward: the gradient of its MLP's hidden layer, (T, ffn_hidden) per
+    # example in the matmul dtype (per routed copy in an MoE block)
+    routed = min(c.moe.top_k, c.moe.num_experts) * MOE_PADDING if c.moe.num_experts else 1
+    act_bytes = Precision.of("bf16-frozen" if lora else precision).act
+    hidden_grad = {s.name: rows * s.length * c.ffn_hidden * act_bytes * routed for s in stacks(c, seq_len, decoder_len)}
     done_grads = done_casts = 0.0
     for i, block in enumerate(backward):
         stack = block["stack"]
@@ -411,7 +445,7 @@ def training_memory(c: ModelConfig, micro_batch: int, seq_len: int | None = None
         block_grads = trained_here * 4 / shard + bf16_grads + (trained_here * 4 if gpus > 1 else 0)
         remaining = sum(b["kept"] for b in backward[i:]) + (block["saved"] if checkpointing else 0)
         memory = (remaining + acts["inputs"] + casts - done_casts + head_grad + done_grads + block_grads
-                  + (encoder_output_grad if stack.name == "decoder" else 0))
+                  + (encoder_output_grad if stack.name == "decoder" else 0) + hidden_grad[stack.name])
         top = i == 0 or backward[i - 1]["stack"] != stack
         bottom = i == len(backward) - 1 or backward[i + 1]["stack"] != stack
         for end, is_end in (("top", top), ("bottom", bottom)):

@@ -135,15 +135,21 @@ def count_params_built(c: ModelConfig) -> dict[str, Any]:
             "approx_12Ld2": 12 * n_blocks(c) * c.n_embd ** 2, "method": "exact (counted)"}
 
 
-def flops_per_token(c: ModelConfig, seq_len: int | None = None, decoder_len: int | None = None) -> float:
+def flops_per_token(c: ModelConfig, seq_len: int | None = None, decoder_len: int | None = None,
+                    objective: str | None = None) -> float:
     """Training FLOPs per token: 6·N_active_matmul + 12·L·d·T (attention), as `GPT.flops_per_token`.
 
     An MoE token runs through the router and top_k experts only, so N counts those. Other
     architectures: their model's own `flops_per_token` (which knows e.g. an encoder-decoder's
     cross-attention and its decoder length, `decoder_len`: default seq_len), or the same formula
-    over all their blocks.
+    over all their blocks. objective="contrastive": a BERT's encoder alone, once per view
+    (`Contrastive.flops_per_token`).
     """
     seq_len = c.block_size if seq_len is None else seq_len
+    if objective == "contrastive" and c.arch == "bert":
+        from lmforge.train.objectives import Contrastive
+
+        return Contrastive.views * float(_built(c).flops_per_token(seq_len, mlm_head=False))
     if c.arch != "gpt" and hasattr(_built(c), "flops_per_token"):
         if c.arch == "encdec":
             return float(_built(c).flops_per_token(seq_len, decoder_len))

@@ -74,7 +74,14 @@ def plan(cfg: Any, *, gpus: int = 1, gpu_type: str = "H100", mfu: float = 0.4, t
     moe = c.moe.num_experts > 0
     micro_batch = cfg.train.batch_size
     seq_len, decoder_len = objective_lengths(cfg, c.block_size)
-    fpt = flops_per_token(c, seq_len, decoder_len)
+    fpt = flops_per_token(c, seq_len, decoder_len, cfg.objective)
+    six_n = 6.0 * params["matmul_active"]
+    views = 1
+    if cfg.objective == "contrastive":  # per view: the encoder's matmuls (no MLM head) + attention
+        from lmforge.train.objectives import Contrastive
+
+        views = Contrastive.views
+        six_n = fpt / views - 12.0 * c.n_layer * c.n_embd * seq_len
     budget = float(tokens) if tokens else CHINCHILLA_TOKENS_PER_PARAM * params["active"]
     total_flops = fpt * budget
     peak_flops = _GPU_PEAK_BF16[gpu_type]
@@ -95,7 +102,7 @@ def plan(cfg: Any, *, gpus: int = 1, gpu_type: str = "H100", mfu: float = 0.4, t
         for ckpt in (False, True):
             key = f"{name}{'+act_ckpt' if ckpt else ''}"
             memory[key] = training_memory(c, micro_batch, seq_len, precision, ckpt, gpus, lora=setup,
-                                          decoder_len=decoder_len)
+                                          decoder_len=decoder_len, objective=cfg.objective)
             memory[key]["fits"] = memory[key]["peak"] <= GPU_MEMORY_GIB[gpu_type] * 2**30
     tokens_per_step = micro_batch * seq_len * cfg.train.grad_accum * gpus
     per = "active parameters" if moe else "parameters"
@@ -105,7 +112,7 @@ def plan(cfg: Any, *, gpus: int = 1, gpu_type: str = "H100", mfu: float = 0.4, t
     return {
         "model": c.to_dict(), "vocab_source": vocab_source,
         "parameters": params, "lora": lora_report,
-        "flops_per_token": fpt, "flops_per_token_6N": 6.0 * params["matmul_active"],
+        "flops_per_token": fpt, "flops_per_token_6N": six_n, "flops_views": views,
         "memory": {"micro_batch": micro_batch, "seq_len": seq_len, "decoder_len": decoder_len, "gpus": gpus,
                    "fsdp": gpus > 1, "gpu_memory_gib": GPU_MEMORY_GIB[gpu_type], "per_device": memory,
                    "activations_method": method},
@@ -158,8 +165,11 @@ def format_plan(report: dict[str, Any]) -> str:
         lines.append(f"  LoRA r={lo['rank']:<3}       {lo['trainable']:>15,}  ({lo['trainable_fraction']:.2%} of total;"
                      f" on {', '.join(lo['targets'])})")
     lines += ["",
-              f"FLOPs/token (train) {_si(report['flops_per_token'])}  (6N = {_si(report['flops_per_token_6N'])}"
-              f" + attention{'; N = active' if moe else ''})",
+              f"FLOPs/token (train) {_si(report['flops_per_token'])}  ("
+              + (f"{report['flops_views']} views x (" if report["flops_views"] > 1 else "")
+              + f"6N = {_si(report['flops_per_token_6N'])} + attention"
+              + (")" if report["flops_views"] > 1 else "")
+              + f"{'; N = active' if moe else ''}{'; N = the encoder' if report['flops_views'] > 1 else ''})",
               "",
               f"training memory per device: micro-batch {mem['micro_batch']} x {mem['seq_len']} tokens"
               + (f" (decoder {mem['decoder_len']})" if mem.get("decoder_len") else "") + ", AdamW"

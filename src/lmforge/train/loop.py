@@ -188,10 +188,7 @@ class _Trainer:
                 self.scaler.load_state_dict(trainer_state["scaler"])
 
         self.tokens_per_step = t.batch_size * t.grad_accum * info.world_size * self.model_cfg.block_size
-        # FLOPs of one example spread over the block_size tokens a step counts per example
-        source_len, decoder_len = self.objective.example_lengths()
-        lengths = (source_len,) if decoder_len is None else (source_len, decoder_len)
-        self.flops_per_token = self.raw_model.flops_per_token(*lengths) * source_len / self.model_cfg.block_size
+        self.flops_per_token = self.objective.flops_per_token(self.raw_model)
         peak = peak_flops(self.device, self.precision) if info.is_main else 0.0
         self.peak = dist.broadcast_object(peak, info) * info.world_size
         self.metrics_path = out / "metrics.jsonl"

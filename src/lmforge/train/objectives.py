@@ -76,6 +76,13 @@ class Objective:
         encoder-decoder's decoder may read fewer tokens than its encoder."""
         return self.model_config.block_size, None
 
+    def flops_per_token(self, model: nn.Module) -> float:
+        """Training FLOPs per token as a step counts tokens (block_size per example), for MFU:
+        the model's FLOPs for one example (`example_lengths`) spread over block_size tokens."""
+        source_len, decoder_len = self.example_lengths()
+        lengths = (source_len,) if decoder_len is None else (source_len, decoder_len)
+        return model.flops_per_token(*lengths) * source_len / self.model_config.block_size
+
     def make_batch(self, windows: np.ndarray, rng: np.random.Generator, source: TokenBatches) -> Batch:
         return {"input_ids": torch.from_numpy(windows[:, :-1]), "targets": torch.from_numpy(windows[:, 1:])}
 
@@ -269,6 +276,7 @@ class Contrastive(Objective):
 
     name, arch = "contrastive", "bert"
     uses_all_parameters = False  # the MLM head (and heads) take no part in the sentence vectors
+    views = 2  # encoder passes per example (`lmforge plan` counts them too)
 
     def __init__(self, cfg: Any, tokenizer: Any, model_config: Any) -> None:
         super().__init__(cfg, tokenizer, model_config)
@@ -280,6 +288,10 @@ class Contrastive(Objective):
 
     def window_length(self, block_size: int) -> int:
         return block_size - 2
+
+    def flops_per_token(self, model: nn.Module) -> float:
+        """Both views through the encoder; the MLM head never runs."""
+        return self.views * model.flops_per_token(self.model_config.block_size, mlm_head=False)
 
     def make_batch(self, windows: np.ndarray, rng: np.random.Generator, source: TokenBatches) -> Batch:
         rows = len(windows)
