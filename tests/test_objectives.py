@@ -182,10 +182,13 @@ def test_objective_arch_mismatch_and_bad_settings(tokens):
     cfg, tok, _, mc = setup(tokens, "mlm")
     with pytest.raises(UserError, match="objective mlm trains model.arch=bert"):
         objective_for(cfg, tok, mc)
+    cfg, tok, _, mc = setup(tokens, "contrastive", arch="encdec")  # no sentence vectors: refused
+    with pytest.raises(UserError, match="objective contrastive trains model.arch=bert, but model.arch is encdec"):
+        objective_for(cfg, tok, mc)
     cfg, tok, _, mc = setup(tokens, "contrastive", arch="bert")
     mc.dropout = 0.0
     with pytest.raises(UserError, match="model.dropout must be > 0"):
-        Contrastive(cfg, tok, mc)
+        objective_for(cfg, tok, mc)
     with pytest.raises(UserError, match="mlm.mask_prob"):
         load_config(None, ["mlm.mask_prob=1.5"])
     with pytest.raises(UserError, match="objective"):

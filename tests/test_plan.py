@@ -499,8 +499,17 @@ def test_cli_plan_table_json_and_errors(capsys):
     table = capsys.readouterr().out
     assert "active per token" in table and "qlora" in table and "MoE 4 experts top-2" in table
     for bad, message in [(["--gpu-type", "TPU"], "error: --gpu-type 'TPU' is not known"),
-                         (["--lora-rank", "8", "--lora-targets", "gate"], "error: --lora-targets 'gate': none")]:
-        assert main(["plan", str(CONFIGS / "nano.yaml"), *bad]) == 2
+                         (["--lora-rank", "8", "--lora-targets", "gate"], "error: --lora-targets 'gate': none"),
+                         # what training refuses, plan refuses with the same line
+                         (["--set", "objective=mlm"], "error: objective mlm trains model.arch=bert, but model.arch is gpt"),
+                         (["-c", "bert-mini", "--set", "objective=contrastive", "--set", "model.dropout=0"],
+                          "error: objective contrastive: model.dropout must be > 0"),
+                         (["-c", "t5-small", "--set", "objective=contrastive"],
+                          "error: objective contrastive trains model.arch=bert, but model.arch is encdec")]:
+        config = str(CONFIGS / "nano.yaml")
+        if bad[0] == "-c":
+            config, bad = str(CONFIGS / f"{bad[1]}.yaml"), bad[2:]
+        assert main(["plan", config, *bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith(message) and err.count("\n") == 1
 

@@ -1,5 +1,5 @@
 """`python -m lmforge ...` (used by torchrun: `torchrun --nproc_per_node 2 -m lmforge pretrain ...`)."""
 
-from lmforge.cli import main
+from lmforge.cli import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

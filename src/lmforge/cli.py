@@ -349,15 +349,18 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    code = _main(argv)
+def entry() -> int:
+    """The process entry point (the `lmforge` script, `python -m lmforge`): `main`, then a torchrun
+    worker that left its process group ends without the interpreter's shutdown (see
+    `distributed.leave_process`). Library callers use `main`, which always returns."""
+    code = main()
     distributed = sys.modules.get("lmforge.train.distributed")  # imported only by commands that train
-    if distributed is not None and distributed.left_process_group:  # a torchrun worker
+    if distributed is not None and distributed.left_process_group:
         distributed.leave_process(code)
     return code
 
 
-def _main(argv: list[str] | None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:
         warnings.formatwarning = _one_line_warning
@@ -389,4 +392,4 @@ def _main(argv: list[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(entry())

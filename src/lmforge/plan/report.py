@@ -70,6 +70,9 @@ def plan(cfg: Any, *, gpus: int = 1, gpu_type: str = "H100", mfu: float = 0.4, t
         raise UserError(f"--tokens must be > 0, got {tokens}")
     vocab, vocab_source = _resolve_vocab(cfg, vocab_size)
     c = ModelConfig.from_dict({**cfg.model.to_dict(), "vocab_size": vocab})
+    from lmforge.train.objectives import OBJECTIVES
+
+    OBJECTIVES[cfg.objective].check(c)  # the model training would refuse, refused here too
     params = count_params(c)
     moe = c.moe.num_experts > 0
     micro_batch = cfg.train.batch_size

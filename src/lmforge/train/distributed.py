@@ -58,20 +58,26 @@ def init_distributed(parallel: str, device_name: str = "auto") -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
+        global _owns_group
         dist.init_process_group("nccl" if use_cuda else "gloo")
+        _owns_group = True
     return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), parallel)
 
 
-# set once this process has left a multi-process group; the CLI then ends the process with
-# `leave_process` instead of a normal interpreter exit
+# whether `init_distributed` created the process group (a caller that set one up itself, e.g. a
+# notebook or a test harness, keeps it: `shutdown` leaves it alone)
+_owns_group = False
+# set once this process has left a group it created; the `lmforge` entry point then ends the
+# process with `leave_process` instead of a normal interpreter exit
 left_process_group = False
 
 
 def shutdown() -> None:
-    global left_process_group
-    if dist.is_initialized():
+    """Leave the process group `init_distributed` created (a caller's own group stays)."""
+    global _owns_group, left_process_group
+    if _owns_group and dist.is_initialized():
         dist.destroy_process_group()
-        left_process_group = True
+        _owns_group, left_process_group = False, True
 
 
 def leave_process(code: int) -> NoReturn:

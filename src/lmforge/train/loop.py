@@ -402,7 +402,10 @@ class _Trainer:
         summary = None
         if info.is_main:
             summary = write_run_report(self, stop_reason=stop_reason, wall_time_s=wall)
+        # every process waits here for the report: one that left first with Interrupted's exit
+        # code would make torchrun stop the main process while it is still writing it
+        summary = dist.broadcast_object(summary, info)
         if stop_reason == "interrupted":
             raise Interrupted(f"interrupted at step {step}; checkpoint saved in {self.out}/checkpoints; "
                               f"continue with the same command plus --resume")
-        return dist.broadcast_object(summary, info)
+        return summary

@@ -59,6 +59,13 @@ class Objective:
     extra_tokens: tuple[str, ...] = ()  # tokens the tokenizer must have (added if missing)
     uses_all_parameters = True  # False: some parameters get no gradient (DDP must look for them)
 
+    @classmethod
+    def check(cls, model_config: Any) -> None:
+        """Refuse a model this objective cannot train (training and `lmforge plan` both ask)."""
+        if model_config.arch != cls.arch:
+            raise UserError(f"objective {cls.name} trains model.arch={cls.arch}, "
+                            f"but model.arch is {model_config.arch}; change one of them")
+
     def __init__(self, cfg: Any, tokenizer: Any, model_config: Any) -> None:
         self.cfg, self.tokenizer, self.model_config = cfg, tokenizer, model_config
 
@@ -278,11 +285,15 @@ class Contrastive(Objective):
     uses_all_parameters = False  # the MLM head (and heads) take no part in the sentence vectors
     views = 2  # encoder passes per example (`lmforge plan` counts them too)
 
-    def __init__(self, cfg: Any, tokenizer: Any, model_config: Any) -> None:
-        super().__init__(cfg, tokenizer, model_config)
+    @classmethod
+    def check(cls, model_config: Any) -> None:
+        super().check(model_config)
         if model_config.dropout <= 0:
             raise UserError("objective contrastive: model.dropout must be > 0 (dropout makes the two views "
                             "of each text differ); try model.dropout=0.1")
+
+    def __init__(self, cfg: Any, tokenizer: Any, model_config: Any) -> None:
+        super().__init__(cfg, tokenizer, model_config)
         self.temperature = cfg.contrastive.temperature
         self.cls_id, self.sep_id = tokenizer.bos_id, tokenizer.eos_id
 
@@ -398,12 +409,9 @@ OBJECTIVES: dict[str, type[Objective]] = {
 
 
 def objective_for(cfg: Any, tokenizer: Any, model_config: Any) -> Objective:
-    """The objective `cfg.objective` names, checked against the model family."""
+    """The objective `cfg.objective` names, checked against the model (`Objective.check`)."""
     cls = OBJECTIVES[cfg.objective]
-    allowed = ("bert", "encdec") if cls is Contrastive else (cls.arch,)
-    if model_config.arch not in allowed:
-        raise UserError(f"objective {cfg.objective} trains model.arch={' or '.join(allowed)}, "
-                        f"but model.arch is {model_config.arch}; change one of them")
+    cls.check(model_config)
     return cls(cfg, tokenizer, model_config)
 
 
