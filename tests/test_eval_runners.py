@@ -276,7 +276,8 @@ def test_token_directory_perplexity_names_its_split(ckpt, tmp_path):
         window = ids[begin:begin + model.config.block_size + 1]
         nats -= direct_logprob(model, window, len(window) - 1)
     assert whole["loss"] == pytest.approx(nats / len(stream), abs=1e-4)
-    out = evaluate(ckpt_dir, [tmp_path / "tokens"], tmp_path / "out2", split="train", limit=1, progress=False)
+    with pytest.warns(UserWarning, match="evaluating on the training split"):
+        out = evaluate(ckpt_dir, [tmp_path / "tokens"], tmp_path / "out2", split="train", limit=1, progress=False)
     assert out["tasks"][0]["split"] == "train" and "memorization" in out["tasks"][0]["split_note"]
 
 
