@@ -22,8 +22,11 @@ leaves it to the tokenizer.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # bitsandbytes looks for a hub kernel on AVX512-BF16 CPUs
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# nothing may come from a model hub at run time: libraries that try (bitsandbytes looks for a hub
+# kernel on AVX512-BF16 CPUs, `transformers` for configs) fail at once instead of reaching out
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 TINY_DOCS = {
     "hamlet.txt": (
         "HAMLET, PRINCE OF DENMARK\n\nACT I.\n\nBer.\nWho's there?\n\nFran.\n"
