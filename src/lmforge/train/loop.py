@@ -264,6 +264,9 @@ class _Trainer:
             kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
             # the failing step is logged too (NaN/Infinity in JSON), so `lmforge diagnose` sees it
             self._log({"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm_value})
+            # every rank sees the same values (all-reduced loss, global norm) and stops here; wait
+            # for the main one's line, so that none leaves first and torchrun kills it mid-write
+            dist.barrier(self.info)
             raise TrainingFailed(
                 f"step {step + 1}: {what} is {loss_value if what == 'loss' else grad_norm_value}; training stopped "
                 f"({kept}). Try a lower train.lr, more train.warmup_steps or train.grad_clip=1.0"
