@@ -379,8 +379,10 @@ def training_memory(c: ModelConfig, micro_batch: int, seq_len: int | None = None
     n = count_params(c)
     shard = max(gpus, 1)
     contrastive = objective == "contrastive"
-    if contrastive and c.arch != "bert":
-        raise UserError(f"objective contrastive trains a BERT encoder (model.arch=bert), not arch={c.arch}")
+    if contrastive:
+        from lmforge.train.objectives import Contrastive
+
+        Contrastive.check(c)  # the models training refuses (not a BERT, no dropout)
     rows = 2 * micro_batch if contrastive else micro_batch
     acts = activation_memory(c, rows, seq_len, precision, checkpointing, attention, lora, decoder_len, contrastive)
     stack_params = _stack_block_params(c)

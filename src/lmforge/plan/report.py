@@ -72,18 +72,16 @@ def plan(cfg: Any, *, gpus: int = 1, gpu_type: str = "H100", mfu: float = 0.4, t
     c = ModelConfig.from_dict({**cfg.model.to_dict(), "vocab_size": vocab})
     from lmforge.train.objectives import OBJECTIVES
 
-    OBJECTIVES[cfg.objective].check(c)  # the model training would refuse, refused here too
+    objective = OBJECTIVES[cfg.objective]
+    objective.check(c)  # the model training would refuse, refused here too
     params = count_params(c)
     moe = c.moe.num_experts > 0
     micro_batch = cfg.train.batch_size
     seq_len, decoder_len = objective_lengths(cfg, c.block_size)
     fpt = flops_per_token(c, seq_len, decoder_len, cfg.objective)
     six_n = 6.0 * params["matmul_active"]
-    views = 1
-    if cfg.objective == "contrastive":  # per view: the encoder's matmuls (no MLM head) + attention
-        from lmforge.train.objectives import Contrastive
-
-        views = Contrastive.views
+    views = objective.views
+    if views > 1:  # contrastive, per view: the encoder's matmuls (no MLM head) + attention
         six_n = fpt / views - 12.0 * c.n_layer * c.n_embd * seq_len
     budget = float(tokens) if tokens else CHINCHILLA_TOKENS_PER_PARAM * params["active"]
     total_flops = fpt * budget

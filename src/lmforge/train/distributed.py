@@ -45,6 +45,7 @@ class DistInfo:
 
 def init_distributed(parallel: str, device_name: str = "auto") -> DistInfo:
     """Join the process group that torchrun set up (no-op for a single process)."""
+    global _owns_group
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return DistInfo()
@@ -58,7 +59,6 @@ def init_distributed(parallel: str, device_name: str = "auto") -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        global _owns_group
         dist.init_process_group("nccl" if use_cuda else "gloo")
         _owns_group = True
     return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), parallel)

@@ -58,6 +58,7 @@ class Objective:
     arch = "gpt"  # the model family the objective trains
     extra_tokens: tuple[str, ...] = ()  # tokens the tokenizer must have (added if missing)
     uses_all_parameters = True  # False: some parameters get no gradient (DDP must look for them)
+    views = 1  # passes of each example through the model (`lmforge plan` counts them)
 
     @classmethod
     def check(cls, model_config: Any) -> None:
@@ -283,7 +284,7 @@ class Contrastive(Objective):
 
     name, arch = "contrastive", "bert"
     uses_all_parameters = False  # the MLM head (and heads) take no part in the sentence vectors
-    views = 2  # encoder passes per example (`lmforge plan` counts them too)
+    views = 2  # both dropout views of each example through the encoder
 
     @classmethod
     def check(cls, model_config: Any) -> None:
