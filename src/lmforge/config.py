@@ -17,11 +17,11 @@ from typing import Any
 import yaml
 
 from lmforge.configtree import (  # noqa: F401
-    _all_keys,
-    _build,
-    _coerce,
-    _set_dotted,
-    _unknown_key,
+    all_keys,
+    build,
+    coerce,
+    set_dotted,
+    unknown_key,
     load_tree,
     parse_override,
 )
@@ -152,7 +152,7 @@ def _check_ranges(cfg: Config, where: str) -> None:
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config from its resolved dict (e.g. a checkpoint's saved config)."""
-    return _build(Config, data, "", "")
+    return build(Config, data, "", "")
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -1,7 +1,7 @@
 """Generic typed-config machinery: build dataclass trees from YAML/dicts with did-you-mean errors.
 
 `lmforge.config` (training) and `lmforge.data.config` (data preparation) both build their
-config trees with `_build`. This module imports nothing heavy (no torch), so data-pipeline
+config trees with `build`. This module imports nothing heavy (no torch), so data-pipeline
 worker processes start fast.
 """
 
@@ -19,7 +19,7 @@ import yaml
 from lmforge.errors import UserError
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def coerce(value: Any, tp: Any, key: str) -> Any:
     """Check/convert a YAML or command-line value to the dataclass field's type."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -33,7 +33,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key)
+                return coerce(value, arg, key)
             except UserError as e:
                 errors.append(e)
         raise errors[0]
@@ -79,18 +79,18 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _all_keys(cls: type, prefix: str = "") -> list[str]:
+def all_keys(cls: type, prefix: str = "") -> list[str]:
     keys = []
     for name, tp in _field_types(cls).items():
         if dataclasses.is_dataclass(tp):
-            keys += _all_keys(tp, f"{prefix}{name}.")
+            keys += all_keys(tp, f"{prefix}{name}.")
         else:
             keys.append(prefix + name)
     return keys
 
 
-def _unknown_key(key: str, where: str, root: type) -> UserError:
-    leaves = _all_keys(root)
+def unknown_key(key: str, where: str, root: type) -> UserError:
+    leaves = all_keys(root)
     # compare like with like: a misspelt section (`modle`) against sections, a leaf against leaves
     depth = key.count(".")
     candidates = sorted({".".join(k.split(".")[: depth + 1]) for k in leaves if k.count(".") >= depth})
@@ -103,7 +103,7 @@ def _unknown_key(key: str, where: str, root: type) -> UserError:
     return UserError(f"{where}unknown config key {key}{hint}")
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str, where: str, root: type | None = None) -> Any:
+def build(cls: type, data: dict[str, Any], prefix: str, where: str, root: type | None = None) -> Any:
     """Build dataclass `cls` from `data`; `root` is the top of the tree (for did-you-mean hints)."""
     root = root or cls
     if not isinstance(data, dict):
@@ -113,19 +113,19 @@ def _build(cls: type, data: dict[str, Any], prefix: str, where: str, root: type 
     for key, value in data.items():
         full = prefix + str(key)
         if key not in types_:
-            raise _unknown_key(full, where, root)
+            raise unknown_key(full, where, root)
         tp = types_[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, full + ".", where, root)
+            kwargs[key] = build(tp, value or {}, full + ".", where, root)
         else:
-            kwargs[key] = _coerce(value, tp, full)
+            kwargs[key] = coerce(value, tp, full)
     try:
         return cls(**kwargs)
     except UserError as e:
         raise UserError(f"{where}{e}") from None
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
@@ -170,14 +170,14 @@ def load_tree(root: type, path: str | Path | None, overrides: list[str] | None,
         if not isinstance(tree, dict):
             raise UserError(f"{path}: expected a mapping of sections at the top")
         where = f"{path}: "
-    _build(root, tree, "", where)  # errors in the file name the file
-    valid = set(_all_keys(root))
+    build(root, tree, "", where)  # errors in the file name the file
+    valid = set(all_keys(root))
     for text in overrides or []:
         key, value = parse_override(text)
         if key not in valid:
-            raise _unknown_key(key, f"--set {text}: ", root)
-        _set_dotted(tree, key, value)
-    cfg = _build(root, tree, "", "")
+            raise unknown_key(key, f"--set {text}: ", root)
+        set_dotted(tree, key, value)
+    cfg = build(root, tree, "", "")
     for key, allowed in choices.items():
         node = cfg
         for part in key.split("."):

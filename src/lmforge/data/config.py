@@ -2,7 +2,7 @@
 
     cfg = load_data_config("configs/data/default.yaml", ["quality.min_words=20"])
 
-Validation reuses the training config's machinery (`lmforge.config._build`): an unknown key
+Validation reuses the training config's machinery (`lmforge.config.build`): an unknown key
 names the closest valid one, a wrongly typed value names the key. Defaults follow Rae et al.
 2021 (Gopher) except where a comment says why not; `to_dict(cfg)` goes into summary.json.
 """

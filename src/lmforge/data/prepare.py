@@ -228,9 +228,9 @@ def _count(counter: dict[str, int], key: str, n: int = 1) -> None:
 
 
 def _config_from_dict(data: dict[str, Any]) -> DataPrepConfig:
-    from lmforge.configtree import _build
+    from lmforge.configtree import build
 
-    return _build(DataPrepConfig, data, "", "")
+    return build(DataPrepConfig, data, "", "")
 
 
 def _split_of(key: int, cfg: DataPrepConfig) -> tuple[int, float]:
