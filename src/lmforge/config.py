@@ -44,7 +44,6 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     eval_every: int = 250
     eval_steps: int = 20  # batches per val-loss estimate
-    log_every: int = 10
     checkpoint_every: int = 0  # 0: only at evals, on interrupt and at the end
     keep_last: int = 2  # step checkpoints kept besides `best`
     patience: int = 0  # early stopping: evals without val improvement; 0 disables
@@ -54,6 +53,7 @@ class TrainConfig:
     parallel: str = "none"  # none | ddp | fsdp (under torchrun)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # CPU threads for torch; 0: all cores (per process)
+    init_from: str = ""  # a checkpoint dir (lmforge's or converted): start from its weights, fresh optimizer, step 0
 
 
 @dataclass
@@ -132,7 +132,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def _check_ranges(cfg: Config, where: str) -> None:
     t = cfg.train
-    positive = ("batch_size", "grad_accum", "max_steps", "eval_steps", "log_every", "keep_last")
+    positive = ("batch_size", "grad_accum", "max_steps", "eval_steps", "keep_last")
     for key in positive:
         if getattr(t, key) <= 0:
             raise UserError(f"{where}config key train.{key}: must be > 0, got {getattr(t, key)}")

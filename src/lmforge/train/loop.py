@@ -92,9 +92,7 @@ def resolve_model_config(cfg: Config, tokenizer: Tokenizer) -> ModelConfig:
             f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {vocab} tokens "
             f"({tokenizer.source}); remove model.vocab_size or set it >= {vocab}"
         )
-    if cfg.objective == "mlm" and cfg.mlm.nsp:
-        # next-sentence prediction trains the NSP head; the run's config.yaml says so too
-        model_cfg.nsp_head = cfg.model.nsp_head = True
+    OBJECTIVES[cfg.objective].configure_model(cfg, model_cfg)
     if model_cfg.arch == "encdec":  # the decoder starts from the tokenizer's pad token, as T5's does
         for key in ("decoder_start_token_id", "pad_token_id"):
             if getattr(model_cfg, key) is None:

@@ -67,6 +67,10 @@ class Objective:
             raise UserError(f"objective {cls.name} trains model.arch={cls.arch}, "
                             f"but model.arch is {model_config.arch}; change one of them")
 
+    @classmethod
+    def configure_model(cls, cfg: Any, model_config: Any) -> None:
+        """Adjust the model config the objective needs (e.g. MLM's NSP head); the run's config too."""
+
     def __init__(self, cfg: Any, tokenizer: Any, model_config: Any) -> None:
         self.cfg, self.tokenizer, self.model_config = cfg, tokenizer, model_config
 
@@ -138,6 +142,11 @@ class MaskedLM(Objective):
     """
 
     name, arch, extra_tokens = "mlm", "bert", (MASK,)
+
+    @classmethod
+    def configure_model(cls, cfg: Any, model_config: Any) -> None:
+        if cfg.mlm.nsp:  # next-sentence prediction trains the NSP head; the run's config.yaml says so too
+            model_config.nsp_head = cfg.model.nsp_head = True
 
     def __init__(self, cfg: Any, tokenizer: Any, model_config: Any) -> None:
         super().__init__(cfg, tokenizer, model_config)
