@@ -15,13 +15,13 @@ from train_helpers import make_token_dir, tiny_config, write_corpus
 
 from lmforge.cli import main
 from lmforge.diagnose import (
-    _MetricsTail,
-    _recent_improvement,
+    MetricsTail,
     bigram_reference,
     diagnose_records,
     diagnose_run,
     format_diagnosis,
     live_warning,
+    recent_improvement,
     trailing_median,
 )
 from lmforge.errors import TrainingFailed, UserError
@@ -229,11 +229,11 @@ def test_trailing_median_matches_a_plain_loop():
 
 def test_recent_improvement_on_a_line():
     steps = np.arange(1, 1001, dtype=float)
-    fall, start, err = _recent_improvement(steps, 10 - 0.001 * steps, 0.25, 3)
+    fall, start, err = recent_improvement(steps, 10 - 0.001 * steps, 0.25, 3)
     span = 0.25 * 999
     assert start == 751 and fall == pytest.approx(0.001 * span / (10 - 0.001 * 1000)) and err == pytest.approx(0, abs=1e-9)
     evals = np.array([250.0, 500.0, 750.0, 1000.0])  # sparse evals: at least the last 3 points
-    fall, start, _ = _recent_improvement(evals, np.array([3.0, 2.0, 1.5, 1.5]), 0.25, 3)
+    fall, start, _ = recent_improvement(evals, np.array([3.0, 2.0, 1.5, 1.5]), 0.25, 3)
     assert start == 500 and fall == pytest.approx(-np.polyfit([500, 750, 1000], [2.0, 1.5, 1.5], 1)[0] * 187.5
                                                    / (1.5 - 1 / 12), rel=1e-9)  # line end: 17/12
 
@@ -289,7 +289,7 @@ def test_live_warning_only_for_overfitting_and_not_converging(tmp_path):
 def test_metrics_tail_reads_only_new_complete_lines_and_starts_over_on_a_new_file(tmp_path):
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": i, "loss": 1.0}) + "\n" for i in range(1, 6)]
-    tail = _MetricsTail()
+    tail = MetricsTail()
     path.write_text("".join(lines[:2]) + lines[2][:7])  # the third line is being written
     assert [r["step"] for r in tail.read(path)] == [1, 2]
     with open(path, "a") as f:

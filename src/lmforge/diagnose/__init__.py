@@ -9,19 +9,24 @@ The parts (their public names are importable from `lmforge.diagnose` itself):
 - `lmforge.diagnose.rules`: the five cases, their order, their thresholds and why, and the
   remedies (`diagnose_records`, `Thresholds`, `Diagnosis`);
 - `lmforge.diagnose.curves`: the curve statistics the rules read (trailing median, spikes, the
-  recent trend);
+  recent trend: `recent_improvement`);
 - `lmforge.diagnose.run`: reading a run dir (metrics.jsonl, config.yaml, summary.json, the
   bigram reference from its token dir: `diagnose_run`) and the live check at evals
-  (`live_warning`);
+  (`live_warning`, reading metrics.jsonl incrementally with `MetricsTail`);
 - `lmforge.diagnose.report`: the text report (`format_diagnosis`).
 """
 
-from lmforge.diagnose.curves import _recent_improvement as _recent_improvement  # (tests use it)
-from lmforge.diagnose.curves import trailing_median
+from lmforge.diagnose.curves import recent_improvement, trailing_median
 from lmforge.diagnose.report import format_diagnosis
 from lmforge.diagnose.rules import THRESHOLDS, VERDICTS, Diagnosis, Thresholds, diagnose_records
-from lmforge.diagnose.run import _MetricsTail as _MetricsTail  # (tests use it)
-from lmforge.diagnose.run import bigram_reference, diagnose_run, live_warning, read_records
+from lmforge.diagnose.run import (
+    MetricsTail,
+    bigram_reference,
+    diagnose_run,
+    live_warning,
+    read_records,
+)
 
-__all__ = ["THRESHOLDS", "VERDICTS", "Diagnosis", "Thresholds", "bigram_reference", "diagnose_records",
-           "diagnose_run", "format_diagnosis", "live_warning", "read_records", "trailing_median"]
+__all__ = ["THRESHOLDS", "VERDICTS", "Diagnosis", "MetricsTail", "Thresholds", "bigram_reference",
+           "diagnose_records", "diagnose_run", "format_diagnosis", "live_warning", "read_records",
+           "recent_improvement", "trailing_median"]

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 
-def _finite(x: Any) -> bool:
+def is_finite_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
@@ -32,7 +32,7 @@ def trailing_median(values: np.ndarray, window: int) -> np.ndarray:
     return out
 
 
-def _value_at(steps: np.ndarray, values: np.ndarray, step: float) -> float:
+def value_at(steps: np.ndarray, values: np.ndarray, step: float) -> float:
     """The value at the last logged step <= `step` (the first value if none)."""
     i = max(int(np.searchsorted(steps, step, side="right")) - 1, 0)
     return float(values[i])
@@ -44,7 +44,7 @@ def _median_before(values: np.ndarray, window: int) -> np.ndarray:
         return np.concatenate([[np.nan], trailing_median(values, window)[:-1]])
 
 
-def _spikes(steps: np.ndarray, values: np.ndarray, start: float, ratio: float, progress: float,
+def loss_spikes_after(steps: np.ndarray, values: np.ndarray, start: float, ratio: float, progress: float,
             window: int) -> list[dict[str, Any]]:
     """Spike episodes: runs of steps whose value exceeds the median of the `window` steps before
     by `ratio` of that median and by `progress` x (start - median)."""
@@ -62,7 +62,7 @@ def _spikes(steps: np.ndarray, values: np.ndarray, start: float, ratio: float, p
     return episodes
 
 
-def _grad_spikes(steps: np.ndarray, norms: np.ndarray, ratio: float, window: int) -> tuple[float | None, list[dict]]:
+def grad_norm_spikes(steps: np.ndarray, norms: np.ndarray, ratio: float, window: int) -> tuple[float | None, list[dict]]:
     finite = norms[np.isfinite(norms)]
     if not len(finite):
         return None, []
@@ -74,7 +74,7 @@ def _grad_spikes(steps: np.ndarray, norms: np.ndarray, ratio: float, window: int
                                        "x_median": round(float(norms[i] / median[i]), 1)} for i in spiked]
 
 
-def _recent_improvement(steps: np.ndarray, values: np.ndarray, part: float, min_points: int
+def recent_improvement(steps: np.ndarray, values: np.ndarray, part: float, min_points: int
                         ) -> tuple[float | None, int | None, float]:
     """How much `values` fell over the last `part` of the run, relative to the final level.
 
@@ -102,17 +102,17 @@ def _recent_improvement(steps: np.ndarray, values: np.ndarray, part: float, min_
     return float(-slope * span / end), int(x[0]), stderr * span / end
 
 
-def _column(rows: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
+def metric_column(rows: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
     """(values with NaN where missing or not a finite number, whether the key is present)."""
     values = [r.get(key) for r in rows]
     try:
         column = np.array(values, dtype=np.float64)  # None -> NaN
     except (TypeError, ValueError):
-        column = np.array([v if _finite(v) else np.nan for v in values], dtype=np.float64)
+        column = np.array([v if is_finite_number(v) else np.nan for v in values], dtype=np.float64)
     return column, np.array([key in r for r in rows])
 
 
-def _nonfinite_step(rows: list[dict[str, Any]], columns: dict[str, tuple[np.ndarray, np.ndarray]]
+def first_nonfinite_step(rows: list[dict[str, Any]], columns: dict[str, tuple[np.ndarray, np.ndarray]]
                     ) -> tuple[int, str] | None:
     bad = np.zeros(len(rows), dtype=bool)
     for values, present in columns.values():
@@ -120,5 +120,5 @@ def _nonfinite_step(rows: list[dict[str, Any]], columns: dict[str, tuple[np.ndar
     if not bad.any():
         return None
     r = rows[int(np.argmax(bad))]
-    key = next(k for k, (values, present) in columns.items() if k in r and not _finite(r[k]))
+    key = next(k for k, (values, present) in columns.items() if k in r and not is_finite_number(r[k]))
     return r["step"], f"{key} is {r[key]}"

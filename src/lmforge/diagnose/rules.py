@@ -69,14 +69,14 @@ from typing import Any
 import numpy as np
 
 from lmforge.diagnose.curves import (
-    _column,
-    _finite,
-    _grad_spikes,
-    _nonfinite_step,
-    _recent_improvement,
-    _spikes,
-    _value_at,
+    first_nonfinite_step,
+    grad_norm_spikes,
+    is_finite_number,
+    loss_spikes_after,
+    metric_column,
+    recent_improvement,
     trailing_median,
+    value_at,
 )
 
 VERDICTS = ("good_fit", "underfitting", "overfitting", "not_converging", "still_improving")
@@ -154,7 +154,7 @@ def diagnose_records(records: list[dict[str, Any]], *, config: dict[str, Any] | 
         raise ValueError("no metrics records")
     cfg_train = (config or {}).get("train", {}) or {}
     steps = np.array([r["step"] for r in rows], dtype=np.float64)
-    columns = {key: _column(rows, key) for key in ("loss", "grad_norm", "val_loss")}
+    columns = {key: metric_column(rows, key) for key in ("loss", "grad_norm", "val_loss")}
     loss, grad = (np.where(np.isfinite(columns[key][0]), columns[key][0], np.nan) for key in ("loss", "grad_norm"))
     last_step = int(steps[-1])
     max_steps = cfg_train.get("max_steps")
@@ -176,7 +176,7 @@ def diagnose_records(records: list[dict[str, Any]], *, config: dict[str, Any] | 
     window = int(min(max(round(th.smooth_fraction * len(rows)), th.smooth_min), th.smooth_max))
     smooth = trailing_median(loss, window)
     finite = np.isfinite(smooth)
-    nonfinite = _nonfinite_step(rows, columns)
+    nonfinite = first_nonfinite_step(rows, columns)
     if not finite.any():
         evidence["instability"] = {"nonfinite_step": rows[0]["step"], "nonfinite": "no finite loss"}
         return _finish("not_converging", f"no finite train loss in {len(rows)} steps", evidence, limitations,
@@ -188,7 +188,7 @@ def diagnose_records(records: list[dict[str, Any]], *, config: dict[str, Any] | 
     end = float(smooth[end_i])
     progress = start - best
     rise = (end - best) / abs(best) if best else 0.0
-    train_rel, train_from, train_err = _recent_improvement(steps, loss, th.last_part, 3)
+    train_rel, train_from, train_err = recent_improvement(steps, loss, th.last_part, 3)
     away = np.flatnonzero(finite & (np.abs(smooth - end) > th.plateau_rel * abs(end)))
     plateau_i = min(int(away[-1]) + 1, end_i) if len(away) else 0
     evidence["train_loss"] = {
@@ -198,8 +198,8 @@ def diagnose_records(records: list[dict[str, Any]], *, config: dict[str, Any] | 
         "last_quarter_from_step": train_from,
         "plateau_step": int(steps[plateau_i]),
     }
-    loss_spikes = _spikes(steps, loss, start, th.spike_ratio, th.spike_progress, window)
-    grad_median, grad_spikes = _grad_spikes(steps, grad, th.grad_spike_ratio, max(window, 20))
+    loss_spikes = loss_spikes_after(steps, loss, start, th.spike_ratio, th.spike_progress, window)
+    grad_median, grad_spikes = grad_norm_spikes(steps, grad, th.grad_spike_ratio, max(window, 20))
     evidence["instability"] = {"nonfinite_step": nonfinite[0] if nonfinite else None,
                                "nonfinite": nonfinite[1] if nonfinite else None,
                                "loss_spikes": loss_spikes[:20], "loss_spike_count": len(loss_spikes),
@@ -207,7 +207,7 @@ def diagnose_records(records: list[dict[str, Any]], *, config: dict[str, Any] | 
                                "grad_norm_spike_count": len(grad_spikes)}
 
     # ---- evals ------------------------------------------------------------------------------
-    evals = [r for r in rows if "val_loss" in r and _finite(r["val_loss"])]
+    evals = [r for r in rows if "val_loss" in r and is_finite_number(r["val_loss"])]
     val: dict[str, Any] = dict(evals=len(evals))
     val_rel, val_err, val_points = None, 0.0, 0
     evidence["val_loss"] = val
@@ -215,8 +215,8 @@ def diagnose_records(records: list[dict[str, Any]], *, config: dict[str, Any] | 
     if evals:
         e_steps = np.array([r["step"] for r in evals], dtype=np.float64)
         v = np.array([r["val_loss"] for r in evals], dtype=np.float64)
-        tr = np.array([r["train_eval_loss"] if _finite(r.get("train_eval_loss"))
-                       else _value_at(steps, smooth, r["step"]) for r in evals])
+        tr = np.array([r["train_eval_loss"] if is_finite_number(r.get("train_eval_loss"))
+                       else value_at(steps, smooth, r["step"]) for r in evals])
         gap = v - tr
         vb = int(np.argmin(v))
         val.update(best=_r(v[vb]), best_step=int(e_steps[vb]), final=_r(v[-1]), final_step=int(e_steps[-1]),
@@ -242,7 +242,7 @@ def diagnose_records(records: list[dict[str, Any]], *, config: dict[str, Any] | 
         total = float(gap[-1] - gap[g_min_i])
         onset_i = int(np.flatnonzero(gap[:-1] <= gap[g_min_i] + 0.1 * total)[-1]) if total > 0 else None
         val_rise = float(v[-1] - v[vb])
-        val_rel, val_from, val_err = _recent_improvement(e_steps, v, th.last_part, 3)
+        val_rel, val_from, val_err = recent_improvement(e_steps, v, th.last_part, 3)
         val_points = int((e_steps >= val_from).sum()) if val_from is not None else 0
         val_rose = val_rise >= tol
         val_stalled = val_rel is not None and val_rel < th.val_stall_rel

@@ -152,7 +152,7 @@ def diagnose_run(run_dir: str | Path, *, target_loss: float | None = None) -> Di
     return diagnosis
 
 
-class _MetricsTail:
+class MetricsTail:
     """Reads a growing metrics.jsonl incrementally, so a check at every eval costs only the new lines.
 
     It starts over when the file is another one (another path, inode or first line: a new run in
@@ -178,7 +178,7 @@ class _MetricsTail:
         return self.records
 
 
-_tail = _MetricsTail()
+_tail = MetricsTail()
 
 
 def live_warning(records: list[dict[str, Any]] | str | Path) -> str | None:

@@ -41,7 +41,7 @@ class LogLikelihood:
     is_greedy: bool
 
 
-def _device(model: torch.nn.Module) -> torch.device:
+def model_device(model: torch.nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
 
@@ -67,7 +67,7 @@ def loglikelihoods(model: torch.nn.Module, requests: Sequence[tuple[list[int], l
         from lmforge.eval import seq2seq
         return seq2seq.loglikelihoods(model, requests, batch_size=batch_size, desc=desc, progress=progress)
     block_size = model.config.block_size
-    device = _device(model)
+    device = model_device(model)
     for i, (context, continuation) in enumerate(requests):
         if not continuation:
             raise ValueError(f"request {i} has an empty continuation")
@@ -138,7 +138,7 @@ def rolling_nll(model: torch.nn.Module, sequences: Sequence[list[int] | np.ndarr
             begin += stride
     windows.sort(key=lambda w: -len(w[1]))
     totals = [NLL(0.0, 0) for _ in sequences]
-    device = _device(model)
+    device = model_device(model)
     with eval_mode(model):
         bar = tqdm(total=len(windows), desc=desc, unit="window", disable=not progress, leave=False)
         for start in range(0, len(windows), batch_size):
@@ -236,7 +236,7 @@ def _head_logits(model: torch.nn.Module, tokenizer, texts: list[str], n_labels: 
     rows = [[tokenizer.bos_id, *ids[:block - 2], tokenizer.eos_id] for ids in tokenizer.encode_batch(texts)]
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     out: list[list[float]] = [[] for _ in rows]
-    device = _device(model)
+    device = model_device(model)
     with eval_mode(model):
         for start in tqdm(range(0, len(order), batch_size), desc="classifying", unit="batch",
                           disable=not progress, leave=False):

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lmforge.errors import UserError
-from lmforge.eval.scoring import LogLikelihood, _device, score_positions
+from lmforge.eval.scoring import LogLikelihood, model_device, score_positions
 from lmforge.eval.scoring import encode_pair as causal_encode_pair
 from lmforge.infer.generate import can_generate, encode_source, is_encoder_decoder
 from lmforge.models import eval_mode
@@ -87,7 +87,7 @@ def loglikelihoods(model: torch.nn.Module, requests: Sequence[tuple[list[int], l
     """
     block_size = model.config.block_size
     start_id = model.decoder_start_id
-    device = _device(model)
+    device = model_device(model)
     rows = []
     for i, (source, target) in enumerate(requests):
         if not target:

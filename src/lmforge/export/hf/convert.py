@@ -27,11 +27,11 @@ from safetensors.torch import load_file, save_file
 from lmforge.errors import UserError
 from lmforge.export.hf.registry import arch_for, hf_layout_for
 from lmforge.export.hf.tensors import (
-    _expected_shapes,
-    _with_base_prefix,
     dropped_in_hf,
+    expected_shapes,
     state_from_hf,
     state_to_hf,
+    with_base_prefix,
 )
 from lmforge.fsutil import atomic_dir, atomic_write_json, atomic_write_text, write_summary
 from lmforge.models.config import ModelConfig
@@ -148,7 +148,7 @@ def from_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False,
     try:
         config = arch.config_from_hf(hf, where)
         if arch.heads_from_weights is not None:
-            shapes = {k: tuple(v.shape) for k, v in _with_base_prefix(arch, hf_state).items()}
+            shapes = {k: tuple(v.shape) for k, v in with_base_prefix(arch, hf_state).items()}
             arch.heads_from_weights(config, shapes)
     except UserError as e:
         if str(e).startswith(where):
@@ -156,7 +156,7 @@ def from_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False,
         # ModelConfig's validation names our key (model.n_head); say which file it came from
         raise UserError(f"{where}: {e} (as converted to lmforge's model config)") from None
     state = state_from_hf(config, arch.model_type, hf_state, str(weights_file))
-    initialized = sorted(set(_expected_shapes(config)) - set(state))
+    initialized = sorted(set(expected_shapes(config)) - set(state))
     if initialized:  # heads the HF class does not have: freshly initialized, reproducibly
         from lmforge.models import build_model
 

@@ -12,25 +12,25 @@ from __future__ import annotations
 from typing import Any
 
 from lmforge.errors import UserError
-from lmforge.export.hf.rules import TensorRule, _need, _only
+from lmforge.export.hf.rules import TensorRule, need_key, only_value
 from lmforge.models.config import ModelConfig
 
 # --------------------------------------------------------------------------------------------
 # GPT-2
 
 _GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
-_GPT2_ACT_OUT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
+GPT2_ACT_OUT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
 
 
-def _gpt2_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
-    act = _only(hf, "activation_function", "gelu_new", tuple(_GPT2_ACT), where)
-    _only(hf, "scale_attn_weights", True, (True,), where)
-    _only(hf, "scale_attn_by_inverse_layer_idx", False, (False,), where)
-    _only(hf, "add_cross_attention", False, (False,), where)
+def gpt2_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
+    act = only_value(hf, "activation_function", "gelu_new", tuple(_GPT2_ACT), where)
+    only_value(hf, "scale_attn_weights", True, (True,), where)
+    only_value(hf, "scale_attn_by_inverse_layer_idx", False, (False,), where)
+    only_value(hf, "add_cross_attention", False, (False,), where)
     return ModelConfig(
-        vocab_size=_need(hf, "vocab_size", where), n_layer=_need(hf, "n_layer", where),
-        n_head=_need(hf, "n_head", where), n_embd=_need(hf, "n_embd", where),
-        block_size=_need(hf, "n_positions", where), dropout=float(hf.get("resid_pdrop", 0.0)),
+        vocab_size=need_key(hf, "vocab_size", where), n_layer=need_key(hf, "n_layer", where),
+        n_head=need_key(hf, "n_head", where), n_embd=need_key(hf, "n_embd", where),
+        block_size=need_key(hf, "n_positions", where), dropout=float(hf.get("resid_pdrop", 0.0)),
         bias=True, pos_encoding="learned", norm="layernorm",
         norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), mlp=_GPT2_ACT[act],
         mlp_hidden=hf.get("n_inner"), tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
@@ -38,11 +38,11 @@ def _gpt2_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
     )
 
 
-def _gpt2_config_to_hf(c: ModelConfig) -> dict[str, Any]:
+def gpt2_config_to_hf(c: ModelConfig) -> dict[str, Any]:
     return {
         "model_type": "gpt2", "vocab_size": c.vocab_size, "n_layer": c.n_layer, "n_head": c.n_head,
         "n_embd": c.n_embd, "n_positions": c.block_size, "n_inner": c.ffn_hidden,
-        "activation_function": _GPT2_ACT_OUT[c.mlp], "layer_norm_epsilon": c.norm_eps,
+        "activation_function": GPT2_ACT_OUT[c.mlp], "layer_norm_epsilon": c.norm_eps,
         "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
         "initializer_range": c.init_std, "tie_word_embeddings": c.tie_embeddings,
         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
@@ -50,7 +50,7 @@ def _gpt2_config_to_hf(c: ModelConfig) -> dict[str, Any]:
     }
 
 
-def _gpt2_rules(c: ModelConfig) -> list[TensorRule]:
+def gpt2_rules(c: ModelConfig) -> list[TensorRule]:
     rules = [TensorRule("tok_embeddings.weight", ("transformer.wte.weight",)),
              TensorRule("pos_embeddings.weight", ("transformer.wpe.weight",)),
              TensorRule("norm.weight", ("transformer.ln_f.weight",)),
@@ -128,12 +128,12 @@ def _llama_head_dim(hf: dict[str, Any], n_embd: int, n_head: int, where: str) ->
     return head_dim
 
 
-def _llama_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
-    _only(hf, "hidden_act", "silu", ("silu",), where)
-    _only(hf, "attention_bias", False, (False,), where)
-    _only(hf, "mlp_bias", False, (False,), where)
-    n_embd, n_head = _need(hf, "hidden_size", where), _need(hf, "num_attention_heads", where)
-    block_size = _need(hf, "max_position_embeddings", where)
+def llama_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
+    only_value(hf, "hidden_act", "silu", ("silu",), where)
+    only_value(hf, "attention_bias", False, (False,), where)
+    only_value(hf, "mlp_bias", False, (False,), where)
+    n_embd, n_head = need_key(hf, "hidden_size", where), need_key(hf, "num_attention_heads", where)
+    block_size = need_key(hf, "max_position_embeddings", where)
     head_dim = _llama_head_dim(hf, n_embd, n_head, where)
     window = hf.get("sliding_window")
     if window is not None and window < block_size:
@@ -141,18 +141,18 @@ def _llama_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
                         "supported (lmforge attends to the whole context); allowed: null or >= "
                         "max_position_embeddings")
     return ModelConfig(
-        vocab_size=_need(hf, "vocab_size", where), n_layer=_need(hf, "num_hidden_layers", where),
+        vocab_size=need_key(hf, "vocab_size", where), n_layer=need_key(hf, "num_hidden_layers", where),
         n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=n_embd,
         attn_head_dim=None if head_dim * n_head == n_embd else head_dim,
         block_size=block_size, dropout=float(hf.get("attention_dropout", 0.0)), bias=False,
         pos_encoding="rope", norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        mlp="swiglu", mlp_hidden=_need(hf, "intermediate_size", where),
+        mlp="swiglu", mlp_hidden=need_key(hf, "intermediate_size", where),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), rope_theta=_rope_theta(hf, where),
         init_std=float(hf.get("initializer_range", 0.02)),
     )
 
 
-def _llama_config_to_hf(c: ModelConfig) -> dict[str, Any]:
+def llama_config_to_hf(c: ModelConfig) -> dict[str, Any]:
     return {
         "model_type": "llama", "vocab_size": c.vocab_size, "hidden_size": c.n_embd,
         "intermediate_size": c.ffn_hidden, "num_hidden_layers": c.n_layer,
@@ -164,14 +164,14 @@ def _llama_config_to_hf(c: ModelConfig) -> dict[str, Any]:
     }
 
 
-def _mistral_config_to_hf(c: ModelConfig) -> dict[str, Any]:
+def mistral_config_to_hf(c: ModelConfig) -> dict[str, Any]:
     """A converted Mistral goes back as Mistral: Llama's fields without the bias switches Mistral
     lacks, and no sliding window (from-hf took only windows that cover the whole context)."""
-    hf = {k: v for k, v in _llama_config_to_hf(c).items() if k not in ("attention_bias", "mlp_bias")}
+    hf = {k: v for k, v in llama_config_to_hf(c).items() if k not in ("attention_bias", "mlp_bias")}
     return {**hf, "model_type": "mistral", "sliding_window": None}
 
 
-def _llama_rules(c: ModelConfig) -> list[TensorRule]:
+def llama_rules(c: ModelConfig) -> list[TensorRule]:
     rules = [TensorRule("tok_embeddings.weight", ("model.embed_tokens.weight",)),
              TensorRule("norm.weight", ("model.norm.weight",))]
     for i in range(c.n_layer):
@@ -195,14 +195,14 @@ def _llama_rules(c: ModelConfig) -> list[TensorRule]:
 # 3-D tensors in memory (`mlp.experts.gate_up_proj`) but converts back when it saves.
 
 
-def _mixtral_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
+def mixtral_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
     from lmforge.models.config import MoEConfig
 
-    _only(hf, "router_jitter_noise", 0.0, (0, 0.0), where)
-    experts, top_k = _need(hf, "num_local_experts", where), _need(hf, "num_experts_per_tok", where)
+    only_value(hf, "router_jitter_noise", 0.0, (0, 0.0), where)
+    experts, top_k = need_key(hf, "num_local_experts", where), need_key(hf, "num_experts_per_tok", where)
     if not 1 <= top_k <= experts:
         raise UserError(f"{where}: num_experts_per_tok={top_k} is not supported; allowed: 1..num_local_experts={experts}")
-    c = _llama_config_from_hf(hf, where)
+    c = llama_config_from_hf(hf, where)
     # HF Mixtral is dropless and has no z-loss; its load-balancing coefficient carries over
     c.moe = MoEConfig(num_experts=experts, top_k=top_k, aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
                       z_loss_coef=0.0, capacity_factor=0.0)
@@ -210,8 +210,8 @@ def _mixtral_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
     return c
 
 
-def _mixtral_config_to_hf(c: ModelConfig) -> dict[str, Any]:
-    hf = _llama_config_to_hf(c)
+def mixtral_config_to_hf(c: ModelConfig) -> dict[str, Any]:
+    hf = llama_config_to_hf(c)
     for key in ("mlp_bias", "attention_bias"):  # Llama-only fields
         hf.pop(key, None)
     # capacity_factor and z_loss_coef are training-only settings HF Mixtral does not have; the
@@ -221,8 +221,8 @@ def _mixtral_config_to_hf(c: ModelConfig) -> dict[str, Any]:
             "router_jitter_noise": 0.0, "output_router_logits": False, "sliding_window": None}
 
 
-def _mixtral_rules(c: ModelConfig) -> list[TensorRule]:
-    rules = [r for r in _llama_rules(c) if ".mlp." not in r.ours]
+def mixtral_rules(c: ModelConfig) -> list[TensorRule]:
+    rules = [r for r in llama_rules(c) if ".mlp." not in r.ours]
     for i in range(c.n_layer):
         h, b = f"model.layers.{i}.block_sparse_moe.", f"blocks.{i}.mlp."
         rules.append(TensorRule(f"{b}router.weight", (f"{h}gate.weight",)))

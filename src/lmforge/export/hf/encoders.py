@@ -13,52 +13,52 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmforge.export.hf.rules import TensorRule, _need, _only
+from lmforge.export.hf.rules import TensorRule, need_key, only_value
 from lmforge.models.config import ModelConfig
 
 # --------------------------------------------------------------------------------------------
 # BERT (post-norm encoder; q/k/v fused into our qkv; heads by HF class)
 
 _BERT_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
-_BERT_ACT_OUT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
+BERT_ACT_OUT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
 _MLM_HEAD = "MLM head (cls.predictions.*)"
 
 
-def _bert_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
-    act = _only(hf, "hidden_act", "gelu", tuple(_BERT_ACT), where)
-    _only(hf, "position_embedding_type", "absolute", ("absolute",), where)
-    _only(hf, "is_decoder", False, (False,), where)
-    _only(hf, "add_cross_attention", False, (False,), where)
+def bert_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
+    act = only_value(hf, "hidden_act", "gelu", tuple(_BERT_ACT), where)
+    only_value(hf, "position_embedding_type", "absolute", ("absolute",), where)
+    only_value(hf, "is_decoder", False, (False,), where)
+    only_value(hf, "add_cross_attention", False, (False,), where)
     return ModelConfig(
-        arch="bert", vocab_size=_need(hf, "vocab_size", where), n_layer=_need(hf, "num_hidden_layers", where),
-        n_head=_need(hf, "num_attention_heads", where), n_embd=_need(hf, "hidden_size", where),
-        block_size=_need(hf, "max_position_embeddings", where),
+        arch="bert", vocab_size=need_key(hf, "vocab_size", where), n_layer=need_key(hf, "num_hidden_layers", where),
+        n_head=need_key(hf, "num_attention_heads", where), n_embd=need_key(hf, "hidden_size", where),
+        block_size=need_key(hf, "max_position_embeddings", where),
         dropout=float(hf.get("hidden_dropout_prob", 0.1)), bias=True, pos_encoding="learned",
         norm="layernorm", norm_eps=float(hf.get("layer_norm_eps", 1e-12)), norm_position="post",
-        mlp=_BERT_ACT[act], mlp_hidden=_need(hf, "intermediate_size", where),
+        mlp=_BERT_ACT[act], mlp_hidden=need_key(hf, "intermediate_size", where),
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)), init_std=float(hf.get("initializer_range", 0.02)),
         type_vocab_size=int(hf.get("type_vocab_size", 2)),
     )
 
 
-def _bert_heads_from_weights(c: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+def bert_heads_from_weights(c: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
     c.pooler = "bert.pooler.dense.weight" in shapes
     c.nsp_head = "cls.seq_relationship.weight" in shapes
     c.num_labels = shapes["classifier.weight"][0] if "classifier.weight" in shapes else 0
     c.validate()
 
 
-def _bert_class(c: ModelConfig) -> str:
+def bert_class(c: ModelConfig) -> str:
     if c.num_labels:
         return "BertForSequenceClassification"
     return "BertForPreTraining" if c.nsp_head else "BertForMaskedLM"
 
 
-def _bert_config_to_hf(c: ModelConfig) -> dict[str, Any]:
+def bert_config_to_hf(c: ModelConfig) -> dict[str, Any]:
     out = {
         "model_type": "bert", "vocab_size": c.vocab_size, "hidden_size": c.n_embd,
         "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head, "intermediate_size": c.ffn_hidden,
-        "hidden_act": _BERT_ACT_OUT[c.mlp], "hidden_dropout_prob": c.dropout,
+        "hidden_act": BERT_ACT_OUT[c.mlp], "hidden_dropout_prob": c.dropout,
         "attention_probs_dropout_prob": c.dropout, "max_position_embeddings": c.block_size,
         "type_vocab_size": c.type_vocab_size, "layer_norm_eps": c.norm_eps, "initializer_range": c.init_std,
         "tie_word_embeddings": c.tie_embeddings, "position_embedding_type": "absolute",
@@ -71,7 +71,7 @@ def _bert_config_to_hf(c: ModelConfig) -> dict[str, Any]:
     return out
 
 
-def _bert_rules(c: ModelConfig) -> list[TensorRule]:
+def bert_rules(c: ModelConfig) -> list[TensorRule]:
     e = "bert.embeddings."
     rules = [TensorRule("tok_embeddings.weight", (f"{e}word_embeddings.weight",)),
              TensorRule("pos_embeddings.weight", (f"{e}position_embeddings.weight",)),
@@ -117,24 +117,24 @@ def _bert_rules(c: ModelConfig) -> list[TensorRule]:
 # by tie_word_embeddings), so both are read from what the file holds.
 
 _T5_FF = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gated-gelu": "geglu", "gated-silu": "swiglu"}
-_T5_FF_OUT = {ours: theirs for theirs, ours in _T5_FF.items()}
+T5_FF_OUT = {ours: theirs for theirs, ours in _T5_FF.items()}
 
 
-def _t5_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
-    ff = _only(hf, "feed_forward_proj", "relu", tuple(_T5_FF), where)
-    _only(hf, "is_encoder_decoder", True, (True,), where)
-    n_embd, n_head, head_dim = _need(hf, "d_model", where), _need(hf, "num_heads", where), _need(hf, "d_kv", where)
-    n_layer = _need(hf, "num_layers", where)
+def t5_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
+    ff = only_value(hf, "feed_forward_proj", "relu", tuple(_T5_FF), where)
+    only_value(hf, "is_encoder_decoder", True, (True,), where)
+    n_embd, n_head, head_dim = need_key(hf, "d_model", where), need_key(hf, "num_heads", where), need_key(hf, "d_kv", where)
+    n_layer = need_key(hf, "num_layers", where)
     n_decoder_layer = hf.get("num_decoder_layers") or n_layer
     tied = hf.get("tie_word_embeddings", True) is not False
     scale = hf.get("scale_decoder_outputs")
     return ModelConfig(
-        arch="encdec", vocab_size=_need(hf, "vocab_size", where), n_layer=n_layer,
+        arch="encdec", vocab_size=need_key(hf, "vocab_size", where), n_layer=n_layer,
         n_decoder_layer=None if n_decoder_layer == n_layer else n_decoder_layer, n_head=n_head, n_embd=n_embd,
         attn_head_dim=None if head_dim * n_head == n_embd else head_dim,
         block_size=int(hf.get("n_positions", 512)), dropout=float(hf.get("dropout_rate", 0.1)), bias=False,
         pos_encoding="relative", norm="rmsnorm", norm_eps=float(hf.get("layer_norm_epsilon", 1e-6)),
-        norm_position="pre", mlp=_T5_FF[ff], mlp_hidden=_need(hf, "d_ff", where), tie_embeddings=tied,
+        norm_position="pre", mlp=_T5_FF[ff], mlp_hidden=need_key(hf, "d_ff", where), tie_embeddings=tied,
         attn_scale=1.0, rel_buckets=int(hf.get("relative_attention_num_buckets", 32)),
         rel_max_distance=int(hf.get("relative_attention_max_distance", 128)),
         decoder_start_token_id=hf.get("decoder_start_token_id", hf.get("pad_token_id", 0)),
@@ -142,17 +142,17 @@ def _t5_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
     )
 
 
-def _t5_head_from_weights(c: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+def t5_head_from_weights(c: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
     c.tie_embeddings = "lm_head.weight" not in shapes  # transformers 5 writes a tied head once
 
 
-def _t5_config_to_hf(c: ModelConfig) -> dict[str, Any]:
+def t5_config_to_hf(c: ModelConfig) -> dict[str, Any]:
     out = {
         "model_type": "t5", "vocab_size": c.vocab_size, "d_model": c.n_embd, "d_kv": c.head_dim,
         "d_ff": c.ffn_hidden, "num_layers": c.n_layer, "num_decoder_layers": c.decoder_layers,
         "num_heads": c.n_head, "relative_attention_num_buckets": c.rel_buckets,
         "relative_attention_max_distance": c.rel_max_distance, "dropout_rate": c.dropout,
-        "layer_norm_epsilon": c.norm_eps, "initializer_factor": 1.0, "feed_forward_proj": _T5_FF_OUT[c.mlp],
+        "layer_norm_epsilon": c.norm_eps, "initializer_factor": 1.0, "feed_forward_proj": T5_FF_OUT[c.mlp],
         "is_encoder_decoder": True, "tie_word_embeddings": c.tie_embeddings,
         "scale_decoder_outputs": c.scale_decoder_outputs, "n_positions": c.block_size,
     }
@@ -162,7 +162,7 @@ def _t5_config_to_hf(c: ModelConfig) -> dict[str, Any]:
     return out
 
 
-def _t5_rules(c: ModelConfig) -> list[TensorRule]:
+def t5_rules(c: ModelConfig) -> list[TensorRule]:
     rules = [TensorRule("tok_embeddings.weight", ("shared.weight",))]
     mlp = (("gate", "wi_0"), ("up", "wi_1"), ("down", "wo")) if c.mlp in ("geglu", "swiglu") else \
         (("up", "wi"), ("down", "wo"))

@@ -14,30 +14,30 @@ from typing import Any
 
 from lmforge.errors import UserError
 from lmforge.export.hf.decoders import (
-    _GPT2_ACT_OUT,
-    _gpt2_config_from_hf,
-    _gpt2_config_to_hf,
-    _gpt2_rules,
-    _llama_config_from_hf,
-    _llama_config_to_hf,
-    _llama_rules,
-    _mistral_config_to_hf,
-    _mixtral_config_from_hf,
-    _mixtral_config_to_hf,
-    _mixtral_rules,
+    GPT2_ACT_OUT,
+    gpt2_config_from_hf,
+    gpt2_config_to_hf,
+    gpt2_rules,
+    llama_config_from_hf,
+    llama_config_to_hf,
+    llama_rules,
+    mistral_config_to_hf,
+    mixtral_config_from_hf,
+    mixtral_config_to_hf,
+    mixtral_rules,
 )
 from lmforge.export.hf.encoders import (
-    _BERT_ACT_OUT,
-    _T5_FF_OUT,
-    _bert_class,
-    _bert_config_from_hf,
-    _bert_config_to_hf,
-    _bert_heads_from_weights,
-    _bert_rules,
-    _t5_config_from_hf,
-    _t5_config_to_hf,
-    _t5_head_from_weights,
-    _t5_rules,
+    BERT_ACT_OUT,
+    T5_FF_OUT,
+    bert_class,
+    bert_config_from_hf,
+    bert_config_to_hf,
+    bert_heads_from_weights,
+    bert_rules,
+    t5_config_from_hf,
+    t5_config_to_hf,
+    t5_head_from_weights,
+    t5_rules,
 )
 from lmforge.export.hf.rules import HFArch
 from lmforge.models.config import ModelConfig
@@ -51,19 +51,19 @@ _T5_DERIVED = re.compile(r"^(en|de)coder\.embed_tokens\.weight$|"
                          r"^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$")
 
 ARCHITECTURES: dict[str, HFArch] = {
-    "gpt2": HFArch("gpt2", "GPT2LMHeadModel", _gpt2_config_from_hf, _gpt2_config_to_hf, _gpt2_rules,
+    "gpt2": HFArch("gpt2", "GPT2LMHeadModel", gpt2_config_from_hf, gpt2_config_to_hf, gpt2_rules,
                    "transformer.", _GPT2_DERIVED),
-    "llama": HFArch("llama", "LlamaForCausalLM", _llama_config_from_hf, _llama_config_to_hf,
-                    _llama_rules, "model.", _ROPE_DERIVED),
-    "mistral": HFArch("mistral", "MistralForCausalLM", _llama_config_from_hf, _mistral_config_to_hf,
-                      _llama_rules, "model.", _ROPE_DERIVED),
-    "mixtral": HFArch("mixtral", "MixtralForCausalLM", _mixtral_config_from_hf, _mixtral_config_to_hf,
-                      _mixtral_rules, "model.", _ROPE_DERIVED),
-    "bert": HFArch("bert", _bert_class, _bert_config_from_hf, _bert_config_to_hf, _bert_rules, "bert.",
+    "llama": HFArch("llama", "LlamaForCausalLM", llama_config_from_hf, llama_config_to_hf,
+                    llama_rules, "model.", _ROPE_DERIVED),
+    "mistral": HFArch("mistral", "MistralForCausalLM", llama_config_from_hf, mistral_config_to_hf,
+                      llama_rules, "model.", _ROPE_DERIVED),
+    "mixtral": HFArch("mixtral", "MixtralForCausalLM", mixtral_config_from_hf, mixtral_config_to_hf,
+                      mixtral_rules, "model.", _ROPE_DERIVED),
+    "bert": HFArch("bert", bert_class, bert_config_from_hf, bert_config_to_hf, bert_rules, "bert.",
                    _BERT_DERIVED, head_prefixes=("cls.", "classifier."),
-                   tied_head="cls.predictions.decoder.weight", heads_from_weights=_bert_heads_from_weights),
-    "t5": HFArch("t5", "T5ForConditionalGeneration", _t5_config_from_hf, _t5_config_to_hf, _t5_rules, "",
-                 _T5_DERIVED, heads_from_weights=_t5_head_from_weights),
+                   tied_head="cls.predictions.decoder.weight", heads_from_weights=bert_heads_from_weights),
+    "t5": HFArch("t5", "T5ForConditionalGeneration", t5_config_from_hf, t5_config_to_hf, t5_rules, "",
+                 _T5_DERIVED, heads_from_weights=t5_head_from_weights),
 }
 
 
@@ -85,7 +85,7 @@ def _t5_layout(c: ModelConfig, unrepresentable: Callable[[str, str], UserError])
         ("attn_scale", "the T5 layout needs attn_scale=1.0 (unscaled attention)", c.attn_scale == 1.0),
         ("scale_embeddings", "the T5 layout needs scale_embeddings=false", not c.scale_embeddings),
         ("n_kv_head", "the T5 layout needs n_kv_head=n_head (no GQA)", c.kv_heads == c.n_head),
-        ("mlp", f"the T5 layout needs mlp={', '.join(_T5_FF_OUT)}", c.mlp in _T5_FF_OUT),
+        ("mlp", f"the T5 layout needs mlp={', '.join(T5_FF_OUT)}", c.mlp in T5_FF_OUT),
     ):
         if not ok:
             raise unrepresentable(key, want)
@@ -118,14 +118,14 @@ def hf_layout_for(c: ModelConfig) -> HFArch:
                                   f"{c.n_embd / c.n_head:g} wide; remove attn_head_dim")
 
     if c.arch == "bert":  # post-norm, learned positions and a plain activation: checked by the config
-        layernorm_layout("BERT layout", _BERT_ACT_OUT, "gelu, gelu_tanh or relu")
+        layernorm_layout("BERT layout", BERT_ACT_OUT, "gelu, gelu_tanh or relu")
         return ARCHITECTURES["bert"]
     if c.moe.num_experts and c.pos_encoding != "rope":
         raise UserError(f"model.moe.num_experts={c.moe.num_experts}: Mixture-of-Experts models convert to "
                         "Hugging Face as Mixtral, which needs pos_encoding=rope (with norm=rmsnorm, "
                         f"mlp=swiglu, bias=false), not {c.pos_encoding}")
     if c.pos_encoding == "learned":  # GPT-2
-        layernorm_layout("GPT-2 layout (pos_encoding=learned)", _GPT2_ACT_OUT, "gelu_tanh, gelu or relu")
+        layernorm_layout("GPT-2 layout (pos_encoding=learned)", GPT2_ACT_OUT, "gelu_tanh, gelu or relu")
         return ARCHITECTURES["gpt2"]
     if c.pos_encoding == "rope":  # Llama: RMSNorm, SwiGLU, no biases
         if c.norm != "rmsnorm":

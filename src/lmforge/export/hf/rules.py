@@ -2,7 +2,7 @@
 
 Each supported HF `model_type` is an `HFArch` (`registry.py` lists them): how its config.json
 becomes our `ModelConfig` and back, and a table of `TensorRule`s pairing each of our tensors with
-the HF tensor(s) it is made of. `_need` and `_only` read config.json fields for the families'
+the HF tensor(s) it is made of. `need_key` and `only_value` read config.json fields for the families'
 `config_from_hf`, failing with a one-line `UserError` that names the field and what is allowed.
 """
 
@@ -62,13 +62,13 @@ class HFArch:
 # Config helpers
 
 
-def _need(hf: dict[str, Any], key: str, where: str) -> Any:
+def need_key(hf: dict[str, Any], key: str, where: str) -> Any:
     if hf.get(key) is None:
         raise UserError(f"{where}: required field {key!r} is missing; is this a complete HF config.json?")
     return hf[key]
 
 
-def _only(hf: dict[str, Any], key: str, default: Any, allowed: tuple[Any, ...], where: str) -> Any:
+def only_value(hf: dict[str, Any], key: str, default: Any, allowed: tuple[Any, ...], where: str) -> Any:
     """hf[key] (or default), which must be one of `allowed`: lmforge implements only those."""
     value = hf.get(key, default)
     if value not in allowed:

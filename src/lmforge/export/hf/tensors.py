@@ -19,7 +19,7 @@ from lmforge.models.config import ModelConfig
 # Tensor mapping (both directions, shape-checked)
 
 
-def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Our tensors' shapes for config c; a tied alias (lm_head.weight) is left out."""
     from lmforge.models import build_model
     from lmforge.train.checkpoint import tied_aliases
@@ -30,7 +30,7 @@ def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in aliases}
 
 
-def _with_base_prefix(arch: HFArch, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def with_base_prefix(arch: HFArch, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF names as the task classes write them; files saved from the base model class (the original
     `gpt2` files: "h.0.attn.c_attn.weight"; sentence-transformers' BertModel) lack its prefix."""
     if any(k.startswith(arch.base_prefix) for k in hf_state):
@@ -57,8 +57,8 @@ def state_from_hf(c: ModelConfig, model_type: str, hf_state: dict[str, torch.Ten
     initializes them); a group present in part is an error like any missing tensor.
     """
     arch = arch_for(model_type, source)
-    expected = _expected_shapes(c)
-    remaining = _with_base_prefix(arch, hf_state)
+    expected = expected_shapes(c)
+    remaining = with_base_prefix(arch, hf_state)
     rules = arch.rules(c)
     absent = {r.optional for r in rules if r.optional} - {
         r.optional for r in rules if r.optional and any(t in remaining for t in (*r.theirs, *r.aliases))}
@@ -100,7 +100,7 @@ def state_to_hf(c: ModelConfig, state: dict[str, torch.Tensor], source: str = "c
     out; `dropped_in_hf` names them.
     """
     arch = hf_layout_for(c)
-    expected = _expected_shapes(c)
+    expected = expected_shapes(c)
     out: dict[str, torch.Tensor] = {}
     rules = arch.rules(c)
     extra = sorted(set(state) - set(expected) - ({"lm_head.weight"} if c.tie_embeddings else set()))
@@ -127,4 +127,4 @@ def state_to_hf(c: ModelConfig, state: dict[str, torch.Tensor], source: str = "c
 
 def dropped_in_hf(c: ModelConfig) -> list[str]:
     """Our tensors that the HF layout for config c has no place for (to-hf reports them)."""
-    return sorted(set(_expected_shapes(c)) - {rule.ours for rule in hf_layout_for(c).rules(c)})
+    return sorted(set(expected_shapes(c)) - {rule.ours for rule in hf_layout_for(c).rules(c)})
