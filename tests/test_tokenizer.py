@@ -160,36 +160,45 @@ def test_encode_batch_matches_encode(toks):
 def test_call_padding_truncation_pairs(toks):
     tok = toks["char"]
     a, b, c, d, e = (tok.token_to_id(ch) for ch in "abcde")
-    eos, pad = tok.eos_id, tok.pad_id
+    bos, eos, pad = tok.bos_id, tok.eos_id, tok.pad_id
 
-    single = tok("ab")
-    assert single == {"input_ids": [a, b], "attention_mask": [1, 1], "token_type_ids": [0, 0]}
+    single = tok("ab")  # special tokens by default, as in transformers: [CLS] A [SEP]
+    assert single == {"input_ids": [bos, a, b, eos], "attention_mask": [1] * 4, "token_type_ids": [0] * 4}
+    assert tok("ab", add_special_tokens=False)["input_ids"] == [a, b] == tok.encode("ab")
 
-    batch = tok(["ab", "abcd"], padding=True)
+    batch = tok(["ab", "abcd"], padding=True, add_special_tokens=False)
     assert batch["input_ids"] == [[a, b, pad, pad], [a, b, c, d]]
     assert batch["attention_mask"] == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    left = tok(["ab", "abcd"], padding=True, padding_side="left", add_special_tokens=False)
+    assert left["input_ids"] == [[pad, pad, a, b], [a, b, c, d]]
+    assert left["attention_mask"] == [[0, 0, 1, 1], [1, 1, 1, 1]]
 
-    assert tok(["ab"], padding="max_length", max_length=3)["input_ids"] == [[a, b, pad]]
-    assert tok("abcde", truncation=True, max_length=3)["input_ids"] == [a, b, c]
+    assert tok(["ab"], padding="max_length", max_length=5)["input_ids"] == [[bos, a, b, eos, pad]]
+    assert tok("abcde", truncation=True, max_length=5)["input_ids"] == [bos, a, b, c, eos]  # max_length counts them
+    assert tok("abcde", truncation=True, max_length=3, add_special_tokens=False)["input_ids"] == [a, b, c]
 
-    pair = tok("ab", "cde")
-    assert pair["input_ids"] == [a, b, eos, c, d, e]
-    assert pair["token_type_ids"] == [0, 0, 0, 1, 1, 1]
-    # longest_first: 2+3 tokens into 4-1=3 slots -> cut the pair to 2, then (tie) to 1.
-    cut = tok("ab", "cde", truncation=True, max_length=4)
-    assert cut["input_ids"] == [a, b, eos, c] and cut["token_type_ids"] == [0, 0, 0, 1]
+    pair = tok("ab", "cde")  # the mlm objective's pair: [CLS] A [SEP] B [SEP], segment 1 from B on
+    assert pair["input_ids"] == [bos, a, b, eos, c, d, e, eos]
+    assert pair["token_type_ids"] == [0, 0, 0, 0, 1, 1, 1, 1]
+    # longest_first: 2+3 tokens into 7-3=4 slots -> the longer gives one up
+    cut = tok("ab", "cde", truncation=True, max_length=7)
+    assert cut["input_ids"] == [bos, a, b, eos, c, d, eos] and cut["token_type_ids"] == [0] * 4 + [1] * 3
+    # into 6-3=3 slots: both cut to half, the second (the longer) keeps the odd one (as tokenizers does)
+    assert tok("ab", "cde", truncation=True, max_length=6)["input_ids"] == [bos, a, eos, c, d, eos]
 
     pairs = tok(["a", "abc"], ["bc", "d"], padding="longest", return_tensors="pt")
-    assert pairs["input_ids"].tolist() == [[a, eos, b, c, pad], [a, b, c, eos, d]]
-    assert pairs["token_type_ids"].tolist() == [[0, 0, 1, 1, 0], [0, 0, 0, 0, 1]]
-    assert pairs["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    assert pairs["input_ids"].tolist() == [[bos, a, eos, b, c, eos, pad], [bos, a, b, c, eos, d, eos]]
+    assert pairs["token_type_ids"].tolist() == [[0, 0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 0, 1, 1]]
+    assert pairs["attention_mask"].tolist() == [[1] * 6 + [0], [1] * 7]
     as_np = tok("abc", return_tensors="np")
-    assert as_np["input_ids"].shape == (1, 3) and as_np["input_ids"].dtype == np.int64
+    assert as_np["input_ids"].shape == (1, 5) and as_np["input_ids"].dtype == np.int64
 
     with pytest.raises(ValueError, match="padding=True"):
         tok(["a", "abc"], return_tensors="pt")
     with pytest.raises(ValueError, match="needs max_length"):
         tok("a", truncation=True)
+    with pytest.raises(ValueError, match="no room"):
+        tok("a", "b", truncation=True, max_length=2)
 
 
 # ---- token shards ----------------------------------------------------------------------------

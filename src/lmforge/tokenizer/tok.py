@@ -55,6 +55,8 @@ class Tokenizer:
         self._tk.no_padding()
         self.kind = kind or infer_kind(json.loads(tokenizer.to_str()))
         self._special_ids = {name: self._find_special(name) for name in (BOS, EOS, PAD)}
+        bos, eos = self._tk.token_to_id(BOS), self._tk.token_to_id(EOS)  # lmforge's own tokens only
+        self._own_template = bert_template(BOS, bos, EOS, eos) if bos is not None and eos is not None else None
 
     # ---- loading and saving -------------------------------------------------------------
 
@@ -153,66 +155,108 @@ class Tokenizer:
             ids = ids.tolist()
         return self._tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    # ---- batches: the collator ---------------------------------------------------------------
+
+    @property
+    def special_template(self) -> Any:
+        """The `tokenizers` post-processor that adds special tokens in `__call__`, or None.
+
+        A tokenizer.json whose post-processor adds tokens (an HF BERT's [CLS] A [SEP] B [SEP],
+        Llama's <s>, T5's </s>) keeps it, so `__call__` gives what `transformers` gives; lmforge's
+        own tokenizers (no such post-processor) get `bert_template` with <|bos|>/<|eos|>, the
+        format the mlm objective trains on; any other (GPT-2's) adds nothing, as in transformers.
+        """
+        existing = self._tk.post_processor
+        if existing is not None and existing.num_special_tokens_to_add(True) > 0:
+            return existing
+        return self._own_template
+
+    def num_special_tokens_to_add(self, pair: bool = False) -> int:
+        """How many special tokens `__call__` adds to a text (pair=False) or a pair."""
+        template = self.special_template
+        return template.num_special_tokens_to_add(pair) if template is not None else 0
+
     def __call__(
         self,
-        text: str | list[str],
-        text_pair: str | list[str] | None = None,
+        text: str | Sequence[str],
+        text_pair: str | Sequence[str] | None = None,
+        *,
+        add_special_tokens: bool = True,
         padding: bool | str = False,
         truncation: bool = False,
         max_length: int | None = None,
+        padding_side: str = "right",
         return_tensors: str | None = None,
     ) -> dict[str, Any]:
-        """HF-style batch encoding: {"input_ids", "attention_mask", "token_type_ids"}.
+        """HF-style encoding of texts or pairs: {"input_ids", "attention_mask", "token_type_ids"}.
 
-        A pair is joined as `A <|eos|> B` (no bos, no trailing eos); token_type_ids are 0 for
-        A and the separator, 1 for B. `truncation` needs `max_length` and cuts the longer
-        segment first (pairs) or the end (single). `padding`: True/"longest" pads to the
-        longest row, "max_length" to `max_length`; padding uses pad_id on the right and
-        attention_mask 0. A single str returns flat lists (or tensors with batch size 1).
+        With `add_special_tokens` (the default, as in transformers) a text is wrapped by
+        `special_template`: lmforge's tokenizers give `<|bos|> A <|eos|>` and a pair
+        `<|bos|> A <|eos|> B <|eos|>` (BERT's [CLS] A [SEP] B [SEP], as the mlm objective
+        trains), token_type_ids 0 up to the first separator and 1 after it. `truncation` needs
+        `max_length` (which counts the special tokens) and cuts a text's end, or a pair's longer
+        segment first (transformers' "longest_first"). `padding`: True/"longest" pads to the
+        longest row, "max_length" to `max_length`, with pad_id (attention_mask 0, token type 0)
+        on `padding_side`. A single str gives flat lists (tensors get a batch dimension of 1);
+        `return_tensors` is None, "pt" or "np".
         """
         single = isinstance(text, str)
         firsts = [text] if single else list(text)
-        seconds: list[str] | None = None
+        seconds = None
         if text_pair is not None:
             seconds = [text_pair] if isinstance(text_pair, str) else list(text_pair)
             if len(seconds) != len(firsts):
                 raise ValueError(f"text has {len(firsts)} items but text_pair has {len(seconds)}")
         if truncation and max_length is None:
             raise ValueError("truncation=True needs max_length")
-        if padding not in (False, True, "longest", "max_length", "do_not_pad"):
-            raise ValueError(f"padding must be True, False, 'longest' or 'max_length', got {padding!r}")
-        if padding == "max_length" and max_length is None:
-            raise ValueError("padding='max_length' needs max_length")
-
-        ids_a = self.encode_batch(firsts)
-        ids_b = self.encode_batch(seconds) if seconds is not None else None
-        rows, types = [], []
-        for i, a in enumerate(ids_a):
-            if ids_b is None:
-                if truncation:
-                    a = a[:max_length]
-                rows.append(a)
-                types.append([0] * len(a))
-                continue
-            b = ids_b[i]
-            if truncation:
-                a, b = _truncate_pair(a, b, max_length - 1)  # one slot for the separator
-            rows.append([*a, self.eos_id, *b])
-            types.append([0] * (len(a) + 1) + [1] * len(b))
-        masks = [[1] * len(r) for r in rows]
-
-        if padding in (True, "longest", "max_length"):
-            target = max_length if padding == "max_length" else max((len(r) for r in rows), default=0)
-            for r, t, m in zip(rows, types, masks):
-                extra = max(0, target - len(r))
-                r.extend([self.pad_id] * extra)
-                t.extend([0] * extra)
-                m.extend([0] * extra)
-
-        out = {"input_ids": rows, "attention_mask": masks, "token_type_ids": types}
+        check_padding(padding, max_length, padding_side)
+        template = self.special_template if add_special_tokens else None
+        budget = None
+        if truncation:
+            budget = max_length - (template.num_special_tokens_to_add(seconds is not None) if template else 0)
+            if budget < 0:
+                raise ValueError(f"max_length={max_length} leaves no room for the text besides the special tokens")
+        rows, types = self._join(firsts, seconds, template, budget)
+        pads = padding in (True, "longest", "max_length")
+        out = pad_ids(rows, self.pad_id if pads else 0, padding=padding, max_length=max_length,
+                      padding_side=padding_side)
+        out["token_type_ids"] = pad_ids(types, 0, padding=padding, max_length=max_length,
+                                        padding_side=padding_side)["input_ids"]
         if return_tensors is not None:
-            return {k: _to_tensor(v, return_tensors) for k, v in out.items()}
+            return {k: to_tensor(v, return_tensors) for k, v in out.items()}
         return {k: v[0] for k, v in out.items()} if single else out
+
+    def _join(self, firsts: list[str], seconds: list[str] | None, template: Any,
+              budget: int | None) -> tuple[list[list[int]], list[list[int]]]:
+        """(ids, token type ids) of each text or pair: truncated to `budget`, then wrapped by `template`."""
+        encode = getattr(self._tk, "encode_batch_fast", self._tk.encode_batch)
+        enc_a = encode(firsts, add_special_tokens=False)
+        enc_b = encode(seconds, add_special_tokens=False) if seconds is not None else [None] * len(enc_a)
+        rows, types = [], []
+        for a, b in zip(enc_a, enc_b):
+            if budget is not None:
+                cut_a, cut_b = truncation_lengths(len(a), len(b) if b is not None else None, budget)
+                a.truncate(cut_a)
+                if b is not None:
+                    b.truncate(cut_b)
+            if template is not None:
+                joined = template.process(a, b, True)
+                rows.append(list(joined.ids))
+                types.append(list(joined.type_ids))
+            else:
+                rows.append([*a.ids, *(b.ids if b is not None else [])])
+                types.append([0] * len(a) + [1] * (len(b) if b is not None else 0))
+        return rows, types
+
+    def pad(self, ids: Sequence[Sequence[int]], *, padding: bool | str = True, max_length: int | None = None,
+            padding_side: str = "right", return_tensors: str | None = None,
+            pad_value: int | None = None) -> dict[str, Any]:
+        """Pad already-tokenized rows: {"input_ids", "attention_mask"} (see `pad_ids`).
+
+        `pad_value` defaults to pad_id; pass another (e.g. -100 for labels) to pad with it.
+        """
+        return pad_ids(ids, self.pad_id if pad_value is None else pad_value, padding=padding,
+                       max_length=max_length, padding_side=padding_side, return_tensors=return_tensors)
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -236,20 +280,70 @@ def infer_kind(tokenizer_json: dict[str, Any]) -> str:
     raise ValueError(f"unknown model type {model_type!r}")
 
 
-def _truncate_pair(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:
-    """Cut tokens from the end of the longer segment until both fit in `budget` (HF 'longest_first')."""
-    if budget < 0:
-        raise ValueError("max_length must be at least 1 for sentence pairs (room for the separator)")
-    len_a, len_b = len(a), len(b)
-    while len_a + len_b > budget:
-        if len_a > len_b:
-            len_a -= 1
-        else:
-            len_b -= 1
-    return a[:len_a], b[:len_b]
+def bert_template(cls: str, cls_id: int, sep: str, sep_id: int, second_type: int = 1) -> Any:
+    """BERT's post-processor over any tokens: `cls A sep`, a pair `cls A sep B sep` (B in `second_type`)."""
+    from tokenizers import processors
+
+    return processors.TemplateProcessing(single=f"{cls}:0 $A:0 {sep}:0",
+                                         pair=f"{cls}:0 $A:0 {sep}:0 $B:{second_type} {sep}:{second_type}",
+                                         special_tokens=[(cls, cls_id), (sep, sep_id)])
 
 
-def _to_tensor(rows: list[list[int]], return_tensors: str) -> Any:
+def truncation_lengths(len_a: int, len_b: int | None, budget: int) -> tuple[int, int | None]:
+    """How many tokens of a text (or of each text of a pair) fit in `budget` tokens.
+
+    A pair is cut as `tokenizers`' "longest_first" cuts it: the longer text gives up tokens
+    until both are equal, then both are cut to half the budget (the second one, or the longer,
+    keeps the odd token).
+    """
+    if len_b is None:
+        return min(len_a, budget), None
+    if len_a + len_b <= budget:
+        return len_a, len_b
+    short, long_ = sorted((len_a, len_b))
+    long_ = short if short > budget else max(short, budget - short)
+    if short + long_ > budget:
+        short, long_ = budget // 2, budget // 2 + budget % 2
+    return (long_, short) if len_a > len_b else (short, long_)
+
+
+def check_padding(padding: bool | str, max_length: int | None, padding_side: str) -> None:
+    if padding not in (False, True, "longest", "max_length", "do_not_pad"):
+        raise ValueError(f"padding must be True, False, 'longest' or 'max_length', got {padding!r}")
+    if padding == "max_length" and max_length is None:
+        raise ValueError("padding='max_length' needs max_length")
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+
+
+def pad_ids(rows: Sequence[Sequence[int]], pad_value: int, *, padding: bool | str = True,
+            max_length: int | None = None, padding_side: str = "right",
+            return_tensors: str | None = None) -> dict[str, Any]:
+    """The collator: rows of ids (lists, arrays or 1-d tensors) padded with `pad_value`.
+
+    {"input_ids", "attention_mask"} (1 on a row's own tokens, 0 on padding). `padding`:
+    True/"longest" pads to the longest row, "max_length" to `max_length` (rows already longer
+    stay as they are), False leaves rows as they are. `return_tensors`: None (lists), "pt", "np".
+    """
+    check_padding(padding, max_length, padding_side)
+    rows = [r.tolist() if hasattr(r, "tolist") else list(r) for r in rows]
+    masks = [[1] * len(r) for r in rows]
+    if padding in (True, "longest", "max_length"):
+        target = max_length if padding == "max_length" else max((len(r) for r in rows), default=0)
+        for i, r in enumerate(rows):
+            extra = max(0, target - len(r))
+            if padding_side == "right":
+                rows[i], masks[i] = [*r, *[pad_value] * extra], [*masks[i], *[0] * extra]
+            else:
+                rows[i], masks[i] = [*[pad_value] * extra, *r], [*[0] * extra, *masks[i]]
+    out = {"input_ids": rows, "attention_mask": masks}
+    if return_tensors is not None:
+        return {k: to_tensor(v, return_tensors) for k, v in out.items()}
+    return out
+
+
+def to_tensor(rows: list[list[int]], return_tensors: str) -> Any:
+    """(rows, width) int64 tensor ("pt") or array ("np") of equally long rows."""
     if len({len(r) for r in rows}) > 1:
         raise ValueError("rows have different lengths; pass padding=True to return tensors")
     if return_tensors == "pt":
