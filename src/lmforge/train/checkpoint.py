@@ -3,6 +3,11 @@
     run_dir/checkpoints/step_000400/   model.safetensors  config.json  tokenizer.json  trainer_state.pt
     run_dir/checkpoints/best/          (the same files, for the step with the lowest val loss)
 
+A model changed by model transforms (`lmforge.train.transforms`) keeps the plain model's tensor
+names; the tensors a transform added (an adapter, a quantization statistic) are saved beside
+them in `transform_state.safetensors`, so `model.safetensors` stays what `load_pretrained`,
+`--init-from` and `convert to-hf` read, and `--resume` restores both.
+
 `trainer_state.pt` holds plain tensors and numbers only (optimizer state keyed by parameter
 name, step, RNG states, early-stopping counters) and is loaded with `weights_only=True`.
 """
@@ -24,6 +29,7 @@ from lmforge.errors import UserError
 from lmforge.fsutil import atomic_dir, atomic_write_json
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
+TRANSFORM_STATE = "transform_state.safetensors"
 
 
 def tied_aliases(model: nn.Module) -> set[str]:
@@ -34,11 +40,18 @@ def tied_aliases(model: nn.Module) -> set[str]:
 
 def save_checkpoint(path: Path, model_state: dict[str, torch.Tensor], model_config: dict[str, Any],
                     tokenizer_file: Path | None, trainer_state: dict[str, Any] | None,
-                    drop: set[str] = frozenset()) -> Path:
-    """Write a checkpoint directory atomically (a temp dir renamed into place)."""
+                    drop: set[str] = frozenset(), base_keys: set[str] | None = None) -> Path:
+    """Write a checkpoint directory atomically (a temp dir renamed into place).
+
+    base_keys: the plain model's tensor names; others (added by model transforms) go to
+    `transform_state.safetensors`. None: every tensor goes to `model.safetensors`.
+    """
     with atomic_dir(path) as tmp:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items() if k not in drop}
+        extra = {k: tensors.pop(k) for k in list(tensors) if base_keys is not None and k not in base_keys}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if extra:
+            save_file(extra, str(tmp / TRANSFORM_STATE), metadata={"format": "pt"})
         atomic_write_json(tmp / "config.json", model_config)
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
@@ -94,8 +107,15 @@ def read_model_config(ckpt: Path) -> dict[str, Any]:
         raise UserError(f"{file}: invalid JSON ({e.msg} at line {e.lineno}); the checkpoint is corrupt") from None
 
 
-def read_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    file = ckpt / "model.safetensors"
+def read_weights(ckpt: Path, *, transform_state: bool = False) -> dict[str, torch.Tensor]:
+    """The checkpoint's model tensors; with `transform_state`, also those model transforms added."""
+    state = _read_tensors(ckpt / "model.safetensors")
+    if transform_state and (ckpt / TRANSFORM_STATE).exists():
+        state.update(_read_tensors(ckpt / TRANSFORM_STATE))
+    return state
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
     if not file.exists():
         raise UserError(f"{file} is missing; the checkpoint is incomplete")
     try:
@@ -109,7 +129,8 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], source: 
     expected = dict(model.state_dict())
     for key, value in state.items():
         if key not in expected:
-            raise UserError(f"{source}: unexpected tensor {key!r}; the checkpoint is for another model config")
+            raise UserError(f"{source}: unexpected tensor {key!r}; the checkpoint is for another model config "
+                            "(or was saved with model transforms this run does not apply)")
         if tuple(value.shape) != tuple(expected[key].shape):
             raise UserError(
                 f"{source}: tensor {key!r} has shape {tuple(value.shape)}, the model expects "
@@ -117,7 +138,8 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], source: 
             )
     missing = set(expected) - set(state) - tied_aliases(model)
     if missing:
-        raise UserError(f"{source}: missing tensor {sorted(missing)[0]!r}; the checkpoint is incomplete")
+        raise UserError(f"{source}: missing tensor {sorted(missing)[0]!r}; the checkpoint is incomplete "
+                        "(or this run applies model transforms it was saved without)")
     model.load_state_dict(state, strict=False)
 
 

@@ -1,0 +1,448 @@
+"""Training setup as a pipeline of small steps: what exists before the first training step.
+
+## Training loop seams
+
+`setup_training(cfg, out, info, ...)` runs these steps in order, each a short public function
+here, and returns a `TrainSetup` (everything a loop needs):
+
+1. **run dir** (`prepare_run_dir`): `--resume` finds the latest checkpoint; an existing run
+   needs `--overwrite` (which clears it) or another `--out`.
+2. **tokenizer** (`run_tokenizer`): the tokens dir's tokenizer plus the special tokens the
+   objective needs; the run keeps its own `tokenizer.json` when tokens were added.
+3. **model config** (`resolve_model_config`): the recipe's model, `vocab_size` from the
+   tokenizer (or from the `--init-from` checkpoint), then `init_from`'s checks
+   (`check_init_tokenizer`, `check_init_matches`: the recipe's model must be the checkpoint's;
+   a difference is one error naming the keys, a tensor and both shapes).
+4. **fit check** (`check_fits`): `lmforge plan`'s memory model predicts the step's peak; a run
+   that cannot fit in the memory available is refused before anything is allocated (`--force`
+   overrides), and a step predicted to take over a minute is warned about.
+5. **build** (`build`): the plain `nn.Module`, seeded identically on every rank.
+6. **init_from** (`load_init_weights`): a checkpoint's weights (lmforge's own, or a
+   `convert from-hf` output), fresh optimizer, step 0.
+7. **model transforms** (`lmforge.train.transforms.apply_transforms`): module swaps from
+   outside (LoRA, QLoRA, prefix tuning, quantization) that keep the tensor names.
+8. **resume** (`restore_weights`): the run's own checkpoint (weights and transform state).
+9. **parallelize** (`distributed.parallelize`): compile, DDP or FSDP2 around the plain model.
+10. **optimizer** (`make_optimizer`): AdamW over the trainable parameters, the fp16 scaler.
+11. **RNG and optimizer restore** (`restore_training_state`): exact resume.
+
+An objective receives extra models (DPO's reference, a reward model) through `models=`: they
+are passed to `objective_for` and kept on the setup; they are not trained or checkpointed.
+
+A second loop (rollout-based RL such as PPO, issue 12) calls `setup_training` as `pretrain`
+does and reuses the loop's parts from `lmforge.train.steps`: `StopFlag` (Ctrl-C: save and stop
+after the step; a second signal stops at once), `set_lr` / `clip_gradients` / `check_finite` /
+`apply_gradients` (one optimizer step with the grad scaler, clipping and the non-finite stop),
+`MetricsLog` (`metrics.jsonl`), `Checkpointer` (step checkpoints, `best`, pruning; resumable
+by step 8 above), `update_best` and `progress_bar`, and ends with
+`lmforge.train.report.write_run_report`. What differs is only its step: rollouts from the
+generation engine, rewards, the PPO loss, instead of `objective.batch_for` and `objective.loss`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmforge.config import Config, to_dict
+from lmforge.errors import UserError
+from lmforge.models import build_model
+from lmforge.models.config import ModelConfig
+from lmforge.tokenizer import Tokenizer
+from lmforge.train import checkpoint as ckpt
+from lmforge.train import distributed as dist
+from lmforge.train.device import peak_flops, resolve_device, resolve_precision
+from lmforge.train.objectives import (
+    OBJECTIVES,
+    Objective,
+    objective_for,
+    padded_vocab,
+    token_fallbacks,
+    with_tokens,
+)
+from lmforge.train.optim import build_optimizer
+from lmforge.train.transforms import Transform, apply_transforms
+
+# model config keys a run may change from its --init-from checkpoint: training-time only
+# (dropout) or bookkeeping (hf_model_type: taken from the checkpoint when the recipe leaves it unset)
+INIT_FREE_KEYS = ("dropout", "hf_model_type")
+# the model FLOPs utilization assumed for the "one step takes over a minute" warning
+ASSUMED_MFU = 0.5
+SLOW_STEP_S = 60.0
+
+
+@dataclass
+class TrainSetup:
+    """Everything a training loop starts from (`setup_training`)."""
+
+    cfg: Config
+    out: Path
+    info: dist.DistInfo
+    tokens_dir: Path
+    tokenizer: Tokenizer
+    tokenizer_file: Path  # the tokenizer.json the checkpoints carry
+    model_cfg: ModelConfig
+    objective: Objective
+    device: torch.device
+    precision: str
+    train_batches: Any
+    val_batches: Any
+    raw_model: nn.Module  # the plain model (after transforms)
+    model: nn.Module  # what to train with (compiled, DDP- or FSDP-wrapped)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    state: dict[str, Any]  # step, best_val_loss, best_step, bad_evals, tokens_seen
+    base_keys: set[str]  # the plain model's tensor names, before transforms
+    peak: float  # peak FLOP/s of all processes together (MFU's denominator)
+    resume_from: Path | None = None
+    init_from: Path | None = None
+    models: dict[str, nn.Module] = field(default_factory=dict)
+
+
+def fresh_state() -> dict[str, Any]:
+    return {"step": 0, "best_val_loss": math.inf, "best_step": None, "bad_evals": 0, "tokens_seen": 0}
+
+
+# ---- 1. run dir ------------------------------------------------------------------------------
+
+
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "report.md", "loss.png")
+
+
+def prepare_run_dir(out: Path, info: dist.DistInfo, *, resume: bool, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from (None: a new run); clears an existing run on `overwrite`."""
+    if resume:
+        latest = ckpt.latest_checkpoint(out)
+        if latest is None:
+            raise UserError(f"--resume: no checkpoint in {out}/checkpoints; start without --resume")
+        return latest
+    if ckpt.step_checkpoints(out) or (out / "metrics.jsonl").exists():
+        if not overwrite:
+            raise UserError(f"{out} already holds a run; use --resume to continue it, --overwrite to replace it, "
+                            "or another --out")
+        dist.barrier(info)
+        if info.is_main:
+            for name in RUN_OUTPUTS:
+                p = out / name
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        dist.barrier(info)
+    return None
+
+
+# ---- 2. tokenizer ----------------------------------------------------------------------------
+
+
+def tokens_dir_of(cfg: Config) -> Path:
+    if not cfg.data.tokens:
+        raise UserError("data.tokens is not set; point it at a dir from `lmforge tokenize` (--set data.tokens=DIR)")
+    return Path(cfg.data.tokens)
+
+
+def run_tokenizer(cfg: Config, tokens_dir: Path) -> tuple[Tokenizer, bool]:
+    """The tokens dir's tokenizer plus the special tokens the objective needs (appended ids).
+
+    Returns it and whether tokens were added (the run then keeps its own tokenizer.json).
+    """
+    tokenizer = Tokenizer.load(tokens_dir / "tokenizer.json")
+    added = with_tokens(tokenizer, OBJECTIVES[cfg.objective].extra_tokens, token_fallbacks())
+    return tokenizer, added
+
+
+def save_run_tokenizer(tokenizer: Tokenizer, added: bool, tokens_dir: Path, out: Path, info: dist.DistInfo) -> Path:
+    """The tokenizer.json checkpoints carry: the tokens dir's, or the run's own with the added tokens."""
+    if not added:
+        return tokens_dir / "tokenizer.json"
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(out)
+    return out / "tokenizer.json"
+
+
+# ---- 3. model config (and what --init-from requires of it) ------------------------------------
+
+
+def resolve_model_config(cfg: Config, tokenizer: Tokenizer, init: dict[str, Any] | None = None) -> ModelConfig:
+    """The model config with `vocab_size` filled from (and checked against) the tokenizer.
+
+    init: the config.json of the checkpoint the weights come from (`--init-from`, or the one
+    resumed from): an unset vocab_size and hf_model_type are taken from it.
+    """
+    vocab = tokenizer.vocab_size
+    model_cfg = ModelConfig.from_dict(to_dict(cfg.model))
+    if model_cfg.vocab_size is None:
+        model_cfg.vocab_size = (init or {}).get("vocab_size") or padded_vocab(vocab)
+    elif model_cfg.vocab_size < vocab:
+        raise UserError(
+            f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {vocab} tokens "
+            f"({tokenizer.source}); remove model.vocab_size or set it >= {vocab}"
+        )
+    if model_cfg.vocab_size < vocab:  # from the checkpoint
+        raise UserError(f"the checkpoint's vocab_size {model_cfg.vocab_size} is smaller than the "
+                        f"tokenizer's {vocab} tokens ({tokenizer.source}); tokenize with the checkpoint's tokenizer")
+    if init and model_cfg.hf_model_type is None:
+        model_cfg.hf_model_type = init.get("hf_model_type")
+    OBJECTIVES[cfg.objective].configure_model(cfg, model_cfg)
+    if model_cfg.arch == "encdec":  # the decoder starts from the tokenizer's pad token, as T5's does
+        for key in ("decoder_start_token_id", "pad_token_id"):
+            if getattr(model_cfg, key) is None:
+                setattr(model_cfg, key, tokenizer.pad_id)
+    return model_cfg
+
+
+def init_checkpoint(init_from: str | Path | None) -> Path | None:
+    """The checkpoint dir `--init-from` names: a checkpoint dir, or a run dir (its best, else latest)."""
+    if not init_from:
+        return None
+    return ckpt.resolve_checkpoint(init_from)
+
+
+def check_init_tokenizer(init: Path, tokenizer: Tokenizer, tokens_dir: Path) -> None:
+    """The init checkpoint's tokenizer must give the tokens the same ids as the run's."""
+    file = init / "tokenizer.json"
+    if not file.is_file():
+        warnings.warn(f"--init-from {init} has no tokenizer.json: cannot check that {tokens_dir} was tokenized "
+                      "with the model's tokenizer", stacklevel=2)
+        return
+    theirs = Tokenizer.load(file).backend.get_vocab()
+    ours = tokenizer.backend.get_vocab()
+    by_id = {i: t for t, i in theirs.items()}
+    for token, i in sorted(ours.items(), key=lambda kv: kv[1]):
+        if i in by_id and by_id[i] != token:
+            raise UserError(
+                f"--init-from {init}: its tokenizer.json is not the one {tokens_dir} was made with (id {i} is "
+                f"{by_id[i]!r} there, {token!r} here); re-tokenize with it: "
+                f"lmforge tokenize --tokenizer {init} --input CORPUS --out DIR")
+
+
+def _flat(config: dict[str, Any]) -> dict[str, Any]:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _tensor_shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        model = build_model(model_cfg)
+    aliases = ckpt.tied_aliases(model)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in aliases}
+
+
+def _file_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{file} is truncated or corrupt ({str(e).splitlines()[0]}); use another checkpoint") from None
+
+
+def check_init_matches(model_cfg: ModelConfig, init: Path, init_cfg: dict[str, Any]) -> None:
+    """The run's model must be the init checkpoint's: one error naming the differing keys, the
+    first tensor whose shape differs (both shapes) and the --set overrides that fix it."""
+    ours, theirs = _flat(model_cfg.to_dict()), _flat(init_cfg)
+    free = {k for k in ours if k.split(".")[0] in INIT_FREE_KEYS}
+    diffs = [k for k in ours if k in theirs and k not in free and ours[k] != theirs[k]]
+    mine, saved = _tensor_shapes(model_cfg), _file_shapes(init / "model.safetensors")
+    tensor = next((k for k in sorted(set(mine) | set(saved)) if mine.get(k) != saved.get(k)), None)
+    if not diffs and tensor is None:
+        return
+    parts = []
+    if diffs:
+        parts.append("the recipe's model differs from the checkpoint's config.json: "
+                     + ", ".join(f"model.{k} is {ours[k]!r} here, {theirs[k]!r} there" for k in diffs))
+    if tensor is not None:
+        parts.append(f"tensor {tensor!r} has shape {mine.get(tensor, 'absent')} here and "
+                     f"{saved.get(tensor, 'absent')} in the checkpoint")
+    fix = (" ".join(f"--set model.{k}={'null' if theirs[k] is None else theirs[k]}" for k in diffs)
+           if diffs else "use a checkpoint whose config.json matches its weights")
+    raise UserError(f"--init-from {init}: " + "; ".join(parts) + f"; use the checkpoint's model ({fix})")
+
+
+# ---- 4. fit check ----------------------------------------------------------------------------
+
+
+def available_memory(device: torch.device) -> tuple[float | None, str]:
+    """Bytes free for this run on `device` and where the number comes from (None: unknown)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return float(free), f"free on {torch.cuda.get_device_name(device)} (torch.cuda.mem_get_info)"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"
+    except OSError:
+        pass
+    return None, "unknown"
+
+
+def _gib(x: float) -> str:
+    return f"{x / 2**30:.1f} GiB"
+
+
+def predict_step(cfg: Config, model_cfg: ModelConfig, device: torch.device, precision: str,
+                 info: dist.DistInfo) -> tuple[float, float]:
+    """(peak bytes per process, FLOPs per process and step) from `lmforge plan`'s model."""
+    from lmforge.plan import attention_kernel, flops_per_token, objective_lengths, training_memory
+
+    t = cfg.train
+    seq_len, decoder_len = objective_lengths(cfg, model_cfg.block_size)
+    planned = "fp32" if precision == "fp32" else "bf16"  # fp16 has bf16's sizes
+    gpus = info.world_size if info.parallel == "fsdp" else 1  # DDP replicates everything
+    memory = training_memory(model_cfg, t.batch_size, seq_len, planned, False, gpus,
+                             attention_kernel(model_cfg, planned, seq_len, device.type),
+                             decoder_len=decoder_len, objective=cfg.objective)
+    flops = flops_per_token(model_cfg, seq_len, decoder_len, cfg.objective) * t.batch_size * t.grad_accum * seq_len
+    return float(memory["peak"]), float(flops)
+
+
+def check_fits(cfg: Config, model_cfg: ModelConfig, device: torch.device, precision: str, info: dist.DistInfo,
+               device_peak_flops: float, *, force: bool = False) -> None:
+    """Refuse (UserError, exit 2) a run whose predicted peak memory exceeds what is available,
+    unless `force`; warn when one step is predicted to take over a minute."""
+    try:
+        need, step_flops = predict_step(cfg, model_cfg, device, precision, info)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the prediction is advice: a model it cannot size still trains
+        warnings.warn(f"could not predict this run's memory ({type(e).__name__}: {e}); starting unchecked",
+                      stacklevel=2)
+        return
+    available, where = available_memory(device)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" and info.enabled else 1
+    total = need * processes
+    if available is not None and total > available and not force:
+        per = f" ({processes} processes x {_gib(need)})" if processes > 1 else ""
+        raise UserError(
+            f"this run needs about {_gib(total)}{per} of memory at its peak (lmforge plan's model: batch "
+            f"{cfg.train.batch_size} x {model_cfg.block_size} positions, {precision}) but only {_gib(available)} "
+            f"is available on {device.type} ({where}); lower train.batch_size or model.block_size, "
+            "or pass --force to start anyway")
+    seconds = step_flops / (device_peak_flops * ASSUMED_MFU) if device_peak_flops else 0.0
+    if seconds > SLOW_STEP_S:
+        warnings.warn(f"one training step is predicted to take about {seconds / 60:.0f} min ({step_flops:.2e} "
+                      f"FLOPs at {ASSUMED_MFU:.0%} of {device_peak_flops:.2e} FLOP/s); check train.batch_size "
+                      "and model.block_size", stacklevel=2)
+
+
+# ---- 5.-8. build, init_from, transforms, resume ------------------------------------------------
+
+
+def build(model_cfg: ModelConfig, device: torch.device, seed: int) -> nn.Module:
+    torch.manual_seed(seed)  # identical init on every rank
+    return build_model(model_cfg).to(device)
+
+
+def load_init_weights(model: nn.Module, init: Path) -> None:
+    """The init checkpoint's weights into the plain model (its shapes were checked by `check_init_matches`)."""
+    ckpt.load_weights_into(model, ckpt.read_weights(init), init)
+
+
+def check_same_model(saved: dict, current: ModelConfig, source: Path) -> None:
+    now = current.to_dict()
+    for key, value in now.items():
+        if key in saved and saved[key] != value:
+            raise UserError(
+                f"--resume: model.{key} is {value!r} but the checkpoint {source} has {saved[key]!r}; "
+                f"resume with the same model config or start a new --out"
+            )
+
+
+def restore_weights(model: nn.Module, resume_from: Path, model_cfg: ModelConfig, state: dict[str, Any]) -> dict:
+    """The run's own checkpoint (weights and transform state) into the model; returns its trainer state."""
+    check_same_model(ckpt.read_model_config(resume_from), model_cfg, resume_from)
+    ckpt.load_weights_into(model, ckpt.read_weights(resume_from, transform_state=True), resume_from)
+    trainer_state = ckpt.read_trainer_state(resume_from)
+    for key in state:
+        state[key] = trainer_state.get(key, state[key])
+    return trainer_state
+
+
+# ---- 10.-11. optimizer, restore ----------------------------------------------------------------
+
+
+def make_optimizer(model: nn.Module, cfg: Config, device: torch.device,
+                   precision: str) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler | None]:
+    t = cfg.train
+    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device.type)
+    return optimizer, (torch.amp.GradScaler("cuda") if precision == "fp16" else None)
+
+
+def restore_training_state(s: TrainSetup, trainer_state: dict[str, Any] | None) -> None:
+    """Per-rank RNG streams; on resume, the optimizer, RNG and grad-scaler states."""
+    torch.manual_seed(s.cfg.train.seed + s.info.rank)  # dropout masks differ per rank
+    if trainer_state is None:
+        return
+    dist.load_full_optimizer_state(s.model, s.optimizer, trainer_state["optimizer"])
+    rng = trainer_state.get("rng", {})
+    if len(rng.get("torch", [])) == s.info.world_size:  # same world size: continue each rank's stream
+        torch.set_rng_state(rng["torch"][s.info.rank])
+        if s.device.type == "cuda" and rng.get("cuda"):
+            torch.cuda.set_rng_state(rng["cuda"][s.info.rank], s.device)
+    if s.scaler is not None and "scaler" in trainer_state:
+        s.scaler.load_state_dict(trainer_state["scaler"])
+
+
+# ---- the pipeline ------------------------------------------------------------------------------
+
+
+def setup_training(cfg: Config, out: str | Path, info: dist.DistInfo, *, resume: bool = False,
+                   overwrite: bool = False, init_from: str | Path | None = None,
+                   transforms: tuple[str | Transform, ...] | list[str | Transform] = (), force: bool = False,
+                   models: dict[str, nn.Module] | None = None) -> TrainSetup:
+    """Run the setup steps (see the module docstring) and return what the loop starts from.
+
+    init_from: a checkpoint to start from (ignored on resume: the run's own checkpoint wins).
+    """
+    out, t = Path(out), cfg.train
+    tokens_dir = tokens_dir_of(cfg)
+    resume_from = prepare_run_dir(out, info, resume=resume, overwrite=overwrite)
+    init = None if resume_from else init_checkpoint(init_from)
+    tokenizer, added = run_tokenizer(cfg, tokens_dir)
+    if init:
+        check_init_tokenizer(init, tokenizer, tokens_dir)
+    # an unset vocab_size / hf_model_type comes from the checkpoint the weights come from
+    weights_from = resume_from or init
+    model_cfg = resolve_model_config(cfg, tokenizer, ckpt.read_model_config(weights_from) if weights_from else None)
+    if init:
+        check_init_matches(model_cfg, init, ckpt.read_model_config(init))
+    objective = objective_for(cfg, tokenizer, model_cfg, models)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = resolve_device(t.device, info.local_rank)
+    precision = resolve_precision(t.precision, device, model_cfg.n_embd)
+    device_peak = dist.broadcast_object(peak_flops(device, precision) if info.is_main else 0.0, info)
+    check_fits(cfg, model_cfg, device, precision, info, device_peak, force=force)
+    train_batches, val_batches = objective.source(tokens_dir, "train"), objective.source(tokens_dir, "val")
+    tokenizer_file = save_run_tokenizer(tokenizer, added, tokens_dir, out, info)
+
+    raw_model = build(model_cfg, device, t.seed)
+    if init:
+        load_init_weights(raw_model, init)
+    base_keys = set(raw_model.state_dict())
+    raw_model = apply_transforms(raw_model, transforms)
+    state = fresh_state()
+    trainer_state = restore_weights(raw_model, resume_from, model_cfg, state) if resume_from else None
+    model = dist.parallelize(raw_model, info, device, compile=t.compile, precision=precision,
+                             all_parameters_used=objective.uses_all_parameters)
+    optimizer, scaler = make_optimizer(model, cfg, device, precision)
+    s = TrainSetup(cfg=cfg, out=out, info=info, tokens_dir=tokens_dir, tokenizer=tokenizer,
+                   tokenizer_file=tokenizer_file, model_cfg=model_cfg, objective=objective, device=device,
+                   precision=precision, train_batches=train_batches, val_batches=val_batches,
+                   raw_model=raw_model, model=model, optimizer=optimizer, scaler=scaler, state=state,
+                   base_keys=base_keys, peak=device_peak * info.world_size, resume_from=resume_from,
+                   init_from=init, models=dict(models or {}))
+    restore_training_state(s, trainer_state)
+    return s
