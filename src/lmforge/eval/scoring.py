@@ -8,8 +8,9 @@ Log-likelihoods follow lm-evaluation-harness: the continuation's tokens are thos
 `encode(context + continuation)` after the tokens of `encode(context)` (so a BPE merge across
 the boundary is tokenized as in running text), the input is cut from the left to the
 context length, and the score is the sum of the continuation tokens' log-probabilities.
-Requests are batched longest-first with right padding: in a causal model a padded position
-never influences an earlier one, so no attention mask is needed.
+Requests are batched longest-first with right padding (`lmforge.tokenizer.pad_ids`, the
+collator): in a causal model a padded position never influences an earlier one, so no
+attention mask is needed.
 
 Encoder-decoder models (T5) are scored and prompted by `seq2seq.py` instead (the context goes
 to the encoder, the decoder writes the continuation); `loglikelihoods` and `generate_replies`
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from lmforge.errors import UserError
 from lmforge.infer.generate import encode_source, generate_texts, is_encoder_decoder
 from lmforge.models import eval_mode
+from lmforge.tokenizer import pad_ids
 
 
 @dataclass
@@ -81,10 +83,7 @@ def loglikelihoods(model: torch.nn.Module, requests: Sequence[tuple[list[int], l
         bar = tqdm(total=len(rows), desc=desc, unit="req", disable=not progress, leave=False)
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
-            width = max(len(tokens) - 1 for _, tokens, _ in chunk)
-            idx = torch.zeros(len(chunk), width, dtype=torch.long)
-            for r, (_, tokens, _) in enumerate(chunk):
-                idx[r, :len(tokens) - 1] = torch.tensor(tokens[:-1])
+            idx = pad_ids([tokens[:-1] for _, tokens, _ in chunk], 0, return_tensors="pt")["input_ids"]
             with torch.inference_mode():
                 logits, _ = model(idx.to(device))
                 logprobs = F.log_softmax(logits.float(), dim=-1)
@@ -143,13 +142,10 @@ def rolling_nll(model: torch.nn.Module, sequences: Sequence[list[int] | np.ndarr
         bar = tqdm(total=len(windows), desc=desc, unit="window", disable=not progress, leave=False)
         for start in range(0, len(windows), batch_size):
             chunk = windows[start:start + batch_size]
-            width = max(len(tokens) - 1 for _, tokens, _ in chunk)
-            idx = torch.zeros(len(chunk), width, dtype=torch.long)
-            targets = torch.full((len(chunk), width), -100, dtype=torch.long)
-            for r, (_, tokens, n_scored) in enumerate(chunk):
-                t = torch.as_tensor(tokens, dtype=torch.long)
-                idx[r, :len(tokens) - 1] = t[:-1]
-                targets[r, len(tokens) - 1 - n_scored:len(tokens) - 1] = t[-n_scored:]
+            idx = pad_ids([tokens[:-1] for _, tokens, _ in chunk], 0, return_tensors="pt")["input_ids"]
+            # the targets of a window's last n_scored inputs; -100 (ignored) before them and on padding
+            targets = pad_ids([[-100] * (len(tokens) - 1 - n) + list(tokens[-n:]) for _, tokens, n in chunk], -100,
+                              return_tensors="pt")["input_ids"]
             with torch.inference_mode():
                 logits, _ = model(idx.to(device))
                 nll = F.cross_entropy(logits.float().transpose(1, 2), targets.to(device),
@@ -228,12 +224,12 @@ def score_labels(model: torch.nn.Module, tokenizer, prompts: Sequence[str], labe
 
 def _head_logits(model: torch.nn.Module, tokenizer, texts: list[str], n_labels: int, batch_size: int,
                  progress: bool) -> list[list[float]]:
-    """Classification-head logits of `[CLS] text [SEP]` (cut to the context), batched with a padding mask."""
+    """Classification-head logits of `[CLS] text [SEP]` (the tokenizer's `__call__`, cut to the context),
+    batched longest-first with the tokenizer's padding and mask."""
     if model.config.num_labels != n_labels:
         raise UserError(f"the checkpoint's classification head has {model.config.num_labels} outputs but the task "
                         f"has {n_labels} labels; declare the head's labels, in its output order, in the header")
-    block = model.config.block_size
-    rows = [[tokenizer.bos_id, *ids[:block - 2], tokenizer.eos_id] for ids in tokenizer.encode_batch(texts)]
+    rows = tokenizer(texts, truncation=True, max_length=model.config.block_size)["input_ids"]
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     out: list[list[float]] = [[] for _ in rows]
     device = model_device(model)
@@ -241,14 +237,10 @@ def _head_logits(model: torch.nn.Module, tokenizer, texts: list[str], n_labels: 
         for start in tqdm(range(0, len(order), batch_size), desc="classifying", unit="batch",
                           disable=not progress, leave=False):
             batch = order[start:start + batch_size]
-            width = len(rows[batch[0]])
-            ids = torch.full((len(batch), width), tokenizer.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, i in enumerate(batch):
-                ids[r, :len(rows[i])] = torch.tensor(rows[i])
-                mask[r, :len(rows[i])] = 1
+            padded = tokenizer.pad([rows[i] for i in batch], return_tensors="pt")
             with torch.inference_mode():
-                logits, _ = model.classify(ids.to(device), attention_mask=mask.to(device))
+                logits, _ = model.classify(padded["input_ids"].to(device),
+                                           attention_mask=padded["attention_mask"].to(device))
             for r, i in enumerate(batch):
                 out[i] = logits[r].float().tolist()
     return out

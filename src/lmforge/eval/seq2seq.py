@@ -36,6 +36,7 @@ from lmforge.eval.scoring import LogLikelihood, model_device, score_positions
 from lmforge.eval.scoring import encode_pair as causal_encode_pair
 from lmforge.infer.generate import can_generate, encode_source, is_encoder_decoder
 from lmforge.models import eval_mode
+from lmforge.tokenizer import pad_ids
 
 SEQ2SEQ_KINDS = "generation, qa, binary, classification (label scoring) or multiple_choice"
 
@@ -101,18 +102,13 @@ def loglikelihoods(model: torch.nn.Module, requests: Sequence[tuple[list[int], l
         bar = tqdm(total=len(rows), desc=desc, unit="req", disable=not progress, leave=False)
         for begin in range(0, len(rows), batch_size):
             chunk = rows[begin:begin + batch_size]
-            s_len = max(len(source) for _, source, _ in chunk)
-            t_len = max(len(target) for _, _, target in chunk)
-            source_ids = torch.zeros(len(chunk), s_len, dtype=torch.long)  # any id under the mask
-            mask = torch.zeros(len(chunk), s_len, dtype=torch.long)
-            decoder_ids = torch.full((len(chunk), t_len), start_id, dtype=torch.long)
-            for r, (_, source, target) in enumerate(chunk):
-                source_ids[r, :len(source)] = torch.tensor(source)
-                mask[r, :len(source)] = 1
-                decoder_ids[r, 1:len(target)] = torch.tensor(target[:-1])  # start token, then targets[:-1]
+            sources = pad_ids([source for _, source, _ in chunk], 0, return_tensors="pt")  # any id under the mask
+            # the decoder reads the start token, then targets[:-1]
+            decoder_ids = pad_ids([[start_id, *target[:-1]] for _, _, target in chunk], start_id,
+                                  return_tensors="pt")["input_ids"]
             with torch.inference_mode():
-                mask = mask.to(device)
-                encoder_output = model.encode(source_ids.to(device), attention_mask=mask)
+                mask = sources["attention_mask"].to(device)
+                encoder_output = model.encode(sources["input_ids"].to(device), attention_mask=mask)
                 logits = model.decode(decoder_ids.to(device), encoder_output, attention_mask=mask)
                 logprobs = F.log_softmax(logits.float(), dim=-1)
             for r, (i, _, target) in enumerate(chunk):

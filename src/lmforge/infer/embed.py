@@ -55,8 +55,9 @@ def embed_texts(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], *,
                 batch_size: int = 32, normalize: bool = True, progress: bool = False) -> np.ndarray:
     """(len(texts), n_embd) float32 sentence vectors, in the order of `texts`.
 
-    The model needs `embed(input_ids, attention_mask)` (BERT); max_length counts [CLS] and
-    [SEP]. Runs on the model's device, without gradients.
+    The model needs `embed(input_ids, attention_mask)` (BERT); texts are wrapped, cut and padded
+    by the tokenizer (`Tokenizer.__call__` and `pad`: [CLS] and [SEP] count in max_length). Runs
+    on the model's device, without gradients.
     """
     if not hasattr(model, "embed"):
         raise UserError(f"{type(model).__name__} models have no sentence embeddings; use an encoder "
@@ -66,8 +67,7 @@ def embed_texts(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], *,
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     device = next(model.parameters()).device
-    cls_id, sep_id, pad_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
-    rows = [[cls_id, *ids[: max_length - 2], sep_id] for ids in tokenizer.encode_batch(list(texts))]
+    rows = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]  # [CLS] text [SEP]
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     out = np.zeros((len(rows), model.config.n_embd), dtype=np.float32)
     with eval_mode(model):
@@ -75,13 +75,9 @@ def embed_texts(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], *,
             for start in tqdm(range(0, len(order), batch_size), desc="embed", unit="batch",
                               disable=not progress, leave=False):
                 batch = order[start:start + batch_size]
-                width = len(rows[batch[0]])  # longest first
-                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for r, i in enumerate(batch):
-                    ids[r, :len(rows[i])] = torch.tensor(rows[i])
-                    mask[r, :len(rows[i])] = 1
-                vectors = model.embed(ids.to(device), attention_mask=mask.to(device)).float()
+                padded = tokenizer.pad([rows[i] for i in batch], return_tensors="pt")
+                vectors = model.embed(padded["input_ids"].to(device),
+                                      attention_mask=padded["attention_mask"].to(device)).float()
                 if normalize:
                     vectors = F.normalize(vectors, dim=-1)
                 out[batch] = vectors.cpu().numpy()
