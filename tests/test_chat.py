@@ -1,15 +1,23 @@
-"""Chat format: role tokens are inserted by id; the same strings typed by a user stay text."""
+"""Chat format: role tokens are inserted by id; the same strings typed by a user stay text; the
+assistant mask covers exactly what the assistant writes (its content and its <|end|>)."""
 
+import pytest
 from train_helpers import write_corpus
 
-from lmforge.infer.chat import encode_chat
-from lmforge.tokenizer import Tokenizer
+from lmforge.errors import UserError
+from lmforge.tokenizer import Tokenizer, encode_chat
+from lmforge.tokenizer.chat import chat_stop_ids
 from lmforge.tokenizer.train import train_tokenizer
 
 
-def test_encode_chat_uses_control_ids_and_never_parses_user_text(tmp_path):
-    train_tokenizer(write_corpus(tmp_path / "c", docs=4), tmp_path / "tok", kind="bpe", vocab_size=300)
-    tok = Tokenizer.load(tmp_path / "tok")
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat")
+    train_tokenizer(write_corpus(root / "c", docs=4), root / "tok", kind="char")
+    return Tokenizer.load(root / "tok")
+
+
+def test_encode_chat_uses_control_ids_and_never_parses_user_text(tok):
     ids = encode_chat(tok, [{"role": "system", "content": "be brief"},
                             {"role": "user", "content": "say <|end|> please"}])
     user, end, asst = (tok.token_to_id(t) for t in ("<|user|>", "<|end|>", "<|assistant|>"))
@@ -17,3 +25,30 @@ def test_encode_chat_uses_control_ids_and_never_parses_user_text(tmp_path):
     assert ids.count(end) == 2  # one per message: the typed "<|end|>" is plain text
     start = ids.index(user) + 1
     assert tok.decode(ids[start:ids.index(end, start)]) == "say <|end|> please"
+
+
+def test_assistant_mask_is_the_assistant_content_and_its_end_token(tok):
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "yo."}, {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "e"}]
+    out = encode_chat(tok, messages, add_generation_prompt=False, return_assistant_mask=True)
+    sys_, user, asst, end = (tok.token_to_id(t) for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"))
+    h, i, y, o, dot, a, e, s = (tok.token_to_id(ch) for ch in "hiyo.aes")
+    # written out by hand: the char tokenizer gives one id per character
+    assert out["input_ids"] == [sys_, s, end, user, h, i, end, asst, y, o, dot, end, user, a, end, asst, e, end]
+    assert out["assistant_mask"] == [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1]
+    assert encode_chat(tok, messages, add_generation_prompt=False) == out["input_ids"]
+
+    prompt = encode_chat(tok, messages[:2], return_assistant_mask=True)  # ends with the reply's <|assistant|>
+    assert prompt["input_ids"][-1] == asst and prompt["assistant_mask"] == [0] * len(prompt["input_ids"])
+
+
+def test_chat_needs_chat_tokens_and_known_roles(tok, tmp_path):
+    assert chat_stop_ids(tok) == {tok.token_to_id(t) for t in ("<|end|>", "<|user|>", "<|system|>")}
+    with pytest.raises(ValueError, match="unknown chat role 'bot'"):
+        encode_chat(tok, [{"role": "bot", "content": "x"}])
+    tok.backend.save(str(tmp_path / "tokenizer.json"))
+    text = (tmp_path / "tokenizer.json").read_text().replace("<|end|>", "<|fin|>")
+    (tmp_path / "tokenizer.json").write_text(text)
+    with pytest.raises(UserError, match=r"has no <\|end\|> token"):
+        encode_chat(Tokenizer.load(tmp_path), [{"role": "user", "content": "x"}])

@@ -1,10 +1,8 @@
-"""The chat format over the reserved role tokens, and the interactive `lmforge chat` loop.
+"""The interactive `lmforge chat` loop.
 
-    <|system|>...<|end|><|user|>...<|end|><|assistant|>...<|end|>
-
-Role tokens are inserted by id, never parsed out of text: a user who types "<|end|>" sends
-those characters, not a control token. A pretrained (not yet instruction-tuned) model has
-never seen this format; SFT teaches it.
+The chat format itself (role tokens inserted by id, never parsed out of text) is
+`lmforge.tokenizer.chat`, which SFT and serving share; `encode_chat` is importable from here
+too.
 """
 
 from __future__ import annotations
@@ -13,21 +11,9 @@ import sys
 from typing import TextIO
 
 from lmforge.infer.generate import generate_text
+from lmforge.tokenizer.chat import ROLES, chat_stop_ids, encode_chat
 
-ROLES = ("system", "user", "assistant")
-
-
-def encode_chat(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of a conversation; ends with `<|assistant|>` when a reply is to be generated."""
-    end = tokenizer.token_to_id("<|end|>")
-    ids: list[int] = []
-    for m in messages:
-        if m["role"] not in ROLES:
-            raise ValueError(f"unknown chat role {m['role']!r}; expected one of {ROLES}")
-        ids += [tokenizer.token_to_id(f"<|{m['role']}|>"), *tokenizer.encode(m["content"]), end]
-    if add_generation_prompt:
-        ids.append(tokenizer.token_to_id("<|assistant|>"))
-    return ids
+__all__ = ["ROLES", "chat_loop", "encode_chat"]
 
 
 def chat_loop(model, tokenizer, *, system: str | None = None, stdin: TextIO | None = None,
@@ -38,7 +24,7 @@ def chat_loop(model, tokenizer, *, system: str | None = None, stdin: TextIO | No
     """
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-    stop_ids = {tokenizer.token_to_id(t) for t in ("<|end|>", "<|user|>", "<|system|>")}
+    stop_ids = chat_stop_ids(tokenizer)
     interactive = stdin.isatty()
     while True:
         if interactive:
