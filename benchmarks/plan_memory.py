@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # bitsandbytes looks for a hub kernel on AVX512-BF16 CPUs
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 
 CASES = [  # preset, overrides, precision, attention ("cpu", "fused" or "fused*": SDPA forced), method
     ("nano", [], "fp32", "fused", "full"),
@@ -68,12 +66,10 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", metavar="PRESET", help="only these presets")
     args = parser.parse_args()
 
-    from test_plan import apply_lora
-
     from lmforge.config import load_config
     from lmforge.models import ModelConfig
     from lmforge.models.blocks import Attention
-    from lmforge.peakmem import measure_training_peak
+    from lmforge.peakmem import measure_training_peak, reference_lora
     from lmforge.plan import LoRA, objective_lengths, training_memory
 
     cases = [c for c in CASES if (not args.quick or c[0] in ("nano", "demo")) and (not args.only or c[0] in args.only)]
@@ -93,7 +89,7 @@ def main() -> None:
             Attention._use_cpu_attention = lambda self, *a, **k: False
         try:
             measured = measure_training_peak(config, batch, precision, cfg=cfg,
-                                             adapt=(lambda m, lora=lora: apply_lora(m, lora)) if lora else None)
+                                             adapt=(lambda m, lora=lora: reference_lora(m, lora)) if lora else None)
         finally:
             Attention._use_cpu_attention = saved
         label = " ".join([preset, *(o.removeprefix("model.").removeprefix("objective=")

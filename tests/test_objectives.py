@@ -117,7 +117,7 @@ def test_span_corruption_is_invertible_and_has_t5_counts(tokens):
     batch = obj.make_batch(windows, np.random.default_rng(7), src)
     inputs, labels = batch["input_ids"].numpy(), batch["labels"].numpy()
     assert inputs.shape == (50, R - noise + spans + 1) and labels.shape == (50, noise + spans + 1)
-    assert obj.example_lengths() == (inputs.shape[1], labels.shape[1])  # what FLOPs / MFU count
+    assert obj.lengths(cfg, 64) == (inputs.shape[1], labels.shape[1])  # what FLOPs / MFU and plan count
     sent = {tok.token_to_id(sentinel(i)): i for i in range(100)}
     for r in range(50):
         # parse the targets into spans, then put them back in place of the sentinels

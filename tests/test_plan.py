@@ -13,7 +13,7 @@ from torch import nn
 from lmforge.cli import main
 from lmforge.config import load_config
 from lmforge.models import ARCHITECTURES, GPT, ModelConfig, build_model
-from lmforge.peakmem import can_measure, measure_training_peak, objective_batch
+from lmforge.peakmem import can_measure, measure_training_peak, objective_batch, reference_lora
 from lmforge.plan import (
     LoRA,
     attention_kernel,
@@ -28,7 +28,7 @@ from lmforge.plan import (
     stacks,
     training_memory,
 )
-from lmforge.train.device import _GPU_PEAK_BF16
+from lmforge.train.device import GPU_PEAK_BF16
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 needs_glibc = pytest.mark.skipif(not can_measure(), reason="peak measurement reads glibc's mallinfo2")
@@ -150,46 +150,6 @@ def test_nf4_storage_matches_bitsandbytes():
 # Memory: predicted vs measured on CPU (see `lmforge.peakmem` for the method)
 
 
-class LoRALinear(nn.Module):
-    """Reference LoRA (Hu et al. 2021): y = W x + B A x, W frozen, A and B trained (fp32)."""
-
-    def __init__(self, base: nn.Module, in_features: int, out_features: int, rank: int) -> None:
-        super().__init__()
-        self.base = base
-        self.A = nn.Parameter(torch.randn(rank, in_features) / math.sqrt(in_features))
-        self.B = nn.Parameter(torch.zeros(out_features, rank))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x @ self.A.t()) @ self.B.t()
-
-
-def apply_lora(model: nn.Module, lora: LoRA) -> tuple[list[nn.Parameter], int]:
-    """Freeze the model in bf16 and wrap the targeted block Linears; QLoRA: NF4 via bitsandbytes."""
-    model.to(torch.bfloat16).requires_grad_(False)
-    extra = 0  # quantization state that is not a parameter
-    for name, module in list(model.named_modules()):
-        for child, linear in list(module.named_children()):
-            if not (isinstance(linear, nn.Linear) and name.startswith("blocks.")) or child == "router":
-                continue  # (an MoE router stays bf16 and untrained)
-            base = linear
-            if lora.quantized:
-                import bitsandbytes as bnb
-
-                base = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                         compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
-                base.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
-                                                compress_statistics=True, blocksize=64)
-                base.bias = linear.bias
-                base = base.to("cpu")  # quantizes
-                qs = base.weight.quant_state
-                extra += sum(t.numel() * t.element_size()
-                             for t in (qs.absmax, qs.code, qs.state2.absmax, qs.state2.code, qs.offset))
-            if child in lora.targets:
-                base = LoRALinear(base, linear.in_features, linear.out_features, lora.rank)
-            setattr(module, child, base)
-    return [p for p in model.parameters() if p.requires_grad], extra
-
-
 def force_fused_attention(monkeypatch) -> None:
     from lmforge.models.blocks import Attention
 
@@ -248,7 +208,7 @@ def test_lora_and_qlora_peak_memory_within_15_percent_of_measured(method, preset
         force_fused_attention(monkeypatch)
     lora = LoRA.parse(8, quantized=method == "qlora")
     predicted = training_memory(config, batch, attention=attention, lora=lora)
-    measured = measure_training_peak(config, batch, "bf16", adapt=lambda model: apply_lora(model, lora))
+    measured = measure_training_peak(config, batch, "bf16", adapt=lambda model: reference_lora(model, lora))
     # the frozen base and the adapters' state are exact (bitsandbytes' own tensors for QLoRA)
     assert predicted["weights"] + predicted["optimizer"] == pytest.approx(measured["persistent"], rel=1e-3)
     assert predicted["trainable_params"] == lora_params(config, lora)["total"]
@@ -460,7 +420,7 @@ def test_plan_report_compute_budget_and_time():
     comp = report["compute"]
     assert comp["tokens"] == 20 * n
     assert comp["training_flops"] == pytest.approx(report["flops_per_token"] * 20 * n)
-    assert comp["wall_time_s"] == pytest.approx(comp["training_flops"] / (8 * _GPU_PEAK_BF16["A100"] * 0.5))
+    assert comp["wall_time_s"] == pytest.approx(comp["training_flops"] / (8 * GPU_PEAK_BF16["A100"] * 0.5))
     assert report["memory"]["fsdp"] and set(report["memory"]["per_device"]) == {
         "fp32", "fp32+act_ckpt", "bf16", "bf16+act_ckpt"}
     assert plan(cfg, tokens=1e9)["compute"]["tokens"] == 1e9

@@ -10,23 +10,16 @@ config that every stage writes into its output directory.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lmforge.configtree import (  # noqa: F401
-    all_keys,
-    build,
-    coerce,
-    set_dotted,
-    unknown_key,
-    load_tree,
-    parse_override,
-)
+from lmforge.configtree import build, load_tree
 from lmforge.errors import UserError
 from lmforge.models.config import ModelConfig
+from lmforge.train.objectives import OBJECTIVES
 
 
 @dataclass
@@ -62,38 +55,26 @@ class DataConfig:
     pairs: str = ""  # objective seq2seq: a JSONL file of {"source": ..., "target": ...} lines
 
 
-@dataclass
-class MLMConfig:
-    mask_prob: float = 0.15  # share of ordinary tokens chosen (then 80% [MASK] / 10% random / 10% kept)
-    nsp: bool = False  # add next-sentence prediction (BERT's second pretraining task)
+def _objective_sections() -> list[tuple[str, type, Any]]:
+    """One config section per objective that has settings (`mlm`, `span`, `contrastive`, ...):
+    each objective owns its section's dataclass (`Objective.Options`) and its checks."""
+    return [(name, cls.Options, field(default_factory=cls.Options))
+            for name, cls in OBJECTIVES.items() if cls.Options is not None]
 
 
-@dataclass
-class SpanConfig:
-    noise_density: float = 0.15  # share of tokens corrupted (T5)
-    mean_span_length: float = 3.0
-
-
-@dataclass
-class ContrastiveConfig:
-    temperature: float = 0.05  # SimCSE's
-
-
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    objective: str = "clm"  # clm (GPT) | mlm (BERT) | span, seq2seq (encoder-decoder) | contrastive (encoder)
-    mlm: MLMConfig = field(default_factory=MLMConfig)
-    span: SpanConfig = field(default_factory=SpanConfig)
-    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
-
+# The whole recipe: model, train, data, which objective, and each objective's own section.
+Config = make_dataclass("Config", [
+    ("model", ModelConfig, field(default_factory=ModelConfig)),
+    ("train", TrainConfig, field(default_factory=TrainConfig)),
+    ("data", DataConfig, field(default_factory=DataConfig)),
+    ("objective", str, "clm"),  # a key of lmforge.train.objectives.OBJECTIVES
+    *_objective_sections(),
+], namespace={"__module__": __name__})
 
 _CHOICES = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.parallel": ("none", "ddp", "fsdp"),
-    "objective": ("clm", "mlm", "span", "seq2seq", "contrastive"),
+    "objective": tuple(OBJECTIVES),
 }
 
 
@@ -139,13 +120,9 @@ def _check_ranges(cfg: Config, where: str) -> None:
     for key in ("warmup_steps", "eval_every", "checkpoint_every", "patience", "threads"):
         if getattr(t, key) < 0:
             raise UserError(f"{where}config key train.{key}: must be >= 0, got {getattr(t, key)}")
-    if not 0 < cfg.mlm.mask_prob < 1:
-        raise UserError(f"{where}config key mlm.mask_prob: must be in (0, 1), got {cfg.mlm.mask_prob}")
-    if not 0 < cfg.span.noise_density < 1 or cfg.span.mean_span_length < 1:
-        raise UserError(f"{where}config key span.noise_density: need 0 < noise_density < 1 and "
-                        f"mean_span_length >= 1, got {cfg.span.noise_density}, {cfg.span.mean_span_length}")
-    if cfg.contrastive.temperature <= 0:
-        raise UserError(f"{where}config key contrastive.temperature: must be > 0, got {cfg.contrastive.temperature}")
+    for name, cls in OBJECTIVES.items():
+        if cls.Options is not None:
+            getattr(cfg, name).check(where)
     if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
         raise UserError(f"{where}config key train.min_lr: need 0 <= min_lr <= lr, got lr={t.lr} min_lr={t.min_lr}")
 

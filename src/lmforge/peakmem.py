@@ -21,8 +21,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
+
+import torch
+from torch import nn
 
 from lmforge.models.config import ModelConfig
 
@@ -113,14 +117,67 @@ def measure_training_peak(c: ModelConfig, micro_batch: int, precision: str = "fp
     (`objective_batch`); without it, next-token prediction on random ids (`model(x, y)`).
     `shapes` in the result are the batch's tensor shapes.
     """
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     if not can_measure():
         raise RuntimeError("measure_training_peak needs Linux with glibc (it reads mallinfo2)")
-
     from lmforge.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_dict(c.to_dict()))
+    trainable, extra = adapt(model) if adapt else (model.parameters(), 0)
+    # lr=0: the step does all its work (and allocations) but leaves the weights as they are, so an
+    # MoE routes the measured step exactly as the warm-up step: the same expert batch shapes, and
+    # no new entries in oneDNN's per-shape caches of bf16 matmul state (CPU-only memory that grows
+    # with every new shape, which a GPU does not have and the plan does not model)
+    optimizer = torch.optim.AdamW(list(trainable), lr=0.0, fused=True)
+    batch, loss_of = objective_batch(cfg, c, micro_batch) if cfg is not None else random_clm_batch(c, micro_batch)
+    step = _training_step(model, optimizer, batch, loss_of, precision)
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(steps - 1):  # warm-up: the first step allocates AdamW's state
+            step()
+        before = _malloc_live_bytes()
+        with _peak_sampler() as sampler:
+            step()
+    finally:
+        torch.set_num_threads(saved_threads)
+    growth = sampler.peak - before
+    persistent = extra + sum(p.numel() * p.element_size() for p in model.parameters())
+    persistent += sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                      if torch.is_tensor(t))
+    return {"persistent": persistent, "step_growth": growth, "peak": persistent + growth,
+            "shapes": {k: tuple(v.shape) for k, v in batch.items()}}
+
+
+def random_clm_batch(c: ModelConfig, micro_batch: int) -> tuple[dict[str, Any], Callable]:
+    """Next-token prediction on random ids (`model(x, y)`) and its loss function."""
+    x, y = torch.randint(0, c.vocab_size, (2, micro_batch, c.block_size))
+
+    def loss_of(model: Any, batch: dict[str, Any]) -> Any:
+        return model(batch["input_ids"], batch["targets"])[1]
+
+    return {"input_ids": x, "targets": y}, loss_of
+
+
+def _training_step(model: Any, optimizer: Any, batch: dict[str, Any], loss_of: Callable,
+                   precision: str) -> Callable:
     from lmforge.train.device import autocast
+
+    device = torch.device("cpu")
+
+    def step() -> None:
+        with autocast(device, precision):
+            loss = loss_of(model, batch)  # as the training loop: only the loss outlives the forward
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _peak_sampler() -> Any:
+    """A dispatch mode that samples the live malloc bytes after every ATen op (`.peak`)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     class PeakSampler(TorchDispatchMode):
         def __init__(self) -> None:
@@ -132,44 +189,46 @@ def measure_training_peak(c: ModelConfig, micro_batch: int, precision: str = "fp
             self.peak = max(self.peak, _malloc_live_bytes())
             return out
 
-    torch.manual_seed(0)
-    model = build_model(ModelConfig.from_dict(c.to_dict()))
-    trainable, extra = adapt(model) if adapt else (model.parameters(), 0)
-    # lr=0: the step does all its work (and allocations) but leaves the weights as they are, so an
-    # MoE routes the measured step exactly as the warm-up step: the same expert batch shapes, and
-    # no new entries in oneDNN's per-shape caches of bf16 matmul state (CPU-only memory that grows
-    # with every new shape, which a GPU does not have and the plan does not model)
-    optimizer = torch.optim.AdamW(list(trainable), lr=0.0, fused=True)
-    if cfg is None:
-        x, y = torch.randint(0, c.vocab_size, (2, micro_batch, c.block_size))
-        batch = {"input_ids": x, "targets": y}
+    return PeakSampler()
 
-        def loss_of(model: Any, batch: dict[str, Any]) -> Any:
-            return model(batch["input_ids"], batch["targets"])[1]
-    else:
-        batch, loss_of = objective_batch(cfg, c, micro_batch)
-    device = torch.device("cpu")
 
-    def step() -> None:
-        with autocast(device, precision):
-            loss = loss_of(model, batch)  # as the training loop: only the loss outlives the forward
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+# ---- a reference LoRA/QLoRA, applied from outside, for the planner's measured LoRA rows ----------
 
-    saved_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for _ in range(steps - 1):  # warm-up: the first step allocates AdamW's state
-            step()
-        before = _malloc_live_bytes()
-        with PeakSampler() as sampler:
-            step()
-    finally:
-        torch.set_num_threads(saved_threads)
-    growth = sampler.peak - before
-    persistent = extra + sum(p.numel() * p.element_size() for p in model.parameters())
-    persistent += sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-                      if torch.is_tensor(t))
-    return {"persistent": persistent, "step_growth": growth, "peak": persistent + growth,
-            "shapes": {k: tuple(v.shape) for k, v in batch.items()}}
+class ReferenceLoRALinear(nn.Module):
+    """Reference LoRA (Hu et al. 2021): y = W x + B A x, W frozen, A and B trained (fp32)."""
+
+    def __init__(self, base: nn.Module, in_features: int, out_features: int, rank: int) -> None:
+        super().__init__()
+        self.base = base
+        self.A = nn.Parameter(torch.randn(rank, in_features) / math.sqrt(in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.A.t()) @ self.B.t()
+
+
+def reference_lora(model: nn.Module, lora: Any) -> tuple[list[nn.Parameter], int]:
+    """Freeze the model in bf16 and wrap the targeted block Linears; QLoRA: NF4 via bitsandbytes."""
+    model.to(torch.bfloat16).requires_grad_(False)
+    extra = 0  # quantization state that is not a parameter
+    for name, module in list(model.named_modules()):
+        for child, linear in list(module.named_children()):
+            if not (isinstance(linear, nn.Linear) and name.startswith("blocks.")) or child == "router":
+                continue  # (an MoE router stays bf16 and untrained)
+            base = linear
+            if lora.quantized:
+                import bitsandbytes as bnb
+
+                base = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                         compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
+                base.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
+                                                compress_statistics=True, blocksize=64)
+                base.bias = linear.bias
+                base = base.to("cpu")  # quantizes
+                qs = base.weight.quant_state
+                extra += sum(t.numel() * t.element_size()
+                             for t in (qs.absmax, qs.code, qs.state2.absmax, qs.state2.code, qs.offset))
+            if child in lora.targets:
+                base = ReferenceLoRALinear(base, linear.in_features, linear.out_features, lora.rank)
+            setattr(module, child, base)
+    return [p for p in model.parameters() if p.requires_grad], extra

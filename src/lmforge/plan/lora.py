@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from lmforge.errors import UserError
 from lmforge.models.config import ModelConfig
-from lmforge.plan.params import _built, block_linears, count_params, n_blocks
+from lmforge.plan.params import block_linears, built_model, count_params, n_blocks
 
 # LoRA targets: the names of the Linear layers inside a block (attention, MLP or each expert)
 LORA_TARGETS = ("qkv", "out", "gate", "up", "down")
@@ -81,7 +81,7 @@ def lora_params(c: ModelConfig, lora: LoRA) -> dict[str, int]:
     # other architectures: the targeted Linears found in the built model's blocks (by name)
     from torch import nn
 
-    shapes = {id(m): (m.in_features, m.out_features) for layers in _built(c).modules()
+    shapes = {id(m): (m.in_features, m.out_features) for layers in built_model(c).modules()
               if isinstance(layers, nn.ModuleList) for block in layers for name, m in block.named_modules()
               if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in lora.targets}
     total = sum(r * (i + o) for i, o in shapes.values())
@@ -107,7 +107,7 @@ def _quantized_weights(c: ModelConfig) -> list[int]:
         return per_block * c.n_layer
     from torch import nn
 
-    model = _built(c)
+    model = built_model(c)
     in_blocks = {id(m.weight): m.weight.numel() for layers in model.modules() if isinstance(layers, nn.ModuleList)
                  for block in layers for name, m in block.named_modules()
                  if isinstance(m, nn.Linear) and not name.endswith("router")}

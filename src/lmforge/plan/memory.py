@@ -68,7 +68,7 @@ from typing import Any
 from lmforge.errors import UserError
 from lmforge.models.config import ModelConfig
 from lmforge.plan.lora import LORA_TARGETS, LoRA, frozen_base_bytes, lora_params
-from lmforge.plan.params import _built, _gated, block_linears, count_params
+from lmforge.plan.params import block_linears, built_model, count_params, is_gated
 
 ADAMW_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32, per parameter
 PRECISIONS = ("fp32", "bf16")
@@ -141,18 +141,12 @@ def stacks(c: ModelConfig, seq_len: int, decoder_len: int | None = None) -> list
 
 
 def objective_lengths(cfg: Any, block_size: int) -> tuple[int, int | None]:
-    """Positions per example that `cfg.objective` feeds the model: (encoder or only stack, decoder).
+    """Positions per example that `cfg.objective` feeds the model: (encoder or only stack, decoder),
+    as the objective itself says (`Objective.lengths`: span corruption's decoder writes about a
+    quarter of the encoder's positions; seq2seq pads each batch to its longest pair)."""
+    from lmforge.train.objectives import objective_class
 
-    clm, mlm and contrastive rows are block_size long. Span corruption's encoder reads the
-    corrupted window (at most block_size) and its decoder writes the sentinels, the spans and
-    [EOS], about a quarter of that: the objective's own arithmetic (`SpanCorruption`) decides.
-    seq2seq pads each batch to its longest pair, at most block_size on either side.
-    """
-    if cfg.objective == "span":
-        from lmforge.train.objectives import span_lengths
-
-        return span_lengths(cfg.span, block_size)[1:]
-    return block_size, (block_size if cfg.objective == "seq2seq" else None)
+    return objective_class(cfg.objective).lengths(cfg, block_size)
 
 
 def attention_kernel(c: ModelConfig, precision: str, seq_len: int, device_type: str = "cuda") -> str:
@@ -228,7 +222,7 @@ def block_activation_bytes(c: ModelConfig, stack: Stack, precision: str, attenti
         norms = _norm_act_bytes(c, p, "qkv" in trained) + _norm_act_bytes(c, p, False) + (0 if lora else d * 4)
     else:
         norms = _norm_act_bytes(c, p, "qkv" in trained) + _norm_act_bytes(c, p, experts_read)
-        if _gated(c) and lora is None and p.act != p.stream:  # gate and up each save their own
+        if is_gated(c) and lora is None and p.act != p.stream:  # gate and up each save their own
             norms += d * p.act  # autocast copy of the norm's output
     low = p.act == 2
     impl = _attention_impl(c, attention, low, T, stack.bias)
@@ -242,7 +236,7 @@ def block_activation_bytes(c: ModelConfig, stack: Stack, precision: str, attenti
     parts["residual_norms"] = norms * T
     # MLP hidden tensors: the activation's saved input(s), + the down-projection's input when
     # down is trained (relu: the same tensor as relu's saved output)
-    hidden = 3 if _gated(c) else 1  # gated: gate, act(gate), up; else the activation's input (relu: output)
+    hidden = 3 if is_gated(c) else 1  # gated: gate, act(gate), up; else the activation's input (relu: output)
     hidden += int("down" in trained and c.mlp != "relu")
     mlp = hidden * h * p.act
     if E:  # per token: fp32 router logits and probabilities, the k gates; per routed copy (k):
@@ -260,12 +254,13 @@ def block_activation_bytes(c: ModelConfig, stack: Stack, precision: str, attenti
 
 
 def _ends(c: ModelConfig, p: Precision, micro_batch: int, model_stacks: list[Stack], lora: LoRA | None,
-          contrastive: bool = False) -> dict[str, float]:
+          embeddings: bool = False) -> dict[str, float]:
     """Bytes saved outside the blocks: `inputs` (until the end of backward: token ids, BERT's
     embedding norm, the encoder's final norm and output, T5's position buckets), `head` (until
     the head's backward: the final norm or BERT's MLM transform, the fp32 log-softmax, targets)
-    and `transient`, the gradients alive for a moment at the start of backward. contrastive: a
-    BERT's sentence vectors (`Contrastive`): micro_batch counts both views' rows; no segment ids,
+    and `transient`, the gradients alive for a moment at the start of backward. embeddings: a
+    BERT's sentence vectors (an objective whose `output` is "embeddings", e.g. `Contrastive`):
+    micro_batch counts every view's rows; no segment ids,
     no MLM head: the mean-pooled, normalized vectors, and the hidden states' fp32 gradient."""
     B, d, V, trained = micro_batch, c.n_embd, c.vocab_size, lora is None
     first, last = model_stacks[0], model_stacks[-1]
@@ -276,7 +271,7 @@ def _ends(c: ModelConfig, p: Precision, micro_batch: int, model_stacks: list[Sta
     if c.arch == "gpt":
         inputs = T * 8
         head = T * _norm_act_bytes(c, p, output_saved=trained) + loss
-    elif c.arch == "bert" and contrastive:  # ids; the embedding norm; pooled vectors, their norms, logits
+    elif c.arch == "bert" and embeddings:  # ids; the embedding norm; pooled vectors, their norms, logits
         inputs = S * (8 + _norm_act_bytes(c, p, output_saved=False) + drop)
         head = 3 * d * 4 + 2 * B
         transient = S * d * 4  # the mean's backward spreads the vectors' gradient over every position
@@ -305,7 +300,7 @@ def _ends(c: ModelConfig, p: Precision, micro_batch: int, model_stacks: list[Sta
 def activation_memory(c: ModelConfig, micro_batch: int, seq_len: int, precision: str,
                       checkpointing: bool = False, attention: str = "fused",
                       lora: LoRA | None = None, decoder_len: int | None = None,
-                      contrastive: bool = False) -> dict[str, Any]:
+                      embeddings: bool = False) -> dict[str, Any]:
     """Activation bytes of one micro-batch, by part: `layers` (all blocks), `inputs` and `head`
     are what is saved at the start of backward; `blocks` lists per block (forward order) its stack,
     what it saves (`saved`: with checkpointing, while it is being recomputed) and what is kept
@@ -320,7 +315,7 @@ def activation_memory(c: ModelConfig, micro_batch: int, seq_len: int, precision:
         saved = sum(block_activation_bytes(c, stack, precision, attention, lora).values()) * B + rope_tables
         kept = stack.length * c.n_embd * p.stream * B if checkpointing else saved
         blocks += [{"stack": stack, "saved": saved, "kept": kept}] * stack.layers
-    ends = _ends(c, p, B, model_stacks, lora, contrastive)
+    ends = _ends(c, p, B, model_stacks, lora, embeddings)
     return {"layers": sum(b["kept"] for b in blocks), "inputs": ends["inputs"], "head": ends["head"],
             "backward_transient": ends["transient"], "blocks": blocks}
 
@@ -329,7 +324,7 @@ def _stack_block_params(c: ModelConfig) -> dict[str, int]:
     """Parameters of one block of each stack (by `Stack.name`)."""
     if c.arch == "gpt":
         return {"": count_params(c)["per_block"]}
-    model = _built(c)
+    model = built_model(c)
     lists = {"encoder": model.encoder_blocks, "decoder": model.decoder_blocks} if c.arch == "encdec" \
         else {"encoder": model.blocks}
     return {name: sum(p.numel() for p in blocks[0].parameters()) for name, blocks in lists.items()}
@@ -337,7 +332,7 @@ def _stack_block_params(c: ModelConfig) -> dict[str, int]:
 
 def _encoder_params(c: ModelConfig) -> int:
     """A BERT's parameters that its sentence vectors use: the embeddings, their norm, the blocks."""
-    model = _built(c)
+    model = built_model(c)
     used = (model.tok_embeddings, model.pos_embeddings, model.type_embeddings, model.emb_norm, model.blocks)
     return sum(p.numel() for m in used for p in m.parameters())
 
@@ -345,15 +340,15 @@ def _encoder_params(c: ModelConfig) -> int:
 def training_memory(c: ModelConfig, micro_batch: int, seq_len: int | None = None, precision: str = "bf16",
                     checkpointing: bool = False, gpus: int = 1, attention: str = "fused",
                     lora: LoRA | None = None, decoder_len: int | None = None,
-                    objective: str | None = None) -> dict[str, Any]:
+                    objective: Any = None) -> dict[str, Any]:
     """Peak training memory per device in bytes, by part, for AdamW.
 
     seq_len: positions per example (an encoder-decoder's source), default block_size;
     decoder_len: an encoder-decoder's target positions, default seq_len (`objective_lengths`).
-    objective: "contrastive" (a BERT's sentence vectors, `train.objectives.Contrastive`) runs
-    both dropout views of each example through the encoder (2 x micro_batch rows) and never the
-    MLM head, pooler or NSP head, which get no gradients and no AdamW state; any other value
-    (clm, mlm, span, seq2seq) is modelled from the model's structure alone.
+    objective (a name or an `Objective` class; default: the model's structure alone): its memory
+    factors. `views` passes of each example go through the model (contrastive: both dropout
+    views, 2 x micro_batch rows), and an objective whose `output` is "embeddings" never runs the
+    MLM head, pooler or NSP head, which then get no gradients and no AdamW state.
     Full training keeps fp32 master weights; with `lora` the base is frozen (bf16, or NF4 for
     QLoRA) and only the adapters are trained (fp32), under bf16 autocast (`precision` is
     ignored). With gpus > 1, FSDP2 (as `train.distributed.parallelize` applies it: one unit per
@@ -376,61 +371,93 @@ def training_memory(c: ModelConfig, micro_batch: int, seq_len: int | None = None
     activations at small batches, peak at the bottom; dense ones at the head.
     """
     seq_len = seq_len or c.block_size
-    n = count_params(c)
-    shard = max(gpus, 1)
-    contrastive = objective == "contrastive"
-    if contrastive:
-        from lmforge.train.objectives import Contrastive
+    views, embeddings = 1, False
+    if objective is not None:
+        from lmforge.train.objectives import objective_class
 
-        Contrastive.check(c)  # the models training refuses (not a BERT, no dropout)
-    rows = 2 * micro_batch if contrastive else micro_batch
-    acts = activation_memory(c, rows, seq_len, precision, checkpointing, attention, lora, decoder_len, contrastive)
-    stack_params = _stack_block_params(c)
+        obj = objective_class(objective) if isinstance(objective, str) else objective
+        obj.check(c)  # the models training refuses (e.g. contrastive: not a BERT, no dropout)
+        views, embeddings = obj.views, obj.output == "embeddings"
+    rows = views * micro_batch
+    acts = activation_memory(c, rows, seq_len, precision, checkpointing, attention, lora, decoder_len, embeddings)
+    shard = max(gpus, 1)
     if lora is None:
-        p = Precision.of(precision)
-        trainable, per_block = n["total"], stack_params
-        weights = n["total"] * 4 / shard
-        # FSDP gathers the parameters in the compute dtype (`train.distributed.parallelize`:
-        # bf16 with bf16 autocast), so there are no autocast copies; one process casts each
-        # weight for its matmul and keeps the copy until backward has used it
-        gathered_bytes = 4 - p.cast_weights if gpus > 1 else 4
-        block_bytes = n["per_block"] * gathered_bytes
-        root_bytes = max(0, n["total"] - sum(stack_params[s.name] * s.layers for s in stacks(c, seq_len)))
-        root_bytes *= gathered_bytes
-        cast_bytes = 0 if gpus > 1 else p.cast_weights
-        casts = n["matmul"] * cast_bytes
-        block_casts = {name: x * cast_bytes for name, x in stack_params.items()}
-        # a weight's gradient comes out of its bf16 matmul in bf16, then is accumulated in fp32
-        largest = max(i * o for _, i, o, _, _ in block_linears(c))
-        bf16_grads = largest * p.cast_weights
-        head_grad = c.vocab_size * c.n_embd * 4 / shard  # the first gradient backward writes
-        tied_sum = 2 * c.vocab_size * c.n_embd * 4 / shard if c.tie_embeddings else 0
-        if contrastive:  # only the embeddings and blocks are used: no head, its weight copy or gradient
-            trainable = _encoder_params(c)
-            casts = sum(block_casts[s.name] * s.layers for s in stacks(c, seq_len))
-            head_grad = tied_sum = 0
+        state = _full_training_state(c, seq_len, precision, gpus, embeddings)
     else:
-        base = frozen_base_bytes(c, lora)
-        lp = lora_params(c, lora)
-        trainable = lp["total"]
-        per_block = {name: lp["per_layer"] for name in stack_params}
-        weights = (base["total"] + trainable * 4) / shard
-        block_bytes, root_bytes = base["per_block"], base["root"]
-        # autocast's bf16 copies of the fp32 adapters (+ QLoRA's dequantized weight at hand)
-        casts, block_casts = trainable * 2, {name: lp["per_layer"] * 2 for name in stack_params}
-        bf16_grads = 0  # (adapters: negligible)
-        head_grad = tied_sum = 0
-        acts["dequantized_transient"] = base["dequantized_transient"]
+        state = _lora_training_state(c, lora, gpus)
+        acts["dequantized_transient"] = state["dequantized_transient"]
+    trainable = state["trainable"]
     grads = trainable * 4 / shard
     optimizer = trainable * ADAMW_STATE_BYTES / shard
     # FSDP: all-gathered (unsharded) parameters of two blocks (the one in use, the one prefetched)
     # and of the root module (embeddings, final norm, head), which stays gathered
-    gathered = 2 * block_bytes + root_bytes if gpus > 1 else 0.0
+    gathered = 2 * state["block_bytes"] + state["root_bytes"] if gpus > 1 else 0.0
     transient = acts.get("dequantized_transient", 0)
+    phases = _backward_phases(c, acts, state, rows, micro_batch, seq_len, decoder_len, precision,
+                              checkpointing, gpus, lora)
+    phases["end of backward"] = grads + state["tied_sum"]
+    phase = max(phases, key=phases.get)
+    peak = state["weights"] + optimizer + gathered + transient + phases[phase]
+    return {"weights": state["weights"], "gradients": grads, "optimizer": optimizer, "fsdp_gathered": gathered,
+            "autocast_weight_copies": state["casts"] + transient,
+            **{f"activations_{k}": acts[k] for k in ("layers", "inputs", "head", "backward_transient")},
+            "trainable_params": trainable, "peak": peak, "peak_phase": phase}
+
+
+def _full_training_state(c: ModelConfig, seq_len: int, precision: str, gpus: int,
+                         embeddings: bool) -> dict[str, Any]:
+    """Full training (fp32 master weights): what is trained, the weights and their autocast copies,
+    what FSDP gathers, and the head's first gradients."""
+    n = count_params(c)
+    shard = max(gpus, 1)
+    stack_params = _stack_block_params(c)
+    p = Precision.of(precision)
+    # FSDP gathers the parameters in the compute dtype (`train.distributed.parallelize`:
+    # bf16 with bf16 autocast), so there are no autocast copies; one process casts each
+    # weight for its matmul and keeps the copy until backward has used it
+    gathered_bytes = 4 - p.cast_weights if gpus > 1 else 4
+    root = max(0, n["total"] - sum(stack_params[s.name] * s.layers for s in stacks(c, seq_len)))
+    cast_bytes = 0 if gpus > 1 else p.cast_weights
+    block_casts = {name: x * cast_bytes for name, x in stack_params.items()}
+    # a weight's gradient comes out of its bf16 matmul in bf16, then is accumulated in fp32
+    largest = max(i * o for _, i, o, _, _ in block_linears(c))
+    state = {"trainable": n["total"], "per_block": stack_params, "weights": n["total"] * 4 / shard,
+             "block_bytes": n["per_block"] * gathered_bytes, "root_bytes": root * gathered_bytes,
+             "casts": n["matmul"] * cast_bytes, "block_casts": block_casts,
+             "bf16_grads": largest * p.cast_weights,
+             "head_grad": c.vocab_size * c.n_embd * 4 / shard,  # the first gradient backward writes
+             "tied_sum": 2 * c.vocab_size * c.n_embd * 4 / shard if c.tie_embeddings else 0}
+    if embeddings:  # only the embeddings and blocks are used: no head, its weight copy or gradient
+        state.update(trainable=_encoder_params(c), head_grad=0, tied_sum=0,
+                     casts=sum(block_casts[s.name] * s.layers for s in stacks(c, seq_len)))
+    return state
+
+
+def _lora_training_state(c: ModelConfig, lora: LoRA, gpus: int) -> dict[str, Any]:
+    """LoRA/QLoRA: a frozen base (bf16, or NF4) and fp32 adapters, the only trained parameters."""
+    base = frozen_base_bytes(c, lora)
+    lp = lora_params(c, lora)
+    trainable = lp["total"]
+    stack_names = _stack_block_params(c)
+    # autocast's bf16 copies of the fp32 adapters (+ QLoRA's dequantized weight at hand)
+    return {"trainable": trainable, "per_block": {name: lp["per_layer"] for name in stack_names},
+            "weights": (base["total"] + trainable * 4) / max(gpus, 1), "block_bytes": base["per_block"],
+            "root_bytes": base["root"], "casts": trainable * 2,
+            "block_casts": {name: lp["per_layer"] * 2 for name in stack_names},
+            "bf16_grads": 0, "head_grad": 0, "tied_sum": 0,  # (adapters: negligible)
+            "dequantized_transient": base["dequantized_transient"]}
+
+
+def _backward_phases(c: ModelConfig, acts: dict[str, Any], state: dict[str, Any], rows: int, micro_batch: int,
+                     seq_len: int, decoder_len: int | None, precision: str, checkpointing: bool, gpus: int,
+                     lora: LoRA | None) -> dict[str, float]:
+    """Memory in use (beyond weights and optimizer state) at the head and at the top and bottom
+    block of each stack, walking backward as it runs."""
+    shard = max(gpus, 1)
+    casts, head_grad = state["casts"], state["head_grad"]
     encoder_output_grad = 0.0  # an encoder-decoder's (B, S, d) fp32 gradient, filled by the decoder
     if c.arch == "encdec":
         encoder_output_grad = micro_batch * seq_len * c.n_embd * 4
-
     phases = {"head": acts["layers"] + acts["inputs"] + acts["head"] + acts["backward_transient"] + casts
               + head_grad}
     backward = acts["blocks"][::-1]  # blocks in the order backward runs them
@@ -442,9 +469,9 @@ def training_memory(c: ModelConfig, micro_batch: int, seq_len: int | None = None
     done_grads = done_casts = 0.0
     for i, block in enumerate(backward):
         stack = block["stack"]
-        trained_here = per_block[stack.name]
+        trained_here = state["per_block"][stack.name]
         # FSDP: a block's unsharded gradients (fp32, the reduce dtype) until they are reduce-scattered
-        block_grads = trained_here * 4 / shard + bf16_grads + (trained_here * 4 if gpus > 1 else 0)
+        block_grads = trained_here * 4 / shard + state["bf16_grads"] + (trained_here * 4 if gpus > 1 else 0)
         remaining = sum(b["kept"] for b in backward[i:]) + (block["saved"] if checkpointing else 0)
         memory = (remaining + acts["inputs"] + casts - done_casts + head_grad + done_grads + block_grads
                   + (encoder_output_grad if stack.name == "decoder" else 0) + hidden_grad[stack.name])
@@ -454,11 +481,5 @@ def training_memory(c: ModelConfig, micro_batch: int, seq_len: int | None = None
             if is_end:
                 phases[f"{end} {stack.name} block".replace("  ", " ")] = memory
         done_grads += trained_here * 4 / shard
-        done_casts += block_casts[stack.name]
-    phases["end of backward"] = grads + tied_sum
-    phase = max(phases, key=phases.get)
-    peak = weights + optimizer + gathered + transient + phases[phase]
-    return {"weights": weights, "gradients": grads, "optimizer": optimizer, "fsdp_gathered": gathered,
-            "autocast_weight_copies": casts + transient,
-            **{f"activations_{k}": acts[k] for k in ("layers", "inputs", "head", "backward_transient")},
-            "trainable_params": trainable, "peak": peak, "peak_phase": phase}
+        done_casts += state["block_casts"][stack.name]
+    return phases

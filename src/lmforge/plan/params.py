@@ -21,7 +21,7 @@ def _norm_params(c: ModelConfig) -> int:
     return c.n_embd * (2 if c.norm == "layernorm" and c.bias else 1)
 
 
-def _gated(c: ModelConfig) -> bool:
+def is_gated(c: ModelConfig) -> bool:
     """Whether the MLP has a gate projection besides up (swiglu, geglu)."""
     return c.mlp in ("swiglu", "geglu")
 
@@ -42,7 +42,7 @@ def block_linears(c: ModelConfig) -> list[tuple[str, int, int, int, int]]:
     linears = [("qkv", d, q + 2 * kv, 1, 1), ("out", q, d, 1, 1)]
     if E:
         linears.append(("router", d, E, 1, 1))
-    if _gated(c):
+    if is_gated(c):
         linears.append(("gate", d, h, experts, active))
     linears += [("up", d, h, experts, active), ("down", h, d, experts, active)]
     return linears
@@ -51,7 +51,7 @@ def block_linears(c: ModelConfig) -> list[tuple[str, int, int, int, int]]:
 def mlp_params(c: ModelConfig) -> int:
     """Parameters of one dense MLP (an MoE expert has the same shape)."""
     d, h, b = c.n_embd, c.ffn_hidden, int(c.bias)
-    n_in = 2 if _gated(c) else 1  # swiglu/geglu have gate and up projections
+    n_in = 2 if is_gated(c) else 1  # swiglu/geglu have gate and up projections
     return n_in * (d * h + b * h) + h * d + b * d
 
 
@@ -102,7 +102,7 @@ def _meta_model(config_json: str) -> Any:
         return build_model(ModelConfig.from_dict(json.loads(config_json)))
 
 
-def _built(c: ModelConfig) -> Any:
+def built_model(c: ModelConfig) -> Any:
     return _meta_model(json.dumps(c.to_dict(), sort_keys=True))
 
 
@@ -116,7 +116,7 @@ def count_params_built(c: ModelConfig) -> dict[str, Any]:
     """
     from torch import nn
 
-    model = _built(c)
+    model = built_model(c)
     params = list(model.parameters())  # shared tensors once
     total = sum(p.numel() for p in params)
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -136,22 +136,22 @@ def count_params_built(c: ModelConfig) -> dict[str, Any]:
 
 
 def flops_per_token(c: ModelConfig, seq_len: int | None = None, decoder_len: int | None = None,
-                    objective: str | None = None) -> float:
+                    objective: Any = None) -> float:
     """Training FLOPs per token: 6·N_active_matmul + 12·L·d·T (attention), as `GPT.flops_per_token`.
 
     An MoE token runs through the router and top_k experts only, so N counts those. Other
     architectures: their model's own `flops_per_token` (which knows e.g. an encoder-decoder's
-    cross-attention and its decoder length, `decoder_len`: default seq_len), or the same formula
-    over all their blocks. objective="contrastive": a BERT's encoder alone, once per view
-    (`Contrastive.flops_per_token`).
+    cross-attention and its decoder length, `decoder_len`: default seq_len). `objective` (a name
+    or an `Objective` class): the objective's own count (`Objective.model_flops`, e.g.
+    contrastive's two views through the encoder without the MLM head), as training's MFU uses it.
     """
     seq_len = c.block_size if seq_len is None else seq_len
-    if objective == "contrastive" and c.arch == "bert":
-        from lmforge.train.objectives import Contrastive
+    if objective is not None:
+        from lmforge.train.objectives import objective_class
 
-        return Contrastive.views * float(_built(c).flops_per_token(seq_len, mlm_head=False))
-    if c.arch != "gpt" and hasattr(_built(c), "flops_per_token"):
-        if c.arch == "encdec":
-            return float(_built(c).flops_per_token(seq_len, decoder_len))
-        return float(_built(c).flops_per_token(seq_len))
+        cls = objective_class(objective) if isinstance(objective, str) else objective
+        return cls.model_flops(built_model(c), seq_len, decoder_len if c.arch == "encdec" else None)
+    if c.arch != "gpt":
+        lengths = (seq_len, decoder_len) if c.arch == "encdec" else (seq_len,)
+        return float(built_model(c).flops_per_token(*lengths))
     return 6.0 * count_params(c)["matmul_active"] + 12.0 * n_blocks(c) * c.n_embd * seq_len

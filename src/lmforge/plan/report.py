@@ -16,11 +16,11 @@ from lmforge.models.config import ModelConfig
 from lmforge.plan.lora import DEFAULT_LORA_TARGETS, LORA_TARGETS, LoRA, lora_params
 from lmforge.plan.memory import PRECISIONS, objective_lengths, training_memory
 from lmforge.plan.params import count_params, flops_per_token
-from lmforge.train.device import _GPU_PEAK_BF16
+from lmforge.train.device import GPU_PEAK_BF16
 
 CHINCHILLA_TOKENS_PER_PARAM = 20.0
 DEFAULT_VOCAB = 50304  # GPT-2's 50257 padded to a multiple of 64, when nothing else says
-# device memory (GiB) of the GPUs in `_GPU_PEAK_BF16` (largest variant where there are several)
+# device memory (GiB) of the GPUs in `GPU_PEAK_BF16` (largest variant where there are several)
 GPU_MEMORY_GIB = {"H200": 141, "H100": 80, "A100": 80, "L40S": 48, "L4": 24, "A10": 24, "4090": 24,
                   "3090": 24, "V100": 32, "T4": 16}
 
@@ -59,9 +59,9 @@ def plan(cfg: Any, *, gpus: int = 1, gpu_type: str = "H100", mfu: float = 0.4, t
     if lora_targets is not None and lora_rank is None:
         raise UserError("--lora-targets needs --lora-rank (the adapters' rank), e.g. --lora-rank 16")
     lora_targets = DEFAULT_LORA_TARGETS if lora_targets is None else lora_targets
-    gpu_type = next((g for g in _GPU_PEAK_BF16 if g.lower() == gpu_type.lower()), gpu_type)
-    if gpu_type not in _GPU_PEAK_BF16:
-        raise UserError(f"--gpu-type {gpu_type!r} is not known; allowed: {', '.join(_GPU_PEAK_BF16)}")
+    gpu_type = next((g for g in GPU_PEAK_BF16 if g.lower() == gpu_type.lower()), gpu_type)
+    if gpu_type not in GPU_PEAK_BF16:
+        raise UserError(f"--gpu-type {gpu_type!r} is not known; allowed: {', '.join(GPU_PEAK_BF16)}")
     if gpus < 1:
         raise UserError(f"--gpus must be >= 1, got {gpus}")
     if not 0 < mfu <= 1:
@@ -70,22 +70,22 @@ def plan(cfg: Any, *, gpus: int = 1, gpu_type: str = "H100", mfu: float = 0.4, t
         raise UserError(f"--tokens must be > 0, got {tokens}")
     vocab, vocab_source = _resolve_vocab(cfg, vocab_size)
     c = ModelConfig.from_dict({**cfg.model.to_dict(), "vocab_size": vocab})
-    from lmforge.train.objectives import OBJECTIVES
+    from lmforge.train.objectives import objective_class
 
-    objective = OBJECTIVES[cfg.objective]
+    objective = objective_class(cfg.objective)
     objective.check(c)  # the model training would refuse, refused here too
     params = count_params(c)
     moe = c.moe.num_experts > 0
     micro_batch = cfg.train.batch_size
     seq_len, decoder_len = objective_lengths(cfg, c.block_size)
-    fpt = flops_per_token(c, seq_len, decoder_len, cfg.objective)
+    fpt = flops_per_token(c, seq_len, decoder_len, objective)
     six_n = 6.0 * params["matmul_active"]
     views = objective.views
-    if views > 1:  # contrastive, per view: the encoder's matmuls (no MLM head) + attention
+    if views > 1:  # per view: the encoder's matmuls (contrastive: no MLM head) + attention
         six_n = fpt / views - 12.0 * c.n_layer * c.n_embd * seq_len
     budget = float(tokens) if tokens else CHINCHILLA_TOKENS_PER_PARAM * params["active"]
     total_flops = fpt * budget
-    peak_flops = _GPU_PEAK_BF16[gpu_type]
+    peak_flops = GPU_PEAK_BF16[gpu_type]
     seconds = total_flops / (gpus * peak_flops * mfu)
     setups: list[tuple[str, str, LoRA | None]] = [(p, p, None) for p in PRECISIONS]
     lora_report = None
@@ -103,7 +103,7 @@ def plan(cfg: Any, *, gpus: int = 1, gpu_type: str = "H100", mfu: float = 0.4, t
         for ckpt in (False, True):
             key = f"{name}{'+act_ckpt' if ckpt else ''}"
             memory[key] = training_memory(c, micro_batch, seq_len, precision, ckpt, gpus, lora=setup,
-                                          decoder_len=decoder_len, objective=cfg.objective)
+                                          decoder_len=decoder_len, objective=objective)
             memory[key]["fits"] = memory[key]["peak"] <= GPU_MEMORY_GIB[gpu_type] * 2**30
     tokens_per_step = micro_batch * seq_len * cfg.train.grad_accum * gpus
     per = "active parameters" if moe else "parameters"

@@ -25,7 +25,7 @@ from lmforge.errors import UserError
 CPU_BF16_MIN_WIDTH = 96
 
 # dense bf16 tensor-core peaks (no sparsity), FLOP/s
-_GPU_PEAK_BF16 = {
+GPU_PEAK_BF16 = {
     "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
     "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12,
 }
@@ -98,7 +98,7 @@ def peak_flops(device: torch.device, precision: str) -> float:
         return float(os.environ["LMFORGE_PEAK_FLOPS"])
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, value in _GPU_PEAK_BF16.items():
+        for key, value in GPU_PEAK_BF16.items():
             if key in name:
                 return value if precision != "fp32" else value / 2  # tf32 is half of bf16
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

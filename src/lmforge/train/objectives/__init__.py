@@ -1,0 +1,62 @@
+"""Training objectives: how a batch is cut from the data and what loss the model minimizes.
+
+    objective: clm          next-token prediction (GPT)                      base.CausalLM
+    objective: mlm          masked LM, optionally + next-sentence prediction  mlm.MaskedLM
+    objective: span         T5 span corruption                               span.SpanCorruption
+    objective: seq2seq      source -> target pairs from a JSONL file         seq2seq.Seq2Seq
+    objective: contrastive  SimCSE sentence embeddings (BERT)                contrastive.Contrastive
+
+Each objective is one class that owns its config section, checks, batch shapes, FLOPs and
+memory factors (see `base.Objective`). Adding one: write the class (with its `Options`
+dataclass if it has settings) in a module here and add it to `OBJECTIVES`; the config key
+`objective`, the `cfg.<name>` section, `lmforge plan` and the training loop pick it up.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from lmforge.train.objectives.base import EVAL_STREAM, Batch, CausalLM, Objective
+from lmforge.train.objectives.contrastive import Contrastive, ContrastiveOptions
+from lmforge.train.objectives.mlm import MaskedLM, MLMOptions
+from lmforge.train.objectives.seq2seq import PairSource, Seq2Seq
+from lmforge.train.objectives.span import SpanCorruption, SpanOptions, span_counts, span_lengths
+from lmforge.train.objectives.tokens import (
+    MASK,
+    MASK_FALLBACKS,
+    NUM_SENTINELS,
+    find_token,
+    padded_vocab,
+    sentinel,
+    special_ids,
+    token_fallbacks,
+    with_tokens,
+)
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    cls.name: cls for cls in (CausalLM, MaskedLM, SpanCorruption, Contrastive, Seq2Seq)
+}
+
+
+def objective_class(name: str) -> type[Objective]:
+    """The objective registered as `name` (the config loader has already checked it exists)."""
+    return OBJECTIVES[name]
+
+
+def objective_for(cfg: Any, tokenizer: Any, model_config: Any,
+                  models: dict[str, nn.Module] | None = None) -> Objective:
+    """The objective `cfg.objective` names, checked against the model (`Objective.check`);
+    `models`: the extra models it reads (`Objective.needs_models`, e.g. DPO's reference)."""
+    cls = OBJECTIVES[cfg.objective]
+    cls.check(model_config)
+    return cls(cfg, tokenizer, model_config, models)
+
+
+__all__ = [
+    "EVAL_STREAM", "MASK", "MASK_FALLBACKS", "NUM_SENTINELS", "OBJECTIVES", "Batch", "CausalLM", "Contrastive",
+    "ContrastiveOptions", "MLMOptions", "MaskedLM", "Objective", "PairSource", "Seq2Seq", "SpanCorruption",
+    "SpanOptions", "find_token", "objective_class", "objective_for", "padded_vocab", "sentinel", "span_counts",
+    "span_lengths", "special_ids", "token_fallbacks", "with_tokens",
+]

@@ -1,0 +1,94 @@
+"""Sequence-to-sequence on paired data: `objective: seq2seq`, reading `data.pairs`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lmforge.data.readers import iter_jsonl_objects
+from lmforge.errors import UserError
+from lmforge.train.objectives.base import Batch, Objective
+
+
+class PairSource:
+    """Source/target pairs from a JSONL file (`data.pairs`), tokenized once, split by content hash.
+
+    Each line is `{"source": "...", "target": "..."}`. A pair goes to val when the first byte of
+    sha256(source) is below `val_fraction` * 256 of the range (about 5% by default), so the split
+    does not depend on the order of the lines. Sources longer than model.block_size - 1 tokens
+    and targets longer than block_size - 1 are cut (counted and reported once).
+    """
+
+    def __init__(self, path: str | Path, tokenizer: Any, split: str, block_size: int,
+                 val_fraction: float = 0.05) -> None:
+        import hashlib
+
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"data.pairs: {path} does not exist; point it at a JSONL file of "
+                            '{"source": ..., "target": ...} lines')
+        sources, targets = [], []
+        for line_no, record in iter_jsonl_objects(path):
+            if not all(isinstance(record.get(k), str) and record[k].strip() for k in ("source", "target")):
+                raise UserError(f'{path}:{line_no}: needs non-empty string fields "source" and "target"')
+            in_val = hashlib.sha256(record["source"].encode()).digest()[0] < val_fraction * 256
+            if in_val == (split == "val"):
+                sources.append(record["source"])
+                targets.append(record["target"])
+        if not sources:
+            raise UserError(f"{path}: no {split} pairs (val takes ~{val_fraction:.0%} by content hash); add pairs")
+        cut = block_size - 1
+        enc_s = tokenizer.encode_batch(sources)
+        enc_t = tokenizer.encode_batch(targets)
+        self.truncated = sum(len(a) > cut for a in enc_s) + sum(len(b) > cut for b in enc_t)
+        self.sources = [a[:cut] + [tokenizer.eos_id] for a in enc_s]
+        self.targets = [b[:cut] + [tokenizer.eos_id] for b in enc_t]
+        self.num_tokens = sum(map(len, self.sources)) + sum(map(len, self.targets))
+        self.split = split
+
+
+class Seq2Seq(Objective):
+    """Plain sequence-to-sequence on paired data (translation, summarization...): the encoder
+    reads the source, the decoder is trained to write the target (teacher forcing).
+
+    Rows are padded to the longest source/target of the batch with the pad id; the encoder
+    gets an attention_mask, padded target positions are -100 (ignored by the loss).
+    """
+
+    name, arch = "seq2seq", "encdec"
+
+    @classmethod
+    def lengths(cls, cfg: Any, block_size: int) -> tuple[int, int | None]:
+        """Each batch is padded to its longest pair: at most block_size on either side."""
+        return block_size, block_size
+
+    def __init__(self, cfg: Any, tokenizer: Any, model_config: Any, models: dict | None = None) -> None:
+        super().__init__(cfg, tokenizer, model_config, models)
+        if not cfg.data.pairs:
+            raise UserError("objective seq2seq reads data.pairs (a JSONL file of source/target pairs); set it")
+        self.pad_id = tokenizer.pad_id
+
+    def source(self, tokens_dir: Any, split: str) -> PairSource:
+        return PairSource(self.cfg.data.pairs, self.tokenizer, split, self.model_config.block_size)
+
+    def global_batch(self, source: PairSource, seed: int, step: int, rows: int) -> Batch:
+        rng = np.random.default_rng([seed, step])
+        picks = rng.integers(0, len(source.sources), size=rows)
+        src = [source.sources[i] for i in picks]
+        tgt = [source.targets[i] for i in picks]
+        s_len, t_len = max(map(len, src)), max(map(len, tgt))
+        ids = np.full((rows, s_len), self.pad_id, dtype=np.int64)
+        mask = np.zeros((rows, s_len), dtype=np.int64)
+        labels = np.full((rows, t_len), -100, dtype=np.int64)
+        for r, (a, b) in enumerate(zip(src, tgt)):
+            ids[r, :len(a)], mask[r, :len(a)], labels[r, :len(b)] = a, 1, b
+        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+                "labels": torch.from_numpy(labels)}
+
+    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        return model(batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"])[1]
+
