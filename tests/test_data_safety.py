@@ -51,3 +51,42 @@ def test_blocklist_ratio_counts_words_and_phrases(tmp_path):
     custom = load_blocklists(str(tmp_path))
     assert blocked_ratio("a bad phrase here", 4, False, custom) == pytest.approx(2 / 4)
     assert blocked_ratio("你这个傻逼", 5, True, lists) == pytest.approx(2 / 5)
+
+
+# Every PII type at a sentence end, before punctuation and brackets, and inside CJK text (no
+# spaces around it, full-width punctuation): the placeholder replaces exactly the PII.
+_PII_IN_CONTEXT = {
+    "EMAIL": "foo.bar@example.com",
+    "IP": "192.168.10.44",
+    "IPV6": "2001:db8::ff00:42:8329",
+    "PHONE": "+1 415-555-0132",
+    "CN_MOBILE": "13812345678",
+    "CARD": "4111 1111 1111 1111",
+    "SSN": "078-05-1120",
+    "CN_ID": "11010519491231002X",
+}
+_LABELS = {"IPV6": "IP", "CN_MOBILE": "PHONE", "SSN": "ID", "CN_ID": "ID"}
+_CONTEXTS = [
+    "the value is {}.",  # sentence end
+    "the value is {}!",
+    "is it {}?",
+    "values: {}, and more",
+    "(see {})",
+    "[{}]",
+    "value {}; next",
+    "“{}”",
+    "请联系 {}。",  # CJK with spaces
+    "请联系{}。",  # CJK without spaces
+    "地址：{}，谢谢",
+    "（{}）",
+    "值为{}的",
+]
+
+
+@pytest.mark.parametrize("context", _CONTEXTS)
+@pytest.mark.parametrize("kind", list(_PII_IN_CONTEXT))
+def test_pii_is_found_at_sentence_ends_before_punctuation_and_in_cjk_text(kind, context):
+    label = _LABELS.get(kind, kind)
+    counts: Counter = Counter()
+    assert scrub_pii(context.format(_PII_IN_CONTEXT[kind]), counts) == context.format(f"<{label}>")
+    assert counts == {label: 1}

@@ -20,14 +20,20 @@ from pathlib import Path
 _DEFAULT_DIR = Path(__file__).parent / "resources" / "blocklist"
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
 
-_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@(?:[A-Za-z0-9-]{1,63}\.)+[A-Za-z]{2,24}\b")
+# Look-arounds use ASCII classes, not \w or \b: in Chinese text a Han character (a \w) touches the PII
+# ("请联系foo@bar.com。"), and a period after it ends the sentence ("the server is 192.168.10.44.").
+_EMAIL = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@(?:[A-Za-z0-9-]{1,63}\.)+[A-Za-z]{2,24}"
+                    r"(?![A-Za-z0-9-])")
 _CARD = re.compile(r"(?<![\d-])(?:\d[ -]?){12,18}\d(?![\d-])")
 _SSN = re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])")
 _CN_ID = re.compile(r"(?<!\d)[1-9]\d{5}(?:19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[\dXx](?![\dXx])")
-_IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){2,7}:?(?:[0-9A-Fa-f]{1,4}|:)?(?::[0-9A-Fa-f]{1,4}){0,6}(?![\w:])|::1\b")
-_IPV4 = re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.])")
+_IPV6 = re.compile(r"(?<![A-Za-z0-9_:])(?:[0-9A-Fa-f]{1,4}:){2,7}:?(?:[0-9A-Fa-f]{1,4}|:)?(?::[0-9A-Fa-f]{1,4}){0,6}"
+                   r"(?![A-Za-z0-9_:])|(?<![A-Za-z0-9_:])::1(?![A-Za-z0-9_:])")
+# a period after the last number ends the sentence unless a digit follows it (1.2.3.4.5 is no address)
+_IPV4 = re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?!\d|\.\d)")
 _PHONE = re.compile(
-    r"(?<![\w+])(?<!\d[ .-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,5}(?![\w-])(?![ .-]\d)"
+    r"(?<![A-Za-z0-9_+])(?<!\d[ .-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,5}"
+    r"(?![A-Za-z0-9_-])(?![ .-]\d)"
     r"|(?<!\d)1[3-9]\d{9}(?!\d)"  # mainland China mobile numbers
 )
 # Cheap pre-checks: the full patterns (with look-arounds) only run on texts that could match.
