@@ -78,16 +78,10 @@ class Seq2Seq(Objective):
     def global_batch(self, source: PairSource, seed: int, step: int, rows: int) -> Batch:
         rng = np.random.default_rng([seed, step])
         picks = rng.integers(0, len(source.sources), size=rows)
-        src = [source.sources[i] for i in picks]
-        tgt = [source.targets[i] for i in picks]
-        s_len, t_len = max(map(len, src)), max(map(len, tgt))
-        ids = np.full((rows, s_len), self.pad_id, dtype=np.int64)
-        mask = np.zeros((rows, s_len), dtype=np.int64)
-        labels = np.full((rows, t_len), -100, dtype=np.int64)
-        for r, (a, b) in enumerate(zip(src, tgt)):
-            ids[r, :len(a)], mask[r, :len(a)], labels[r, :len(b)] = a, 1, b
-        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
-                "labels": torch.from_numpy(labels)}
+        inputs = self.tokenizer.pad([source.sources[i] for i in picks], return_tensors="pt")
+        labels = self.tokenizer.pad([source.targets[i] for i in picks], pad_value=-100, return_tensors="pt")
+        return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
+                "labels": labels["input_ids"]}
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         return model(batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"])[1]
