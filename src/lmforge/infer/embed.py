@@ -66,6 +66,9 @@ def embed_texts(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], *,
         raise UserError(f"max length {max_length} leaves no room for a token besides [CLS] and [SEP]")
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
+    if tokenizer.num_special_tokens_to_add() == 0:
+        raise UserError(f"{tokenizer.source} adds no [CLS]/[SEP] to a text; use the tokenizer the encoder was "
+                        "trained with (lmforge's) or converted with (an HF BERT's)")
     device = next(model.parameters()).device
     rows = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]  # [CLS] text [SEP]
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))

@@ -259,9 +259,9 @@ def _tokenizer_config(tokenizer_file: Path, block_size: int, arch: str = "gpt") 
 def _bert_tokenizer_json(tokenizer_file: Path, type_vocab_size: int = 2) -> str | None:
     """tokenizer.json text that wraps texts as our BERT was trained, or None to copy the file as is.
 
-    lmforge adds [CLS]/[SEP] by id (the mlm objective, `lmforge embed`: `<|bos|> A <|eos|>`, a
-    pair `<|bos|> A <|eos|> B <|eos|>` with segment 1 from B on), so its tokenizer.json has no
-    post-processor, and `AutoTokenizer` / `SentenceTransformer` would feed the encoder bare text
+    lmforge adds [CLS]/[SEP] in `Tokenizer.__call__` (the mlm objective's format, used by `lmforge
+    embed`: `<|bos|> A <|eos|>`, a pair `<|bos|> A <|eos|> B <|eos|>` with segment 1 from B on,
+    `lmforge.tokenizer.tok.bert_template`), not in its tokenizer.json, which has no post-processor, and `AutoTokenizer` / `SentenceTransformer` would feed the encoder bare text
     (vectors off by cosine ~0.99). This adds BERT's TemplateProcessing with our tokens. A tokenizer
     that already adds special tokens (an HF BERT's, e.g. all-MiniLM-L6-v2's) is left untouched.
     A model with one segment type (`type_vocab_size: 1`) keeps B in segment 0: it has no other.
@@ -270,6 +270,7 @@ def _bert_tokenizer_json(tokenizer_file: Path, type_vocab_size: int = 2) -> str 
     from tokenizers import processors
 
     from lmforge.tokenizer import Tokenizer
+    from lmforge.tokenizer.tok import bert_template
 
     backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
     probe = tokenizers.Tokenizer.from_str(backend.to_str())  # without the file's padding/truncation
@@ -283,10 +284,7 @@ def _bert_tokenizer_json(tokenizer_file: Path, type_vocab_size: int = 2) -> str 
     except UserError:  # no [CLS]/[SEP] to add (not an lmforge tokenizer); `lmforge embed` refuses it too
         return None
     cls, sep = tok.id_to_token(cls_id), tok.id_to_token(sep_id)
-    second = 1 if type_vocab_size > 1 else 0
-    template = processors.TemplateProcessing(single=f"{cls}:0 $A:0 {sep}:0",
-                                             pair=f"{cls}:0 $A:0 {sep}:0 $B:{second} {sep}:{second}",
-                                             special_tokens=[(cls, cls_id), (sep, sep_id)])
+    template = bert_template(cls, cls_id, sep, sep_id, second_type=1 if type_vocab_size > 1 else 0)
     existing = backend.post_processor  # e.g. byte-level offset trimming: keep it, then wrap
     backend.post_processor = template if existing is None else processors.Sequence([existing, template])
     return backend.to_str(pretty=True)
