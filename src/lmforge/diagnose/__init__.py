@@ -6,8 +6,10 @@ the run is in, with the numbers that show it and the remedies that fit.
 
 The parts (their public names are importable from `lmforge.diagnose` itself):
 
-- `lmforge.diagnose.rules`: the five cases, their order, their thresholds and why, and the
-  remedies (`diagnose_records`, `Thresholds`, `Diagnosis`);
+- `lmforge.diagnose.rules`: the five cases, their order (`RULES`), their thresholds and why,
+  and the remedies (`diagnose_records`, `Diagnosis`);
+- `lmforge.diagnose.facts`: a run's curves reduced to the numbers the rules read (`Facts`,
+  `measure`) and the thresholds (`Thresholds`);
 - `lmforge.diagnose.curves`: the curve statistics the rules read (trailing median, spikes, the
   recent trend: `recent_improvement`);
 - `lmforge.diagnose.run`: reading a run dir (metrics.jsonl, config.yaml, summary.json, the
