@@ -198,3 +198,13 @@ def test_unicode_forms(form):
     text, _ = normalize_text("e\u0301 \ufb01", NormalizeConfig(unicode_form=form))
     assert text.startswith("\u00e9")
     assert (text.endswith("fi")) == (form == "NFKC")
+
+
+def test_terminal_escape_sequences_are_removed_whole():
+    text = ("\x1b[33;1m警告\x1b[m：磁盘已满 \x1b[1;31mdisk full\x1b[0m\n"
+            "\x1b]0;window title\x07标题 \x1b(B字符集 \x1bM上移 \x9b32m八位")
+    out, changes = normalize_text(text, NormalizeConfig())
+    assert out == "警告：磁盘已满 disk full\n标题 字符集 上移 八位"
+    assert changes == ["ansi_escapes_removed"]
+    plain = "数组 a[1] 与 [33m 字样保留"  # brackets without ESC are text
+    assert normalize_text(plain, NormalizeConfig()) == (plain, [])

@@ -54,6 +54,8 @@ class QualityConfig:
     min_alpha_words_ratio: float = 0.8  # words with at least one letter
     min_stop_words: int = 2  # of the, be, to, of, and, that, have, with (CJK: own list)
     min_zh_word_pairs: float = 0.08  # not Gopher: share of adjacent Han pairs that are common words (shuffled text ~0.03)
+    min_zh_pair_z: float = 2.5  # ... or that many std devs more such pairs than the text shuffled (classical prose)
+    min_zh_verse_clauses: float = 0.9  # ... or this share of its Han characters in clauses of 3-8 (verse)
 
 
 @dataclass
@@ -63,6 +65,8 @@ class RepetitionConfig:
     max_dup_line_char_fraction: float = 0.2
     max_dup_para_fraction: float = 0.3
     max_dup_para_char_fraction: float = 0.2
+    cjk_chars_per_word: int = 2  # deviation: in CJK text an n-gram of n words spans n * this many characters
+    cjk_verse_refrains: float = 0.9  # deviation: CJK verse (this share of Han chars in 3-8-char clauses) skips top n-grams
     min_line_words: int = 4  # deviation: shorter lines (speaker prefixes, stage cues) are not counted as duplicate lines
     top_ngram_max_fraction: list = field(default_factory=lambda: [0.20, 0.18, 0.16])  # n = 2, 3, 4
     dup_ngram_max_fraction: list = field(default_factory=lambda: [0.15, 0.14, 0.13, 0.12, 0.11, 0.10])  # n = 5..10

@@ -5,24 +5,40 @@ None. Words are whitespace-separated tokens, as in Gopher; in CJK text (Chinese/
 which has no spaces) every Han/kana character is a word and punctuation is not, so the
 same thresholds measure characters there.
 
-Deviations from the paper, each because Gopher's rules would drop clean verse/drama:
+Deviations from the paper, each because Gopher's rules would drop clean verse/drama or
+Chinese text:
 - duplicate *lines* and *paragraphs* are measured over lines/paragraphs with at least
   `repetition.min_line_words` words: speaker prefixes ("HAMLET."), stage directions
   ("[Exit.]") and refrains are short and repeat by design in plays;
 - the mean-word-length bounds are not applied to CJK text (one character per word);
+- a text is CJK when Han/kana make up 30% of its *letters* (not of all its characters), so
+  Chinese prose with inline commands, paths and box-drawn tables is measured as Chinese;
+  box-drawing and arrow characters are layout, not words;
+- in CJK text the repetition n-grams span `repetition.cjk_chars_per_word` characters per
+  word (a Chinese word is about two characters): Gopher's word 5-grams are 10 characters;
 - the stop-word check uses the English list only for English (or unknown-language) text
-  and a small Chinese/Japanese list for CJK text; other languages skip it (Gopher was
-  English-only);
+  and a small Chinese/Japanese list (modern and classical particles, either script) for
+  CJK text, which verse-shaped Chinese (below) need not pass; other languages skip it
+  (Gopher was English-only);
 - `quality.min_chars` (0 by default) is an extra length bound outside Gopher;
-- Chinese text must also look like words, not a bag of characters (Gopher's word-level
-  rules cannot see shuffled characters): at least `quality.min_zh_word_pairs` of adjacent
-  Han character pairs must be among the 8000 most frequent two-character words (jieba's
-  dictionary). Real prose scores ~0.3, classical poetry ~0.12, shuffled characters ~0.03.
+- Chinese text must also look ordered, not a bag of characters (Gopher's word-level rules
+  cannot see shuffled characters). Evidence of order, any one suffices: (a) at least
+  `quality.min_zh_word_pairs` of adjacent Han character pairs are among the 8000 most
+  frequent two-character words (jieba's dictionary; traditional characters are mapped to
+  simplified first) and more than expected by chance; (b) that excess over the pairs a
+  shuffle of the text's own characters would give is at least `quality.min_zh_pair_z`
+  standard deviations (classical prose and ci use few modern words, but still more than
+  chance); (c) verse shape: at least `quality.min_zh_verse_clauses` of its Han characters
+  lie in clauses (Han runs between punctuation) of 3-8 characters. A shuffle of the whole text fails all
+  three (about 2% pass); a shuffle inside each clause of verse keeps its shape and is not
+  detected.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import islice
@@ -33,16 +49,20 @@ import numpy as np
 from lmforge.data.config import QualityConfig, RepetitionConfig
 
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-_PUNCT = "\u3000-\u303f\uff00-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65\u2010-\u205e!-/:-@\\[-`{-~\u00a1-\u00bf"
+_PUNCT = "\u2190-\u21ff\u2500-\u25ff\u3000-\u303f\uff00-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65\u2010-\u205e!-/:-@\\[-`{-~\u00a1-\u00bf"
 _CJK_CHAR = re.compile(f"[{_CJK}]")
 _HAN_RUN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]{2,}")
-_KANA = re.compile("[\u3040-\u30ff]")
-_CJK_TOKEN = re.compile(f"[{_CJK}]|[^\\s{_CJK}{_PUNCT}]+")
-_NON_SPACE = re.compile(r"\S")
+_KANA = re.compile("[\u3041-\u3096\u30a1-\u30fa]")  # not the middle dot \u30fb Chinese text uses too
+# CJK text's words: each Han/kana character, and each other run that starts with a letter or digit
+# and goes on to the next space, CJK character or CJK punctuation ("/etc/apt/apt.conf" is one word)
+_WIDE_PUNCT = "\u2018-\u201f\u2190-\u21ff\u2500-\u25ff\u3000-\u303f\uff00-\uffef"
+_CJK_TOKEN = re.compile(f"[{_CJK}]|[^\\s{_CJK}{_PUNCT}][^\\s{_CJK}{_WIDE_PUNCT}]*")
 _ALPHA_TOKEN = re.compile(r"\S*[^\W\d_]\S*")  # one match per whitespace token that has a letter
 _LETTER = re.compile(r"[^\W\d_]")
 _EN_STOP = re.compile(r"\b(?:the|be|to|of|and|that|have|with)\b", re.I)
-_CJK_STOP = frozenset("的了是不在我有一之而其也以为于人这他你与の に は を た が で て と し".replace(" ", ""))
+_CJK_STOP = frozenset("的了是不在我有一之而其也以为于人这他你与の に は を た が で て と し".replace(" ", "")
+                      + "兮乎者矣焉哉於與為無所此何如則乃曰亦且這們個來說")  # classical particles; traditional forms
+_HAN_CLAUSE = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
 _BULLETS = ("•", "-", "*", "●", "‣", "◦", "▪", "–", "·")
 _PARAGRAPH = re.compile(r"\n[ \t]*\n")
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # odd multiplier for rolling n-gram hashes (golden ratio)
@@ -65,12 +85,15 @@ class Words:
 
 
 def is_cjk(text: str, sample: int = 4000) -> bool:
-    """Chinese/Japanese text: at least 30% of the non-space characters (of a prefix) are Han or kana."""
+    """Chinese/Japanese text: at least 30% of the letters (of a prefix) are Han or kana.
+
+    Letters, not all characters: digits, punctuation and box-drawing tables do not make
+    Chinese prose with inline English commands look like English."""
     head = text[:sample]
     cjk = len(_CJK_CHAR.findall(head))
     if cjk == 0:
         return False
-    return cjk >= 0.3 * max(1, len(_NON_SPACE.findall(head)))
+    return cjk >= 0.3 * max(1, len(_LETTER.findall(head)))
 
 
 def split_words(text: str) -> Words:
@@ -174,37 +197,91 @@ def quality_reason(text: str, words: Words, lang: str, cfg: QualityConfig) -> st
         alpha = len(_ALPHA_TOKEN.findall(text))
     if alpha / n < cfg.min_alpha_words_ratio:
         return "quality_alpha_words"
-    if cfg.min_stop_words > 0:
-        if words.cjk:
-            stops = sum(1 for t in tokens if t in _CJK_STOP)
-        elif lang in ("en", ""):
-            stops = len(list(islice(_EN_STOP.finditer(text), cfg.min_stop_words)))
-        else:
-            stops = cfg.min_stop_words
-        if stops < cfg.min_stop_words:
+    if cfg.min_stop_words > 0 and _stop_words(text, words, lang, cfg.min_stop_words) < cfg.min_stop_words:
+        # CJK verse (a Tang poem has no particles) shows by its shape that it is not a list of words
+        if not (words.cjk and zh_verse_clause_share(text) >= cfg.min_zh_verse_clauses):
             return "quality_stop_words"
-    if words.cjk and cfg.min_zh_word_pairs > 0 and lang in ("zh", "") and not _KANA.search(text, 0, 4000):
-        if zh_word_pair_ratio(text) < cfg.min_zh_word_pairs:
+    # Chinese: CJK text without kana, whatever variety langid names (shuffled text often reads as yue or wuu)
+    if words.cjk and cfg.min_zh_word_pairs > 0 and lang != "ja" and not _KANA.search(text, 0, 4000):
+        if not zh_looks_ordered(text, cfg):
             return "quality_zh_word_pairs"
     return None
 
 
+def _stop_words(text: str, words: Words, lang: str, enough: int) -> int:
+    """Stop words of `text` (an English count stops at `enough`); `enough` for languages without a list."""
+    if words.cjk:
+        return sum(1 for t in words.tokens if t in _CJK_STOP)
+    if lang in ("en", ""):
+        return len(list(islice(_EN_STOP.finditer(text), enough)))
+    return enough
+
+
 @lru_cache(maxsize=1)
 def _zh_words() -> frozenset[str]:
-    path = Path(__file__).parent / "resources" / "cjk" / "zh_words.txt"
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return frozenset(line for line in lines if line and not line.startswith("#"))
+    return frozenset(_resource_lines("zh_words.txt"))
+
+
+@lru_cache(maxsize=1)
+def _zh_word_seconds() -> dict[str, str]:
+    """{first character: the second characters of the common words that start with it}."""
+    seconds: dict[str, str] = {}
+    for word in _zh_words():
+        seconds[word[0]] = seconds.get(word[0], "") + word[1]
+    return seconds
+
+
+@lru_cache(maxsize=1)
+def _t2s_table() -> dict[int, str]:
+    """str.translate table: traditional -> simplified characters (those of the word list)."""
+    return {ord(line[0]): line[1:] for line in _resource_lines("zh_t2s.txt")}
+
+
+def _resource_lines(name: str) -> list[str]:
+    path = Path(__file__).parent / "resources" / "cjk" / name
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line and not line.startswith("#")]
 
 
 def zh_word_pair_ratio(text: str) -> float:
     """Share of adjacent Han character pairs that are common two-character Chinese words."""
+    return zh_word_pair_stats(text)[0]
+
+
+def zh_word_pair_stats(text: str) -> tuple[float, float]:
+    """(share of adjacent Han pairs that are common words, z-score of that count against a shuffle).
+
+    The z-score compares the hits with what the text's own characters give in random order:
+    a pair is a word with probability p = sum over words ab of f(a) f(b), f the characters'
+    frequencies in the text. Traditional characters are read as simplified."""
     words = _zh_words()
+    runs = _HAN_RUN.findall(text.translate(_t2s_table()))
     total = hits = 0
-    for run in _HAN_RUN.findall(text):
-        pairs = [run[i : i + 2] for i in range(len(run) - 1)]
-        total += len(pairs)
-        hits += sum(1 for p in pairs if p in words)
-    return hits / total if total else 1.0
+    for run in runs:
+        total += len(run) - 1
+        hits += sum(1 for i in range(len(run) - 1) if run[i : i + 2] in words)
+    if not total:
+        return 1.0, 0.0
+    counts = Counter("".join(runs))
+    n = sum(counts.values())
+    seconds = _zh_word_seconds()
+    p = sum(c * sum(counts[b] for b in seconds.get(a, "")) for a, c in counts.items()) / (n * n)
+    z = (hits - total * p) / max(math.sqrt(total * p * (1 - p)), 1.0)
+    return hits / total, z
+
+
+def zh_verse_clause_share(text: str) -> float:
+    """Share of the Han characters in clauses (runs between other characters) 3-8 characters long;
+    0 for a text of fewer than 8 clauses. Verse and parallel prose ~1; shuffled text ~0.5."""
+    lengths = [len(c) for c in _HAN_CLAUSE.findall(text)]
+    return sum(n for n in lengths if 3 <= n <= 8) / sum(lengths) if len(lengths) >= 8 else 0.0
+
+
+def zh_looks_ordered(text: str, cfg: QualityConfig) -> bool:
+    """Chinese text that is not a bag of shuffled characters (the module docstring's three kinds of evidence)."""
+    ratio, z = zh_word_pair_stats(text)
+    if (ratio >= cfg.min_zh_word_pairs and z >= 1.0) or z >= cfg.min_zh_pair_z:
+        return True
+    return zh_verse_clause_share(text) >= cfg.min_zh_verse_clauses
 
 
 def _dup_fraction(units: list[str]) -> tuple[float, float]:
@@ -240,8 +317,9 @@ def repetition_reason(text: str, words: Words, cfg: RepetitionConfig) -> str | N
     min_words = cfg.min_line_words
 
     def long_enough(unit: str) -> bool:
-        # spaces + 1 counts the words of a stripped line (a double space only over-counts)
-        return (len(unit) >= min_words) if words.cjk else (unit.count(" ") + 1 >= min_words)
+        # spaces + 1 counts the words of a stripped line (a double space only over-counts);
+        # CJK: characters and other words, not table borders
+        return (len(_CJK_TOKEN.findall(unit)) >= min_words) if words.cjk else (unit.count(" ") + 1 >= min_words)
 
     lines = [s for s in (line.strip() for line in text.split("\n")) if s and long_enough(s)]
     line_frac, line_chars = _dup_fraction(lines)
@@ -259,28 +337,40 @@ def repetition_reason(text: str, words: Words, cfg: RepetitionConfig) -> str | N
     hashes, lengths = words.hashes(text)
     if len(hashes) < 2:
         return None
+    scale = cfg.cjk_chars_per_word if words.cjk else 1  # CJK words are characters: n words ~ n * scale of them
+    refrains = words.cjk and zh_verse_clause_share(text) >= cfg.cjk_verse_refrains  # verse: refrains by design
+    if not refrains and (reason := _top_ngram_reason(hashes, lengths, scale, cfg)):
+        return reason
+    return _dup_ngram_reason(hashes, lengths, scale, cfg)
+
+
+def _top_ngram_reason(hashes: np.ndarray, lengths: np.ndarray, scale: int, cfg: RepetitionConfig) -> str | None:
     total = max(1, int(lengths.sum()))
     for n, limit in zip((2, 3, 4), cfg.top_ngram_max_fraction):
-        grams = ngram_hashes(hashes, n)
+        grams = ngram_hashes(hashes, n * scale)
         if len(grams) < 2:
             break
         values, first, counts = np.unique(grams, return_index=True, return_counts=True)
         top = int(counts.argmax())
         if counts[top] > 1:
             start = int(first[top])
-            if int(lengths[start : start + n].sum()) * int(counts[top]) / total > limit:
+            if int(lengths[start : start + n * scale].sum()) * int(counts[top]) / total > limit:
                 return f"repetition_top_{n}gram"
+    return None
+
+
+def _dup_ngram_reason(hashes: np.ndarray, lengths: np.ndarray, scale: int, cfg: RepetitionConfig) -> str | None:
     # Duplicate-n-gram coverage can only shrink as n grows, so when n=5 is already under the
     # smallest limit every other n passes too (the common case for clean text: one sort, not six).
+    total = max(1, int(lengths.sum()))
     smallest = min(cfg.dup_ngram_max_fraction)
     for n, limit in zip(range(5, 11), cfg.dup_ngram_max_fraction):
-        fraction = _dup_ngram_fraction(hashes, lengths, n, total)
+        fraction = _dup_ngram_fraction(hashes, lengths, n * scale, total)
         if fraction > limit:
             return f"repetition_dup_{n}gram"
         if n == 5 and fraction <= smallest:
             break
     return None
-
 
 
 def _dup_ngram_fraction(hashes: np.ndarray, lengths: np.ndarray, n: int, total: int) -> float:

@@ -15,6 +15,10 @@ from collections.abc import Iterable
 
 from lmforge.data.config import NormalizeConfig
 
+# Terminal escape sequences (colours such as ESC[33;1m, cursor moves, OSC titles): removed whole,
+# before the control characters, or their printable tail ("[33;1m") would stay in the text.
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[ -/]+[0-~]|[@-Z\\-_])"
+                   r"|\x9b[0-?]*[ -/]*[@-~]")
 # C0/C1 controls except tab/newline/CR, zero-width characters, BOM, line/paragraph separators.
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200d\u2060\ufeff\ufffe]")
 # Unusual spaces become a plain space; the ideographic space U+3000 is kept (it is CJK layout).
@@ -53,6 +57,11 @@ def normalize_text(text: str, cfg: NormalizeConfig, patterns: list[re.Pattern] |
         if normalized != text:
             changes.append("unicode_normalized")
             text = normalized
+    if "\x1b" in text or "\x9b" in text:
+        stripped = _ANSI.sub("", text)
+        if stripped != text:
+            changes.append("ansi_escapes_removed")
+            text = stripped
     if not text.isascii() or _CONTROL.search(text):
         cleaned = _ODD_SPACE.sub(" ", _CONTROL.sub("", text))
         if cleaned != text:
