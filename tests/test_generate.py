@@ -38,6 +38,8 @@ class ByteTokenizer:
 class ScriptedModel(nn.Module):
     """A stand-in model whose n-th forward pass makes script[n] certain (for exact text tests)."""
 
+    capabilities = frozenset({"generate"})
+
     def __init__(self, script: list[int], vocab_size: int = 257, block_size: int = 64) -> None:
         super().__init__()
         self.config = SimpleNamespace(block_size=block_size, vocab_size=vocab_size)
@@ -222,7 +224,7 @@ def test_generate_text_with_a_real_model():
 
 
 # --------------------------------------------------------------------------------------------
-# batched generation (left-padded prompts of different lengths in one batch)
+# batched generation (prompts of different lengths in one batch: a KV cache row per prompt)
 
 BATCH_PROMPTS = [[7, 8, 9, 10, 11, 12, 13], [1, 2], [40, 41, 42, 43], [99]]
 
@@ -230,22 +232,25 @@ BATCH_PROMPTS = [[7, 8, 9, 10, 11, 12, 13], [1, 2], [40, 41, 42, 43], [99]]
 @pytest.mark.parametrize("arch", [dict(pos_encoding="learned"), dict(pos_encoding="sinusoidal"),
                                   dict(pos_encoding="rope", n_kv_head=1, norm="rmsnorm", mlp="swiglu"),
                                   dict(pos_encoding="rope", moe={"num_experts": 4, "top_k": 2})])
-def test_left_padded_batch_gives_each_row_its_own_logits(arch):
-    """Prefill and two decode steps of a padded batch: every row's logits equal that row run alone."""
+def test_rows_of_different_lengths_each_get_their_own_logits(arch):
+    """A right-padded prefill (the padding then forgotten: `set_lengths`) and two decode steps over
+    rows of different lengths: every row's logits equal that row run alone, without a cache."""
     model = tiny_gpt(block_size=24, **arch).eval()
     width = max(len(p) for p in BATCH_PROMPTS)
-    pad = torch.tensor([width - len(p) for p in BATCH_PROMPTS])
-    idx = torch.zeros(len(BATCH_PROMPTS), width, dtype=torch.long)
+    idx = torch.full((len(BATCH_PROMPTS), width), 5, dtype=torch.long)  # any padding id
     for row, p in enumerate(BATCH_PROMPTS):
-        idx[row, width - len(p):] = torch.tensor(p)
+        idx[row, :len(p)] = torch.tensor(p)
     with torch.no_grad():
-        cache = model.new_kv_cache(len(BATCH_PROMPTS), left_pad=pad)
+        cache = model.new_kv_cache(len(BATCH_PROMPTS))
         batched = [model(idx, kv_cache=cache)[0]]
+        cache.set_lengths([len(p) for p in BATCH_PROMPTS])
+        assert cache.past is None and cache.lengths == [7, 2, 4, 1]
         for step in ([3], [4]):
             batched.append(model(torch.tensor([step] * len(BATCH_PROMPTS)), kv_cache=cache)[0])
+        assert cache.lengths == [9, 4, 6, 3]
         for row, p in enumerate(BATCH_PROMPTS):
             alone, _ = model(torch.tensor([p + [3, 4]]))
-            torch.testing.assert_close(batched[0][row, width - len(p):], alone[0, :len(p)], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(batched[0][row, :len(p)], alone[0, :len(p)], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(batched[1][row, 0], alone[0, len(p)], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(batched[2][row, 0], alone[0, len(p) + 1], atol=1e-5, rtol=1e-5)
 

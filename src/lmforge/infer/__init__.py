@@ -1,5 +1,6 @@
-"""Inference: sampling and KV-cached autoregressive generation (token ids or text), one prompt or a batch."""
+"""Inference: the generation engine (continuous batching, step API) and the generate functions over it."""
 
+from lmforge.infer.engine import Engine, Event, SamplingParams
 from lmforge.infer.generate import (
     generate,
     generate_batch,
@@ -8,4 +9,5 @@ from lmforge.infer.generate import (
     sample_next,
 )
 
-__all__ = ["generate", "generate_batch", "generate_text", "generate_texts", "sample_next"]
+__all__ = ["Engine", "Event", "SamplingParams", "generate", "generate_batch", "generate_text", "generate_texts",
+           "sample_next"]

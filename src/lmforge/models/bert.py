@@ -37,10 +37,16 @@ from lmforge.models.config import ModelConfig
 class BERT(nn.Module):
     """Encoder-only model. `forward(input_ids, labels)` -> (MLM logits, loss); see the module doc."""
 
+    capabilities = frozenset({"embed"})  # reads text, never writes it (`lmforge.models.has_capability`)
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         config.check_buildable()
         self.config = c = config
+        if c.num_labels:
+            self.capabilities = self.capabilities | {"classify"}
+        if c.nsp_head:
+            self.capabilities = self.capabilities | {"nsp"}
         self.tok_embeddings = nn.Embedding(c.vocab_size, c.n_embd)
         self.pos_embeddings = nn.Embedding(c.block_size, c.n_embd)
         self.type_embeddings = nn.Embedding(c.type_vocab_size, c.n_embd)

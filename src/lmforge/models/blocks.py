@@ -1,6 +1,6 @@
 """Shared Transformer building blocks: norms, positional encodings, attention, MLP, KV cache.
 
-Every architecture file (GPT now; BERT and the encoder-decoder later) only wires these blocks
+Every architecture file (GPT, BERT, the encoder-decoder) only wires these blocks
 together, so a fix or speed-up here reaches all of them. The blocks know nothing about
 training, parallelism or adapters; those are applied to a built model from outside.
 
@@ -10,7 +10,9 @@ Tensor layout inside attention is (batch, heads, time, head_dim), the layout
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -128,14 +130,18 @@ class RelativePositionBias(nn.Module):
         self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
         self.weight = nn.Parameter(torch.zeros(num_buckets, n_head))
 
-    def forward(self, query_len: int, key_len: int, offset: int = 0) -> Tensor:
-        """The (1, heads, query_len, key_len) bias for queries at positions offset.. (KV cache)."""
+    def forward(self, query_len: int, key_len: int, offset: int | Tensor = 0) -> Tensor:
+        """The (1, heads, query_len, key_len) bias for queries at positions offset.. (KV cache), or
+        (B, heads, query_len, key_len) for a (B,) tensor of offsets (rows of different lengths)."""
         device = self.weight.device
-        query_pos = torch.arange(offset, offset + query_len, device=device)[:, None]
-        key_pos = torch.arange(key_len, device=device)[None, :]
+        if isinstance(offset, Tensor):
+            query_pos = offset.to(device)[:, None, None] + torch.arange(query_len, device=device)[:, None]
+        else:
+            query_pos = torch.arange(offset, offset + query_len, device=device)[None, :, None]
+        key_pos = torch.arange(key_len, device=device)
         bucket = relative_position_bucket(key_pos - query_pos, self.bidirectional, self.num_buckets,
                                           self.max_distance)
-        return F.embedding(bucket, self.weight).permute(2, 0, 1).unsqueeze(0)
+        return F.embedding(bucket, self.weight).permute(0, 3, 1, 2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,74 +149,110 @@ class RelativePositionBias(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer for incremental decoding, preallocated to `max_len`.
+    """Keys and values of every layer for incremental decoding: `batch_size` rows of up to `max_len`
+    positions, preallocated, and each row with its own length (`lengths`).
 
-    `length` tokens are cached; a forward pass over T new tokens writes them at positions
-    [length, length+T) of each layer (`update`) and the model then calls `advance(T)`.
+    A forward pass over T new tokens per row writes them after each row's cached ones (`update`)
+    and the model then calls `advance(T)`. When every row has the same length (`past` is that
+    length) positions are `past + arange(T)` and attention needs no mask beyond causality, so a
+    single sequence costs what it always did; when lengths differ, `positions` numbers each
+    row's tokens from its own length and `attention_mask` hides the keys past each row's end.
     Buffers are allocated on the first `update` of each layer, in the device and dtype of the
     keys being written, so one cache works for fp32, bf16 autocast and CUDA without the caller
     having to know which.
 
-    `cross[layer]` holds a decoder layer's cross-attention keys/values of the encoder output:
-    they do not change while decoding, so they are computed at the first step and reused
-    (`Attention` in cross mode fills it). `reset` empties it too; `crop` keeps it.
+    `view(start, stop)` is the same cache seen through rows start..stop-1 (it shares the buffers
+    and lengths): a generation engine runs one forward over its decoding rows and another over
+    the rows it is prefilling. `move_row` copies a row into another slot (a finished request's
+    slot is refilled from the last row, so the running rows stay a contiguous block).
 
-    `left_pad` (B,) lets sequences of different lengths share one batch: row b's first
-    `left_pad[b]` positions are padding. The model then numbers row b's positions from the
-    first real token (so each row gets the positions it would get alone) and masks the padding
-    keys out of every query (`padding_mask`). `select(rows)` drops finished rows.
+    `cross[layer]` holds a decoder layer's cross-attention keys/values of the encoder output,
+    (batch_size, heads, source_len, head_dim) buffers filled per row (`set_cross`) and read by
+    `cross_kv`; `source_lengths` is each row's source length (`source_mask` masks the rest).
+    `reset` empties the rows (and drops the cross buffers when it covers the whole cache); `crop`
+    keeps the cross keys/values.
     """
 
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, head_dim: int, max_len: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 left_pad: Tensor | None = None) -> None:
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         self.n_layer, self.batch_size, self.max_len = n_layer, batch_size, max_len
         self.shape = (batch_size, n_kv_head, max_len, head_dim)
         self.device, self.dtype = device, dtype
+        # lists shared with every view: change them in place, never rebind them
         self.keys: list[Tensor | None] = [None] * n_layer
         self.values: list[Tensor | None] = [None] * n_layer
         self.cross: list[tuple[Tensor, Tensor] | None] = [None] * n_layer
-        self.length = 0
-        if left_pad is not None and (left_pad.shape != (batch_size,) or bool((left_pad < 0).any())):
-            raise ValueError(f"left_pad must be {batch_size} non-negative counts, got {left_pad.tolist()}")
-        self.left_pad = left_pad if left_pad is not None and bool(left_pad.any()) else None
+        self.lengths = [0] * batch_size
+        self.source_lengths = [0] * batch_size
+        self.start, self.stop = 0, batch_size
+        self._memo: dict = {}  # device tensors derived from the lengths (per forward)
+
+    # ---- rows -----------------------------------------------------------------------------
+
+    def view(self, start: int, stop: int) -> KVCache:
+        """This cache restricted to rows start..stop-1 (absolute row numbers); shares all state."""
+        if not 0 <= start < stop <= self.batch_size:
+            raise ValueError(f"rows {start}..{stop - 1} are not within the cache's {self.batch_size} rows")
+        view = copy.copy(self)
+        view.start, view.stop, view._memo = start, stop, {}
+        return view
+
+    def _rows(self) -> range:
+        return range(self.start, self.stop)
+
+    @property
+    def past(self) -> int | None:
+        """The rows' common length, or None when they differ (see `positions`, `attention_mask`)."""
+        first = self.lengths[self.start]
+        return first if all(self.lengths[i] == first for i in self._rows()) else None
+
+    @property
+    def length(self) -> int:
+        """The rows' common length; ValueError when they differ (read `lengths` then)."""
+        past = self.past
+        if past is None:
+            raise ValueError(f"the rows have different lengths {self.lengths[self.start:self.stop]}")
+        return past
+
+    @property
+    def longest(self) -> int:
+        return max(self.lengths[self.start:self.stop])
+
+    def _memoized(self, name: str, T: int, device: torch.device | None, make, lengths: list[int] | None = None) -> Tensor:
+        """`make(lengths)`, a device tensor derived from the rows' lengths (default: `lengths`), made
+        once per forward rather than once per layer."""
+        key = (name, tuple(self.lengths[self.start:self.stop] if lengths is None else lengths), T, device)
+        if key not in self._memo:
+            if len(self._memo) > 16:
+                self._memo.clear()
+            self._memo[key] = make(key[1])
+        return self._memo[key]
 
     def positions(self, T: int, device: torch.device | None = None) -> Tensor | None:
-        """(B, T) position of each of the next T tokens counted from its row's first real token
-        (padding positions get 0); None without left padding (positions are length + arange(T))."""
-        if self.left_pad is None:
+        """(B, T) position of each of the next T tokens of each row; None when all rows have one
+        length (the positions are then `past + arange(T)`)."""
+        if self.past is not None:
             return None
-        pad = self.left_pad.to(device) if device is not None else self.left_pad
-        return (torch.arange(self.length, self.length + T, device=pad.device)[None] - pad[:, None]).clamp_(min=0)
+        return self._memoized("positions", T, device, lambda lengths: torch.tensor(
+            lengths, device=device)[:, None] + torch.arange(T, device=device))
 
-    def padding_mask(self, T: int, device: torch.device | None = None) -> Tensor | None:
-        """(B, 1, T, length + T) bool, True where the next T queries may attend: every real key,
-        and a padding query its own key (a query with no key at all would make NaNs, and the NaNs
-        of a padding position would reach real ones through 0 * NaN in the attention sum). The
-        causal part is the attention's business. None without left padding."""
-        if self.left_pad is None:
+    def attention_mask(self, T: int, device: torch.device | None = None) -> Tensor | None:
+        """(B, 1, T, longest + T) bool, True where the next T queries may attend: the keys up to
+        and including the query's own position in its row (causal, and nothing past the row's end).
+        None when all rows have one length (causality is then the attention's business)."""
+        pos = self.positions(T, device)
+        if pos is None:
             return None
-        pad = self.left_pad.to(device) if device is not None else self.left_pad
-        keys = torch.arange(self.length + T, device=pad.device)
-        queries = torch.arange(self.length, self.length + T, device=pad.device)
-        real = keys[None, None, :] >= pad[:, None, None]  # (B, 1, S)
-        own = keys[None, :] == queries[:, None]  # (T, S)
-        return (real | own)[:, None]
+        keys = torch.arange(self.longest + T, device=device)
+        return (keys <= pos[..., None])[:, None]
 
-    def select(self, rows: Tensor) -> None:
-        """Keep only these batch rows (e.g. the sequences still generating)."""
-        self.keys = [k if k is None else k.index_select(0, rows) for k in self.keys]
-        self.values = [v if v is None else v.index_select(0, rows) for v in self.values]
-        self.cross = [c if c is None else (c[0].index_select(0, rows), c[1].index_select(0, rows))
-                      for c in self.cross]
-        self.batch_size = int(rows.numel())
-        self.shape = (self.batch_size, *self.shape[1:])
-        if self.left_pad is not None:
-            self.left_pad = self.left_pad.index_select(0, rows)
+    # ---- self-attention keys/values -----------------------------------------------------
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k/v (batch, kv_heads, T, head_dim) after the cached ones; return all of them."""
-        start, end = self.length, self.length + k.shape[2]
+        """Write k/v (rows, kv_heads, T, head_dim) after each row's cached ones; return every row's
+        keys/values up to the longest row's end (positions past a shorter row's end are masked)."""
+        T = k.shape[2]
+        end = self.longest + T
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} tokens > max_len={self.max_len}; "
                              "reset() or crop() it first")
@@ -218,25 +260,99 @@ class KVCache:
             device, dtype = self.device or k.device, self.dtype or k.dtype
             self.keys[layer] = torch.zeros(self.shape, device=device, dtype=dtype)
             self.values[layer] = torch.zeros(self.shape, device=device, dtype=dtype)
-        keys, values = self.keys[layer], self.values[layer]
-        keys[:, :, start:end] = k
-        values[:, :, start:end] = v
+        keys, values = self.keys[layer][self.start:self.stop], self.values[layer][self.start:self.stop]
+        past = self.past
+        if past is not None:
+            keys[:, :, past:past + T] = k
+            values[:, :, past:past + T] = v
+        else:  # row b's tokens go to its own positions lengths[b]..lengths[b]+T-1
+            pos = self.positions(T, k.device)
+            rows = self._memoized("rows", 0, k.device, lambda lengths: torch.arange(len(lengths), device=k.device)[:, None])
+            keys[rows, :, pos] = k.transpose(1, 2).to(keys.dtype)
+            values[rows, :, pos] = v.transpose(1, 2).to(values.dtype)
         return keys[:, :, :end], values[:, :, :end]
 
     def advance(self, n: int) -> None:
-        """Mark n more tokens as cached (called once per forward, after all layers wrote)."""
-        self.length += n
+        """Mark n more tokens as cached in every row (called once per forward, after all layers wrote)."""
+        for i in self._rows():
+            self.lengths[i] += n
+
+    def set_lengths(self, lengths: Sequence[int]) -> None:
+        """Shorten each row to its length (e.g. after a right-padded prefill: the padding is forgotten)."""
+        if len(lengths) != self.stop - self.start or any(
+                not 0 <= n <= self.lengths[i] for i, n in zip(self._rows(), lengths)):
+            raise ValueError(f"cannot set rows of lengths {self.lengths[self.start:self.stop]} to {list(lengths)}")
+        self.lengths[self.start:self.stop] = list(lengths)
 
     def crop(self, length: int) -> None:
-        """Forget everything after the first `length` tokens (e.g. to roll back a draft)."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot crop a cache of {self.length} tokens to {length}")
-        self.length = length
+        """Forget everything after the first `length` tokens of every row (e.g. to roll back a draft)."""
+        if not all(0 <= length <= self.lengths[i] for i in self._rows()):
+            raise ValueError(f"cannot crop a cache of {self.lengths[self.start:self.stop]} tokens to {length}")
+        self.set_lengths([length] * (self.stop - self.start))
 
     def reset(self) -> None:
-        """Empty the cache (and the cross-attention keys/values); the buffers are kept for reuse."""
-        self.length = 0
-        self.cross = [None] * self.n_layer
+        """Empty the rows (and their cross-attention keys/values); the buffers are kept for reuse,
+        except the cross-attention ones when the whole cache is reset."""
+        for i in self._rows():
+            self.lengths[i] = self.source_lengths[i] = 0
+        if self.start == 0 and self.stop == self.batch_size:
+            self.cross[:] = [None] * self.n_layer
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row `src` (its cached keys/values, cross keys/values and lengths) into row `dst`."""
+        n, s = self.lengths[src], self.source_lengths[src]
+        for buffer in (*self.keys, *self.values):
+            if buffer is not None:
+                buffer[dst, :, :n] = buffer[src, :, :n]
+        for pair in self.cross:
+            if pair is not None:
+                for buffer in pair:
+                    buffer[dst, :, :s] = buffer[src, :, :s]
+        self.lengths[dst], self.source_lengths[dst] = n, s
+
+    # ---- cross-attention keys/values ----------------------------------------------------
+
+    def has_cross(self) -> bool:
+        """Whether every row holds its encoder output's cross-attention keys/values."""
+        return self.cross[0] is not None and all(self.source_lengths[i] for i in self._rows())
+
+    def set_cross(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """Store a layer's cross-attention keys/values (rows, kv_heads, S, head_dim) for these rows;
+        their source length becomes S (`set_source_lengths` tells a padded source's real one)."""
+        S, pair = k.shape[2], self.cross[layer]
+        if pair is None or pair[0].shape[2] < S:
+            shape = (self.batch_size, k.shape[1], max(S, self.max_len), k.shape[3])
+            grown = tuple(torch.zeros(shape, device=self.device or k.device, dtype=self.dtype or k.dtype)
+                          for _ in range(2))
+            if pair is not None:
+                for old, new in zip(pair, grown):
+                    new[:, :, :old.shape[2]] = old
+            self.cross[layer] = pair = grown
+        pair[0][self.start:self.stop, :, :S] = k
+        pair[1][self.start:self.stop, :, :S] = v
+        for i in self._rows():
+            self.source_lengths[i] = S
+
+    def set_source_lengths(self, lengths: Sequence[int]) -> None:
+        """Each row's real source length (the rest of its cross keys/values is padding, masked)."""
+        self.source_lengths[self.start:self.stop] = list(lengths)
+
+    def cross_kv(self, layer: int) -> tuple[Tensor, Tensor]:
+        """A layer's cross-attention keys/values of these rows, up to the longest source."""
+        pair = self.cross[layer]
+        if pair is None or not self.has_cross():
+            raise ValueError("cross-attention needs `context` (the encoder output) or a filled kv_cache")
+        S = max(self.source_lengths[self.start:self.stop])
+        return pair[0][self.start:self.stop, :, :S], pair[1][self.start:self.stop, :, :S]
+
+    def source_mask(self, device: torch.device | None = None) -> Tensor | None:
+        """(B, 1, 1, S) bool, True on each row's real source positions; None when all rows have one."""
+        lengths = self.source_lengths[self.start:self.stop]
+        if all(n == lengths[0] for n in lengths):
+            return None
+        return self._memoized("source", 0, device, lambda n: (torch.arange(max(n), device=device)
+                                                              < torch.tensor(n, device=device)[:, None])[:, None, None],
+                              lengths)
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,16 +450,15 @@ class Attention(nn.Module):
             q, k, v = self.qkv(x).split(self.split_sizes, dim=-1)
             return self._heads(q, self.n_head), self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
         q = self._heads(self.q(x), self.n_head)
-        cached = kv_cache.cross[layer] if kv_cache is not None else None
-        if cached is not None:  # the encoder output's keys/values, computed at the first step
-            k, v = cached
+        if context is None:  # the encoder output's keys/values, computed at the first step
+            if kv_cache is None:
+                raise ValueError("cross-attention needs `context` (the encoder output) or a filled kv_cache")
+            k, v = kv_cache.cross_kv(layer)
             return q, k.to(q.dtype), v.to(q.dtype)
-        if context is None:
-            raise ValueError("cross-attention needs `context` (the encoder output) or a filled kv_cache")
         k, v = self.kv(context).split(self.split_sizes[1:], dim=-1)
         k, v = self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
         if kv_cache is not None:
-            kv_cache.cross[layer] = (k, v)
+            kv_cache.set_cross(layer, k, v)
         return q, k, v
 
     def forward(self, x: Tensor, *, context: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None,
@@ -351,14 +466,16 @@ class Attention(nn.Module):
                 kv_cache: KVCache | None = None, layer: int = 0) -> Tensor:
         """x: (B, T, n_embd); context: (B, S, n_embd) for cross-attention; rope: cos/sin for
         these T positions; position_bias: (1 or B, heads, T, S) added to the scores; kv_cache:
-        see `KVCache` (self-attention appends to it, cross-attention reads/fills `cross`)."""
+        see `KVCache` (self-attention appends to it; cross-attention fills its `cross` when given
+        `context`, else reads it). With a cache whose rows differ in length, `attn_mask` must be
+        the cache's `attention_mask` (it holds the causal part)."""
         B, T, _ = x.shape
         q, k, v = self._keys_values(x, context, kv_cache, layer)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        past = 0
+        past: int | None = 0
         if kv_cache is not None and not self.cross:
-            past = kv_cache.length
+            past = kv_cache.past  # None: rows of different lengths, attn_mask is causal already
             k, v = kv_cache.update(layer, k, v)
             if k.dtype != q.dtype:  # a cache allocated in another dtype than this forward's
                 k, v = k.to(q.dtype), v.to(q.dtype)
@@ -373,7 +490,7 @@ class Attention(nn.Module):
         # except a single query, which may see every cached key anyway. An additive bias
         # cannot be combined with is_causal, so then the causal mask is folded into it.
         is_causal = self.causal and past == 0 and attn_mask is None and position_bias is None
-        if self.causal and not is_causal and T > 1:
+        if self.causal and not is_causal and T > 1 and past is not None:
             causal_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
             attn_mask = causal_mask if attn_mask is None else attn_mask & causal_mask
         if position_bias is not None:

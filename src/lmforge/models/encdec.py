@@ -46,7 +46,8 @@ from lmforge.models.config import ModelConfig
 class EncoderDecoder(nn.Module):
     """Encoder-decoder model. `forward(input_ids, labels)` -> (decoder logits, loss)."""
 
-    is_encoder_decoder = True  # generation encodes the prompt once and decodes from a start token
+    # generation encodes the prompt once and decodes from a start token (`lmforge.models.has_capability`)
+    capabilities = frozenset({"generate", "encoder_decoder"})
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -124,7 +125,9 @@ class EncoderDecoder(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------
 
-    def _embed(self, ids: Tensor, start: int = 0) -> Tensor:
+    def _embed(self, ids: Tensor, start: int = 0, positions: Tensor | None = None) -> Tensor:
+        """Token embeddings (+ sinusoidal positions start.., or the (B, T) `positions` of a KV cache
+        whose rows differ in length)."""
         x = self.tok_embeddings(ids)
         if self.config.scale_embeddings:
             x = x * math.sqrt(self.config.n_embd)
@@ -133,7 +136,7 @@ class EncoderDecoder(nn.Module):
             if end > self.config.block_size:
                 raise ValueError(f"sequence of {end} tokens is longer than the sinusoidal position table "
                                  f"(block_size={self.config.block_size})")
-            x = x + self.pos_table[start:end].to(x.dtype)
+            x = x + self.pos_table[slice(start, end) if positions is None else positions].to(x.dtype)
         return self.dropout(x)
 
     @staticmethod
@@ -159,18 +162,27 @@ class EncoderDecoder(nn.Module):
         """Logits (B, T, vocab) for decoder ids (B, T) attending to `encoder_output` (B, S, n_embd).
 
         attention_mask is the encoder's (B, S) padding mask. With a `kv_cache`, the ids continue
-        the cached decoder sequence (positions start at `kv_cache.length`) and the cache
+        the cached decoder sequence (positions start at each row's cached length) and the cache
         advances by T; the encoder output's cross keys/values are computed at the first call
-        and reused after (`encoder_output` may then be None).
+        and reused after (`encoder_output` may then be None, and without attention_mask the
+        cache's `source_mask` masks each row's padding).
         """
         T = decoder_input_ids.shape[1]
-        start = kv_cache.length if kv_cache is not None else 0
-        x = self._embed(decoder_input_ids, start)
-        bias = self.decoder_rel_bias(T, start + T, offset=start) if self.relative else None
+        start, pos, end = 0, None, T  # decoder positions start.., or per row (B, T), up to end
+        if kv_cache is not None:
+            start, pos, end = kv_cache.past, kv_cache.positions(T, decoder_input_ids.device), kv_cache.longest + T
+        x = self._embed(decoder_input_ids, end - T if pos is not None else start, pos)
+        bias = (self.decoder_rel_bias(T, end, offset=start if pos is None else pos[:, 0])
+                if self.relative else None)
+        self_mask = kv_cache.attention_mask(T, x.device) if kv_cache is not None else None
+        filled = kv_cache is not None and kv_cache.has_cross()
+        context = None if filled else encoder_output  # the cached cross keys/values when filled
         context_mask = self.padding_mask(attention_mask)
+        if context_mask is None and filled:
+            context_mask = kv_cache.source_mask(x.device)
         for layer, block in enumerate(self.decoder_blocks):
-            x = block(x, position_bias=bias, kv_cache=kv_cache, layer=layer, context=encoder_output,
-                      context_mask=context_mask)
+            x = block(x, attn_mask=self_mask, position_bias=bias, kv_cache=kv_cache, layer=layer,
+                      context=context, context_mask=context_mask)
         if kv_cache is not None:
             kv_cache.advance(T)
         if self.decoder_norm is not None:
@@ -218,8 +230,9 @@ class EncoderDecoder(nn.Module):
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None,
                      device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> KVCache:
-        """An empty decoder cache (self-attention keys/values up to `max_len`, default block_size,
-        and room for every decoder layer's cross-attention keys/values)."""
+        """An empty decoder cache (self-attention keys/values of `batch_size` rows, each with its own
+        length, up to `max_len`, default block_size, and every decoder layer's cross-attention
+        keys/values of each row's encoder output)."""
         c = self.config
         max_len = min(max_len or c.block_size, c.block_size)
         return KVCache(c.decoder_layers, batch_size, c.kv_heads, c.head_dim, max_len, device, dtype)

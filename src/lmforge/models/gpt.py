@@ -31,10 +31,14 @@ from lmforge.models.moe import moe_layers, moe_losses, moe_stats
 class GPT(nn.Module):
     """Decoder-only language model. `forward(idx, targets)` -> (logits, loss)."""
 
+    capabilities = frozenset({"generate"})  # see `lmforge.models.has_capability`
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         config.check_buildable()
         self.config = c = config
+        if c.moe.num_experts:
+            self.capabilities = self.capabilities | {"moe_stats"}
         self.tok_embeddings = nn.Embedding(c.vocab_size, c.n_embd)
         self.pos_embeddings = (nn.Embedding(c.block_size, c.n_embd)
                                if c.pos_encoding == "learned" else None)
@@ -94,20 +98,21 @@ class GPT(nn.Module):
         `moe.z_loss_coef` * z-loss, see `lmforge.models.moe`), so eval losses stay pure
         cross-entropy, comparable with dense models. With a
         `kv_cache`, idx continues the cached sequence: its positions start at
-        `kv_cache.length`, its keys/values are appended and the cache advances by T; a cache
-        with `left_pad` numbers each row's positions from its first real token and masks its
-        padding (batched generation of prompts of different lengths, `infer.generate_batch`).
+        each row's cached length, its keys/values are appended and the cache advances by T; rows
+        of different lengths (an engine's batch, `lmforge.infer.engine`) get their own positions
+        and a mask that hides what lies past each row's end.
         Raises ValueError (internal misuse, not a user error) if the sequence would be longer
         than `block_size`.
         """
         B, T = idx.shape
-        start = kv_cache.length if kv_cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than the context "
+        start, pos = 0, None  # positions start..start+T, or per row (B, T) when the rows' lengths differ
+        if kv_cache is not None:
+            start, pos = kv_cache.past, kv_cache.positions(T, idx.device)
+        end = (kv_cache.longest if kv_cache is not None else 0) + T
+        if end > self.config.block_size:
+            raise ValueError(f"sequence of {end} tokens is longer than the context "
                              f"block_size={self.config.block_size}")
         x = self.tok_embeddings(idx)
-        # positions: start..start+T, or per row when the cache batches left-padded sequences
-        pos = kv_cache.positions(T, idx.device) if kv_cache is not None else None
         where = slice(start, start + T) if pos is None else pos
         if self.pos_embeddings is not None:
             x = x + self.pos_embeddings.weight[where]
@@ -118,7 +123,7 @@ class GPT(nn.Module):
             rope = (self.rope_cos[where], self.rope_sin[where])
             if pos is not None:  # (B, T, head_dim) -> (B, 1, T, head_dim), broadcast over heads
                 rope = (rope[0][:, None], rope[1][:, None])
-        attn_mask = kv_cache.padding_mask(T, idx.device) if kv_cache is not None else None
+        attn_mask = kv_cache.attention_mask(T, idx.device) if kv_cache is not None else None
         x = self.dropout(x)
         for layer, block in enumerate(self.blocks):
             x = block(x, rope=rope, attn_mask=attn_mask, kv_cache=kv_cache, layer=layer)
@@ -142,17 +147,16 @@ class GPT(nn.Module):
         return moe_stats(self)
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None,
-                     device: torch.device | str | None = None,
-                     dtype: torch.dtype | None = None, left_pad: Tensor | None = None) -> KVCache:
-        """An empty KV cache for `batch_size` sequences of up to `max_len` (default block_size).
+                     device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache for `batch_size` sequences (rows, each with its own length) of up to
+        `max_len` tokens (default block_size).
 
         device/dtype default to those of the keys computed in the first forward pass (so the
-        model's device, and bf16 under bf16 autocast). `left_pad` (B,): padding tokens at the
-        start of each row, for prompts of different lengths in one batch (see `KVCache`).
+        model's device, and bf16 under bf16 autocast).
         """
         c = self.config
         max_len = min(max_len or c.block_size, c.block_size)
-        return KVCache(c.n_layer, batch_size, c.kv_heads, c.head_dim, max_len, device, dtype, left_pad)
+        return KVCache(c.n_layer, batch_size, c.kv_heads, c.head_dim, max_len, device, dtype)
 
     def num_params(self, exclude_embeddings: bool = False, active: bool = False) -> int:
         """Exact parameter count; a tied weight counts once.
