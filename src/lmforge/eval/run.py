@@ -23,7 +23,7 @@ import torch
 from lmforge.errors import UserError
 from lmforge.eval import report, seq2seq
 from lmforge.eval.runners import RUNNERS, Result, Settings, run_perplexity_sequences
-from lmforge.eval.tasks import KINDS, load_task
+from lmforge.eval.tasks import KINDS, Task, load_task
 from lmforge.fsutil import atomic_dir, atomic_write_json, atomic_write_text, write_summary
 
 TRAIN_NOTE = "training data: these numbers measure memorization, not generalization to unseen text"
@@ -98,24 +98,11 @@ def evaluate(ckpt: str | Path, tasks: list[str | Path], out: str | Path, *, kind
     """Evaluate a checkpoint (or run dir) on each task; returns {"tasks": [result, ...], ...}."""
     from lmforge.train.checkpoint import load_pretrained, resolve_checkpoint
 
-    if kind is not None and kind not in KINDS:
-        raise UserError(f"--kind {kind!r} is not one of {', '.join(KINDS)}")
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit must be >= 1, got {limit}")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    if not temperature >= 0:
-        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    _check_options(kind, limit, batch_size, temperature)
     sources = _task_sources(tasks)
     # load (= validate) every task file before the model: a bad line fails in a second
     loaded = {p: load_task(p, kind) for p in sources if not (p.is_dir() and (p / "meta.json").is_file())}
-    names = [safe_name(loaded[p].name) if p in loaded else p.name for p in sources]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise UserError(f"two tasks are named {dup!r}; give them different file names or header names")
-    for p, task in loaded.items():
-        if split is not None and task.split is not None and task.split != split:
-            raise UserError(f"{p}: the header says split {task.split!r} but --split is {split!r}; drop --split")
+    names = _task_names(sources, loaded, split)
 
     start = time.perf_counter()
     checkpoint = resolve_checkpoint(ckpt)
@@ -127,17 +114,8 @@ def evaluate(ckpt: str | Path, tasks: list[str | Path], out: str | Path, *, kind
     for source in sources:
         torch.manual_seed(seed)
         if source in loaded:
-            task = loaded[source]
-            n_file = len(task.items)
-            if limit:
-                task.items, task.lines = task.items[:limit], task.lines[:limit]
-            result = RUNNERS[task.kind](task, model, tokenizer, settings)
-            task_split = task.split or split
-            info = {"task": safe_name(task.name), "kind": task.kind, "task_file": str(source), "split": task_split or "unstated",
-                    "items_in_file": n_file}
-            for key in ("description", "source"):
-                if task.header.get(key):
-                    info[key] = task.header[key]
+            info, result = _file_task(source, loaded[source], split, model, tokenizer, limit, settings)
+            task_split = loaded[source].split or split
         else:
             info, result = _token_dir_task(source, split, model, tokenizer, limit, settings, kind)
             task_split = info["split"]
@@ -150,7 +128,55 @@ def evaluate(ckpt: str | Path, tasks: list[str | Path], out: str | Path, *, kind
         extras.append(result.item_scores)
 
     wall = time.perf_counter() - start
-    out = Path(out)
+    config = {"tasks": [str(s) for s in sources], "kind": kind, "split": split, "limit": limit, "seed": seed,
+              "batch_size": batch_size, "answer_mode": answer_mode, "max_new_tokens": max_new_tokens,
+              "temperature": temperature, "device": device}
+    inputs = {"checkpoint": checkpoint, **{f"task:{n}": s for n, s in zip(names, sources)}}
+    _write_outputs(Path(out), results, extras, str(checkpoint), config, inputs, wall)
+    return {"checkpoint": str(checkpoint), "out": str(out), "tasks": results, "wall_time_s": wall}
+
+
+def _check_options(kind: str | None, limit: int | None, batch_size: int, temperature: float) -> None:
+    if kind is not None and kind not in KINDS:
+        raise UserError(f"--kind {kind!r} is not one of {', '.join(KINDS)}")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be >= 1, got {limit}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if not temperature >= 0:
+        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+
+
+def _task_names(sources: list[Path], loaded: dict[Path, Task], split: str | None) -> list[str]:
+    """Each task's output name (distinct); a task file's header split must agree with --split."""
+    names = [safe_name(loaded[p].name) if p in loaded else p.name for p in sources]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise UserError(f"two tasks are named {dup!r}; give them different file names or header names")
+    for p, task in loaded.items():
+        if split is not None and task.split is not None and task.split != split:
+            raise UserError(f"{p}: the header says split {task.split!r} but --split is {split!r}; drop --split")
+    return names
+
+
+def _file_task(source: Path, task: Task, split: str | None, model, tokenizer, limit: int | None,
+               settings: Settings) -> tuple[dict[str, Any], Result]:
+    """Run a task file's runner (on its first `limit` items)."""
+    n_file = len(task.items)
+    if limit:
+        task.items, task.lines = task.items[:limit], task.lines[:limit]
+    result = RUNNERS[task.kind](task, model, tokenizer, settings)
+    info = {"task": safe_name(task.name), "kind": task.kind, "task_file": str(source),
+            "split": task.split or split or "unstated", "items_in_file": n_file}
+    for key in ("description", "source"):
+        if task.header.get(key):
+            info[key] = task.header[key]
+    return info, result
+
+
+def _write_outputs(out: Path, results: list[dict[str, Any]], extras: list, checkpoint: str,
+                   config: dict[str, Any], inputs: dict[str, Any], wall: float) -> None:
+    """One task: its files in `out`; several: a directory each plus an overview (`out` replaced atomically)."""
     with atomic_dir(out) as tmp:
         if len(results) == 1:
             _write_task(results[0], extras[0], tmp)
@@ -159,20 +185,15 @@ def evaluate(ckpt: str | Path, tasks: list[str | Path], out: str | Path, *, kind
                 (tmp / result["task"]).mkdir()
                 _write_task(result, extra, tmp / result["task"])
             atomic_write_json(tmp / "results.json", {
-                "checkpoint": str(checkpoint),
+                "checkpoint": checkpoint,
                 "tasks": {r["task"]: {"kind": r["kind"], "split": r["split"], "task_file": r["task_file"],
                                       "metrics": r["metrics"], "results": f"{r['task']}/results.json"} for r in results},
             })
-            atomic_write_text(tmp / "report.md", report.overview_report(str(checkpoint), results))
-        write_summary(tmp, "eval", config={"tasks": [str(s) for s in sources], "kind": kind, "split": split,
-                                           "limit": limit, "seed": seed, "batch_size": batch_size,
-                                           "answer_mode": answer_mode, "max_new_tokens": max_new_tokens,
-                                           "temperature": temperature, "device": device},
-                      inputs={"checkpoint": checkpoint, **{f"task:{n}": s for n, s in zip(names, sources)}},
+            atomic_write_text(tmp / "report.md", report.overview_report(checkpoint, results))
+        write_summary(tmp, "eval", config=config, inputs=inputs,
                       metrics={r["task"]: {k: v for k, v in r["metrics"].items()
                                            if k not in ("per_class", "confusion_matrix")} for r in results},
                       wall_time_s=wall)
-    return {"checkpoint": str(checkpoint), "out": str(out), "tasks": results, "wall_time_s": wall}
 
 
 def _write_task(result: dict[str, Any], item_scores, out: Path) -> None:
