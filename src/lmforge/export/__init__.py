@@ -1,4 +1,4 @@
-"""Export and interchange: Hugging Face conversion both ways (`hf`); ONNX later."""
+"""Export and interchange: Hugging Face conversion both ways (`hf`)."""
 
 from lmforge.export.hf import from_hf, to_hf
 

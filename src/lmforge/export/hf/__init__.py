@@ -1,14 +1,15 @@
-"""Hugging Face interop: HF causal-LM directories to lmforge checkpoints and back.
+"""Hugging Face interop: HF model directories (decoders, BERT, T5) to lmforge checkpoints and back.
 
     from_hf("gpt2-dir", "ckpt")      # config.json + model.safetensors (+ tokenizer.json) -> checkpoint
-    to_hf("ckpt", "hf-dir")          # checkpoint -> a dir `AutoModelForCausalLM.from_pretrained` loads
+    to_hf("ckpt", "hf-dir")          # checkpoint -> a dir transformers' `from_pretrained` loads
+                                     # (AutoModelForCausalLM, a BERT class, T5ForConditionalGeneration)
 
 A registry (`ARCHITECTURES`) maps an HF `model_type` to an `HFArch`: how its config.json becomes
 our `ModelConfig` and back, and a table of `TensorRule`s pairing each of our tensors with the
 HF tensor(s) it is made of. The one table serves both directions, so from-hf and to-hf cannot
 drift apart, and every shape check can name the HF tensor at fault.
 
-Supported now: GPT-2 (`gpt2`), Llama incl. grouped-query attention (`llama`), dense Mistral
+Supported: GPT-2 (`gpt2`), Llama incl. grouped-query attention (`llama`), dense Mistral
 (`mistral`, without a sliding window), Mixtral (`mixtral`: Mistral with top-k MoE MLPs) and BERT (`bert`: BertModel, BertForMaskedLM,
 BertForPreTraining, BertForNextSentencePrediction, BertForSequenceClassification) and T5
 (`t5`: T5ForConditionalGeneration, v1.0 and v1.1).

@@ -6,9 +6,9 @@ and metadata. Both directions write the output under a temp name and swap it in 
 an output that is, lies inside or holds the input is refused, and a non-empty one needs
 `overwrite` (`check_output`).
 
-A BERT's tokenizer.json gains BERT's [CLS]/[SEP] post-processor at to-hf (lmforge adds them by
-id), so HF tokenizers and sentence-transformers feed the encoder what training and
-`lmforge embed` did.
+A BERT's tokenizer.json gains BERT's [CLS]/[SEP] post-processor at to-hf (lmforge's tokenizers add
+them in `Tokenizer.__call__`, not in the file), so HF tokenizers and sentence-transformers feed the
+encoder what training and `lmforge embed` did.
 """
 
 from __future__ import annotations
