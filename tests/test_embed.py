@@ -25,6 +25,7 @@ from lmforge.cli import main
 from lmforge.errors import UserError
 from lmforge.infer.embed import embed_texts, read_texts
 from lmforge.models import BERT, GPT, ModelConfig
+from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import load_pretrained, save_checkpoint, tied_aliases
 
 sentence_transformers = pytest.importorskip("sentence_transformers")
@@ -204,3 +205,17 @@ def test_embed_of_a_native_bert_checkpoint_uses_its_context(tmp_path):
     expected = torch.nn.functional.normalize(loaded.embed(ids), dim=-1)[0]
     np.testing.assert_allclose(rows[0]["embedding"], expected.detach().numpy(), atol=1e-6)
     assert os.path.getsize(out) > 0
+
+
+def test_embed_refuses_a_tokenizer_that_adds_no_cls_sep(tmp_path):
+    from lmforge.tokenizer.train import train_tokenizer
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("the king shall speak of love\n" * 10)
+    train_tokenizer(tmp_path / "corpus", tmp_path / "tok", kind="char")
+    model = BERT(ModelConfig(arch="bert", vocab_size=320, n_layer=1, n_head=2, n_embd=16, block_size=8,
+                             norm_position="post"))
+    file = tmp_path / "tok" / "tokenizer.json"
+    file.write_text(file.read_text().replace("<|bos|>", "<|start|>"))  # no [CLS] of any name
+    with pytest.raises(UserError, match="adds no \\[CLS\\]/\\[SEP\\] to a text"):
+        embed_texts(model, Tokenizer.load(file), ["the king"], max_length=8)
