@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -133,3 +134,53 @@ def test_plan_and_embed_option_mistakes_are_one_line(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["compute"]["gpu_type"] == "H100"
     assert main(["embed", "--ckpt", str(tmp_path / "nowhere"), "--text", "x", "--out", str(tmp_path / "v.txt")]) == 2
     assert "write vectors to FILE.npy" in error_line(capsys) and not (tmp_path / "v.txt").exists()
+
+
+def _into_closed_pipe(args: list[str]) -> subprocess.CompletedProcess:
+    """Run `python -m lmforge ARGS` with stdout a pipe whose reader has already left."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader leaves before the command writes a byte: every write breaks
+    try:
+        return subprocess.run([sys.executable, "-m", "lmforge", *args], cwd=ROOT, stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=180)
+    finally:
+        os.close(write_end)
+
+
+@pytest.mark.parametrize("args", [
+    ["plan", "nano"],
+    ["plan", "nano", "--json"],
+    ["--help"],
+    ["diagnose", "{run}", "--json"],
+    ["diagnose", "{run}"],
+    ["generate", "--ckpt", "{run}", "--max-new-tokens", "50", "--seed", "0"],
+])
+def test_every_command_exits_quietly_into_a_closed_pipe(run_dir, args):
+    """`lmforge diagnose RUN --json | head` printed a BrokenPipeError traceback: no command may."""
+    proc = _into_closed_pipe([a.format(run=run_dir) for a in args])
+    assert proc.stderr == "", proc.stderr[-2000:]
+    assert proc.returncode in (0, 1), proc.returncode
+
+
+def test_pretrain_refuses_a_run_that_cannot_fit(run_dir, capsys, monkeypatch):
+    """`--set model.block_size=100000`: refused before allocating, with both numbers; --force goes
+    past the check (to the next one: the tiny tokens dir holds fewer tokens than one window)."""
+    import re
+    import time
+
+    from lmforge.train import setup
+
+    monkeypatch.setattr(setup, "available_memory", lambda device: (8 * 2**30, "MemAvailable in /proc/meminfo"))
+    args = ["pretrain", "nano", "--out", str(run_dir.parent / "huge"), "--set", f"data.tokens={run_dir.parent / 'tokens'}",
+            "--set", "model.block_size=100000", "--set", "train.precision=fp32"]
+    t0 = time.perf_counter()
+    assert main(args) == 2
+    line = error_line(capsys)
+    assert time.perf_counter() - t0 < 30
+    need, have = (float(x) for x in re.findall(r"([\d.]+) GiB", line))
+    assert need > have == 8.0 and "--force" in line, line
+    with pytest.warns(UserWarning, match="one training step is predicted to take about"):
+        assert main(args + ["--force"]) == 2
+    line = error_line(capsys)
+    assert "model.block_size" in line and "GiB" not in line, line
+    assert not (run_dir.parent / "huge" / "checkpoints").exists()

