@@ -66,8 +66,9 @@ def test_missing_path(tmp_path):
 
 
 def test_no_supported_files(tmp_path):
-    (tmp_path / "data.csv").write_text("a,b")
-    assert _error(tmp_path) == f"no .txt/.md/.jsonl/.parquet files under {tmp_path}; point at a corpus directory"
+    (tmp_path / "data.xlsx").write_text("a,b")
+    assert _error(tmp_path) == (f"no .txt/.md/.jsonl/.jsonl.gz/.jsonl.zst/.parquet/.csv files under {tmp_path}; "
+                                "point at a corpus directory")
 
 
 def test_empty_corpus(tmp_path):
@@ -116,6 +117,77 @@ def test_parquet_without_text_column_or_corrupt(tmp_path):
 
 
 def test_unsupported_single_file(tmp_path):
-    bad = tmp_path / "a.csv"
+    bad = tmp_path / "a.docx"
     bad.write_text("x")
-    assert _error(bad).startswith(f"{bad}: unsupported file type '.csv'")
+    assert _error(bad).startswith(f"{bad}: unsupported file type '.docx'")
+    bad = tmp_path / "a.csv"  # csv is read, but needs a text column
+    bad.write_text("x\n1\n")
+    assert _error(bad) == f"{bad}: no 'text' column (columns: x); name the text column 'text'"
+
+
+# ---- one reader stack: every format `data prepare` reads, the tokenizer stages read too ----------
+
+_TEXTS = [f"the king shall speak {i},\nof \"love\" and death\n\nupon this night" for i in range(40)]
+
+
+def _write_format(root, suffix: str) -> None:
+    import csv
+    import gzip
+
+    import zstandard
+
+    root.mkdir()
+    rows = [{"text": t, "n": i} for i, t in enumerate(_TEXTS)]
+    payload = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    file = root / f"docs{suffix}"
+    if suffix == ".jsonl":
+        file.write_bytes(payload)
+    elif suffix == ".jsonl.gz":
+        file.write_bytes(gzip.compress(payload))
+    elif suffix == ".jsonl.zst":
+        file.write_bytes(zstandard.ZstdCompressor().compress(payload))
+    elif suffix == ".csv":
+        with open(file, "w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["n", "text"])
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        pq.write_table(pa.table({"text": _TEXTS, "n": list(range(len(_TEXTS)))}), file)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.zst", ".csv", ".jsonl.gz", ".parquet"])
+def test_tokenize_and_tokenizer_training_read_every_prepare_format(suffix, tmp_path, tokenizer_file):
+    from lmforge.tokenizer.shards import read_meta, tokenize_corpus
+    from lmforge.tokenizer.train import train_tokenizer
+
+    _write_format(tmp_path / "jsonl", ".jsonl")
+    _write_format(tmp_path / "other", suffix)
+    assert [d.text for d in iter_documents(tmp_path / "other")] == _TEXTS
+    outputs = {}
+    for name in ("jsonl", "other"):
+        out = tmp_path / f"tok_{name}"
+        tokenize_corpus(tokenizer_file, tmp_path / name, out, val_fraction=0.2, workers=1)
+        meta = read_meta(out)
+        shards = {split: [(out / s).read_bytes() for s in info["shards"]] for split, info in meta["splits"].items()}
+        trained = train_tokenizer(tmp_path / name, tmp_path / f"bpe_{name}", kind="bpe", vocab_size=300)
+        outputs[name] = ({k: v["tokens"] for k, v in meta["splits"].items()}, shards, trained.encode(_TEXTS[3]))
+    assert outputs["other"] == outputs["jsonl"]
+    assert outputs["jsonl"][0]["val"] > 0 and outputs["jsonl"][0]["train"] > 0
+
+
+def test_damaged_compressed_input_stops_the_tokenizer_stages_with_file_and_line(tmp_path):
+    import zstandard
+
+    payload = "".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(2000)).encode()
+    bad = tmp_path / "a.jsonl.zst"
+    bad.write_bytes(zstandard.ZstdCompressor().compress(payload)[:-50])
+    message = _error(bad)
+    assert message.startswith(f"{bad}:") and "truncated" in message
+    bad.unlink()
+    bad = tmp_path / "b.jsonl.gz"
+    bad.write_bytes(b"\x1f\x8b" + b"not gzip at all")
+    assert _error(bad).startswith(f"{bad}:1: corrupt")
+    bad.unlink()
+    bad = tmp_path / "c.csv"
+    bad.write_bytes(b"text\nok\n\xff\xfe broken\n")
+    assert _error(bad) == f"{bad}: invalid UTF-8 at byte 8 (line 3); re-encode it as UTF-8"

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from lmforge.data.readers import Document, corpus_files, iter_documents, list_splits
+from lmforge.data.readers import Document, corpus_files, iter_documents, list_splits, suffix_of
 from lmforge.errors import UserError
 from lmforge.fsutil import atomic_dir, atomic_write_json, file_sha256, write_summary
 from lmforge.tokenizer.tok import TOKENIZER_FILE, Tokenizer
@@ -298,8 +298,9 @@ class _Job:
     def _total_bytes(self) -> int | None:
         roots = list(self.presplit.values()) if self.presplit else [Path(self.input)]
         files = [f for root in roots for f in corpus_files(root)]
-        # Parquet sizes are compressed sizes: no meaningful total, show a counter instead.
-        return None if any(f.suffix == ".parquet" for f in files) else sum(f.stat().st_size for f in files)
+        # Parquet and .gz/.zst sizes are compressed sizes: no meaningful total, show a counter instead.
+        compressed = (".parquet", ".jsonl.gz", ".jsonl.zst")
+        return None if any(suffix_of(f) in compressed for f in files) else sum(f.stat().st_size for f in files)
 
 
 _worker_tokenizer: Tokenizer | None = None
