@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from lmforge.config import Config, dump_yaml, to_dict
 from lmforge.errors import Interrupted, UserError
 from lmforge.fsutil import atomic_write_text
+from lmforge.models import has_capability
 from lmforge.models.moe import utilization_summary
 from lmforge.train import distributed as dist
 from lmforge.train.batches import TokenBatches
@@ -144,7 +145,7 @@ class _Trainer:
     def _moe_record(self) -> dict[str, Any]:
         """moe_util (per expert, the fraction of top-k assignments), moe_dropped, moe_aux_loss,
         moe_z_loss of the last training forward; {} for models without experts."""
-        stats = self.raw_model.moe_stats() if hasattr(self.raw_model, "moe_stats") else None
+        stats = self.raw_model.moe_stats() if has_capability(self.raw_model, "moe_stats") else None
         if stats is None:
             return {}
         return {"moe_util": [round(u, 4) for u in stats["util"]], "moe_dropped": round(stats["dropped"], 5),

@@ -78,15 +78,14 @@ def _moe_lines(trainer, records: list[dict[str, Any]]) -> list[str]:
             f"load-balancing loss {last['moe_aux_loss']:.3f} (even: {moe.top_k}), z-loss {last['moe_z_loss']:.3f}"]
 
 
-def write_run_report(trainer, *, stop_reason: str, wall_time_s: float) -> dict[str, Any]:
-    out: Path = trainer.out
-    records = read_metrics(trainer.metrics_path)
+def run_metrics(trainer, records: list[dict[str, Any]], stop_reason: str) -> dict[str, Any]:
+    """summary.json's metrics: steps, losses, speed (from the logged steps), model and setup."""
     evals = [r for r in records if "val_loss" in r]
     timed = records[1:] or records  # the first step includes warm-up/compilation
     # rates from totals (tokens / time), not means of per-step rates, which slow steps barely move
     ms = sum(r["ms_per_step"] for r in timed) / len(timed) if timed else None
     tokens_per_s = trainer.tokens_per_step / (ms / 1000) if ms else None
-    metrics = {
+    return {
         "steps": trainer.state["step"],
         "stop_reason": stop_reason,
         "tokens_seen": trainer.state["tokens_seen"],
@@ -104,20 +103,19 @@ def write_run_report(trainer, *, stop_reason: str, wall_time_s: float) -> dict[s
         "world_size": trainer.info.world_size,
         "parallel": trainer.info.parallel,
     }
-    if records:
-        plot_loss(records, out / "loss.png", title=f"{out}: {metrics['params'] / 1e6:.2f}M params")
-    sample = _sample(trainer)
-    summary = write_summary(out, "pretrain", config=to_dict(trainer.cfg),
-                            inputs={"tokens": trainer.tokens_dir}, metrics=metrics,
-                            wall_time_s=wall_time_s, extra={"model_config": trainer.model_cfg.to_dict(),
-                                                            "sample": sample})
+
+
+def _report_lines(trainer, metrics: dict[str, Any], records: list[dict[str, Any]], sample: str | None,
+                  stop_reason: str, wall_time_s: float) -> list[str]:
+    out, mc = trainer.out, trainer.model_cfg
+    evals = [r for r in records if "val_loss" in r]
     fmt = lambda v, spec=".4f": "n/a" if v is None else format(v, spec)  # noqa: E731
     lines = [
         f"# Pretraining report: `{out}`",
         "",
         f"- model: {metrics['params']:,} parameters ({metrics['params_non_embedding']:,} non-embedding), "
-        f"{trainer.model_cfg.n_layer} layers x {trainer.model_cfg.n_embd} wide, context {trainer.model_cfg.block_size}, "
-        f"{trainer.model_cfg.pos_encoding} positions, {trainer.model_cfg.norm}, {trainer.model_cfg.mlp}",
+        f"{mc.n_layer} layers x {mc.n_embd} wide, context {mc.block_size}, "
+        f"{mc.pos_encoding} positions, {mc.norm}, {mc.mlp}",
         f"- data: `{trainer.tokens_dir}` ({trainer.train_batches.num_tokens:,} train tokens, "
         f"{trainer.val_batches.num_tokens:,} val tokens)",
         f"- run: {metrics['steps']} steps ({stop_reason}), {metrics['tokens_seen']:,} tokens seen, "
@@ -142,5 +140,27 @@ def write_run_report(trainer, *, stop_reason: str, wall_time_s: float) -> dict[s
         lines += ["## Sample (temperature 0.8, top-k 200)", "", "```text", sample.strip("\n"), "```", ""]
     lines += ["## Checkpoints", "", f"- best: `{out}/checkpoints/best` (step {metrics['best_step']})",
               f"- latest: `{out}/checkpoints/step_{metrics['steps']:06d}`", ""]
-    atomic_write_text(out / "report.md", "\n".join(lines))
+    return lines
+
+
+def write_run_report(trainer, *, stop_reason: str, wall_time_s: float) -> dict[str, Any]:
+    """summary.json, report.md and loss.png of a run dir; returns the summary.
+
+    `trainer` is any loop's object with these attributes: out, metrics_path, cfg, info,
+    model_cfg, raw_model, tokens_dir, tokenizer_file, train_batches and val_batches (num_tokens),
+    state (step, tokens_seen, best_val_loss, best_step), tokens_per_step, flops_per_token, peak
+    (FLOP/s, 0: unknown), precision, device.
+    """
+    out: Path = trainer.out
+    records = read_metrics(trainer.metrics_path)
+    metrics = run_metrics(trainer, records, stop_reason)
+    if records:
+        plot_loss(records, out / "loss.png", title=f"{out}: {metrics['params'] / 1e6:.2f}M params")
+    sample = _sample(trainer)
+    summary = write_summary(out, "pretrain", config=to_dict(trainer.cfg),
+                            inputs={"tokens": trainer.tokens_dir}, metrics=metrics,
+                            wall_time_s=wall_time_s, extra={"model_config": trainer.model_cfg.to_dict(),
+                                                            "sample": sample})
+    atomic_write_text(out / "report.md", "\n".join(_report_lines(trainer, metrics, records, sample, stop_reason,
+                                                                 wall_time_s)))
     return summary
