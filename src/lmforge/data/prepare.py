@@ -48,6 +48,7 @@ from lmforge.data.normalize import find_boilerplate, normalize_text, strip_lines
 from lmforge.data.readers import open_parquet
 from lmforge.data.safety import blocked_ratio, load_blocklists, scrub_pii
 from lmforge.data.sources import Record, Shard, plan_shards, read_shard, resolve_inputs
+from lmforge.data.split import assign_split
 from lmforge.errors import UserError
 from lmforge.fsutil import atomic_dir, atomic_write_bytes, atomic_write_json, write_summary
 
@@ -233,14 +234,6 @@ def _config_from_dict(data: dict[str, Any]) -> DataPrepConfig:
     return build(DataPrepConfig, data, "", "")
 
 
-def _split_of(key: int, cfg: DataPrepConfig) -> tuple[int, float]:
-    digest = hashlib.blake2b(f"{cfg.split.seed}:{key}".encode(), digest_size=8).digest()
-    u = int.from_bytes(digest, "little") / 2**64
-    if u < cfg.split.train:
-        return 0, u
-    return (1, u) if u < cfg.split.train + cfg.split.val else (2, u)
-
-
 def _decide(work: Path, shards: list[Shard], cfg: DataPrepConfig) -> list[dict[str, np.ndarray]]:
     """Stage 2: the fate (kept/exact/near/paragraph duplicate) and split of every stage-1 survivor."""
     loaded = [np.load(work / f"shard-{s.index:05d}.npz") for s in shards]
@@ -279,8 +272,9 @@ def _decide(work: Path, shards: list[Shard], cfg: DataPrepConfig) -> list[dict[s
         cluster_key[alive[order]] = smallest[np.cumsum(new_cluster) - 1]
     split = np.zeros(n, dtype=np.int8)
     position = np.zeros(n)
+    fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
     for i in np.flatnonzero(status == _KEEP).tolist():
-        split[i], position[i] = _split_of(int(cluster_key[i]), cfg)
+        split[i], position[i] = assign_split(int(cluster_key[i]), fractions, cfg.split.seed)
     _fill_empty_splits(split, position, status, cfg)
     drop_para = [np.zeros(0, dtype=np.int64)] * len(shards)
     if cfg.dedup.paragraphs:

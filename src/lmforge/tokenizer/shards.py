@@ -17,7 +17,6 @@ shards of `shard_tokens` tokens, so a document may continue in the next shard.
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import multiprocessing
 import os
@@ -31,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lmforge.data.readers import Document, corpus_files, iter_documents, list_splits, suffix_of
+from lmforge.data.split import assign_split, hash_position
 from lmforge.errors import UserError
 from lmforge.fsutil import atomic_dir, atomic_write_json, file_sha256, write_summary
 from lmforge.tokenizer.tok import TOKENIZER_FILE, Tokenizer
@@ -51,8 +51,9 @@ def tokenize_corpus(
     """Encode every document under `input` into `out` (layout above) and return the summary.
 
     Splits: an `input` with train/ and val/ (and optional test/) subdirs keeps them.
-    Otherwise a document goes to val when `int(sha256(text)[:16], 16) / 2**64 < val_fraction`,
-    which depends only on its text (not on file order). If that leaves val (or train) empty
+    Otherwise a document goes to val when its content hash falls below `val_fraction`
+    (`lmforge.data.split.assign_split(text, (val_fraction, 1 - val_fraction))`), which depends
+    only on its text (not on file order). If that leaves val (or train) empty
     on a tiny corpus, the document with the smallest (largest) hash is moved over; a corpus
     of a single document is split by tokens instead (last `val_fraction` of it to val).
 
@@ -159,8 +160,8 @@ def load_split(directory: str | Path, split: str) -> list[np.ndarray]:
 
 
 def doc_hash(text: str) -> float:
-    """Where a document falls in [0, 1): the first 64 bits of sha256(text)."""
-    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:16], 16) / 2**64
+    """Where a document falls in [0, 1): `lmforge.data.split.hash_position` of its text."""
+    return hash_position(text)
 
 
 class _ShardWriter:
@@ -237,8 +238,8 @@ class _Job:
                     elif fixed_split is not None:
                         self.writers[fixed_split].write([*ids, eos], len(data))
                     else:
-                        h = doc_hash(doc.text)
-                        split = move.get(index) or ("val" if h < self.val_fraction else "train")
+                        side, h = assign_split(doc.text, (self.val_fraction, 1.0 - self.val_fraction))
+                        split = move.get(index) or ("val", "train")[side]
                         if split == "train" and (self.min_hash_train is None or h < self.min_hash_train[0]):
                             self.min_hash_train = (h, index)
                         if split == "val" and (self.max_hash_val is None or h > self.max_hash_val[0]):
