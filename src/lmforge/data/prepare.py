@@ -4,7 +4,7 @@ Three stages, so that the output is identical for any number of workers and any 
 
 1. per shard, in parallel (`process_shard`): read -> normalize (+ boilerplate lines of the
    shard's sources) -> language id -> Gopher quality -> Gopher repetition -> blocklist ->
-   PII scrubbing; survivors go to `<work>/shard-NNNNN.parquet` with their exact hashes
+   PII scrubbing (a list of steps: `lmforge.data.chain`); survivors go to `<work>/shard-NNNNN.parquet` with their exact hashes
    (`.npz`) and MinHash signatures (`.sigs`, raw uint32), and the shard's accounting to
    `.json` (written last: it is the "shard finished" marker that resume trusts);
 2. once, over all shards (`_decide`): exact dedup, MinHash-LSH near dedup, optional
@@ -32,7 +32,7 @@ import re
 import shutil
 import time
 from array import array
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +40,11 @@ import numpy as np
 from tqdm import tqdm
 
 from lmforge.data import dedup, tally
+from lmforge.data.chain import Doc, filter_steps, make_chain, normalize_batch, run_steps
+from lmforge.data.chain import nbytes as _nbytes
 from lmforge.data.config import DataPrepConfig, to_dict
 from lmforge.data.executors import LocalRunner, RayRunner
-from lmforge.data.filters import quality_reason, repetition_reason, split_words
-from lmforge.data.langid import detect_language
-from lmforge.data.normalize import find_boilerplate, normalize_text, strip_lines
 from lmforge.data.readers import open_parquet
-from lmforge.data.safety import blocked_ratio, load_blocklists, scrub_pii
 from lmforge.data.sources import Record, Shard, plan_shards, read_shard, resolve_inputs
 from lmforge.data.split import assign_split
 from lmforge.errors import UserError
@@ -58,16 +56,6 @@ _MIN_PARAGRAPH_CHARS = 80
 _KEEP, _EXACT, _NEAR, _PARA = 0, 1, 2, 3
 _REMOVED_AS = {_EXACT: ("exact_dedup", "exact_duplicate"), _NEAR: ("near_dedup", "near_duplicate"),
                _PARA: ("paragraph_dedup", "paragraph_duplicate")}
-
-
-def _nbytes(text: str) -> int:
-    return len(text) if text.isascii() else len(text.encode("utf-8"))
-
-
-def _source_group(rec: Record) -> str:
-    # A file that holds many documents is its own source; one-document files (.txt) of one
-    # directory form a source together (so e-book licence blurbs repeat across them).
-    return os.path.dirname(rec.source) if rec.id == rec.source else rec.source
 
 
 def process_shard(shard: Shard, cfg_dict: dict[str, Any], work: str, strict: bool) -> dict[str, Any]:
@@ -132,100 +120,40 @@ def _batches(items: Any, batch_bytes: int, t: dict[str, Any]) -> Any:
 
 
 def _filter_batch(batch: list[Record], cfg: DataPrepConfig, t: dict[str, Any], arrays: dict[str, Any]) -> dict[str, list]:
-    """Normalize, filter and scrub one batch; the survivors' columns (dedup arrays go to `arrays`)."""
-    patterns = [re.compile(p) for p in cfg.normalize.remove_patterns]
-    records: list[tuple[Record, str]] = []
-    for item in batch:
-        nbytes = _nbytes(item.text)
-        t["documents_in"] += 1
-        t["bytes_in"] += nbytes
-        tally.enter(t, "read", nbytes)
-        tally.enter(t, "normalize", nbytes)
-        if item.invalid_utf8:
-            if cfg.normalize.invalid_utf8 == "drop":
-                tally.remove(t, "normalize", "invalid_utf8", nbytes, item.text)
-                continue
-            _count(t["changes"], "invalid_utf8_repaired")
-        text, changes = normalize_text(item.text, cfg.normalize, patterns)
-        for change in changes:
-            _count(t["changes"], change)
-        records.append((item, text))
-
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, (rec, _) in enumerate(records):
-        groups[_source_group(rec)].append(i)
-    for members in groups.values():
-        if len(members) < cfg.normalize.boilerplate_min_docs:
-            continue
-        lines = find_boilerplate((records[i][1] for i in members), cfg.normalize)
-        if lines:
-            for i in members:
-                text, n = strip_lines(records[i][1], lines)
-                if n:
-                    _count(t["changes"], "boilerplate_lines_removed", n)
-                    records[i] = (records[i][0], text)
-
-    blocklists = load_blocklists(cfg.safety.blocklist_dir) if cfg.safety.blocklist else {}
-    a, b = dedup.permutations(cfg.dedup.num_perm, cfg.dedup.seed)
+    """Normalize, filter and scrub one batch (the chain of steps in data/chain.py); the survivors'
+    columns (their dedup keys go to `arrays`)."""
+    chain, steps = make_chain(cfg, t), filter_steps(cfg)
+    perms = dedup.permutations(cfg.dedup.num_perm, cfg.dedup.seed)
     rows: dict[str, list] = {k: [] for k in _COLUMNS}
-    for rec, text in records:
-        nbytes = _nbytes(text)
-        if not text.strip():
-            tally.remove(t, "normalize", "empty", nbytes, rec.text)
-            continue
-        lang, score = "", 0.0
-        if cfg.langid.enabled:
-            tally.enter(t, "langid", nbytes)
-            lang, score = detect_language(text, cfg.langid.sample_chars)
-            if cfg.langid.allowed and lang not in cfg.langid.allowed:
-                tally.remove(t, "langid", "lang_not_allowed", nbytes, text)
-                continue
-            if score < cfg.langid.min_confidence:
-                tally.remove(t, "langid", "lang_low_confidence", nbytes, text)
-                continue
-            _count(t["langs"], lang)
-        words = split_words(text)
-        if cfg.quality.enabled:
-            tally.enter(t, "quality", nbytes)
-            reason = quality_reason(text, words, lang, cfg.quality)
-            if reason:
-                tally.remove(t, "quality", reason, nbytes, text)
-                continue
-        if cfg.repetition.enabled:
-            tally.enter(t, "repetition", nbytes)
-            reason = repetition_reason(text, words, cfg.repetition)
-            if reason:
-                tally.remove(t, "repetition", reason, nbytes, text)
-                continue
-        tally.enter(t, "safety", nbytes)
-        if blocklists and blocked_ratio(text, len(words.tokens), words.cjk, blocklists) > cfg.safety.max_blocked_ratio:
-            tally.remove(t, "safety", "blocklist", nbytes, text)
-            continue
-        if cfg.safety.pii:
-            pii: Counter = Counter()
-            text = scrub_pii(text, pii)
-            for kind, n in pii.items():
-                _count(t["pii"], kind, n)
-        rows["text"].append(text)
-        rows["id"].append(rec.id)
-        rows["source"].append(rec.source)
-        rows["lang"].append(lang)
-        rows["lang_score"].append(score)
-        rows["meta"].append(json.dumps(rec.meta, ensure_ascii=False, sort_keys=True, default=str) if rec.meta else "")
-        arrays["exact"].append(dedup.exact_hash(text))
-        arrays["lengths"].append(_nbytes(text))
-        if cfg.dedup.near:
-            word_hashes, _ = words.hashes(text)
-            arrays["sigs"].append(dedup.signature(dedup.shingles_from_hashes(word_hashes, cfg.dedup.shingle_words), a, b))
-        if cfg.dedup.paragraphs:
-            hashes = [dedup.exact_hash(p) for p in _PARAGRAPH.split(text) if len(p.strip()) >= _MIN_PARAGRAPH_CHARS]
-            arrays["para_hashes"].extend(hashes)
-            arrays["para_counts"].append(len(hashes))
+    for doc in normalize_batch(batch, cfg, t):
+        if run_steps(doc, steps, chain):
+            _add_row(rows, doc)
+            _add_dedup_keys(arrays, doc, cfg, perms)
     return rows
 
 
-def _count(counter: dict[str, int], key: str, n: int = 1) -> None:
-    counter[key] = counter.get(key, 0) + n
+def _add_row(rows: dict[str, list], doc: Doc) -> None:
+    rec = doc.rec
+    rows["text"].append(doc.text)
+    rows["id"].append(rec.id)
+    rows["source"].append(rec.source)
+    rows["lang"].append(doc.lang)
+    rows["lang_score"].append(doc.lang_score)
+    rows["meta"].append(json.dumps(rec.meta, ensure_ascii=False, sort_keys=True, default=str) if rec.meta else "")
+
+
+def _add_dedup_keys(arrays: dict[str, Any], doc: Doc, cfg: DataPrepConfig, perms: tuple[Any, Any]) -> None:
+    """A survivor's exact hash and length, MinHash signature and paragraph hashes, for stage 2."""
+    arrays["exact"].append(dedup.exact_hash(doc.text))
+    arrays["lengths"].append(_nbytes(doc.text))
+    if cfg.dedup.near:
+        word_hashes, _ = doc.words.hashes(doc.text)
+        shingles = dedup.shingles_from_hashes(word_hashes, cfg.dedup.shingle_words)
+        arrays["sigs"].append(dedup.signature(shingles, *perms))
+    if cfg.dedup.paragraphs:
+        hashes = [dedup.exact_hash(p) for p in _PARAGRAPH.split(doc.text) if len(p.strip()) >= _MIN_PARAGRAPH_CHARS]
+        arrays["para_hashes"].extend(hashes)
+        arrays["para_counts"].append(len(hashes))
 
 
 def _config_from_dict(data: dict[str, Any]) -> DataPrepConfig:
