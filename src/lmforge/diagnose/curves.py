@@ -62,7 +62,8 @@ def loss_spikes_after(steps: np.ndarray, values: np.ndarray, start: float, ratio
     return episodes
 
 
-def grad_norm_spikes(steps: np.ndarray, norms: np.ndarray, ratio: float, window: int) -> tuple[float | None, list[dict]]:
+def grad_norm_spikes(steps: np.ndarray, norms: np.ndarray, ratio: float,
+                     window: int) -> tuple[float | None, list[dict]]:
     finite = norms[np.isfinite(norms)]
     if not len(finite):
         return None, []

@@ -17,13 +17,14 @@ def format_diagnosis(d: Diagnosis) -> str:
     run, train, val, inst = e["run"], e.get("train_loss"), e.get("val_loss", {}), e.get("instability", {})
     lines = [f"run: {run.get('dir', '')} ({run['last_step']} steps"
              + (f" of {run['max_steps']}" if run.get("max_steps") else "")
-             + (f", {run['stop_reason']}" if run.get("stop_reason") else ", no summary.json" if run.get("finished") is False else "")
+             + (f", {run['stop_reason']}" if run.get("stop_reason")
+                else ", no summary.json" if run.get("finished") is False else "")
              + (f", {run['epochs']:g} epochs" if run.get("epochs") else "") + ")",
              f"verdict: {d.verdict.replace('_', ' ').upper()} - {d.reason}", "evidence:"]
     if train:
         improvement = train["relative_improvement_last_quarter"]
-        lines.append(f"  - train loss ({train['smoothing']}): {train['start']} at the first step, best {train['best']} at "
-                     f"step {train['best_step']}, final {train['final']}; "
+        lines.append(f"  - train loss ({train['smoothing']}): {train['start']} at the first step, "
+                     f"best {train['best']} at step {train['best_step']}, final {train['final']}; "
                      + (f"{_trend(improvement)} over the last quarter; " if improvement is not None else "")
                      + f"within {d.thresholds['plateau_rel']:.0%} of its final value from step {train['plateau_step']}")
     if val.get("evals"):
@@ -50,8 +51,9 @@ def format_diagnosis(d: Diagnosis) -> str:
                      + (" at steps " + ", ".join(str(s["step"]) for s in spikes[:8]) if spikes else ""))
         gs = inst.get("grad_norm_spikes", [])
         if inst.get("grad_norm_median") is not None:
-            lines.append(f"  - gradient norm: median {inst['grad_norm_median']}; {inst.get('grad_norm_spike_count', 0)} "
-                         f"spikes (> {d.thresholds['grad_spike_ratio']:g}x the running median)"
+            lines.append(f"  - gradient norm: median {inst['grad_norm_median']}; "
+                         f"{inst.get('grad_norm_spike_count', 0)} spikes "
+                         f"(> {d.thresholds['grad_spike_ratio']:g}x the running median)"
                          + (": " + ", ".join(f"step {s['step']} {s['grad_norm']} ({s['x_median']}x)" for s in gs[:5])
                             if gs else ""))
     ref = e.get("reference")

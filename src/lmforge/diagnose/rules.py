@@ -249,24 +249,29 @@ def _remedies(verdict: str, evidence: dict[str, Any], config: dict[str, Any] | N
                    + (f" -> {max(0.1, 2 * wd):g}" if wd is not None else ""))
         d = m.get("dropout")
         out.append(f"dropout: model.dropout{now('dropout', m)} -> {0.1 if not d else min(d + 0.1, 0.5):g}")
-        out.append(f"a smaller model for this much data (model.n_layer{now('n_layer', m)}, model.n_embd{now('n_embd', m)})")
+        out.append(f"a smaller model for this much data (model.n_layer{now('n_layer', m)}, "
+                   f"model.n_embd{now('n_embd', m)})")
     elif verdict == "underfitting":
-        out.append(f"a larger model: more layers or width (model.n_layer{now('n_layer', m)}, model.n_embd{now('n_embd', m)})")
+        out.append(f"a larger model: more layers or width (model.n_layer{now('n_layer', m)}, "
+                   f"model.n_embd{now('n_embd', m)})")
         ref = evidence.get("reference", {})
-        if ref.get("unigram_val_loss") and ref.get("model_loss") and ref["model_loss"] >= 0.95 * ref["unigram_val_loss"]:
-            out.append(f"the loss sits at the unigram level ({ref['unigram_val_loss']:.3f}): the model uses no context; "
+        unigram = ref.get("unigram_val_loss")
+        if unigram and ref.get("model_loss") and ref["model_loss"] >= 0.95 * unigram:
+            out.append(f"the loss sits at the unigram level ({unigram:.3f}): the model uses no context; "
                        f"a learning rate too high to settle often leaves a model there: try train.lr{now('lr')} x0.3")
         else:
             out.append(f"tune the learning rate: train.lr{now('lr')} (try x0.3 and x3)")
         if (t.get("weight_decay") or 0) > 0.1 or (m.get("dropout") or 0) > 0:
-            out.append(f"less regularization: train.weight_decay{now('weight_decay')}, model.dropout{now('dropout', m)}")
+            out.append(f"less regularization: train.weight_decay{now('weight_decay')}, "
+                       f"model.dropout{now('dropout', m)}")
         out.append("cleaner data: noise (markup, boilerplate, broken encodings) raises the loss any model can reach "
                    "(see `lmforge data prepare`)")
     elif verdict == "still_improving":
         out.append(f"train longer: raise train.max_steps{now('max_steps')}, e.g. x2 (a new run re-plans the "
                    f"learning-rate schedule; --resume keeps the old one)")
         if epochs and epochs > 1:
-            out.append(f"more training data if you train much longer: this run already made {epochs:g} passes over its split")
+            out.append(f"more training data if you train much longer: this run already made {epochs:g} passes "
+                       f"over its split")
     else:
         out.append(f"nothing to fix: use checkpoints/best (step {best})" if best else "nothing to fix")
         out.append("for a lower loss, scale the model and the data together (a larger model on more tokens)")

@@ -29,7 +29,8 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
             if not isinstance(record, dict) or not isinstance(record.get("step"), int) or "loss" not in record:
                 raise ValueError("need an object with an integer 'step' and a 'loss'")
         except ValueError as e:
-            raise UserError(f"{path}:{number}: not a metrics record ({e}); was it written by `lmforge pretrain`?") from None
+            raise UserError(f"{path}:{number}: not a metrics record ({e}); "
+                            "was it written by `lmforge pretrain`?") from None
         records.append(record)
     return records
 

@@ -136,8 +136,9 @@ def _examples(result: dict[str, Any], k: int = 5) -> list[str]:
                          f"**{p['predicted']}**, gold {p[gold_key]}")
     elif kind == "multiple_choice":
         for p in preds[:k]:
-            choices = "; ".join(f"{'**' if j == p['gold'] else ''}{short(c, 60, head=True)}{'**' if j == p['gold'] else ''} "
-                                f"({ll:.2f})" for j, (c, ll) in enumerate(zip(p["choices"], p["loglikelihoods"])))
+            marks = ["**" if j == p["gold"] else "" for j in range(len(p["choices"]))]
+            choices = "; ".join(f"{marks[j]}{short(c, 60, head=True)}{marks[j]} ({ll:.2f})"
+                                for j, (c, ll) in enumerate(zip(p["choices"], p["loglikelihoods"])))
             lines.append(f"- line {p['line']}: picked {p['pred']} (norm {p['pred_norm']}), gold {p['gold']}: {choices}")
     elif kind == "perplexity":
         worst = sorted(preds, key=lambda p: -p["loss"])[:k]
@@ -193,7 +194,8 @@ def headline(result: dict[str, Any]) -> str:
 
 
 def overview_report(checkpoint: str, results: list[dict[str, Any]]) -> str:
-    lines = [f"# Evaluation of `{checkpoint}`", "", "| task | kind | split | items | headline |", "|---|---|---|---|---|"]
+    lines = [f"# Evaluation of `{checkpoint}`", "", "| task | kind | split | items | headline |",
+             "|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| [{r['task']}]({r['task']}/report.md) | {r['kind']} | {r['split']} | {r['metrics'].get('n')} "
                      f"| {headline(r)} |")

@@ -187,7 +187,8 @@ def _write_outputs(out: Path, results: list[dict[str, Any]], extras: list, check
             atomic_write_json(tmp / "results.json", {
                 "checkpoint": checkpoint,
                 "tasks": {r["task"]: {"kind": r["kind"], "split": r["split"], "task_file": r["task_file"],
-                                      "metrics": r["metrics"], "results": f"{r['task']}/results.json"} for r in results},
+                                      "metrics": r["metrics"], "results": f"{r['task']}/results.json"}
+                          for r in results},
             })
             atomic_write_text(tmp / "report.md", report.overview_report(checkpoint, results))
         write_summary(tmp, "eval", config=config, inputs=inputs,

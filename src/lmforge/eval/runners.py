@@ -72,7 +72,8 @@ def run_perplexity_sequences(model, sequences: list, n_bytes: list[int], setting
 
 def run_perplexity(task: Task, model, tokenizer, settings: Settings) -> Result:
     sequences = [[tokenizer.eos_id, *tokenizer.encode(item["text"])] for item in task.items]
-    result = run_perplexity_sequences(model, sequences, [len(item["text"].encode("utf-8")) for item in task.items], settings)
+    n_bytes = [len(item["text"].encode("utf-8")) for item in task.items]
+    result = run_perplexity_sequences(model, sequences, n_bytes, settings)
     for i, p in enumerate(result.predictions):
         p.update(_base(task, i))
     return result
@@ -217,7 +218,8 @@ def run_multiple_choice(task: Task, model, tokenizer, settings: Settings) -> Res
     lo_n, hi_n = M.wilson_interval(correct_norm, n_items)
     mean_choices = sum(len(item["choices"]) for item in task.items) / n_items
     return Result({"acc": correct / n_items, "acc_ci95": [lo, hi], "acc_norm": correct_norm / n_items,
-                   "acc_norm_ci95": [lo_n, hi_n], "chance": sum(1 / len(item["choices"]) for item in task.items) / n_items,
+                   "acc_norm_ci95": [lo_n, hi_n],
+                   "chance": sum(1 / len(item["choices"]) for item in task.items) / n_items,
                    "mean_choices": mean_choices, "n": n_items}, predictions)
 
 

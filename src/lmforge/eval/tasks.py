@@ -89,14 +89,16 @@ def load_task(path: str | Path, kind: str | None = None) -> Task:
     if kind is not None and kind not in KINDS:
         raise UserError(f"--kind {kind!r} is not one of {', '.join(KINDS)}")
     if kind and file_kind and kind != file_kind:
-        raise UserError(f"{path}:{header_line}: the file says kind {file_kind!r} but --kind is {kind!r}; drop --kind or fix the header")
+        raise UserError(f"{path}:{header_line}: the file says kind {file_kind!r} but --kind is {kind!r}; "
+                        "drop --kind or fix the header")
     kind = kind or file_kind
     if kind is None:
         raise UserError(f"{path}: no kind given; pass --kind or start the file with {{\"task\": {{\"kind\": ...}}}}")
     unknown = set(header) - _HEADER_KEYS - _HEADER_EXTRA[kind]
     if unknown:
         allowed = ", ".join(sorted(_HEADER_KEYS | _HEADER_EXTRA[kind]))
-        raise UserError(f"{path}:{header_line}: unknown header key {sorted(unknown)[0]!r} for kind {kind}; allowed: {allowed}")
+        raise UserError(f"{path}:{header_line}: unknown header key {sorted(unknown)[0]!r} for kind {kind}; "
+                        f"allowed: {allowed}")
     if not records:
         raise UserError(f"{path}: no items; add one JSON object per line (see docs/EVAL.md)")
 
@@ -178,4 +180,5 @@ def _check_item(task: Task, index: int, item: dict[str, Any]) -> None:
             raise UserError(f"{where}: 'choices' must be a list of 2 or more non-empty strings")
         gold = item["gold"]
         if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
-            raise UserError(f"{where}: 'gold' is {gold!r}; it must be the index (0..{len(choices) - 1}) of the right choice")
+            raise UserError(f"{where}: 'gold' is {gold!r}; it must be the index (0..{len(choices) - 1}) "
+                            "of the right choice")

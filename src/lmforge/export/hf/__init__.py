@@ -10,9 +10,9 @@ HF tensor(s) it is made of. The one table serves both directions, so from-hf and
 drift apart, and every shape check can name the HF tensor at fault.
 
 Supported: GPT-2 (`gpt2`), Llama incl. grouped-query attention (`llama`), dense Mistral
-(`mistral`, without a sliding window), Mixtral (`mixtral`: Mistral with top-k MoE MLPs) and BERT (`bert`: BertModel, BertForMaskedLM,
-BertForPreTraining, BertForNextSentencePrediction, BertForSequenceClassification) and T5
-(`t5`: T5ForConditionalGeneration, v1.0 and v1.1).
+(`mistral`, without a sliding window), Mixtral (`mixtral`: Mistral with top-k MoE MLPs) and BERT
+(`bert`: BertModel, BertForMaskedLM, BertForPreTraining, BertForNextSentencePrediction,
+BertForSequenceClassification) and T5 (`t5`: T5ForConditionalGeneration, v1.0 and v1.1).
 Everything else is a one-line `UserError` naming the config field and what is allowed.
 
 The package, in the order a conversion uses it (each module's docstring says more):

@@ -225,7 +225,8 @@ def _write_sentence_transformers_files(tmp: Path, ckpt: Path, c: ModelConfig) ->
         "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False})
 
 
-def _tokenizer_config(tokenizer_file: Path, block_size: int, arch: str = "gpt") -> tuple[dict[str, Any], dict[str, int]]:
+def _tokenizer_config(tokenizer_file: Path, block_size: int,
+                      arch: str = "gpt") -> tuple[dict[str, Any], dict[str, int]]:
     """A minimal tokenizer_config.json for `AutoTokenizer`, and the special ids for config.json.
 
     BERT's roles are [CLS]/[SEP]/[PAD]/[MASK]/[UNK]; lmforge's tokenizers fill [CLS] with
@@ -261,8 +262,9 @@ def _bert_tokenizer_json(tokenizer_file: Path, type_vocab_size: int = 2) -> str 
 
     lmforge adds [CLS]/[SEP] in `Tokenizer.__call__` (the mlm objective's format, used by `lmforge
     embed`: `<|bos|> A <|eos|>`, a pair `<|bos|> A <|eos|> B <|eos|>` with segment 1 from B on,
-    `lmforge.tokenizer.tok.bert_template`), not in its tokenizer.json, which has no post-processor, and `AutoTokenizer` / `SentenceTransformer` would feed the encoder bare text
-    (vectors off by cosine ~0.99). This adds BERT's TemplateProcessing with our tokens. A tokenizer
+    `lmforge.tokenizer.tok.bert_template`), not in its tokenizer.json, which has no post-processor,
+    so `AutoTokenizer` / `SentenceTransformer` would feed the encoder bare text (vectors off by
+    cosine ~0.99). This adds BERT's TemplateProcessing with our tokens. A tokenizer
     that already adds special tokens (an HF BERT's, e.g. all-MiniLM-L6-v2's) is left untouched.
     A model with one segment type (`type_vocab_size: 1`) keeps B in segment 0: it has no other.
     """

@@ -201,7 +201,8 @@ def mixtral_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
     only_value(hf, "router_jitter_noise", 0.0, (0, 0.0), where)
     experts, top_k = need_key(hf, "num_local_experts", where), need_key(hf, "num_experts_per_tok", where)
     if not 1 <= top_k <= experts:
-        raise UserError(f"{where}: num_experts_per_tok={top_k} is not supported; allowed: 1..num_local_experts={experts}")
+        raise UserError(f"{where}: num_experts_per_tok={top_k} is not supported; "
+                        f"allowed: 1..num_local_experts={experts}")
     c = llama_config_from_hf(hf, where)
     # HF Mixtral is dropless and has no z-loss; its load-balancing coefficient carries over
     c.moe = MoEConfig(num_experts=experts, top_k=top_k, aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),

@@ -123,7 +123,8 @@ T5_FF_OUT = {ours: theirs for theirs, ours in _T5_FF.items()}
 def t5_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
     ff = only_value(hf, "feed_forward_proj", "relu", tuple(_T5_FF), where)
     only_value(hf, "is_encoder_decoder", True, (True,), where)
-    n_embd, n_head, head_dim = need_key(hf, "d_model", where), need_key(hf, "num_heads", where), need_key(hf, "d_kv", where)
+    n_embd, n_head = need_key(hf, "d_model", where), need_key(hf, "num_heads", where)
+    head_dim = need_key(hf, "d_kv", where)
     n_layer = need_key(hf, "num_layers", where)
     n_decoder_layer = hf.get("num_decoder_layers") or n_layer
     tied = hf.get("tie_word_embeddings", True) is not False
@@ -178,7 +179,8 @@ def t5_rules(c: ModelConfig) -> list[TensorRule]:
             ff = 1
             if stack == "decoder":
                 rules += [TensorRule(f"{b}cross_attn.q.weight", (f"{h}1.EncDecAttention.q.weight",)),
-                          TensorRule(f"{b}cross_attn.kv.weight", tuple(f"{h}1.EncDecAttention.{x}.weight" for x in "kv")),
+                          TensorRule(f"{b}cross_attn.kv.weight",
+                                     tuple(f"{h}1.EncDecAttention.{x}.weight" for x in "kv")),
                           TensorRule(f"{b}cross_attn.out.weight", (f"{h}1.EncDecAttention.o.weight",)),
                           TensorRule(f"{b}cross_norm.weight", (f"{h}1.layer_norm.weight",))]
                 ff = 2
