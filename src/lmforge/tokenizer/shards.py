@@ -84,33 +84,31 @@ def tokenize_corpus(
             if fix is not None:  # tiny corpus: redo the (cheap) pass with one document moved
                 job.notes.append(fix[1])
                 job.run(**fix[0])
-        seconds = time.perf_counter() - start
+        return _finish(tmp, job, tokenizer_file, time.perf_counter() - start,
+                       config={"val_fraction": val_fraction, "workers": workers, "shard_tokens": shard_tokens,
+                               "split_by": "directories" if presplit else "hash"})
 
-        splits = {name: writer.info() for name, writer in job.writers.items()}
-        atomic_write_json(tmp / META_FILE, {
-            "dtype": dtype.name, "vocab_size": tok.vocab_size,
-            "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
-            "tokenizer_sha256": file_sha256(tokenizer_file), "splits": splits,
-        })
-        shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
-        total_tokens = sum(s["tokens"] for s in splits.values())
-        total_bytes = sum(s["bytes"] for s in splits.values())
-        metrics = {
-            **{f"{name}_tokens": s["tokens"] for name, s in splits.items()},
-            **{f"{name}_documents": s["documents"] for name, s in splits.items()},
-            "bytes_per_token": round(total_bytes / max(total_tokens, 1), 4),
-            "tokens_per_s": round(total_tokens / max(job.encode_seconds, 1e-9)),
-        }
-        return write_summary(
-            tmp,
-            "tokenize",
-            config={"val_fraction": val_fraction, "workers": workers, "shard_tokens": shard_tokens,
-                    "split_by": "directories" if presplit else "hash"},
-            inputs={"tokenizer": tokenizer_file, "input": input},
-            metrics=metrics,
-            wall_time_s=seconds,
-            extra={"notes": job.notes} if job.notes else None,
-        )
+
+def _finish(tmp: Path, job: _Job, tokenizer_file: Path, seconds: float, config: dict[str, Any]) -> dict[str, Any]:
+    """meta.json, the tokenizer copy and summary.json of a finished job; returns the summary."""
+    tok = job.tok
+    splits = {name: writer.info() for name, writer in job.writers.items()}
+    atomic_write_json(tmp / META_FILE, {
+        "dtype": job.dtype.name, "vocab_size": tok.vocab_size,
+        "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
+        "tokenizer_sha256": file_sha256(tokenizer_file), "splits": splits,
+    })
+    shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+    total_tokens = sum(s["tokens"] for s in splits.values())
+    total_bytes = sum(s["bytes"] for s in splits.values())
+    metrics = {
+        **{f"{name}_tokens": s["tokens"] for name, s in splits.items()},
+        **{f"{name}_documents": s["documents"] for name, s in splits.items()},
+        "bytes_per_token": round(total_bytes / max(total_tokens, 1), 4),
+        "tokens_per_s": round(total_tokens / max(job.encode_seconds, 1e-9)),
+    }
+    return write_summary(tmp, "tokenize", config=config, inputs={"tokenizer": tokenizer_file, "input": job.input},
+                         metrics=metrics, wall_time_s=seconds, extra={"notes": job.notes} if job.notes else None)
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
