@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.data.readers import iter_jsonl_objects
+from lmforge.data.split import assign_split
 from lmforge.errors import UserError
 from lmforge.train.objectives.base import Batch, Objective
 
@@ -17,16 +18,14 @@ from lmforge.train.objectives.base import Batch, Objective
 class PairSource:
     """Source/target pairs from a JSONL file (`data.pairs`), tokenized once, split by content hash.
 
-    Each line is `{"source": "...", "target": "..."}`. A pair goes to val when the first byte of
-    sha256(source) is below `val_fraction` * 256 of the range (about 5% by default), so the split
-    does not depend on the order of the lines. Sources longer than model.block_size - 1 tokens
+    Each line is `{"source": "...", "target": "..."}`. A pair goes to val when its source text
+    falls in the last `val_fraction` (5%) of lmforge's one content-hash splitter
+    (`lmforge.data.split`), so the split does not depend on the order of the lines. Sources longer than model.block_size - 1 tokens
     and targets longer than block_size - 1 are cut (counted and reported once).
     """
 
     def __init__(self, path: str | Path, tokenizer: Any, split: str, block_size: int,
                  val_fraction: float = 0.05) -> None:
-        import hashlib
-
         path = Path(path)
         if not path.is_file():
             raise UserError(f"data.pairs: {path} does not exist; point it at a JSONL file of "
@@ -35,7 +34,7 @@ class PairSource:
         for line_no, record in iter_jsonl_objects(path):
             if not all(isinstance(record.get(k), str) and record[k].strip() for k in ("source", "target")):
                 raise UserError(f'{path}:{line_no}: needs non-empty string fields "source" and "target"')
-            in_val = hashlib.sha256(record["source"].encode()).digest()[0] < val_fraction * 256
+            in_val = assign_split(record["source"], (1 - val_fraction, val_fraction))[0] == 1
             if in_val == (split == "val"):
                 sources.append(record["source"])
                 targets.append(record["target"])
