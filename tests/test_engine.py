@@ -97,7 +97,8 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [1, 2], [40, 41, 42, 43], [90], [3, 4, 5, 6,
 def mixed_params(i: int, n: int = 8) -> SamplingParams:
     """Different sampling per request: greedy, temperature, top-k, top-p, and their mixes."""
     kinds = [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.7, top_k=5),
-             dict(temperature=1.3, top_p=0.8), dict(temperature=0.9, top_k=20, top_p=0.9), dict(temperature=1.0, top_k=3)]
+             dict(temperature=1.3, top_p=0.8), dict(temperature=0.9, top_k=20, top_p=0.9),
+             dict(temperature=1.0, top_k=3)]
     return SamplingParams(max_new_tokens=n - (i % 3), seed=100 + i, **kinds[i % len(kinds)])
 
 
@@ -187,7 +188,8 @@ def test_same_seed_same_tokens_and_fresh_randomness_without_one():
     model = gpt("learned")
     engine = Engine(model, max_batch=4)
     seeded = SamplingParams(max_new_tokens=12, seed=5)
-    tokens, _ = drain(engine, {0: [(PROMPTS[0], seeded), (PROMPTS[0], seeded), (PROMPTS[0], SamplingParams(12, seed=6))]})
+    other = SamplingParams(max_new_tokens=12, seed=6)
+    tokens, _ = drain(engine, {0: [(PROMPTS[0], seeded), (PROMPTS[0], seeded), (PROMPTS[0], other)]})
     assert tokens[0] == tokens[1] != tokens[2]
     unseeded, _ = drain(engine, {0: [(PROMPTS[0], SamplingParams(12))] * 2})
     assert unseeded[3] != unseeded[4]

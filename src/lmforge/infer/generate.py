@@ -136,8 +136,8 @@ def _check_batch(model: nn.Module, prompts: Sequence[list[int]], max_new_tokens:
     if seq2seq:
         max_new_tokens = min(max_new_tokens, block_size - 1)  # the decoder's context, with its start token
     if width + (0 if seq2seq else max_new_tokens) > block_size:
-        raise ValueError(f"the longest prompt ({width} tokens){'' if seq2seq else f' plus max_new_tokens={max_new_tokens}'}"
-                         f" does not fit the context of {block_size} tokens")
+        plus = "" if seq2seq else f" plus max_new_tokens={max_new_tokens}"
+        raise ValueError(f"the longest prompt ({width} tokens){plus} does not fit the context of {block_size} tokens")
     return max_new_tokens, seeds
 
 

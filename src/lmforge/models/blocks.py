@@ -218,7 +218,8 @@ class KVCache:
     def longest(self) -> int:
         return max(self.lengths[self.start:self.stop])
 
-    def _memoized(self, name: str, T: int, device: torch.device | None, make, lengths: list[int] | None = None) -> Tensor:
+    def _memoized(self, name: str, T: int, device: torch.device | None, make,
+                  lengths: list[int] | None = None) -> Tensor:
         """`make(lengths)`, a device tensor derived from the rows' lengths (default: `lengths`), made
         once per forward rather than once per layer."""
         key = (name, tuple(self.lengths[self.start:self.stop] if lengths is None else lengths), T, device)
@@ -267,7 +268,8 @@ class KVCache:
             values[:, :, past:past + T] = v
         else:  # row b's tokens go to its own positions lengths[b]..lengths[b]+T-1
             pos = self.positions(T, k.device)
-            rows = self._memoized("rows", 0, k.device, lambda lengths: torch.arange(len(lengths), device=k.device)[:, None])
+            rows = self._memoized("rows", 0, k.device,
+                                  lambda lengths: torch.arange(len(lengths), device=k.device)[:, None])
             keys[rows, :, pos] = k.transpose(1, 2).to(keys.dtype)
             values[rows, :, pos] = v.transpose(1, 2).to(values.dtype)
         return keys[:, :, :end], values[:, :, :end]
