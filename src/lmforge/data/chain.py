@@ -33,7 +33,7 @@ from lmforge.data.readers import Record
 from lmforge.data.safety import blocked_ratio, load_blocklists, scrub_pii
 
 
-def nbytes(text: str) -> int:
+def utf8_size(text: str) -> int:
     """UTF-8 size of `text` (fast for ASCII)."""
     return len(text) if text.isascii() else len(text.encode("utf-8"))
 
@@ -130,10 +130,10 @@ def filter_steps(cfg: DataPrepConfig) -> list[Step]:
 
 def run_steps(doc: Doc, steps: list[Step], chain: Chain) -> bool:
     """Run `doc` through `steps`; False (and the removal counted) at the first step that removes it."""
-    text, size = doc.text, nbytes(doc.text)
+    text, size = doc.text, utf8_size(doc.text)
     for step in steps:
         if doc.text is not text:  # a step rewrote it
-            text, size = doc.text, nbytes(doc.text)
+            text, size = doc.text, utf8_size(doc.text)
         if step.name:
             tally.enter(chain.t, step.name, size)
         reason = step.run(doc, chain)
@@ -163,7 +163,7 @@ def normalize_batch(batch: list[Record], cfg: DataPrepConfig, t: dict[str, Any])
     patterns = [re.compile(p) for p in cfg.normalize.remove_patterns]
     docs: list[Doc] = []
     for rec in batch:
-        size = nbytes(rec.text)
+        size = utf8_size(rec.text)
         t["documents_in"] += 1
         t["bytes_in"] += size
         tally.enter(t, "read", size)

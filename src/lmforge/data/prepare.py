@@ -40,8 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lmforge.data import dedup, tally
-from lmforge.data.chain import Doc, filter_steps, make_chain, normalize_batch, run_steps
-from lmforge.data.chain import nbytes as _nbytes
+from lmforge.data.chain import Doc, filter_steps, make_chain, normalize_batch, run_steps, utf8_size
 from lmforge.data.config import DataPrepConfig, to_dict
 from lmforge.data.executors import LocalRunner, RayRunner
 from lmforge.data.readers import open_parquet
@@ -145,7 +144,7 @@ def _add_row(rows: dict[str, list], doc: Doc) -> None:
 def _add_dedup_keys(arrays: dict[str, Any], doc: Doc, cfg: DataPrepConfig, perms: tuple[Any, Any]) -> None:
     """A survivor's exact hash and length, MinHash signature and paragraph hashes, for stage 2."""
     arrays["exact"].append(dedup.exact_hash(doc.text))
-    arrays["lengths"].append(_nbytes(doc.text))
+    arrays["lengths"].append(utf8_size(doc.text))
     if cfg.dedup.near:
         word_hashes, _ = doc.words.hashes(doc.text)
         shingles = dedup.shingles_from_hashes(word_hashes, cfg.dedup.shingle_words)
@@ -303,7 +302,7 @@ def write_shard(shard: Shard, decision: dict[str, np.ndarray], work: str, out: s
             final_texts: dict[int, list[str]] = defaultdict(list)
             for j, text in enumerate(texts):
                 i = row + j
-                nbytes = _nbytes(text)
+                nbytes = utf8_size(text)
                 final = text
                 if drop:  # advance through every document's paragraphs, kept or not
                     final, para_index = _drop_paragraphs(text, drop, para_index)
@@ -324,7 +323,7 @@ def write_shard(shard: Shard, decision: dict[str, np.ndarray], work: str, out: s
                 writers[s].write_table(part)
                 counts = written.setdefault(SPLITS[s], [0, 0])
                 counts[0] += len(keep[s])
-                counts[1] += sum(map(_nbytes, final_texts[s]))
+                counts[1] += sum(map(utf8_size, final_texts[s]))
     finally:
         for writer in writers.values():
             writer.close()
