@@ -122,7 +122,7 @@ def test_template_with_an_unknown_field_is_a_user_error(ckpt_dir, tmp_path, caps
 
 def test_sampled_generation_is_batched_and_per_item_seeded(tmp_path, capsys):
     """--temperature samples; a reply is the one `generate_text` gives its prompt alone with seed
-    --seed + i, whatever --batch-size (batches are left-padded); a negative temperature is exit 2."""
+    --seed + i, whatever --batch-size (each prompt is its own engine row); a negative temperature is exit 2."""
     from lmforge.infer.generate import generate_text
 
     ckpt, model, tok = make_checkpoint(tmp_path / "ck", block_size=48)

@@ -16,6 +16,7 @@ from lmforge.eval import metrics as M
 from lmforge.eval import scoring, seq2seq
 from lmforge.eval.tasks import Task
 from lmforge.infer.generate import is_encoder_decoder
+from lmforge.models import has_capability
 
 DEFAULT_TEMPLATES = {
     "binary": "Question: {question}\nAnswer:",
@@ -176,7 +177,7 @@ def run_classification(task: Task, model, tokenizer, settings: Settings) -> Resu
     labels = task.options["labels"]
     template = task.options.get("template", DEFAULT_TEMPLATES["classification"])
     prompts = [_fill(task, template, i, text=item["text"]) for i, item in enumerate(task.items)]
-    if hasattr(model, "classify") and getattr(model.config, "num_labels", 0) and "labels" not in task.header:
+    if has_capability(model, "classify") and "labels" not in task.header:
         raise UserError(f"{task.path}: a classification head outputs labels by position; declare them in the "
                         "header, in the head's output order: {\"task\": {\"labels\": [...]}}")
     scores = scoring.score_labels(model, tokenizer, prompts, labels, batch_size=settings.batch_size,

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from lmforge.errors import UserError
 from lmforge.infer.generate import encode_source, generate_texts, is_encoder_decoder
-from lmforge.models import eval_mode
+from lmforge.models import eval_mode, has_capability
 from lmforge.tokenizer import pad_ids
 
 
@@ -209,7 +209,7 @@ def score_labels(model: torch.nn.Module, tokenizer, prompts: Sequence[str], labe
       model.num_labels) scores the raw `texts` (no prompt): its head's logits, output i
       being the i-th label of the task's label set.
     """
-    if hasattr(model, "classify") and getattr(model.config, "num_labels", 0):
+    if has_capability(model, "classify"):
         return _head_logits(model, tokenizer, list(texts if texts is not None else prompts), len(labels),
                             batch_size, progress)
     from lmforge.eval import seq2seq  # an encoder-decoder reads the prompt with its encoder

@@ -35,7 +35,7 @@ from lmforge.errors import UserError
 from lmforge.eval.scoring import LogLikelihood, model_device, score_positions
 from lmforge.eval.scoring import encode_pair as causal_encode_pair
 from lmforge.infer.generate import can_generate, encode_source, is_encoder_decoder
-from lmforge.models import eval_mode
+from lmforge.models import eval_mode, has_capability
 from lmforge.tokenizer import pad_ids
 
 SEQ2SEQ_KINDS = "generation, qa, binary, classification (label scoring) or multiple_choice"
@@ -51,7 +51,7 @@ def require_lm(model: torch.nn.Module, what: str, allow_seq2seq: bool = True) ->
         raise UserError(f"{what} needs a decoder-only language model (e.g. a GPT checkpoint): the perplexity "
                         f"of a text is a decoder-only measure; this checkpoint is an encoder-decoder ({name}), "
                         f"evaluate it with {SEQ2SEQ_KINDS} tasks")
-    head = hasattr(model, "classify") and getattr(getattr(model, "config", None), "num_labels", 0)
+    head = has_capability(model, "classify")
     works = ("only classification tasks work with it (through its classification head)" if head else
              "it has no classification head (model.num_labels), which is the only way eval uses an encoder; "
              "fine-tune one for classification tasks")

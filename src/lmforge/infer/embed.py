@@ -31,7 +31,7 @@ from tqdm import tqdm
 from lmforge.data.readers import iter_jsonl_objects
 from lmforge.errors import UserError
 from lmforge.fsutil import atomic_write_bytes, atomic_write_text
-from lmforge.models import eval_mode
+from lmforge.models import eval_mode, has_capability
 
 SENTENCE_CONFIG = "sentence_bert_config.json"  # sentence-transformers' name for max_seq_length & co
 
@@ -59,7 +59,7 @@ def embed_texts(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], *,
     by the tokenizer (`Tokenizer.__call__` and `pad`: [CLS] and [SEP] count in max_length). Runs
     on the model's device, without gradients.
     """
-    if not hasattr(model, "embed"):
+    if not has_capability(model, "embed"):
         raise UserError(f"{type(model).__name__} models have no sentence embeddings; use an encoder "
                         "(model.arch bert) checkpoint")
     if max_length < 2:
