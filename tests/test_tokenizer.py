@@ -66,7 +66,7 @@ def test_specials_lowest_ids_and_survive_save_load(toks, kind, tmp_path):
 def test_train_writes_summary(tiny_corpus_shared, kind, tmp_path):
     train_tokenizer(tiny_corpus_shared, tmp_path / "tok", kind=kind, vocab_size=VOCAB[kind])
     summary = json.loads((tmp_path / "tok" / "summary.json").read_text())
-    assert summary["stage"] == "tokenizer"
+    assert summary["stage"] == "tokenizer train"
     assert summary["metrics"]["kind"] == kind and summary["metrics"]["documents"] == 5
     assert {"vocab_size", "chars", "seconds"} <= set(summary["metrics"])
 

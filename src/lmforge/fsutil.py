@@ -117,6 +117,11 @@ def versions() -> dict[str, str]:
     return out
 
 
+# every stage's name in summary.json: the command as it is typed
+STAGES = ("data fetch", "data prepare", "data make-tasks", "tokenizer train", "tokenize", "pretrain", "eval",
+          "convert from-hf", "convert to-hf")
+
+
 def write_summary(
     out_dir: str | Path,
     stage: str,
@@ -128,7 +133,11 @@ def write_summary(
     hash_inputs: bool = True,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write `out_dir/summary.json`: stage, resolved config, inputs (path + hash), metrics, versions."""
+    """Write `out_dir/summary.json`: stage, resolved config, inputs (path + hash), metrics, versions.
+
+    `stage` is the command that wrote it, spelt as it is typed (one of `STAGES`)."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r} for summary.json; add it to lmforge.fsutil.STAGES")
     summary: dict[str, Any] = {"stage": stage, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if config is not None:
         summary["config"] = config

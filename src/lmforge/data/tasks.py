@@ -425,7 +425,7 @@ def make_shakespeare_tasks(corpus: str | Path | None, data: str | Path, out: str
                         "held_out_speeches": counts["speeches"],
                         "speeches_dropped_in_training": counts["speeches_in_training"],
                         "passages_dropped_in_training": counts["passages_in_training"]})
-        return write_summary(tmp, "data.make_tasks", config={"corpus": "shakespeare", "seed": seed,
+        return write_summary(tmp, "data make-tasks", config={"corpus": "shakespeare", "seed": seed,
                                                             "max_items": max_items, "max_overlap": max_overlap,
                                                             "context_chars": context_chars},
                              inputs={"corpus": corpus, "data": data}, metrics=metrics,

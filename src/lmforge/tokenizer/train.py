@@ -94,7 +94,7 @@ def train_tokenizer(
         tokenizer.save(tmp)
         write_summary(
             tmp,
-            "tokenizer",
+            "tokenizer train",
             config={"kind": kind, "vocab_size": vocab_size, "min_frequency": min_frequency},
             inputs={"input": source},
             metrics={"kind": kind, "vocab_size": tokenizer.vocab_size, **stats, "seconds": round(seconds, 3)},

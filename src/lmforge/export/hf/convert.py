@@ -177,7 +177,7 @@ def from_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False,
         save_checkpoint(tmp, state, config.to_dict(), tokenizer if tokenizer.is_file() else None, None)
         if arch.model_type == "bert":
             _copy_sentence_transformers_config(hf_dir, tmp)
-        summary = write_summary(tmp, "convert-from-hf", config=config.to_dict(), inputs={"hf_dir": hf_dir},
+        summary = write_summary(tmp, "convert from-hf", config=config.to_dict(), inputs={"hf_dir": hf_dir},
                                 metrics={"model_type": arch.model_type, "tensors": len(state), "parameters": params,
                                          "tokenizer": tokenizer.is_file(), "initialized": initialized},
                                 wall_time_s=time.perf_counter() - t0)
@@ -334,7 +334,7 @@ def to_hf(ckpt: str | Path, out: str | Path, *, overwrite: bool = False) -> dict
             hf_config["dtype"] = str(dtypes.pop()).removeprefix("torch.")
         save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         atomic_write_json(tmp / "config.json", hf_config)
-        write_summary(tmp, "convert-to-hf", config=config.to_dict(), inputs={"checkpoint": ckpt},
+        write_summary(tmp, "convert to-hf", config=config.to_dict(), inputs={"checkpoint": ckpt},
                       metrics={"model_type": arch.model_type, "hf_class": arch.class_for(config),
                                "tensors": len(hf_state), "tokenizer": tokenizer.is_file(),
                                "dropped": dropped_in_hf(config)},
