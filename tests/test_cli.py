@@ -168,10 +168,11 @@ def test_pretrain_refuses_a_run_that_cannot_fit(run_dir, capsys, monkeypatch):
     import re
     import time
 
-    from lmforge.train import setup
+    from lmforge.train import fit
 
-    monkeypatch.setattr(setup, "available_memory", lambda device: (8 * 2**30, "MemAvailable in /proc/meminfo"))
-    args = ["pretrain", "nano", "--out", str(run_dir.parent / "huge"), "--set", f"data.tokens={run_dir.parent / 'tokens'}",
+    monkeypatch.setattr(fit, "available_memory", lambda device: (8 * 2**30, "MemAvailable in /proc/meminfo"))
+    args = ["pretrain", "nano", "--out", str(run_dir.parent / "huge"), "--set",
+            f"data.tokens={run_dir.parent / 'tokens'}",
             "--set", "model.block_size=100000", "--set", "train.precision=fp32"]
     t0 = time.perf_counter()
     assert main(args) == 2

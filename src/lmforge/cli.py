@@ -31,7 +31,8 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
     from lmforge.data.config import load_data_config
     from lmforge.data.prepare import prepare_data
 
-    cfg = load_data_config(args.config, args.set + (["read.split_on_blank_lines=true"] if args.split_on_blank_lines else []))
+    blank_lines = ["read.split_on_blank_lines=true"] if args.split_on_blank_lines else []
+    cfg = load_data_config(args.config, args.set + blank_lines)
     summary = prepare_data(args.input, args.out, cfg, workers=args.workers, executor=args.executor,
                            strict=args.strict, resume=not args.no_resume)
     out, removed, unreadable = summary["documents_out"], summary["removed"], summary["unreadable"]
@@ -211,8 +212,10 @@ def _add_data_commands(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--config", default=None, help="data recipe YAML, e.g. configs/data/default.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (repeatable)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores); output is the same for any N")
-    p.add_argument("--executor", default="local", choices=["local", "ray"], help="ray: tasks on a local Ray or RAY_ADDRESS")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes (default: all cores); output is the same for any N")
+    p.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="ray: tasks on a local Ray or RAY_ADDRESS")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable input")
     p.add_argument("--split-on-blank-lines", action="store_true", help=".txt/.md: one document per blank-line block")
     p.add_argument("--no-resume", action="store_true",
@@ -220,7 +223,8 @@ def _add_data_commands(sub) -> None:
     p.set_defaults(func=_cmd_prepare)
     p = data.add_parser("make-tasks", help="mine evaluation tasks with true answers from a corpus (see docs/EVAL.md)")
     p.add_argument("corpus", choices=["shakespeare"])
-    p.add_argument("--plays", default=None, help="the output of `lmforge data fetch shakespeare` (cast lists, speakers); "
+    p.add_argument("--plays", default=None,
+                   help="the output of `lmforge data fetch shakespeare` (cast lists, speakers); "
                    "default: the corpus that --data was prepared from")
     p.add_argument("--data", required=True,
                    help="the output of `lmforge data prepare` on it: passages come from its test split only")
@@ -301,12 +305,15 @@ def _add_embed_command(sub) -> None:
     p = sub.add_parser("embed", help="sentence vectors from an encoder checkpoint (mean-pooled, L2-normalized)")
     p.add_argument("--ckpt", required=True, help="checkpoint dir, or a run dir (uses its best checkpoint)")
     p.add_argument("--input", action="append", default=[], metavar="FILE",
-                   help="texts: a .jsonl file (\"text\" field) or a file with one text per line; - for stdin (repeatable)")
+                   help="texts: a .jsonl file (\"text\" field) or a file with one text per line; - for stdin "
+                        "(repeatable)")
     p.add_argument("--text", action="append", default=[], help="a text to embed (repeatable)")
-    p.add_argument("--out", default=None, help="FILE.npy (an N x dim float32 array) or FILE.jsonl; default: JSON lines on stdout")
+    p.add_argument("--out", default=None,
+                   help="FILE.npy (an N x dim float32 array) or FILE.jsonl; default: JSON lines on stdout")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=None,
-                   help="tokens per text incl. [CLS]/[SEP] (default: the sentence-transformers max_seq_length, else the context)")
+                   help="tokens per text incl. [CLS]/[SEP] (default: the sentence-transformers max_seq_length, "
+                        "else the context)")
     p.add_argument("--no-normalize", action="store_true", help="keep the raw mean-pooled vectors")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_embed)
@@ -340,7 +347,8 @@ def _add_eval_command(sub) -> None:
                    help="the task kind (default: the task file's header)")
     p.add_argument("--out", required=True, help="output dir: results.json, report.md, plots (replaced atomically)")
     p.add_argument("--split", default=None,
-                   help="token dir: the split to read (default val); task file without a header split: the split to record")
+                   help="token dir: the split to read (default val); task file without a header split: "
+                        "the split to record")
     p.add_argument("--limit", type=int, default=None, help="only the first N items (a token dir: N context windows)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16,
@@ -359,7 +367,8 @@ def _add_diagnose_command(sub) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run dir from `lmforge pretrain` (reads its metrics.jsonl)")
     p.add_argument("--json", action="store_true", help="print the verdict, evidence and remedies as JSON")
     p.add_argument("--target-loss", type=float, default=None,
-                   help="the loss this model class reaches on this data (nats/token); default reference: a bigram model")
+                   help="the loss this model class reaches on this data (nats/token); "
+                        "default reference: a bigram model")
     p.set_defaults(func=_cmd_diagnose)
 
 

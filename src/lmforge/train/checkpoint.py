@@ -150,7 +150,8 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-        raise UserError(f"{file} is truncated or corrupt ({type(e).__name__}); resume from another checkpoint") from None
+        raise UserError(f"{file} is truncated or corrupt ({type(e).__name__}); "
+                        "resume from another checkpoint") from None
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):

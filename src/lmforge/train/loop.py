@@ -213,7 +213,8 @@ class _Trainer:
         return start
 
     def _show(self, bar: tqdm, record: dict[str, Any]) -> None:
-        moe = {"experts": utilization_summary(record["moe_util"], record["moe_dropped"])} if "moe_util" in record else {}
+        moe = ({"experts": utilization_summary(record["moe_util"], record["moe_dropped"])}
+               if "moe_util" in record else {})
         self._last_val = record.get("val_loss", getattr(self, "_last_val", None))
         val = {"val": f"{self._last_val:.4f}"} if self._last_val is not None else {}
         bar.update(1)

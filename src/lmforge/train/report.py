@@ -95,7 +95,8 @@ def run_metrics(trainer, records: list[dict[str, Any]], stop_reason: str) -> dic
         "best_step": trainer.state["best_step"],
         "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,
         "ms_per_step": round(ms, 2) if ms else None,
-        "mfu": round(trainer.flops_per_token * tokens_per_s / trainer.peak, 4) if tokens_per_s and trainer.peak else None,
+        "mfu": (round(trainer.flops_per_token * tokens_per_s / trainer.peak, 4)
+                if tokens_per_s and trainer.peak else None),
         "params": trainer.raw_model.num_params(),
         "params_non_embedding": trainer.raw_model.num_params(exclude_embeddings=True),
         "precision": trainer.precision,

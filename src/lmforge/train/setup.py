@@ -3,17 +3,18 @@
 ## Training loop seams
 
 `setup_training(cfg, out, info, ...)` runs these steps in order, each a short public function
-here, and returns a `TrainSetup` (everything a loop needs):
+(here, or in `lmforge.train.init_from` and `lmforge.train.fit`), and returns a `TrainSetup`
+(everything a loop needs):
 
 1. **run dir** (`prepare_run_dir`): `--resume` finds the latest checkpoint; an existing run
    needs `--overwrite` (which clears it) or another `--out`.
 2. **tokenizer** (`run_tokenizer`): the tokens dir's tokenizer plus the special tokens the
    objective needs; the run keeps its own `tokenizer.json` when tokens were added.
 3. **model config** (`resolve_model_config`): the recipe's model, `vocab_size` from the
-   tokenizer (or from the `--init-from` checkpoint), then `init_from`'s checks
+   tokenizer (or from the `--init-from` checkpoint), then `lmforge.train.init_from`'s checks
    (`check_init_tokenizer`, `check_init_matches`: the recipe's model must be the checkpoint's;
    a difference is one error naming the keys, a tensor and both shapes).
-4. **fit check** (`check_fits`): `lmforge plan`'s memory model predicts the step's peak; a run
+4. **fit check** (`lmforge.train.fit.check_fits`): `lmforge plan`'s memory model predicts the step's peak; a run
    that cannot fit in the memory available is refused before anything is allocated (`--force`
    overrides), and a step predicted to take over a minute is warned about.
 5. **build** (`build`): the plain `nn.Module`, seeded identically on every rank.
@@ -42,9 +43,7 @@ generation engine, rewards, the PPO loss, instead of `objective.batch_for` and `
 from __future__ import annotations
 
 import math
-import os
 import shutil
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +59,13 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.train import checkpoint as ckpt
 from lmforge.train import distributed as dist
 from lmforge.train.device import peak_flops, resolve_device, resolve_precision
+from lmforge.train.fit import check_fits
+from lmforge.train.init_from import (
+    check_init_matches,
+    check_init_tokenizer,
+    init_checkpoint,
+    load_init_weights,
+)
 from lmforge.train.objectives import (
     OBJECTIVES,
     Objective,
@@ -70,14 +76,6 @@ from lmforge.train.objectives import (
 )
 from lmforge.train.optim import build_optimizer
 from lmforge.train.transforms import Transform, apply_transforms
-
-# model config keys a run may change from its --init-from checkpoint: training-time only
-# (dropout; init_std, which loaded weights make moot) or bookkeeping (hf_model_type: taken from the
-# checkpoint when the recipe leaves it unset)
-INIT_FREE_KEYS = ("dropout", "init_std", "hf_model_type")
-# the model FLOPs utilization assumed for the "one step takes over a minute" warning
-ASSUMED_MFU = 0.5
-SLOW_STEP_S = 60.0
 
 
 @dataclass
@@ -167,7 +165,7 @@ def save_run_tokenizer(tokenizer: Tokenizer, added: bool, tokens_dir: Path, out:
     return out / "tokenizer.json"
 
 
-# ---- 3. model config (and what --init-from requires of it) ------------------------------------
+# ---- 3. model config --------------------------------------------------
 
 
 def resolve_model_config(cfg: Config, tokenizer: Tokenizer, init: dict[str, Any] | None = None) -> ModelConfig:
@@ -198,158 +196,12 @@ def resolve_model_config(cfg: Config, tokenizer: Tokenizer, init: dict[str, Any]
     return model_cfg
 
 
-def init_checkpoint(init_from: str | Path | None) -> Path | None:
-    """The checkpoint dir `--init-from` names: a checkpoint dir, or a run dir (its best, else latest)."""
-    if not init_from:
-        return None
-    return ckpt.resolve_checkpoint(init_from)
-
-
-def check_init_tokenizer(init: Path, tokenizer: Tokenizer, tokens_dir: Path) -> None:
-    """The init checkpoint's tokenizer must give the tokens the same ids as the run's."""
-    file = init / "tokenizer.json"
-    if not file.is_file():
-        warnings.warn(f"--init-from {init} has no tokenizer.json: cannot check that {tokens_dir} was tokenized "
-                      "with the model's tokenizer", stacklevel=2)
-        return
-    theirs = Tokenizer.load(file).backend.get_vocab()
-    ours = tokenizer.backend.get_vocab()
-    by_id = {i: t for t, i in theirs.items()}
-    for token, i in sorted(ours.items(), key=lambda kv: kv[1]):
-        if i in by_id and by_id[i] != token:
-            raise UserError(
-                f"--init-from {init}: its tokenizer.json is not the one {tokens_dir} was made with (id {i} is "
-                f"{by_id[i]!r} there, {token!r} here); re-tokenize with it: "
-                f"lmforge tokenize --tokenizer {init} --input CORPUS --out DIR")
-
-
-def _flat(config: dict[str, Any]) -> dict[str, Any]:
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            flat[key] = value
-    return flat
-
-
-def _tensor_shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):  # shapes only: nothing is allocated
-        model = build_model(model_cfg)
-    aliases = ckpt.tied_aliases(model)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in aliases}
-
-
-def _file_shapes(file: Path) -> dict[str, tuple[int, ...]]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(file), "pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{file} is truncated or corrupt ({str(e).splitlines()[0]}); use another checkpoint") from None
-
-
-def check_init_matches(model_cfg: ModelConfig, init: Path, init_cfg: dict[str, Any]) -> None:
-    """The run's model must be the init checkpoint's: one error naming the differing keys, the
-    first tensor whose shape differs (both shapes) and the --set overrides that fix it."""
-    ours, theirs = _flat(model_cfg.to_dict()), _flat(init_cfg)
-    free = {k for k in ours if k.split(".")[0] in INIT_FREE_KEYS}
-    diffs = [k for k in ours if k in theirs and k not in free and ours[k] != theirs[k]]
-    mine, saved = _tensor_shapes(model_cfg), _file_shapes(init / "model.safetensors")
-    order = [*mine, *sorted(set(saved) - set(mine))]  # the model's own order: the embeddings first
-    tensor = next((k for k in order if mine.get(k) != saved.get(k)), None)
-    if not diffs and tensor is None:
-        return
-    parts = []
-    if diffs:
-        parts.append("the recipe's model differs from the checkpoint's config.json: "
-                     + ", ".join(f"model.{k} is {ours[k]!r} here, {theirs[k]!r} there" for k in diffs))
-    if tensor is not None:
-        parts.append(f"tensor {tensor!r} has shape {mine.get(tensor, 'absent')} here and "
-                     f"{saved.get(tensor, 'absent')} in the checkpoint")
-    fix = (" ".join(f"--set model.{k}={'null' if theirs[k] is None else theirs[k]}" for k in diffs)
-           if diffs else "use a checkpoint whose config.json matches its weights")
-    raise UserError(f"--init-from {init}: " + "; ".join(parts) + f"; use the checkpoint's model ({fix})")
-
-
-# ---- 4. fit check ----------------------------------------------------------------------------
-
-
-def available_memory(device: torch.device) -> tuple[float | None, str]:
-    """Bytes free for this run on `device` and where the number comes from (None: unknown)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return float(free), f"free on {torch.cuda.get_device_name(device)} (torch.cuda.mem_get_info)"
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return float(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"
-    except OSError:
-        pass
-    return None, "unknown"
-
-
-def _gib(x: float) -> str:
-    return f"{x / 2**30:.1f} GiB"
-
-
-def predict_step(cfg: Config, model_cfg: ModelConfig, device: torch.device, precision: str,
-                 info: dist.DistInfo) -> tuple[float, float]:
-    """(peak bytes per process, FLOPs per process and step) from `lmforge plan`'s model."""
-    from lmforge.plan import attention_kernel, flops_per_token, objective_lengths, training_memory
-
-    t = cfg.train
-    seq_len, decoder_len = objective_lengths(cfg, model_cfg.block_size)
-    planned = "fp32" if precision == "fp32" else "bf16"  # fp16 has bf16's sizes
-    gpus = info.world_size if info.parallel == "fsdp" else 1  # DDP replicates everything
-    memory = training_memory(model_cfg, t.batch_size, seq_len, planned, False, gpus,
-                             attention_kernel(model_cfg, planned, seq_len, device.type),
-                             decoder_len=decoder_len, objective=cfg.objective)
-    flops = flops_per_token(model_cfg, seq_len, decoder_len, cfg.objective) * t.batch_size * t.grad_accum * seq_len
-    return float(memory["peak"]), float(flops)
-
-
-def check_fits(cfg: Config, model_cfg: ModelConfig, device: torch.device, precision: str, info: dist.DistInfo,
-               device_peak_flops: float, *, force: bool = False) -> None:
-    """Refuse (UserError, exit 2) a run whose predicted peak memory exceeds what is available,
-    unless `force`; warn when one step is predicted to take over a minute."""
-    try:
-        need, step_flops = predict_step(cfg, model_cfg, device, precision, info)
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the prediction is advice: a model it cannot size still trains
-        warnings.warn(f"could not predict this run's memory ({type(e).__name__}: {e}); starting unchecked",
-                      stacklevel=2)
-        return
-    available, where = available_memory(device)
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" and info.enabled else 1
-    total = need * processes
-    if available is not None and total > available and not force:
-        per = f" ({processes} processes x {_gib(need)})" if processes > 1 else ""
-        raise UserError(
-            f"this run needs about {_gib(total)}{per} of memory at its peak (lmforge plan's model: batch "
-            f"{cfg.train.batch_size} x {model_cfg.block_size} positions, {precision}) but only {_gib(available)} "
-            f"is available on {device.type} ({where}); lower train.batch_size or model.block_size, "
-            "or pass --force to start anyway")
-    seconds = step_flops / (device_peak_flops * ASSUMED_MFU) if device_peak_flops else 0.0
-    if seconds > SLOW_STEP_S:
-        warnings.warn(f"one training step is predicted to take about {seconds / 60:.0f} min ({step_flops:.2e} "
-                      f"FLOPs at {ASSUMED_MFU:.0%} of {device_peak_flops:.2e} FLOP/s); check train.batch_size "
-                      "and model.block_size", stacklevel=2)
-
-
-# ---- 5.-8. build, init_from, transforms, resume ------------------------------------------------
+# ---- 5., 8. build, resume ------------------------------------------------
 
 
 def build(model_cfg: ModelConfig, device: torch.device, seed: int) -> nn.Module:
     torch.manual_seed(seed)  # identical init on every rank
     return build_model(model_cfg).to(device)
-
-
-def load_init_weights(model: nn.Module, init: Path) -> None:
-    """The init checkpoint's weights into the plain model (its shapes were checked by `check_init_matches`)."""
-    ckpt.load_weights_into(model, ckpt.read_weights(init), init)
 
 
 def check_same_model(saved: dict, current: ModelConfig, source: Path) -> None:
