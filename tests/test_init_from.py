@@ -67,6 +67,9 @@ def test_init_from_a_run_starts_from_its_weights_with_a_fresh_optimizer(tokens, 
     # a fresh AdamW: 3 steps of moments, not the 20 of the run it started from
     steps = {int(s["step"]) for s in state["optimizer"]["state"].values()}
     assert steps == {3}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["inputs"]["init_from"]["path"] == str(trained / "checkpoints" / "best")
+    assert f"started from the weights of `{trained / 'checkpoints' / 'best'}`" in (out / "report.md").read_text()
 
 
 def test_a_different_model_is_one_error_naming_keys_tensor_and_fix(tokens, trained, tmp_path, capsys):

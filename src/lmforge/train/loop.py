@@ -79,7 +79,7 @@ class _Trainer:
         self.objective, self.device, self.precision = s.objective, s.device, s.precision
         self.train_batches, self.val_batches = s.train_batches, s.val_batches
         self.raw_model, self.model, self.optimizer, self.scaler = s.raw_model, s.model, s.optimizer, s.scaler
-        self.state, self.peak = s.state, s.peak
+        self.state, self.peak, self.init_from = s.state, s.peak, s.init_from
         self.init_flag = init_flag
         t = self.cfg.train
         self.tokens_per_step = t.batch_size * t.grad_accum * self.info.world_size * self.model_cfg.block_size
@@ -131,12 +131,13 @@ class _Trainer:
         # one small all-reduce carries the loss and the stop request, so all ranks agree on both
         stats = torch.stack([loss, torch.tensor(float(stop_requested), device=self.device)])
         stats = dist.all_reduce_sum(stats.float(), self.info)
-        record = {"step": step + 1, "loss": stats[0].item() / self.info.world_size, "lr": lr, "grad_norm": grad_norm}
+        record = {"step": step + 1, "loss": stats[0].item() / self.info.world_size, "lr": lr,
+                  "grad_norm": float(grad_norm)}
         check_finite(record, scaler=self.scaler, metrics=self.metrics, checkpointer=self.checkpointer, info=self.info)
         apply_gradients(self.optimizer, self.scaler)
         dt = time.perf_counter() - t0
         tokens_per_s = self.tokens_per_step / dt
-        record.update(loss=round(record["loss"], 6), grad_norm=round(grad_norm, 5),
+        record.update(loss=round(record["loss"], 6), grad_norm=round(record["grad_norm"], 5),
                       tokens_per_s=round(tokens_per_s, 1), ms_per_step=round(dt * 1000, 2),
                       mfu=round(self.flops_per_token * tokens_per_s / self.peak, 4) if self.peak else None)
         record.update(self._moe_record())  # expert utilization of the step's last micro-batch (MoE models)
@@ -204,7 +205,7 @@ class _Trainer:
         self.metrics.trim(start)
         if info.is_main:
             origin = (f"; resuming from step {start}" if start else
-                      f"; weights from {self.setup.init_from}" if self.setup.init_from else "")
+                      f"; weights from {self.init_from}" if self.init_from else "")
             print(f"model: {self.raw_model.num_params() / 1e6:.2f}M parameters, {self.precision} on {self.device}"
                   f"{f' x{info.world_size} ({info.parallel})' if info.enabled else ''}; "
                   f"train {self.train_batches.num_tokens:,} tokens, val {self.val_batches.num_tokens:,}{origin}",

@@ -119,6 +119,7 @@ def _report_lines(trainer, metrics: dict[str, Any], records: list[dict[str, Any]
         f"{mc.pos_encoding} positions, {mc.norm}, {mc.mlp}",
         f"- data: `{trainer.tokens_dir}` ({trainer.train_batches.num_tokens:,} train tokens, "
         f"{trainer.val_batches.num_tokens:,} val tokens)",
+        *([f"- started from the weights of `{trainer.init_from}`"] if trainer.init_from else []),
         f"- run: {metrics['steps']} steps ({stop_reason}), {metrics['tokens_seen']:,} tokens seen, "
         f"{trainer.precision} on {trainer.device}"
         + (f" x{trainer.info.world_size} ({trainer.info.parallel})" if trainer.info.enabled else ""),
@@ -148,7 +149,8 @@ def write_run_report(trainer, *, stop_reason: str, wall_time_s: float) -> dict[s
     """summary.json, report.md and loss.png of a run dir; returns the summary.
 
     `trainer` is any loop's object with these attributes: out, metrics_path, cfg, info,
-    model_cfg, raw_model, tokens_dir, tokenizer_file, train_batches and val_batches (num_tokens),
+    model_cfg, raw_model, tokens_dir, init_from (the checkpoint the weights came from, or None),
+    tokenizer_file, train_batches and val_batches (num_tokens),
     state (step, tokens_seen, best_val_loss, best_step), tokens_per_step, flops_per_token, peak
     (FLOP/s, 0: unknown), precision, device.
     """
@@ -159,7 +161,9 @@ def write_run_report(trainer, *, stop_reason: str, wall_time_s: float) -> dict[s
         plot_loss(records, out / "loss.png", title=f"{out}: {metrics['params'] / 1e6:.2f}M params")
     sample = _sample(trainer)
     summary = write_summary(out, "pretrain", config=to_dict(trainer.cfg),
-                            inputs={"tokens": trainer.tokens_dir}, metrics=metrics,
+                            inputs={"tokens": trainer.tokens_dir,
+                                    **({"init_from": trainer.init_from} if trainer.init_from else {})},
+                            metrics=metrics,
                             wall_time_s=wall_time_s, extra={"model_config": trainer.model_cfg.to_dict(),
                                                             "sample": sample})
     atomic_write_text(out / "report.md", "\n".join(_report_lines(trainer, metrics, records, sample, stop_reason,

@@ -109,15 +109,16 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def clip_gradients(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-                   grad_clip: float) -> float:
-    """Unscale (fp16) and clip the gradients to `grad_clip` (0: no clipping); returns the global norm."""
+                   grad_clip: float) -> torch.Tensor:
+    """Unscale (fp16) and clip the gradients to `grad_clip` (0: no clipping); returns the global norm
+    (a tensor on the device: reading it waits for the device, so read it with the loss)."""
     if scaler is not None:
         scaler.unscale_(optimizer)
     max_norm = grad_clip if grad_clip > 0 else math.inf
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
         norm = norm.full_tensor()
-    return float(norm)
+    return norm
 
 
 def check_finite(record: dict[str, Any], *, scaler: torch.amp.GradScaler | None, metrics: MetricsLog,
