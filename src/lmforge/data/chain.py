@@ -139,7 +139,8 @@ def run_steps(doc: Doc, steps: list[Step], chain: Chain) -> bool:
         reason = step.run(doc, chain)
         if reason is not None:
             # the example shown is the text the step saw (the original, when normalizing left nothing)
-            tally.remove(chain.t, step.name or "normalize", reason, size, doc.text if doc.text.strip() else doc.rec.text)
+            tally.remove(chain.t, step.name or "normalize", reason, size,
+                         doc.text if doc.text.strip() else doc.rec.text)
             return False
     return True
 

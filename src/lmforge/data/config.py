@@ -53,7 +53,8 @@ class QualityConfig:
     max_ellipsis_lines_ratio: float = 0.3
     min_alpha_words_ratio: float = 0.8  # words with at least one letter
     min_stop_words: int = 2  # of the, be, to, of, and, that, have, with (CJK: own list)
-    min_zh_word_pairs: float = 0.08  # not Gopher: share of adjacent Han pairs that are common words (shuffled text ~0.03)
+    # not Gopher: share of adjacent Han pairs that are common words (shuffled text ~0.03)
+    min_zh_word_pairs: float = 0.08
     min_zh_pair_z: float = 2.5  # ... or that many std devs more such pairs than the text shuffled (classical prose)
     min_zh_verse_clauses: float = 0.9  # ... or this share of its Han characters in clauses of 3-8 (verse)
 
@@ -66,8 +67,10 @@ class RepetitionConfig:
     max_dup_para_fraction: float = 0.3
     max_dup_para_char_fraction: float = 0.2
     cjk_chars_per_word: int = 2  # deviation: in CJK text an n-gram of n words spans n * this many characters
-    cjk_verse_refrains: float = 0.9  # deviation: CJK verse (this share of Han chars in 3-8-char clauses) skips top n-grams
-    min_line_words: int = 4  # deviation: shorter lines (speaker prefixes, stage cues) are not counted as duplicate lines
+    # deviation: CJK verse (this share of Han chars in 3-8-char clauses) skips top n-grams
+    cjk_verse_refrains: float = 0.9
+    # deviation: shorter lines (speaker prefixes, stage cues) are not counted as duplicate lines
+    min_line_words: int = 4
     top_ngram_max_fraction: list = field(default_factory=lambda: [0.20, 0.18, 0.16])  # n = 2, 3, 4
     dup_ngram_max_fraction: list = field(default_factory=lambda: [0.15, 0.14, 0.13, 0.12, 0.11, 0.10])  # n = 5..10
 
@@ -143,10 +146,12 @@ def load_data_config(path: str | Path | None = None, overrides: list[str] | None
 def _validate(cfg: DataPrepConfig, where: str) -> None:
     s = cfg.split
     if min(s.train, s.val, s.test) < 0 or abs(s.train + s.val + s.test - 1.0) > 1e-6:
-        raise UserError(f"{where}config key split: train+val+test must be 1 with none negative, got {s.train}/{s.val}/{s.test}")
+        raise UserError(f"{where}config key split: train+val+test must be 1 with none negative, "
+                        f"got {s.train}/{s.val}/{s.test}")
     d = cfg.dedup
     if d.bands * d.rows != d.num_perm:
-        raise UserError(f"{where}config key dedup.num_perm: must equal bands*rows = {d.bands * d.rows}, got {d.num_perm}")
+        raise UserError(f"{where}config key dedup.num_perm: must equal bands*rows = {d.bands * d.rows}, "
+                        f"got {d.num_perm}")
     if d.shingle_words < 1:
         raise UserError(f"{where}config key dedup.shingle_words: must be >= 1, got {d.shingle_words}")
     for key in ("remove_patterns",):
@@ -156,6 +161,7 @@ def _validate(cfg: DataPrepConfig, where: str) -> None:
         raise UserError(f"{where}config key langid.allowed: expected a list such as [en, zh]")
     r = cfg.repetition
     if len(r.top_ngram_max_fraction) != 3 or len(r.dup_ngram_max_fraction) != 6:
-        raise UserError(f"{where}config key repetition: top_ngram_max_fraction needs 3 values (n=2..4), dup_ngram_max_fraction 6 (n=5..10)")
+        raise UserError(f"{where}config key repetition: top_ngram_max_fraction needs 3 values (n=2..4), "
+                        "dup_ngram_max_fraction 6 (n=5..10)")
     if cfg.read.shard_bytes < 1 or cfg.read.max_document_bytes < 1:
         raise UserError(f"{where}config key read.shard_bytes/max_document_bytes: must be > 0")

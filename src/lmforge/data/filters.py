@@ -49,7 +49,8 @@ import numpy as np
 from lmforge.data.config import QualityConfig, RepetitionConfig
 
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-_PUNCT = "\u2190-\u21ff\u2500-\u25ff\u3000-\u303f\uff00-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65\u2010-\u205e!-/:-@\\[-`{-~\u00a1-\u00bf"
+_PUNCT = ("\u2190-\u21ff\u2500-\u25ff\u3000-\u303f\uff00-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65\u2010-\u205e"
+          "!-/:-@\\[-`{-~\u00a1-\u00bf")
 _CJK_CHAR = re.compile(f"[{_CJK}]")
 _HAN_RUN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]{2,}")
 _KANA = re.compile("[\u3041-\u3096\u30a1-\u30fa]")  # not the middle dot \u30fb Chinese text uses too

@@ -27,11 +27,13 @@ _TRAILING_SPACE = re.compile(r"[ \t]+\n")
 _MANY_BLANK = re.compile(r"\n{4,}")
 _HTML_HINT = re.compile(r"<(?:!doctype|html|head|body|div|p|br|span|a\s|table|tr|td|li|ul|script|style|h[1-6])\b", re.I)
 _HTML_DROP = re.compile(r"<(script|style|noscript)\b.*?</\1\s*>", re.I | re.S)
-_HTML_BLOCK = re.compile(r"</?(?:p|div|br|li|ul|ol|tr|table|h[1-6]|section|article|header|footer|blockquote)\b[^>]*>", re.I)
+_HTML_BLOCK = re.compile(
+    r"</?(?:p|div|br|li|ul|ol|tr|table|h[1-6]|section|article|header|footer|blockquote)\b[^>]*>", re.I)
 _HTML_TAG = re.compile(r"<[^>]{0,2000}>")
 _HTML_COMMENT = re.compile(r"<!--.*?-->", re.S)
 _GUTENBERG_START = re.compile(r"^\*{3}\s*START OF (?:THE|THIS) PROJECT GUTENBERG[^\n]*$", re.M | re.I)
-_GUTENBERG_END = re.compile(r"^(?:\*{3}\s*END OF (?:THE|THIS) PROJECT GUTENBERG|End of (?:the )?Project Gutenberg)[^\n]*$", re.M | re.I)
+_GUTENBERG_END = re.compile(
+    r"^(?:\*{3}\s*END OF (?:THE|THIS) PROJECT GUTENBERG|End of (?:the )?Project Gutenberg)[^\n]*$", re.M | re.I)
 
 
 def looks_like_html(text: str) -> bool:

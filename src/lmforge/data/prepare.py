@@ -4,8 +4,8 @@ Three stages, so that the output is identical for any number of workers and any 
 
 1. per shard, in parallel (`process_shard`): read -> normalize (+ boilerplate lines of the
    shard's sources) -> language id -> Gopher quality -> Gopher repetition -> blocklist ->
-   PII scrubbing (a list of steps: `lmforge.data.chain`); survivors go to `<work>/shard-NNNNN.parquet` with their exact hashes
-   (`.npz`) and MinHash signatures (`.sigs`, raw uint32), and the shard's accounting to
+   PII scrubbing (a list of steps: `lmforge.data.chain`); survivors go to `<work>/shard-NNNNN.parquet`
+   with their exact hashes (`.npz`) and MinHash signatures (`.sigs`, raw uint32), and the shard's accounting to
    `.json` (written last: it is the "shard finished" marker that resume trusts);
 2. once, over all shards (`_decide`): exact dedup, MinHash-LSH near dedup, optional
    paragraph dedup, and the split of every surviving document by a hash of its cluster;
@@ -118,7 +118,8 @@ def _batches(items: Any, batch_bytes: int, t: dict[str, Any]) -> Any:
     yield batch
 
 
-def _filter_batch(batch: list[Record], cfg: DataPrepConfig, t: dict[str, Any], arrays: dict[str, Any]) -> dict[str, list]:
+def _filter_batch(batch: list[Record], cfg: DataPrepConfig, t: dict[str, Any],
+                  arrays: dict[str, Any]) -> dict[str, list]:
     """Normalize, filter and scrub one batch (the chain of steps in data/chain.py); the survivors'
     columns (their dedup keys go to `arrays`)."""
     chain, steps = make_chain(cfg, t), filter_steps(cfg)
@@ -208,7 +209,8 @@ def _decide(work: Path, shards: list[Shard], cfg: DataPrepConfig) -> list[dict[s
         drop_para = _paragraph_dedup(loaded, status)
     out, start = [], 0
     for k, size in enumerate(sizes):
-        out.append({"status": status[start : start + size], "split": split[start : start + size], "drop_para": drop_para[k]})
+        out.append({"status": status[start : start + size], "split": split[start : start + size],
+                    "drop_para": drop_para[k]})
         start += size
     return out
 
@@ -319,7 +321,8 @@ def write_shard(shard: Shard, decision: dict[str, np.ndarray], work: str, out: s
                 part = pa.Table.from_batches([batch.take(pa.array(keep[s], type=pa.int64()))])
                 part = part.set_column(text_column, "text", pa.array(final_texts[s], pa.string()))
                 if s not in writers:
-                    writers[s] = pq.ParquetWriter(Path(out) / SPLITS[s] / f"part-{shard.index:05d}.parquet", part.schema)
+                    writers[s] = pq.ParquetWriter(Path(out) / SPLITS[s] / f"part-{shard.index:05d}.parquet",
+                                                  part.schema)
                 writers[s].write_table(part)
                 counts = written.setdefault(SPLITS[s], [0, 0])
                 counts[0] += len(keep[s])
@@ -371,7 +374,8 @@ def prepare_data(inputs: list[str], out: str | Path, cfg: DataPrepConfig, *, wor
     shards = plan_shards(files, cfg.read)
     cfg_dict = to_dict(cfg)
     work = out.parent / f".{out.name}.work"
-    fingerprint = hashlib.sha256(json.dumps({"config": cfg_dict, "strict": strict}, sort_keys=True).encode()).hexdigest()
+    fingerprint = hashlib.sha256(
+        json.dumps({"config": cfg_dict, "strict": strict}, sort_keys=True).encode()).hexdigest()
     _open_work(work, fingerprint, resume)
     todo, results = [], {}
     for shard in shards:

@@ -12,7 +12,8 @@ _WHY = {
     "read": "input documents", "normalize": "decoding, Unicode, HTML, boilerplate; empty after cleaning",
     "langid": "language not allowed / low confidence", "quality": "Gopher quality rules (CJK-aware)",
     "repetition": "Gopher repetition rules", "safety": "blocklist (PII is replaced, not removed)",
-    "exact_dedup": "same normalized text as an earlier document", "near_dedup": "MinHash-LSH near duplicate of a kept document",
+    "exact_dedup": "same normalized text as an earlier document",
+    "near_dedup": "MinHash-LSH near duplicate of a kept document",
     "paragraph_dedup": "every long paragraph already seen",
 }
 
@@ -64,7 +65,8 @@ def write_report(path: Path, total: dict[str, Any], outputs: dict[str, list[int]
     else:
         lines += ["| reason | count |", "|---|---:|"] + [f"| {r} | {n:,} |" for r, n in sorted(unreadable.items())]
         lines += ["", "| reason | where | detail |", "|---|---|---|"]
-        lines += [f"| {e['reason']} | {_cell(e['where'])} | {_cell(e['detail'])} |" for e in total["unreadable_examples"][:50]]
+        lines += [f"| {e['reason']} | {_cell(e['where'])} | {_cell(e['detail'])} |"
+                  for e in total["unreadable_examples"][:50]]
     lines += ["", "## Changed, not removed", ""]
     changes = {**{f"pii <{k}>": v for k, v in total["pii"].items()}, **total["changes"]}
     lines += [f"- {k}: {v:,}" for k, v in sorted(changes.items())] or ["- nothing"]

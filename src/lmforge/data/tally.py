@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-STEPS = ("read", "normalize", "langid", "quality", "repetition", "safety", "exact_dedup", "near_dedup", "paragraph_dedup")
+STEPS = ("read", "normalize", "langid", "quality", "repetition", "safety", "exact_dedup", "near_dedup",
+         "paragraph_dedup")
 EXAMPLES_PER_REASON = 3
 SNIPPET_CHARS = 240
 

@@ -159,7 +159,8 @@ def character_phrase(name: str) -> str:
 
 
 def distinctive_words(name: str) -> list[str]:
-    """The lower-cased words of a name that are not role words or small words ('Sir John Falstaff' -> john, falstaff)."""
+    """The lower-cased words of a name that are not role words or small words
+    ('Sir John Falstaff' -> john, falstaff)."""
     return [w for w in (x.strip("'").lower() for x in name.split())
             if w and w not in ROLE_WORDS and w not in SMALL_WORDS and len(w) > 1]
 

@@ -114,9 +114,11 @@ class ModelConfig:
         if self.attn_scale is not None and (not isinstance(self.attn_scale, (int, float)) or self.attn_scale <= 0):
             raise bad("attn_scale", f"must be a positive number or null, got {self.attn_scale!r}")
         if self.attn_head_dim is None and self.n_embd % self.n_head:
-            raise bad("n_head", f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; pick a divisor of n_embd")
+            raise bad("n_head", f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                      "pick a divisor of n_embd")
         if self.n_head % self.kv_heads:
-            raise bad("n_kv_head", f"n_head={self.n_head} is not divisible by n_kv_head={self.kv_heads}; pick a divisor of n_head")
+            raise bad("n_kv_head", f"n_head={self.n_head} is not divisible by n_kv_head={self.kv_heads}; "
+                      "pick a divisor of n_head")
         if self.pos_encoding == "rope" and self.head_dim % 2:
             raise bad("pos_encoding", f"rope needs an even head dim, got {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
@@ -155,7 +157,8 @@ class ModelConfig:
         if self.moe.num_experts:
             raise bad("moe.num_experts", f"{self.moe.num_experts}: Mixture-of-Experts is implemented for arch gpt; "
                       "set 0 for arch encdec")
-        if self.n_decoder_layer is not None and (not isinstance(self.n_decoder_layer, int) or self.n_decoder_layer <= 0):
+        if self.n_decoder_layer is not None and (not isinstance(self.n_decoder_layer, int)
+                                                 or self.n_decoder_layer <= 0):
             raise bad("n_decoder_layer", f"must be a positive integer or null, got {self.n_decoder_layer!r}")
         if not isinstance(self.rel_buckets, int) or self.rel_buckets < 4:
             raise bad("rel_buckets", f"must be an integer >= 4, got {self.rel_buckets!r}")
@@ -186,7 +189,8 @@ class ModelConfig:
         if self.pos_encoding != "learned":
             raise bad("pos_encoding", f"{self.pos_encoding!r}: arch bert uses learned positions; set learned")
         if self.mlp not in ("gelu", "gelu_tanh", "relu"):
-            raise bad("mlp", f"{self.mlp!r}: arch bert's MLM head needs a plain activation; use gelu, gelu_tanh or relu")
+            raise bad("mlp", f"{self.mlp!r}: arch bert's MLM head needs a plain activation; "
+                      "use gelu, gelu_tanh or relu")
 
     def check_buildable(self) -> None:
         """Validate, and require vocab_size (what every architecture needs before building)."""

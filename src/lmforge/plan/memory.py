@@ -279,7 +279,8 @@ def _ends(c: ModelConfig, p: Precision, micro_batch: int, model_stacks: list[Sta
         inputs = S * (16 + _norm_act_bytes(c, p, output_saved=False) + drop)
         # the MLM transform at every position: dense (input), activation (input), norm (input: a
         # matmul output; its output: the output projection's input)
-        head = S * ((d * p.act if trained else 0) + d * p.act + _norm_act_bytes(c, p, trained, input_bytes=p.act)) + loss
+        head = S * ((d * p.act if trained else 0) + d * p.act
+                    + _norm_act_bytes(c, p, trained, input_bytes=p.act)) + loss
         if c.nsp_head:  # per example: the pooler's input and tanh output, NSP's log-softmax and label
             head += 2 * d * p.act + 2 * 4 + 8
             transient += S * d * 4  # the gradient of h[:, 0] as a full fp32 (B, S, d) tensor

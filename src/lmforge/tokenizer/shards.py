@@ -144,7 +144,8 @@ def load_split(directory: str | Path, split: str) -> list[np.ndarray]:
         size = file.stat().st_size
         if size == 0 or size % dtype.itemsize:
             raise UserError(
-                f"{file} is truncated ({size} bytes, not a positive multiple of {dtype.itemsize}); re-create {directory} with `lmforge tokenize`"
+                f"{file} is truncated ({size} bytes, not a positive multiple of {dtype.itemsize}); "
+                f"re-create {directory} with `lmforge tokenize`"
             )
         sizes.append(size // dtype.itemsize)
     if sum(sizes) != meta["splits"][split]["tokens"]:
@@ -152,7 +153,8 @@ def load_split(directory: str | Path, split: str) -> list[np.ndarray]:
         full = max(sizes)
         bad = next((f for f, n in zip(files[:-1], sizes[:-1]) if n < full), files[-1])
         raise UserError(
-            f"{bad} is truncated (the '{split}' shards hold {sum(sizes)} tokens, meta.json says {meta['splits'][split]['tokens']}); re-create {directory} with `lmforge tokenize`"
+            f"{bad} is truncated (the '{split}' shards hold {sum(sizes)} tokens, "
+            f"meta.json says {meta['splits'][split]['tokens']}); re-create {directory} with `lmforge tokenize`"
         )
     return [np.memmap(file, dtype=dtype, mode="r") for file in files]
 
@@ -258,9 +260,13 @@ class _Job:
             )
         if not val:
             h, index = self.min_hash_train
-            return {"move": {index: "val"}}, f"no document hashed into val: moved document #{index} (smallest hash) there"
+            return {"move": {index: "val"}}, (
+                f"no document hashed into val: moved document #{index} (smallest hash) there"
+            )
         h, index = self.max_hash_val
-        return {"move": {index: "train"}}, f"no document hashed into train: moved document #{index} (largest hash) there"
+        return {"move": {index: "train"}}, (
+            f"no document hashed into train: moved document #{index} (largest hash) there"
+        )
 
     def _split_tokens(self, ids: list[int], eos: int) -> None:
         n_val = min(max(1, round(len(ids) * self.val_fraction)), len(ids) - 1)
@@ -315,7 +321,8 @@ def _encode_texts(texts: list[str]) -> list[list[int]]:
     return [_worker_tokenizer.encode(text) for text in texts]
 
 
-def _encode_in_processes(batches: Iterator[list], tokenizer_file: Path, workers: int) -> Iterator[tuple[list, list[list[int]]]]:
+def _encode_in_processes(batches: Iterator[list], tokenizer_file: Path,
+                         workers: int) -> Iterator[tuple[list, list[list[int]]]]:
     # spawn, not fork: forking after the Rust thread pool has started can deadlock.
     context = multiprocessing.get_context("spawn")
     with context.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_file),)) as pool:

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor, nn
 
 from lmforge.data.readers import iter_jsonl_objects
@@ -20,8 +19,9 @@ class PairSource:
 
     Each line is `{"source": "...", "target": "..."}`. A pair goes to val when its source text
     falls in the last `val_fraction` (5%) of lmforge's one content-hash splitter
-    (`lmforge.data.split`), so the split does not depend on the order of the lines. Sources longer than model.block_size - 1 tokens
-    and targets longer than block_size - 1 are cut (counted and reported once).
+    (`lmforge.data.split`), so the split does not depend on the order of the lines. Sources longer
+    than model.block_size - 1 tokens and targets longer than block_size - 1 are cut (counted and
+    reported once).
     """
 
     def __init__(self, path: str | Path, tokenizer: Any, split: str, block_size: int,
