@@ -85,6 +85,7 @@ def messy_corpus(root: Path) -> dict[str, int]:
     (root / "i_binary.txt").write_bytes(b"\x89PNG\0\0\0binary")
     (root / "j_empty.txt").write_bytes(b"")
     (root / "k_bad_utf8.txt").write_bytes(prose(700).encode() + b" caf\xe9 ok")
-    (root / "l_long.jsonl").write_text(json.dumps({"text": "y " * 60_000}) + "\n" + json.dumps({"text": prose(800)}) + "\n")
+    (root / "l_long.jsonl").write_text(json.dumps({"text": "y " * 60_000}) + "\n"
+                                       + json.dumps({"text": prose(800)}) + "\n")
     os.symlink(root / "missing-target.txt", root / "m_dangling.txt")
     return {"truncated_gz_lines": 40}

@@ -174,7 +174,8 @@ def test_from_hf_reads_pytorch_bin_with_legacy_buffers_and_tied_decoder(tmp_path
     state["cls.predictions.decoder.bias"] = state["cls.predictions.bias"]
     torch.save(state, hf_dir / "pytorch_model.bin")
     from_hf(hf_dir, tmp_path / "legacy")
-    a, b = load_file(str(tmp_path / "ckpt" / "model.safetensors")), load_file(str(tmp_path / "legacy" / "model.safetensors"))
+    a, b = (load_file(str(tmp_path / "ckpt" / "model.safetensors")),
+            load_file(str(tmp_path / "legacy" / "model.safetensors")))
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -193,7 +194,8 @@ def test_pretraining_loss_matches_transformers(tmp_path, tokenizer_file):
     nsp = torch.tensor([0, 1, 1])
     with torch.no_grad():
         theirs = hf(**x, labels=labels, next_sentence_label=nsp).loss
-        mlm_only = ours(x["input_ids"], labels, token_type_ids=x["token_type_ids"], attention_mask=x["attention_mask"])[1]
+        mlm_only = ours(x["input_ids"], labels, token_type_ids=x["token_type_ids"],
+                        attention_mask=x["attention_mask"])[1]
         both = ours(x["input_ids"], labels, token_type_ids=x["token_type_ids"], attention_mask=x["attention_mask"],
                     next_sentence_label=nsp)[1]
         mlm_logits, _ = ours(**x)
@@ -348,11 +350,14 @@ def _edit_config(hf_dir: Path, **changes) -> None:
 
 
 @pytest.mark.parametrize("changes,match", [
-    (dict(position_embedding_type="relative_key"), r"position_embedding_type='relative_key' is not supported; allowed: 'absolute'"),
+    (dict(position_embedding_type="relative_key"),
+     r"position_embedding_type='relative_key' is not supported; allowed: 'absolute'"),
     (dict(is_decoder=True), r"is_decoder=True is not supported"),
     (dict(hidden_act="silu"), r"hidden_act='silu' is not supported; allowed: 'gelu'"),
     (dict(num_attention_heads=5), r"config\.json: model\.n_head: n_embd=64 is not divisible by n_head=5"),
-    (dict(intermediate_size=128), r"tensor 'bert\.encoder\.layer\.0\.intermediate\.dense\.weight' has shape \(96, 64\) but config\.json implies \(128, 64\)"),
+    (dict(intermediate_size=128),
+     r"tensor 'bert\.encoder\.layer\.0\.intermediate\.dense\.weight' has shape \(96, 64\) "
+     r"but config\.json implies \(128, 64\)"),
     (dict(num_hidden_layers=3), r"missing tensor 'bert\.encoder\.layer\.2\.attention\.self\.query\.weight'"),
     (dict(num_hidden_layers=1), r"unexpected tensor 'bert\.encoder\.layer\.1\."),
 ], ids=["relative-positions", "decoder", "act", "heads-divide-width", "shape", "missing", "extra"])

@@ -22,9 +22,11 @@ def test_presets_load(name):
 
 def test_preset_shapes_match_the_issue():
     nano = load_config(CONFIGS / "nano.yaml")
-    assert (nano.model.n_layer, nano.model.n_head, nano.model.n_embd, nano.model.block_size, nano.train.batch_size) == (4, 4, 128, 64, 12)
+    assert (nano.model.n_layer, nano.model.n_head, nano.model.n_embd, nano.model.block_size,
+            nano.train.batch_size) == (4, 4, 128, 64, 12)
     small = load_config(CONFIGS / "small.yaml")
-    assert (small.model.n_layer, small.model.n_head, small.model.n_embd, small.model.block_size, small.train.batch_size) == (6, 6, 384, 256, 16)
+    assert (small.model.n_layer, small.model.n_head, small.model.n_embd, small.model.block_size,
+            small.train.batch_size) == (6, 6, 384, 256, 16)
     llama = load_config(CONFIGS / "llama-tiny.yaml").model
     assert (llama.pos_encoding, llama.norm, llama.mlp) == ("rope", "rmsnorm", "swiglu")
     assert llama.kv_heads < llama.n_head

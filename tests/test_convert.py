@@ -41,8 +41,8 @@ def _perturb_(model: torch.nn.Module, scale: float = 0.05) -> None:
 
 
 def hf_gpt2(**kw):
-    cfg = dict(n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, resid_pdrop=0.0,
-               embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = dict(n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=VOCAB, bos_token_id=0, eos_token_id=1,
+               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     cfg.update(kw)
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg)).eval()
 
@@ -96,7 +96,8 @@ def test_from_hf_logits_match_and_round_trip_is_exact(name, tmp_path, tokenizer_
     torch.testing.assert_close(logits_of(ours, idx), logits_of(hf, idx), atol=1e-4, rtol=0)
 
     to_hf(tmp_path / "ckpt", tmp_path / "back")
-    original, back = load_file(str(hf_dir / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
+    original = load_file(str(hf_dir / "model.safetensors"))
+    back = load_file(str(tmp_path / "back" / "model.safetensors"))
     assert sorted(back) == sorted(original)  # names; GPT-2's attn.bias/masked_bias are non-persistent
     for key, tensor in original.items():
         assert back[key].shape == tensor.shape and back[key].dtype == tensor.dtype, key
@@ -108,7 +109,8 @@ def test_bf16_weights_round_trip_exactly_in_bf16(tmp_path):
     hf_dir = save_hf(hf, tmp_path / "hf")
     from_hf(hf_dir, tmp_path / "ckpt")
     to_hf(tmp_path / "ckpt", tmp_path / "back")
-    original, back = load_file(str(hf_dir / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
+    original = load_file(str(hf_dir / "model.safetensors"))
+    back = load_file(str(tmp_path / "back" / "model.safetensors"))
     assert sorted(back) == sorted(original)
     assert all(back[k].dtype == torch.bfloat16 and torch.equal(back[k], original[k]) for k in original)
     assert json.loads((tmp_path / "back" / "config.json").read_text())["dtype"] == "bfloat16"
@@ -142,7 +144,8 @@ def test_from_hf_reads_sharded_index_and_pytorch_bin(name, tmp_path):
         bare.update({"h.0.attn.bias": torch.ones(1, 1, 32, 32).tril(), "h.0.attn.masked_bias": torch.tensor(-1e4)})
     torch.save(bare, hf_dir / "pytorch_model.bin")
     from_hf(hf_dir, tmp_path / "from-bare")
-    a, b = load_file(str(tmp_path / "from-shards" / "model.safetensors")), load_file(str(tmp_path / "from-bin" / "model.safetensors"))
+    a = load_file(str(tmp_path / "from-shards" / "model.safetensors"))
+    b = load_file(str(tmp_path / "from-bin" / "model.safetensors"))
     c = load_file(str(tmp_path / "from-bare" / "model.safetensors"))
     assert sorted(a) == sorted(b) == sorted(c) and all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
 
@@ -197,19 +200,23 @@ def _config(hf_dir: Path, **changes) -> None:
     (dict(hidden_act="gelu"), r"hidden_act='gelu' is not supported; allowed: 'silu'"),
     (dict(attention_bias=True), r"attention_bias=True is not supported"),
     # a head_dim other than hidden_size / heads is a model transformers builds: the weights decide
-    (dict(head_dim=32), r"tensor 'model\.layers\.0\.self_attn\.q_proj\.weight' has shape \(64, 64\) but config\.json implies \(128, 64\)"),
+    (dict(head_dim=32),
+     r"tensor 'model\.layers\.0\.self_attn\.q_proj\.weight' has shape \(64, 64\) but config\.json implies \(128, 64\)"),
     (dict(num_attention_heads=5, head_dim=16),
      r"config\.json: hidden_size=64 is not divisible by num_attention_heads=5; transformers' Llama requires it"),
     (dict(num_key_value_heads=3), r"config\.json: num_key_value_heads=3 does not divide num_attention_heads=4"),
-    (dict(hidden_size=96, head_dim=24), r"tensor 'model\.embed_tokens\.weight' has shape \(320, 64\) but config\.json implies \(320, 96\)"),
+    (dict(hidden_size=96, head_dim=24),
+     r"tensor 'model\.embed_tokens\.weight' has shape \(320, 64\) but config\.json implies \(320, 96\)"),
     (dict(num_key_value_heads=4), r"tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' has shape \(32, 64\)"),
     (dict(num_hidden_layers=3), r"missing tensor 'model\.layers\.2\.self_attn\.q_proj\.weight'"),
     (dict(num_hidden_layers=1), r"unexpected tensor 'model\.layers\.1\."),
     (dict(model_type="mistral", sliding_window=16), r"sliding_window=16 < max_position_embeddings=32"),
     (dict(model_type="mistral", num_attention_heads=3, num_key_value_heads=3, head_dim=None),
-     r"config\.json: hidden_size // num_attention_heads = 64 // 3 = 21 \(there is no head_dim\) is odd; RoPE needs an even head dim"),
-], ids=["model_type", "rope_scaling", "rope_scaling_old", "hidden_act", "attention_bias", "head_dim", "llama-heads-divide-width",
-        "kv-heads", "shape", "gqa-shape", "missing", "extra", "sliding-window", "odd-head-dim"])
+     r"config\.json: hidden_size // num_attention_heads = 64 // 3 = 21 \(there is no head_dim\) is odd; "
+     r"RoPE needs an even head dim"),
+], ids=["model_type", "rope_scaling", "rope_scaling_old", "hidden_act", "attention_bias", "head_dim",
+        "llama-heads-divide-width", "kv-heads", "shape", "gqa-shape", "missing", "extra", "sliding-window",
+        "odd-head-dim"])
 def test_from_hf_rejects_bad_input_in_one_line(changes, match, tmp_path):
     hf_dir = save_hf(MODELS["llama-gqa"](), tmp_path / "hf")
     _config(hf_dir, **changes)
@@ -376,7 +383,8 @@ def test_convert_replaces_a_non_empty_output_only_with_overwrite(tmp_path, token
     capsys.readouterr()
     assert main(["convert", "from-hf", str(hf_dir), str(out)]) == 2
     err = capsys.readouterr().err
-    assert err == f"error: {out} already exists and is not empty; use --overwrite to replace it, or another output dir\n"
+    assert err == (f"error: {out} already exists and is not empty; "
+                   "use --overwrite to replace it, or another output dir\n")
     assert _tree(out) == {"notes.txt": b"keep me"}
     # --overwrite, and the conversion fails: the old dir is still whole (the new one is built aside)
     _config(hf_dir, n_layer=3)
@@ -486,7 +494,8 @@ def test_rope_scaling_in_either_field_is_refused(field, value, match, tmp_path):
 
 @pytest.mark.parametrize("rope_scaling,theta", [({"rope_type": "default"}, 10000.0),
                                                  ({"type": "default", "rope_theta": 500000.0}, 500000.0)])
-def test_a_default_rope_scaling_converts_with_the_base_transformers_reads(rope_scaling, theta, tmp_path, tokenizer_file):
+def test_a_default_rope_scaling_converts_with_the_base_transformers_reads(rope_scaling, theta, tmp_path,
+                                                                          tokenizer_file):
     """transformers reads a non-empty rope_scaling instead of rope_parameters (which holds 500000
     here): the base is its rope_theta, else the top-level one (none here), else 10000."""
     hf = MODELS["llama-gqa"]()
@@ -623,4 +632,5 @@ def test_bert_to_hf_keeps_a_tokenizer_that_already_adds_special_tokens(tmp_path,
         to_hf(tmp_path / name / "ckpt", tmp_path / name / "hf")
         hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / name / "hf", local_files_only=True)
         assert hf_tok("the king")["input_ids"] == [tok.bos_id, *tok.encode("the king"), tok.eos_id], name
-    assert (tmp_path / "bert" / "hf" / "tokenizer.json").read_bytes() == (tmp_path / "bert" / "tokenizer.json").read_bytes()
+    assert ((tmp_path / "bert" / "hf" / "tokenizer.json").read_bytes()
+            == (tmp_path / "bert" / "tokenizer.json").read_bytes())

@@ -153,7 +153,8 @@ def test_normalization_html_gutenberg_and_boilerplate():
     text, changes = normalize_text(html_doc, cfg)
     assert "html_stripped" in changes and "Hello & welcome" in text and "x=1" not in text and "<" not in text
     assert "Second" in strip_html("<p>a</p><div>Second</div>")
-    gut = "header\n*** START OF THE PROJECT GUTENBERG EBOOK HAMLET ***\nbody text\n*** END OF THE PROJECT GUTENBERG EBOOK ***\nlicence"
+    gut = ("header\n*** START OF THE PROJECT GUTENBERG EBOOK HAMLET ***\nbody text\n"
+           "*** END OF THE PROJECT GUTENBERG EBOOK ***\nlicence")
     assert cut_gutenberg(gut).strip() == "body text"
     text, changes = normalize_text("a\u00a0b\u200bc\x07d\r\ne\uff21", NormalizeConfig(unicode_form="NFKC"))
     assert text == "a bcd\neA" and "control_or_space_cleaned" in changes

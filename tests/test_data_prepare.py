@@ -228,7 +228,8 @@ def test_ray_executor_matches_local(tmp_path):
 
 
 def test_invalid_utf8_can_drop_and_languages_can_be_restricted(messy, tmp_path):
-    dropped = _run([messy / "k_bad_utf8.txt", messy / "h.txt"], tmp_path / "a", ["normalize.invalid_utf8=drop"], workers=1)
+    dropped = _run([messy / "k_bad_utf8.txt", messy / "h.txt"], tmp_path / "a", ["normalize.invalid_utf8=drop"],
+                   workers=1)
     assert dropped["removed"] == {"invalid_utf8": 1} and sum(dropped["documents_out"].values()) == 1
     write_jsonl(tmp_path / "mix.jsonl", [{"text": prose(1)}, {"text": CHINESE_PROSE}])
     only_zh = _run([tmp_path / "mix.jsonl"], tmp_path / "b", ["langid.allowed=[zh]"], workers=1)

@@ -9,7 +9,8 @@ import pytest
 from lmforge.data.safety import blocked_ratio, cn_id_valid, load_blocklists, luhn_valid, scrub_pii
 
 
-@pytest.mark.parametrize("number", ["4111 1111 1111 1111", "5500-0000-0000-0004", "378282246310005", "6011000990139424"])
+@pytest.mark.parametrize("number", ["4111 1111 1111 1111", "5500-0000-0000-0004", "378282246310005",
+                                    "6011000990139424"])
 def test_luhn_valid_cards_are_replaced(number):
     counts: Counter = Counter()
     assert luhn_valid(number)

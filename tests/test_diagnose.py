@@ -98,7 +98,8 @@ def test_a_gap_that_closes_from_below_is_not_overfitting():
     for seed in range(5):
         d = diagnose_records(synth(fitted, val, seed=seed))
         assert d.verdict == "good_fit", format_diagnosis(d)
-        assert d.evidence["val_loss"]["gap_growth"] < 0.05 < d.evidence["val_loss"]["gap_final"] - d.evidence["val_loss"]["gap_min"]
+        gap = d.evidence["val_loss"]
+        assert gap["gap_growth"] < 0.05 < gap["gap_final"] - gap["gap_min"]
 
 
 def test_not_converging_variants_nan_spikes_and_grad_norms():
@@ -231,7 +232,8 @@ def test_recent_improvement_on_a_line():
     steps = np.arange(1, 1001, dtype=float)
     fall, start, err = recent_improvement(steps, 10 - 0.001 * steps, 0.25, 3)
     span = 0.25 * 999
-    assert start == 751 and fall == pytest.approx(0.001 * span / (10 - 0.001 * 1000)) and err == pytest.approx(0, abs=1e-9)
+    assert start == 751 and fall == pytest.approx(0.001 * span / (10 - 0.001 * 1000))
+    assert err == pytest.approx(0, abs=1e-9)
     evals = np.array([250.0, 500.0, 750.0, 1000.0])  # sparse evals: at least the last 3 points
     fall, start, _ = recent_improvement(evals, np.array([3.0, 2.0, 1.5, 1.5]), 0.25, 3)
     assert start == 500 and fall == pytest.approx(-np.polyfit([500, 750, 1000], [2.0, 1.5, 1.5], 1)[0] * 187.5

@@ -43,17 +43,20 @@ MC = {"context": "the king", "choices": [" my lord", " good sir"], "gold": 0}
      r":3: label 'c' is not in the label set \['a', 'b'\]"),
     # empty references
     ("generation", [{"prompt": "p", "reference": "  "}], None, r":2: field 'reference' holds an empty reference"),
-    ("generation", [{"prompt": "p", "references": ["ok", ""]}], None, r":2: field 'references' holds an empty reference"),
+    ("generation", [{"prompt": "p", "references": ["ok", ""]}], None,
+     r":2: field 'references' holds an empty reference"),
     ("qa", [{"question": "q", "answers": []}], None, r":2: field 'answers' must be a string or a non-empty list"),
     # wrong values
-    ("binary", [{"question": "Is it?", "answer": "maybe"}], None, r":2: 'answer' is 'maybe'; a binary item's answer must be"),
+    ("binary", [{"question": "Is it?", "answer": "maybe"}], None,
+     r":2: 'answer' is 'maybe'; a binary item's answer must be"),
     ("multiple_choice", [{**MC, "gold": 2}], None, r":2: 'gold' is 2; it must be the index \(0..1\)"),
     ("multiple_choice", [{**MC, "choices": ["only one"]}], None, r":2: 'choices' must be a list of 2 or more"),
     ("perplexity", [{"text": 5}], None, r":2: field 'text' must be a string, got int"),
     # broken lines
     ("perplexity", [{"text": "fine"}], ["{not json"], r":3: invalid JSON"),
     ("perplexity", [{"text": "fine"}], ["[1, 2]"], r":3: each line must be a JSON object"),
-    ("perplexity", [{"text": "fine"}], ['{"task": {"kind": "perplexity"}}'], r":3: a task header .* may only be the first line"),
+    ("perplexity", [{"text": "fine"}], ['{"task": {"kind": "perplexity"}}'],
+     r":3: a task header .* may only be the first line"),
 ])
 def test_bad_task_file_is_one_line_with_file_and_line(ckpt_dir, tmp_path, capsys, kind, items, raw, expected):
     header = {"kind": kind, **({"labels": ["a", "b"]} if kind == "classification" else {})}

@@ -1,4 +1,5 @@
-"""Eval metrics against their reference implementations (sacrebleu, rouge-score, scikit-learn) and hand-worked values."""
+"""Eval metrics against their reference implementations (sacrebleu, rouge-score, scikit-learn) and
+hand-worked values."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ sklearn_metrics = pytest.importorskip("sklearn.metrics")
 
 HYPS = ["the cat sat on the mat", "a quick brown fox jumps over the lazy dog", "to be or not to be",
         "shall i compare thee to a summer's day", "running dogs were barking loudly", "nothing"]
-REFS = ["the cat is on the mat", "the quick brown fox jumped over the lazy dog", "to be, or not to be: that is the question",
-        "shall I compare thee to a summer's day?", "the dog runs and barks", "all is well"]
+REFS = ["the cat is on the mat", "the quick brown fox jumped over the lazy dog",
+        "to be, or not to be: that is the question", "shall I compare thee to a summer's day?",
+        "the dog runs and barks", "all is well"]
 REFS2 = ["a cat sat on a mat", "quick brown foxes jump over lazy dogs", "be or not be", "compare thee to summer",
          "dogs ran barking", "nothing at all"]
 

@@ -23,7 +23,8 @@ def ckpt(tmp_path_factory):
 
 
 MC_ITEMS = [
-    {"context": "KING:\nthe king my lord shall", "choices": [" speak of love", " rise", " tell me what thou art"], "gold": 0},
+    {"context": "KING:\nthe king my lord shall", "choices": [" speak of love", " rise", " tell me what thou art"],
+     "gold": 0},
     {"context": "", "choices": ["ROMEO:\n", "JULIET:\n"], "gold": 1},
     {"context": "i pray thee tell me ", "choices": ["what thou art", "good sir", "death upon this night"], "gold": 2},
     # a long context: the request is cut from the left to the model's context
@@ -164,7 +165,8 @@ def test_binary_generate_mode_counts_unparsed_replies_separately(ckpt, tmp_path,
 
 def test_binary_generate_mode_really_generates(ckpt, tmp_path):
     ckpt_dir, _, _ = ckpt
-    task = write_task(tmp_path / "b.jsonl", [{"question": "Is it?", "answer": "yes"}, {"question": "Or not?", "answer": "no"}],
+    task = write_task(tmp_path / "b.jsonl",
+                      [{"question": "Is it?", "answer": "yes"}, {"question": "Or not?", "answer": "no"}],
                       {"kind": "binary", "split": "test"})
     evaluate(ckpt_dir, [task], tmp_path / "out", answer_mode="generate", progress=False)
     result = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -176,7 +178,8 @@ def test_classification_scores_each_label_by_loglikelihood(ckpt, tmp_path):
     ckpt_dir, model, tok = ckpt
     labels = ["king", "lord", "night"]
     items = [{"text": t, "label": lab} for t, lab in
-             [("the king shall speak", "king"), ("my lord", "lord"), ("upon this night", "night"), ("good sir", "lord")]]
+             [("the king shall speak", "king"), ("my lord", "lord"), ("upon this night", "night"),
+              ("good sir", "lord")]]
     task = write_task(tmp_path / "c.jsonl", items, {"kind": "classification", "labels": labels, "split": "test"})
     evaluate(ckpt_dir, [task], tmp_path / "out", progress=False)
     result = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -306,8 +309,8 @@ def test_classification_with_a_bert_head_uses_its_logits(tmp_path):
     config = ModelConfig(arch="bert", vocab_size=320, n_layer=2, n_head=2, n_embd=32, block_size=24, num_labels=3,
                          norm_position="post")
     bert = build_model(config).eval()
-    ckpt = save_checkpoint(tmp_path / "bert", bert.state_dict(), config.to_dict(), tmp_path / "lm" / "tok" / "tokenizer.json",
-                           None, drop=tied_aliases(bert))
+    ckpt = save_checkpoint(tmp_path / "bert", bert.state_dict(), config.to_dict(),
+                           tmp_path / "lm" / "tok" / "tokenizer.json", None, drop=tied_aliases(bert))
     labels = ["comedy", "tragedy", "history"]
     texts = ["the king my lord shall speak", "death upon this night", "good sir", "i pray thee tell me " * 5]
     items = [{"text": t, "label": lab} for t, lab in zip(texts, ["comedy", "tragedy", "history", "comedy"])]

@@ -165,8 +165,10 @@ def test_binary_and_classification_score_labels_with_the_decoder(t5_ckpt, tok, t
     result = json.loads((tmp_path / "ll" / "results.json").read_text())
     for item, pred in zip(items, result["predictions"]):
         source = encode_source(tok, f"Question: {item['question']}\nAnswer:")
-        assert pred["logprob_yes"] == pytest.approx(direct_logprob(model, source, tok.encode("yes") + [tok.eos_id])[0], abs=1e-4)
-        assert pred["logprob_no"] == pytest.approx(direct_logprob(model, source, tok.encode("no") + [tok.eos_id])[0], abs=1e-4)
+        yes = direct_logprob(model, source, tok.encode("yes") + [tok.eos_id])[0]
+        no = direct_logprob(model, source, tok.encode("no") + [tok.eos_id])[0]
+        assert pred["logprob_yes"] == pytest.approx(yes, abs=1e-4)
+        assert pred["logprob_no"] == pytest.approx(no, abs=1e-4)
     evaluate(ckpt, [binary], tmp_path / "gen", answer_mode="generate", progress=False)
     result = json.loads((tmp_path / "gen" / "results.json").read_text())
     assert [p["reply"] for p in result["predictions"]] == [
@@ -201,7 +203,8 @@ def test_encoder_only_errors_name_the_kinds_that_work():
     base = dict(arch="bert", vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=32, block_size=24, norm_position="post")
     with_head, bare = build_model(ModelConfig(**base, num_labels=2)), build_model(ModelConfig(**base))
     with pytest.raises(UserError, match=r"^a multiple_choice task needs a decoder-only language model \(e.g. a GPT "
-                                        r"checkpoint\) or an encoder-decoder \(T5\); this checkpoint is an encoder \(BERT\): "
+                                        r"checkpoint\) or an encoder-decoder \(T5\); "
+                                        r"this checkpoint is an encoder \(BERT\): "
                                         r"only classification tasks work with it"):
         seq2seq.require_lm(with_head, "a multiple_choice task")
     with pytest.raises(UserError, match=r"perplexity needs a decoder-only language model \(e.g. a GPT checkpoint\); "

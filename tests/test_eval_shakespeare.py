@@ -75,7 +75,8 @@ def corpus_and_data(tmp_path: Path) -> tuple[Path, Path]:
     write_split(data, "train", train)
     write_split(data, "val", train[:1])
     write_split(data, "test", test)
-    (data / "summary.json").write_text(json.dumps({"stage": "data prepare", "inputs": {"input0": {"path": str(corpus)}}}))
+    (data / "summary.json").write_text(
+        json.dumps({"stage": "data prepare", "inputs": {"input0": {"path": str(corpus)}}}))
     return corpus, data
 
 
@@ -93,7 +94,8 @@ def test_parse_cast_keeps_names_and_drops_roles():
 
 
 def test_speech_blocks_read_both_prefix_styles():
-    blocks = T.speech_blocks("ACT I.\n\nHam.\nTo be, or not to be.\n\n[Exit.]\n\nTHESEUS\n   Go, Philostrate,\nStir up.\n\n"
+    blocks = T.speech_blocks("ACT I.\n\nHam.\nTo be, or not to be.\n\n[Exit.]\n\n"
+                             "THESEUS\n   Go, Philostrate,\nStir up.\n\n"
                              "Text without a speaker\nsecond line")
     assert blocks == [None, ("Ham.", ["To be, or not to be."]), None, ("THESEUS", ["   Go, Philostrate,", "Stir up."]),
                       None]

@@ -311,4 +311,5 @@ def test_generate_texts_equals_generate_text_with_stop_strings():
     assert got == expected
     greedy_stopped = [generate_text(model, tok, p, max_new_tokens=16, temperature=0.0, stop=stop) for p in ids]
     assert any(len(g) < len(p) for g, p in zip(greedy_stopped, plain))  # the stop string really cut some
-    assert generate_texts(model, tok, ids, max_new_tokens=16, temperature=0.0, stop=stop, batch_size=3) == greedy_stopped
+    batched = generate_texts(model, tok, ids, max_new_tokens=16, temperature=0.0, stop=stop, batch_size=3)
+    assert batched == greedy_stopped

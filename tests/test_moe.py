@@ -229,7 +229,8 @@ def test_kv_cached_generation_equals_full_forward():
 
 
 def test_bad_moe_config_is_a_one_line_user_error(tmp_path, capsys):
-    with pytest.raises(UserError, match=r"model\.moe\.top_k: 3 is more than model\.moe\.num_experts=2; allowed: 1\.\.2"):
+    with pytest.raises(UserError,
+                       match=r"model\.moe\.top_k: 3 is more than model\.moe\.num_experts=2; allowed: 1\.\.2"):
         moe_config(moe=dict(num_experts=2, top_k=3))
     with pytest.raises(UserError, match=r"model\.moe\.capacity_factor"):
         moe_config(moe=dict(num_experts=2, capacity_factor=-1))
@@ -323,7 +324,8 @@ def test_mixtral_with_bad_top_k_is_a_user_error(tmp_path, tokenizer_file):
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     config["num_experts_per_tok"] = 5
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UserError, match=r"config\.json: num_experts_per_tok=5 is not supported; allowed: 1\.\.num_local_experts=4"):
+    with pytest.raises(UserError, match=r"config\.json: num_experts_per_tok=5 is not supported; "
+                                        r"allowed: 1\.\.num_local_experts=4"):
         from_hf(tmp_path / "hf", tmp_path / "ckpt")
 
 

@@ -39,7 +39,8 @@ GPT_PRESETS = [p for p in PRESETS if load_config(p).model.arch == "gpt"]
 def preset_model(path: Path, *overrides: str, vocab: int = 320) -> tuple[ModelConfig, int]:
     """The preset's model config (vocab from the config, else `vocab`) and its micro-batch."""
     cfg = load_config(path, list(overrides))
-    return ModelConfig.from_dict({**cfg.model.to_dict(), "vocab_size": cfg.model.vocab_size or vocab}), cfg.train.batch_size
+    model = ModelConfig.from_dict({**cfg.model.to_dict(), "vocab_size": cfg.model.vocab_size or vocab})
+    return model, cfg.train.batch_size
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,7 +462,8 @@ def test_cli_plan_table_json_and_errors(capsys):
     for bad, message in [(["--gpu-type", "TPU"], "error: --gpu-type 'TPU' is not known"),
                          (["--lora-rank", "8", "--lora-targets", "gate"], "error: --lora-targets 'gate': none"),
                          # what training refuses, plan refuses with the same line
-                         (["--set", "objective=mlm"], "error: objective mlm trains model.arch=bert, but model.arch is gpt"),
+                         (["--set", "objective=mlm"],
+                          "error: objective mlm trains model.arch=bert, but model.arch is gpt"),
                          (["-c", "bert-mini", "--set", "objective=contrastive", "--set", "model.dropout=0"],
                           "error: objective contrastive: model.dropout must be > 0"),
                          (["-c", "t5-small", "--set", "objective=contrastive"],

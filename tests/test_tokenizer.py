@@ -39,7 +39,8 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 @pytest.fixture(scope="module")
 def toks(tiny_corpus_shared, tmp_path_factory) -> dict[str, Tokenizer]:
     out = tmp_path_factory.mktemp("toks")
-    return {k: train_tokenizer(tiny_corpus_shared, out / k, kind=k, vocab_size=VOCAB[k], min_frequency=1) for k in KINDS}
+    return {k: train_tokenizer(tiny_corpus_shared, out / k, kind=k, vocab_size=VOCAB[k], min_frequency=1)
+            for k in KINDS}
 
 
 # ---- training, saving, loading ------------------------------------------------------------
