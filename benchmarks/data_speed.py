@@ -137,7 +137,8 @@ def run_datatrove(input_dir: Path, out: Path, workers: int) -> list[str]:
     common = dict(workers=workers, logging_dir=str(out / "logs"), skip_completed=False)
 
     def execute(name: str, pipeline: list, tasks: int) -> None:
-        LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, **{**common, "logging_dir": str(out / "logs" / name)}).run()
+        LocalPipelineExecutor(pipeline=pipeline, tasks=tasks,
+                              **{**common, "logging_dir": str(out / "logs" / name)}).run()
 
     execute("filter", [JsonlReader(str(input_dir)), GopherRepetitionFilter(), GopherQualityFilter(),
                        JsonlWriter(str(out / "filtered"))], files)
@@ -238,7 +239,8 @@ def clean_quality_removal(corpus: Path) -> float:
     for text in docs:
         words = split_words(text)
         lang = detect_language(text)[0]
-        removed += bool(quality_reason(text, words, lang, QualityConfig()) or repetition_reason(text, words, RepetitionConfig()))
+        removed += bool(quality_reason(text, words, lang, QualityConfig())
+                        or repetition_reason(text, words, RepetitionConfig()))
     return 100 * removed / len(docs)
 
 
@@ -280,20 +282,24 @@ def main() -> None:
             res.update(quality(res.pop("kept"), labels))
             res["mb_s"] = total_mb / res["wall_s"]
             results[c].append(res)
-            print(f"run {r + 1} {c:9s} {res['wall_s']:7.1f} s  {res['mb_s']:6.2f} MB/s  peak {res['peak_rss_mb']:7.0f} MB  "
+            print(f"run {r + 1} {c:9s} {res['wall_s']:7.1f} s  {res['mb_s']:6.2f} MB/s  "
+                  f"peak {res['peak_rss_mb']:7.0f} MB  "
                   f"near removed {res['near_removed_pct']:5.1f}%  exact {res['exact_removed_pct']:5.1f}%  "
-                  f"30%-edited removed {res['distinct_removed_pct']:4.1f}%  clean groups lost {res['clean_groups_lost_pct']:4.1f}%",
+                  f"30%-edited removed {res['distinct_removed_pct']:4.1f}%  "
+                  f"clean groups lost {res['clean_groups_lost_pct']:4.1f}%",
                   flush=True)
     print()
     medians = {c: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for c, rs in results.items()}
     for c, m in medians.items():
-        print(f"median {c:9s} {m['mb_s']:6.2f} MB/s  peak {m['peak_rss_mb']:6.0f} MB  near {m['near_removed_pct']:.1f}%  "
+        print(f"median {c:9s} {m['mb_s']:6.2f} MB/s  peak {m['peak_rss_mb']:6.0f} MB  "
+              f"near {m['near_removed_pct']:.1f}%  "
               f"exact {m['exact_removed_pct']:.1f}%  30%-edited {m['distinct_removed_pct']:.2f}%  "
               f"clean groups lost {m['clean_groups_lost_pct']:.2f}%")
     if len(medians) == 2:
         print(f"speed ratio lmforge/datatrove: {medians['lmforge']['mb_s'] / medians['datatrove']['mb_s']:.1f}x")
     print(f"clean play documents removed by lmforge quality+repetition filters: {clean_quality_removal(corpus):.2f}%")
-    (WORK / "results.json").write_text(json.dumps({"input_mb": total_mb, "runs": results, "medians": medians}, indent=1))
+    (WORK / "results.json").write_text(
+        json.dumps({"input_mb": total_mb, "runs": results, "medians": medians}, indent=1))
 
 
 if __name__ == "__main__":

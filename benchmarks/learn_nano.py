@@ -89,9 +89,11 @@ def main() -> int:
         print(json.dumps(results, indent=2))
     else:
         print(f"\nnano, character-level Shakespeare (modern), nanoGPT split, {args.steps} steps")
-        print(f"{'precision':>9} | {'val loss (20x12)':>16} | {'val loss (200x64)':>17} | {'ms/step':>7} | {'wall s':>6}")
+        print(f"{'precision':>9} | {'val loss (20x12)':>16} | {'val loss (200x64)':>17} | "
+              f"{'ms/step':>7} | {'wall s':>6}")
         for p, r in results.items():
-            print(f"{p:>9} | {r['val_loss']:>16.4f} | {r['val_loss_200x64']:>17.4f} | {r['ms_per_step']:>7.1f} | {r['wall_s']:>6.1f}")
+            print(f"{p:>9} | {r['val_loss']:>16.4f} | {r['val_loss_200x64']:>17.4f} | "
+                  f"{r['ms_per_step']:>7.1f} | {r['wall_s']:>6.1f}")
         print(f"goal: val loss <= {GOAL} (nanoGPT: {NANOGPT})")
         if {"fp32", "bf16"} <= results.keys():
             diff = abs(results["bf16"]["val_loss_200x64"] - results["fp32"]["val_loss_200x64"])

@@ -97,7 +97,8 @@ class PaddedBmm(_Variant):
 class GroupedMM(_Variant):
     def experts_forward(self, tokens, sizes, gate, up, down):
         offs = torch.tensor(sizes).cumsum(0).to(torch.int32)
-        h = F.silu(F.grouped_mm(tokens, gate.transpose(1, 2), offs=offs)) * F.grouped_mm(tokens, up.transpose(1, 2), offs=offs)
+        h = (F.silu(F.grouped_mm(tokens, gate.transpose(1, 2), offs=offs))
+             * F.grouped_mm(tokens, up.transpose(1, 2), offs=offs))
         return F.grouped_mm(h, down.transpose(1, 2), offs=offs)
 
 

@@ -42,7 +42,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     print(f"CPU bf16 support (AMX/AVX512-BF16): {cpu_has_bf16()}; threads: {torch.get_num_threads()}")
-    print(f"{'width':>5} | {'layers':>6} | {'ctx':>4} | {'batch':>5} | {'fp32 ms':>8} | {'bf16 ms':>8} | {'bf16 speed-up':>13}")
+    print(f"{'width':>5} | {'layers':>6} | {'ctx':>4} | {'batch':>5} | "
+          f"{'fp32 ms':>8} | {'bf16 ms':>8} | {'bf16 speed-up':>13}")
     for width in args.widths:
         # the shape grows with width like the presets do (nano: 128/4/64/12, small: 384/6/256/16)
         layers, ctx, batch = (4, 64, 12) if width <= 128 else (6, 256, 16) if width >= 384 else (4, 128, 16)
