@@ -168,3 +168,52 @@ def test_a_second_signal_stops_a_process_stuck_in_one_long_operation():
     assert time.monotonic() - t0 < 10
     assert "finished" not in out
     assert "stop requested" in err and "stopped at once (second signal)" in err, err
+
+
+def test_a_second_loop_built_from_the_public_parts_matches_pretrain_and_resumes_in_it(tokens, tmp_path):
+    """The seam for another loop (PPO, issue 12): `setup_training` plus `lmforge.train.steps` and the
+    run report. A loop written here from those parts gives pretrain's numbers step for step, and
+    its checkpoint is one `pretrain --resume` continues."""
+    from lmforge.train.distributed import DistInfo
+    from lmforge.train.optim import lr_at
+    from lmforge.train.report import write_run_report
+    from lmforge.train.setup import setup_training
+    from lmforge.train.steps import (
+        Checkpointer,
+        MetricsLog,
+        StopFlag,
+        apply_gradients,
+        check_finite,
+        clip_gradients,
+        set_lr,
+    )
+
+    cfg = tiny_config(tokens, "train.max_steps=4", "train.eval_every=2")
+    reference = tmp_path / "pretrain"
+    pretrain(cfg, reference)
+
+    info, t = DistInfo(), cfg.train
+    s = setup_training(cfg, tmp_path / "other", info)
+    log = MetricsLog(s.metrics_path, info)
+    saver = Checkpointer(s.out, info, keep_last=t.keep_last, model_config=s.model_cfg.to_dict(),
+                         tokenizer_file=s.tokenizer_file, config={}, base_keys=s.base_keys)
+    with StopFlag():
+        for step in range(2):
+            lr = lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, decay_steps=t.max_steps)
+            set_lr(s.optimizer, lr)
+            (batch,) = s.objective.batch_for(s.train_batches, t.seed, step, t.batch_size, 1, 0, 1)
+            loss = s.objective.loss(s.model, batch)  # a PPO loop: rollouts, rewards and its own loss here
+            loss.backward()
+            norm = clip_gradients(s.model, s.optimizer, s.scaler, t.grad_clip)
+            record = {"step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": float(norm), "ms_per_step": 1.0}
+            check_finite(record, scaler=s.scaler, metrics=log, checkpointer=saver, info=info)
+            apply_gradients(s.optimizer, s.scaler)
+            log.log(record)
+            s.state.update(step=step + 1, tokens_seen=s.state["tokens_seen"] + s.tokens_per_step)
+    saver.save(2, s.model, s.optimizer, s.state)
+    summary = write_run_report(s, stop_reason="max_steps", wall_time_s=1.0)
+    assert summary["metrics"]["steps"] == 2 and (s.out / "report.md").is_file()
+    assert [r["loss"] for r in metrics(s.out)] == pytest.approx([r["loss"] for r in metrics(reference)[:2]],
+                                                                   abs=1e-6)
+    pretrain(cfg, s.out, resume=True)
+    assert metrics(s.out)[-1]["loss"] == pytest.approx(metrics(reference)[-1]["loss"], abs=1e-6)

@@ -70,7 +70,7 @@ def pretrain(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: b
 
 
 class _Trainer:
-    """The pretraining loop over a `TrainSetup`; `write_run_report` reads its attributes."""
+    """The pretraining loop over a `TrainSetup` (whose fields it names as its own)."""
 
     def __init__(self, setup: TrainSetup, init_flag: bool = False):
         s = self.setup = setup
@@ -80,12 +80,10 @@ class _Trainer:
         self.train_batches, self.val_batches = s.train_batches, s.val_batches
         self.raw_model, self.model, self.optimizer, self.scaler = s.raw_model, s.model, s.optimizer, s.scaler
         self.state, self.peak, self.init_from = s.state, s.peak, s.init_from
+        self.tokens_per_step, self.flops_per_token = s.tokens_per_step, s.flops_per_token
         self.init_flag = init_flag
         t = self.cfg.train
-        self.tokens_per_step = t.batch_size * t.grad_accum * self.info.world_size * self.model_cfg.block_size
-        self.flops_per_token = self.objective.flops_per_token(self.raw_model)
-        self.metrics = MetricsLog(self.out / "metrics.jsonl", self.info)
-        self.metrics_path = self.metrics.path
+        self.metrics = MetricsLog(s.metrics_path, self.info)
         self.checkpointer = Checkpointer(self.out, self.info, keep_last=t.keep_last,
                                          model_config=self.model_cfg.to_dict(), tokenizer_file=self.tokenizer_file,
                                          config=to_dict(self.cfg), base_keys=s.base_keys)
@@ -252,7 +250,8 @@ class _Trainer:
 
     def _finish(self, step: int, stop_reason: str, wall: float) -> dict[str, Any]:
         """The run report (main process); every process waits for it, then an interrupted run raises."""
-        summary = write_run_report(self, stop_reason=stop_reason, wall_time_s=wall) if self.info.is_main else None
+        summary = (write_run_report(self.setup, stop_reason=stop_reason, wall_time_s=wall)
+                   if self.info.is_main else None)
         # one that left first with Interrupted's exit code would make torchrun stop the main
         # process while it is still writing the report
         summary = dist.broadcast_object(summary, self.info)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmforge.config import to_dict
 from lmforge.fsutil import atomic_write_text, write_summary
+
+if TYPE_CHECKING:
+    from lmforge.train.setup import TrainSetup
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -50,65 +53,65 @@ def plot_loss(records: list[dict[str, Any]], out_png: Path, title: str = "") -> 
     tmp.replace(out_png)
 
 
-def _sample(trainer, prompt: str = "\n", max_new_tokens: int = 200) -> str | None:
+def _sample(run, prompt: str = "\n", max_new_tokens: int = 200) -> str | None:
     """A short sample from the trained model (single process only: FSDP shards the weights);
     None for a model that does not generate text (an encoder such as BERT)."""
     from lmforge.infer.generate import can_generate, generate_text
 
-    if trainer.info.enabled or not can_generate(trainer.raw_model):
+    if run.info.enabled or not can_generate(run.raw_model):
         return None
     from lmforge.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.load(trainer.tokenizer_file)
-    return generate_text(trainer.raw_model, tokenizer, prompt, max_new_tokens=max_new_tokens,
-                         temperature=0.8, top_k=200, seed=trainer.cfg.train.seed)
+    tokenizer = Tokenizer.load(run.tokenizer_file)
+    return generate_text(run.raw_model, tokenizer, prompt, max_new_tokens=max_new_tokens,
+                         temperature=0.8, top_k=200, seed=run.cfg.train.seed)
 
 
-def _moe_lines(trainer, records: list[dict[str, Any]]) -> list[str]:
+def _moe_lines(run, records: list[dict[str, Any]]) -> list[str]:
     """Expert utilization of a Mixture-of-Experts run, from the last logged step."""
     last = next((r for r in reversed(records) if "moe_util" in r), None)
     if last is None:
         return []
     from lmforge.models.moe import utilization_summary
 
-    moe = trainer.model_cfg.moe
+    moe = run.model_cfg.moe
     util = ", ".join(f"{100 * u:.1f}" for u in last["moe_util"])
     return [f"- experts: {moe.num_experts}, top-{moe.top_k}; utilization at step {last['step']}: "
             f"{utilization_summary(last['moe_util'], last['moe_dropped'])}; per expert (%): {util}; "
             f"load-balancing loss {last['moe_aux_loss']:.3f} (even: {moe.top_k}), z-loss {last['moe_z_loss']:.3f}"]
 
 
-def run_metrics(trainer, records: list[dict[str, Any]], stop_reason: str) -> dict[str, Any]:
+def run_metrics(run, records: list[dict[str, Any]], stop_reason: str) -> dict[str, Any]:
     """summary.json's metrics: steps, losses, speed (from the logged steps), model and setup."""
     evals = [r for r in records if "val_loss" in r]
     timed = records[1:] or records  # the first step includes warm-up/compilation
     # rates from totals (tokens / time), not means of per-step rates, which slow steps barely move
     ms = sum(r["ms_per_step"] for r in timed) / len(timed) if timed else None
-    tokens_per_s = trainer.tokens_per_step / (ms / 1000) if ms else None
+    tokens_per_s = run.tokens_per_step / (ms / 1000) if ms else None
     return {
-        "steps": trainer.state["step"],
+        "steps": run.state["step"],
         "stop_reason": stop_reason,
-        "tokens_seen": trainer.state["tokens_seen"],
+        "tokens_seen": run.state["tokens_seen"],
         "final_train_loss": records[-1]["loss"] if records else None,
         "final_val_loss": evals[-1]["val_loss"] if evals else None,
-        "best_val_loss": trainer.state["best_val_loss"] if evals else None,
-        "best_step": trainer.state["best_step"],
+        "best_val_loss": run.state["best_val_loss"] if evals else None,
+        "best_step": run.state["best_step"],
         "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,
         "ms_per_step": round(ms, 2) if ms else None,
-        "mfu": (round(trainer.flops_per_token * tokens_per_s / trainer.peak, 4)
-                if tokens_per_s and trainer.peak else None),
-        "params": trainer.raw_model.num_params(),
-        "params_non_embedding": trainer.raw_model.num_params(exclude_embeddings=True),
-        "precision": trainer.precision,
-        "device": str(trainer.device),
-        "world_size": trainer.info.world_size,
-        "parallel": trainer.info.parallel,
+        "mfu": (round(run.flops_per_token * tokens_per_s / run.peak, 4)
+                if tokens_per_s and run.peak else None),
+        "params": run.raw_model.num_params(),
+        "params_non_embedding": run.raw_model.num_params(exclude_embeddings=True),
+        "precision": run.precision,
+        "device": str(run.device),
+        "world_size": run.info.world_size,
+        "parallel": run.info.parallel,
     }
 
 
-def _report_lines(trainer, metrics: dict[str, Any], records: list[dict[str, Any]], sample: str | None,
+def _report_lines(run, metrics: dict[str, Any], records: list[dict[str, Any]], sample: str | None,
                   stop_reason: str, wall_time_s: float) -> list[str]:
-    out, mc = trainer.out, trainer.model_cfg
+    out, mc = run.out, run.model_cfg
     evals = [r for r in records if "val_loss" in r]
     fmt = lambda v, spec=".4f": "n/a" if v is None else format(v, spec)  # noqa: E731
     lines = [
@@ -117,17 +120,17 @@ def _report_lines(trainer, metrics: dict[str, Any], records: list[dict[str, Any]
         f"- model: {metrics['params']:,} parameters ({metrics['params_non_embedding']:,} non-embedding), "
         f"{mc.n_layer} layers x {mc.n_embd} wide, context {mc.block_size}, "
         f"{mc.pos_encoding} positions, {mc.norm}, {mc.mlp}",
-        f"- data: `{trainer.tokens_dir}` ({trainer.train_batches.num_tokens:,} train tokens, "
-        f"{trainer.val_batches.num_tokens:,} val tokens)",
-        *([f"- started from the weights of `{trainer.init_from}`"] if trainer.init_from else []),
+        f"- data: `{run.tokens_dir}` ({run.train_batches.num_tokens:,} train tokens, "
+        f"{run.val_batches.num_tokens:,} val tokens)",
+        *([f"- started from the weights of `{run.init_from}`"] if run.init_from else []),
         f"- run: {metrics['steps']} steps ({stop_reason}), {metrics['tokens_seen']:,} tokens seen, "
-        f"{trainer.precision} on {trainer.device}"
-        + (f" x{trainer.info.world_size} ({trainer.info.parallel})" if trainer.info.enabled else ""),
+        f"{run.precision} on {run.device}"
+        + (f" x{run.info.world_size} ({run.info.parallel})" if run.info.enabled else ""),
         f"- speed: {fmt(metrics['tokens_per_s'], ',.0f')} tokens/s, {fmt(metrics['ms_per_step'], '.1f')} ms/step, "
         f"MFU {fmt(metrics['mfu'] and metrics['mfu'] * 100, '.1f')}%, wall time {wall_time_s:.1f} s",
         f"- loss: final train {fmt(metrics['final_train_loss'])}, final val {fmt(metrics['final_val_loss'])}, "
         f"best val {fmt(metrics['best_val_loss'])} at step {metrics['best_step']}",
-        *_moe_lines(trainer, records),
+        *_moe_lines(run, records),
         "",
         "![loss curves](loss.png)",
         "",
@@ -145,27 +148,22 @@ def _report_lines(trainer, metrics: dict[str, Any], records: list[dict[str, Any]
     return lines
 
 
-def write_run_report(trainer, *, stop_reason: str, wall_time_s: float) -> dict[str, Any]:
-    """summary.json, report.md and loss.png of a run dir; returns the summary.
-
-    `trainer` is any loop's object with these attributes: out, metrics_path, cfg, info,
-    model_cfg, raw_model, tokens_dir, init_from (the checkpoint the weights came from, or None),
-    tokenizer_file, train_batches and val_batches (num_tokens),
-    state (step, tokens_seen, best_val_loss, best_step), tokens_per_step, flops_per_token, peak
-    (FLOP/s, 0: unknown), precision, device.
-    """
-    out: Path = trainer.out
-    records = read_metrics(trainer.metrics_path)
-    metrics = run_metrics(trainer, records, stop_reason)
+def write_run_report(run: TrainSetup, *, stop_reason: str, wall_time_s: float) -> dict[str, Any]:
+    """summary.json, report.md and loss.png of a run dir from its `TrainSetup` (any loop's: its
+    state, metrics.jsonl, tokens_per_step, flops_per_token and peak give the numbers); returns
+    the summary."""
+    out: Path = run.out
+    records = read_metrics(run.metrics_path)
+    metrics = run_metrics(run, records, stop_reason)
     if records:
         plot_loss(records, out / "loss.png", title=f"{out}: {metrics['params'] / 1e6:.2f}M params")
-    sample = _sample(trainer)
-    summary = write_summary(out, "pretrain", config=to_dict(trainer.cfg),
-                            inputs={"tokens": trainer.tokens_dir,
-                                    **({"init_from": trainer.init_from} if trainer.init_from else {})},
+    sample = _sample(run)
+    summary = write_summary(out, "pretrain", config=to_dict(run.cfg),
+                            inputs={"tokens": run.tokens_dir,
+                                    **({"init_from": run.init_from} if run.init_from else {})},
                             metrics=metrics,
-                            wall_time_s=wall_time_s, extra={"model_config": trainer.model_cfg.to_dict(),
+                            wall_time_s=wall_time_s, extra={"model_config": run.model_cfg.to_dict(),
                                                             "sample": sample})
-    atomic_write_text(out / "report.md", "\n".join(_report_lines(trainer, metrics, records, sample, stop_reason,
+    atomic_write_text(out / "report.md", "\n".join(_report_lines(run, metrics, records, sample, stop_reason,
                                                                  wall_time_s)))
     return summary

@@ -101,9 +101,15 @@ class TrainSetup:
     state: dict[str, Any]  # step, best_val_loss, best_step, bad_evals, tokens_seen
     base_keys: set[str]  # the plain model's tensor names, before transforms
     peak: float  # peak FLOP/s of all processes together (MFU's denominator)
+    tokens_per_step: int  # positions per optimizer step, all processes (a loop may set its own)
+    flops_per_token: float  # training FLOPs per position (the objective's count; MFU's numerator)
     resume_from: Path | None = None
     init_from: Path | None = None
     models: dict[str, nn.Module] = field(default_factory=dict)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
 
 
 def fresh_state() -> dict[str, Any]:
@@ -296,7 +302,9 @@ def setup_training(cfg: Config, out: str | Path, info: dist.DistInfo, *, resume:
                    tokenizer_file=tokenizer_file, model_cfg=model_cfg, objective=objective, device=device,
                    precision=precision, train_batches=train_batches, val_batches=val_batches,
                    raw_model=raw_model, model=model, optimizer=optimizer, scaler=scaler, state=state,
-                   base_keys=base_keys, peak=device_peak * info.world_size, resume_from=resume_from,
+                   base_keys=base_keys, peak=device_peak * info.world_size,
+                   tokens_per_step=t.batch_size * t.grad_accum * info.world_size * model_cfg.block_size,
+                   flops_per_token=objective.flops_per_token(raw_model), resume_from=resume_from,
                    init_from=init, models=dict(models or {}))
     restore_training_state(s, trainer_state)
     return s

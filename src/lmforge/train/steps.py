@@ -160,6 +160,7 @@ class MetricsLog:
 
     def log(self, record: dict[str, Any]) -> None:
         if self.info.is_main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
