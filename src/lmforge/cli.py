@@ -1,7 +1,9 @@
 """The `lmforge` command line: one subcommand per stage, each a thin wrapper over a library function.
 
 Errors caused by input (a missing file, a bad key) print one line and exit 2; `--debug` shows the
-traceback instead.
+traceback instead. Output into a pipe whose reader has left (`lmforge ... | head`) ends quietly
+with exit code 1, whichever command wrote it (`stdout_reader_left`). `build_parser` adds one
+group of commands per `_add_*` function (`COMMAND_GROUPS`).
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ checkpoint's. An unset `model.vocab_size` (and `hf_model_type`) is taken from th
 (`setup.resolve_model_config`); `INIT_FREE_KEYS` may differ; any other difference is one
 UserError naming the keys, the first tensor whose shape differs (both shapes) and the `--set`
 overrides that fix it. The tokens dir must have been made with the checkpoint's tokenizer (the
-same token for every id both have).
+same token for every id both have). Only the model's own tensors (`model.safetensors`) are read:
+the tensors a checkpoint's model transforms added (`transform_state.safetensors`) are not, and
+this run's transforms start from their own initial values.
 """
 
 from __future__ import annotations
