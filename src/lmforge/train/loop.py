@@ -61,10 +61,13 @@ def pretrain(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: b
                         "drop --init-from")
     info = dist.init_distributed(cfg.train.parallel, cfg.train.device)
     try:
-        setup = setup_training(cfg, Path(out), info, resume=resume, overwrite=overwrite,
-                               init_from=init_from or cfg.train.init_from or None, transforms=tuple(transforms),
-                               force=force)
-        return _Trainer(setup, init_flag=bool(init_from)).run(on_step)
+        trainer = _Trainer(setup_training(cfg, Path(out), info, resume=resume, overwrite=overwrite,
+                                          init_from=init_from or cfg.train.init_from or None,
+                                          transforms=tuple(transforms), force=force), init_flag=bool(init_from))
+        try:
+            return trainer.run(on_step)
+        finally:
+            trainer.close()
     finally:
         dist.shutdown()
 
@@ -87,6 +90,12 @@ class _Trainer:
         self.checkpointer = Checkpointer(self.out, self.info, keep_last=t.keep_last,
                                          model_config=self.model_cfg.to_dict(), tokenizer_file=self.tokenizer_file,
                                          config=to_dict(self.cfg), base_keys=s.base_keys)
+
+    def close(self) -> None:
+        """Drop the model, optimizer and setup while the process group still exists: freed after
+        `dist.shutdown`, DDP's reducer would take the gloo group down with it, whose destructor
+        joins a worker thread while holding the GIL that thread needs (a hang at exit)."""
+        self.setup = self.model = self.raw_model = self.optimizer = self.scaler = self.checkpointer = None
 
     # ---- one training step -------------------------------------------------------------------
 
