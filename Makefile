@@ -42,7 +42,9 @@ demo: setup
 	print('report     $(DEMO)/model/report.md  (curves: $(DEMO)/model/loss.png)'); \
 	print('eval       $(DEMO)/eval/report.md  (tasks: $(DEMO)/tasks)')"
 
+# ruff first: the lint rules (120-character lines included) are part of the test
 test: setup
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest
 
 test-slow: setup

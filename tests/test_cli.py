@@ -25,7 +25,8 @@ def run_dir(tmp_path_factory):
     corpus = write_corpus(tmp / "corpus")
     assert main(["tokenizer", "train", "--input", str(corpus), "--out", str(tmp / "tok"), "--kind", "bpe",
                  "--vocab-size", "300"]) == 0
-    assert main(["tokenize", "--tokenizer", str(tmp / "tok"), "--input", str(corpus), "--out", str(tmp / "tokens")]) == 0
+    tokenize = ["tokenize", "--tokenizer", str(tmp / "tok"), "--input", str(corpus), "--out", str(tmp / "tokens")]
+    assert main(tokenize) == 0
     sets = [f"data.tokens={tmp / 'tokens'}", "model.n_layer=2", "model.n_embd=32", "model.n_head=2",
             "model.block_size=32", "train.max_steps=12", "train.eval_every=6", "train.eval_steps=2",
             "train.batch_size=4", "train.precision=fp32"]
@@ -119,10 +120,12 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_python_m_lmforge_entry_point():
-    proc = subprocess.run([sys.executable, "-m", "lmforge", "pretrain", "configs/nano.yaml", "--set", "model.n_layers=2"],
+    command = [sys.executable, "-m", "lmforge", "pretrain", "configs/nano.yaml", "--set", "model.n_layers=2"]
+    proc = subprocess.run(command,
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: --set model.n_layers=2: unknown config key model.n_layers; did you mean model.n_layer?"
+    assert proc.stderr.strip() == ("error: --set model.n_layers=2: unknown config key model.n_layers; "
+                                   "did you mean model.n_layer?")
 
 
 def test_plan_and_embed_option_mistakes_are_one_line(tmp_path, capsys):

@@ -175,7 +175,10 @@ def test_early_stopping(tokens, tmp_path, monkeypatch):
     from lmforge.train import loop
 
     vals = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8, 2.9, 3.0])
-    monkeypatch.setattr(loop._Trainer, "estimate_loss", lambda self, batches: next(vals) if batches.split == "val" else 1.0)
+    def fake_loss(self, batches):
+        return next(vals) if batches.split == "val" else 1.0
+
+    monkeypatch.setattr(loop._Trainer, "estimate_loss", fake_loss)
     out = tmp_path / "run"
     summary = pretrain(tiny_config(tokens, "train.patience=2", "train.eval_every=5"), out)
     assert summary["metrics"]["stop_reason"] == "early_stopping"

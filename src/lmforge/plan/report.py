@@ -39,12 +39,29 @@ def _resolve_vocab(cfg: Any, vocab_size: int | None) -> tuple[int, str]:
         if not (tokens / "tokenizer.json").is_file():
             return DEFAULT_VOCAB, f"{assumed}, or tokenize into data.tokens={tokens} first"
         # exactly what training builds: the tokenizer + the objective's special tokens, padded
-        from lmforge.train.loop import resolve_model_config, run_tokenizer
+        from lmforge.train.setup import resolve_model_config, run_tokenizer
 
         tokenizer, _ = run_tokenizer(cfg, tokens)
         vocab = resolve_model_config(cfg, tokenizer).vocab_size
         return vocab, f"tokenizer of {tokens}: {tokenizer.vocab_size} tokens, padded to a multiple of 64"
     return DEFAULT_VOCAB, assumed
+
+
+def _check_options(gpus: int, gpu_type: str, mfu: float, tokens: float | None, lora_rank: int | None,
+                   lora_targets: Any) -> str:
+    """Refuse bad `lmforge plan` options in one line each; returns the GPU type as spelt in the table."""
+    if lora_targets is not None and lora_rank is None:
+        raise UserError("--lora-targets needs --lora-rank (the adapters' rank), e.g. --lora-rank 16")
+    gpu_type = next((g for g in GPU_PEAK_BF16 if g.lower() == gpu_type.lower()), gpu_type)
+    if gpu_type not in GPU_PEAK_BF16:
+        raise UserError(f"--gpu-type {gpu_type!r} is not known; allowed: {', '.join(GPU_PEAK_BF16)}")
+    if gpus < 1:
+        raise UserError(f"--gpus must be >= 1, got {gpus}")
+    if not 0 < mfu <= 1:
+        raise UserError(f"--mfu must be in (0, 1], got {mfu}")
+    if tokens is not None and tokens <= 0:
+        raise UserError(f"--tokens must be > 0, got {tokens}")
+    return gpu_type
 
 
 def plan(cfg: Any, *, gpus: int = 1, gpu_type: str = "H100", mfu: float = 0.4, tokens: float | None = None,
@@ -56,18 +73,8 @@ def plan(cfg: Any, *, gpus: int = 1, gpu_type: str = "H100", mfu: float = 0.4, t
     with `lora_rank`, LoRA and QLoRA rows too (adapters on `lora_targets`, default
     `DEFAULT_LORA_TARGETS`). `gpu_type` is matched without regard to case (h100 = H100).
     """
-    if lora_targets is not None and lora_rank is None:
-        raise UserError("--lora-targets needs --lora-rank (the adapters' rank), e.g. --lora-rank 16")
+    gpu_type = _check_options(gpus, gpu_type, mfu, tokens, lora_rank, lora_targets)
     lora_targets = DEFAULT_LORA_TARGETS if lora_targets is None else lora_targets
-    gpu_type = next((g for g in GPU_PEAK_BF16 if g.lower() == gpu_type.lower()), gpu_type)
-    if gpu_type not in GPU_PEAK_BF16:
-        raise UserError(f"--gpu-type {gpu_type!r} is not known; allowed: {', '.join(GPU_PEAK_BF16)}")
-    if gpus < 1:
-        raise UserError(f"--gpus must be >= 1, got {gpus}")
-    if not 0 < mfu <= 1:
-        raise UserError(f"--mfu must be in (0, 1], got {mfu}")
-    if tokens is not None and tokens <= 0:
-        raise UserError(f"--tokens must be > 0, got {tokens}")
     vocab, vocab_source = _resolve_vocab(cfg, vocab_size)
     c = ModelConfig.from_dict({**cfg.model.to_dict(), "vocab_size": vocab})
     from lmforge.train.objectives import objective_class

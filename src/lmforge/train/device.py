@@ -102,7 +102,8 @@ def peak_flops(device: torch.device, precision: str) -> float:
             if key in name:
                 return value if precision != "fp32" else value / 2  # tf32 is half of bf16
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    key = f"{device.type}|{_cpu_name() if device.type == 'cpu' else torch.cuda.get_device_name(device)}|{torch.get_num_threads()}|{precision}"
+    name = _cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    key = f"{device.type}|{name}|{torch.get_num_threads()}|{precision}"
     path = _cache_path()
     cache = {}
     with contextlib.suppress(Exception):
