@@ -166,3 +166,46 @@ def test_a_converted_hf_gpt2_trains_on_from_its_weights(tokens, tmp_path, capsys
     assert metrics(fresh)[0]["loss"] - hf_val > 0.5
     assert json.loads((tmp_path / "ft" / "checkpoints" / "best" / "config.json").read_text())["hf_model_type"] == "gpt2"
     assert math.isfinite(metrics(tmp_path / "ft")[-1]["val_loss"])
+
+
+def gpt2_style_tokenizer(corpus, vocab_size: int = 300):
+    """A byte-level BPE with GPT-2's one special token, <|endoftext|> (no padding token)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train([str(p) for p in sorted(corpus.glob("*.txt"))], trainer)
+    return tk
+
+
+def test_a_converted_gpt2_with_its_own_tokenizer_tokenizes_your_text_and_trains_on(tmp_path, capsys):
+    """The whole path of a user with a Hugging Face GPT-2: convert it, tokenize your own text with
+    ITS tokenizer (GPT-2's has no padding token), train on from its weights."""
+    transformers = pytest.importorskip("transformers")
+    from train_helpers import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus")
+    tk = gpt2_style_tokenizer(corpus)
+    config = transformers.GPT2Config(vocab_size=tk.get_vocab_size(), n_positions=32, n_embd=32, n_layer=2,
+                                     n_head=2, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    hf_dir, conv, tokens = tmp_path / "hf", tmp_path / "converted", tmp_path / "tokens"
+    hf.save_pretrained(hf_dir)
+    tk.save(str(hf_dir / "tokenizer.json"))
+    assert main(["convert", "from-hf", str(hf_dir), str(conv)]) == 0
+    assert main(["tokenize", "--tokenizer", str(conv), "--input", str(corpus), "--out", str(tokens)]) == 0
+    meta = json.loads((tokens / "meta.json").read_text())
+    assert meta["pad_id"] is None and meta["eos_id"] == 0  # <|endoftext|> ends each document
+    args = ["pretrain", "nano", "--out", str(tmp_path / "ft"), "--init-from", str(conv)]
+    for s in (f"data.tokens={tokens}", "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
+              "model.mlp=gelu_tanh", "train.batch_size=4", "train.max_steps=2", "train.eval_every=2",
+              "train.eval_steps=2", "train.precision=fp32", "train.threads=1"):
+        args += ["--set", s]
+    assert main(args) == 0, capsys.readouterr().err
+    first = metrics(tmp_path / "ft")[0]["loss"]
+    cfg = tiny_config(tokens, "train.max_steps=2")
+    assert first == pytest.approx(first_batch_loss(hf, tokens, cfg), abs=1e-4)

@@ -217,3 +217,16 @@ def test_compiled_training_matches_eager(tokens, tmp_path):
     a, b = losses(eager), losses(compiled)
     for x, y in zip(a, b):
         assert abs(x["loss"] - y["loss"]) <= 1e-3, (x, y)
+
+
+def test_an_objectives_step_metrics_reach_metrics_jsonl(tmp_path, monkeypatch):
+    """`Objective.step_metrics()` (e.g. DPO's reward margin) is merged into each step's line."""
+    from lmforge.train.objectives import CausalLM
+
+    calls = iter(range(100))
+    monkeypatch.setattr(CausalLM, "step_metrics", lambda self: {"objective_calls": next(calls)})
+    tokens = make_token_dir(tmp_path)
+    out = tmp_path / "run"
+    pretrain(tiny_config(tokens, "train.max_steps=3", "train.eval_every=3"), out)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["objective_calls"] for r in lines] == [0, 1, 2]

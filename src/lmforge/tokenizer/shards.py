@@ -33,7 +33,7 @@ from lmforge.data.readers import Document, corpus_files, iter_documents, list_sp
 from lmforge.data.split import assign_split, hash_position
 from lmforge.errors import UserError
 from lmforge.fsutil import atomic_dir, atomic_write_json, file_sha256, write_summary
-from lmforge.tokenizer.tok import TOKENIZER_FILE, Tokenizer
+from lmforge.tokenizer.tok import PAD, TOKENIZER_FILE, Tokenizer
 
 META_FILE = "meta.json"
 _BATCH_DOCS = 256
@@ -95,7 +95,7 @@ def _finish(tmp: Path, job: _Job, tokenizer_file: Path, seconds: float, config: 
     splits = {name: writer.info() for name, writer in job.writers.items()}
     atomic_write_json(tmp / META_FILE, {
         "dtype": job.dtype.name, "vocab_size": tok.vocab_size,
-        "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
+        "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.special_id_or_none(PAD),
         "tokenizer_sha256": file_sha256(tokenizer_file), "splits": splits,
     })
     shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)

@@ -120,6 +120,11 @@ class Tokenizer:
                 return token_id
         return None
 
+    def special_id_or_none(self, name: str) -> int | None:
+        """The id of special token `name` (BOS, EOS, PAD or a usual spelling of it), or None when the
+        tokenizer has none (GPT-2's has no padding token)."""
+        return self._special_ids[name]
+
     def _special_id(self, name: str) -> int:
         token_id = self._special_ids[name]
         if token_id is None:

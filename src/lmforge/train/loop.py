@@ -148,6 +148,7 @@ class _Trainer:
                       tokens_per_s=round(tokens_per_s, 1), ms_per_step=round(dt * 1000, 2),
                       mfu=round(self.flops_per_token * tokens_per_s / self.peak, 4) if self.peak else None)
         record.update(self._moe_record())  # expert utilization of the step's last micro-batch (MoE models)
+        record.update(self.objective.step_metrics())  # the objective's own numbers (e.g. DPO's reward margin)
         return record, bool(stats[1].item() > 0)
 
     def _moe_record(self) -> dict[str, Any]:
