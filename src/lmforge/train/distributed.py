@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lmforge.errors import UserError
+from lmforge.models import unwrap  # the plain model inside DDP (FSDP2 and compile work in place)
 
 
 @dataclass
@@ -145,11 +146,6 @@ def parallelize(model: nn.Module, info: DistInfo, device: torch.device, compile:
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=not all_parameters_used)
     return model
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside a DDP wrapper (FSDP2 and compile modify the module in place)."""
-    return getattr(model, "module", model)
 
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)

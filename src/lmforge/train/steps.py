@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from lmforge.diagnose import live_warning
 from lmforge.errors import TrainingFailed
 from lmforge.fsutil import atomic_write_text
+from lmforge.models import unwrap
 from lmforge.train import checkpoint as ckpt
 from lmforge.train import distributed as dist
 
@@ -157,10 +158,11 @@ class MetricsLog:
 
     def __init__(self, path: Path, info: dist.DistInfo) -> None:
         self.path, self.info = Path(path), info
+        if info.is_main:  # the run dir, once (not a mkdir per logged step)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def log(self, record: dict[str, Any]) -> None:
         if self.info.is_main:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
@@ -230,7 +232,7 @@ class Checkpointer:
             if scaler is not None:
                 trainer_state["scaler"] = scaler.state_dict()
             ckpt.save_checkpoint(path, model_state, self.model_config, self.tokenizer_file, trainer_state,
-                                 drop=ckpt.tied_aliases(dist.unwrap(model)), base_keys=self.base_keys)
+                                 drop=ckpt.tied_aliases(unwrap(model)), base_keys=self.base_keys)
             if best:
                 self._copy_best(path)
             ckpt.prune_checkpoints(self.out, self.keep_last)
