@@ -89,8 +89,8 @@ class GPT(nn.Module):
                 if isinstance(mlp, MLP):
                     nn.init.normal_(mlp.down.weight, mean=0.0, std=residual_std)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, *,
-                kv_cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, idx: Tensor, targets: Tensor | None = None, *, kv_cache: KVCache | None = None,
+                position_ids: Tensor | None = None, doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, vocab) for token ids idx (B, T), and the mean loss if targets given.
 
         The loss is cross-entropy in fp32 over positions whose target is not -100; an MoE model
@@ -101,11 +101,15 @@ class GPT(nn.Module):
         each row's cached length, its keys/values are appended and the cache advances by T; rows
         of different lengths (an engine's batch, `lmforge.infer.engine`) get their own positions
         and a mask that hides what lies past each row's end.
+        Packed training rows (several examples in one row, `lmforge.posttrain.packing`): `position_ids`
+        (B, T) restart at 0 for each example and `doc_ids` (B, T) number the examples of a row; a
+        position attends only to earlier positions of its own example, so an example's logits are
+        the same packed or alone.
         Raises ValueError (internal misuse, not a user error) if the sequence would be longer
         than `block_size`.
         """
         B, T = idx.shape
-        start, pos = 0, None  # positions start..start+T, or per row (B, T) when the rows' lengths differ
+        start, pos = 0, position_ids  # positions start..start+T, or per row (B, T) (cache rows, packed rows)
         if kv_cache is not None:
             start, pos = kv_cache.past, kv_cache.positions(T, idx.device)
         end = (kv_cache.longest if kv_cache is not None else 0) + T
@@ -124,6 +128,8 @@ class GPT(nn.Module):
             if pos is not None:  # (B, T, head_dim) -> (B, 1, T, head_dim), broadcast over heads
                 rope = (rope[0][:, None], rope[1][:, None])
         attn_mask = kv_cache.attention_mask(T, idx.device) if kv_cache is not None else None
+        if doc_ids is not None:  # block-diagonal: each example sees only itself (Attention adds the causal part)
+            attn_mask = (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
         x = self.dropout(x)
         for layer, block in enumerate(self.blocks):
             x = block(x, rope=rope, attn_mask=attn_mask, kv_cache=kv_cache, layer=layer)
