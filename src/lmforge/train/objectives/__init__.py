@@ -21,6 +21,7 @@ from torch import nn
 from lmforge.train.objectives.base import EVAL_STREAM, Batch, CausalLM, Objective
 from lmforge.train.objectives.contrastive import Contrastive, ContrastiveOptions
 from lmforge.train.objectives.mlm import MaskedLM, MLMOptions
+from lmforge.train.objectives.ppo import PPO, PPOOptions
 from lmforge.train.objectives.seq2seq import PairSource, Seq2Seq
 from lmforge.train.objectives.span import SpanCorruption, SpanOptions, span_counts, span_lengths
 from lmforge.train.objectives.tokens import (
@@ -36,7 +37,7 @@ from lmforge.train.objectives.tokens import (
 )
 
 OBJECTIVES: dict[str, type[Objective]] = {
-    cls.name: cls for cls in (CausalLM, MaskedLM, SpanCorruption, Contrastive, Seq2Seq)
+    cls.name: cls for cls in (CausalLM, MaskedLM, SpanCorruption, Contrastive, Seq2Seq, PPO)
 }
 
 
@@ -56,7 +57,7 @@ def objective_for(cfg: Any, tokenizer: Any, model_config: Any,
 
 __all__ = [
     "EVAL_STREAM", "MASK", "MASK_FALLBACKS", "NUM_SENTINELS", "OBJECTIVES", "Batch", "CausalLM", "Contrastive",
-    "ContrastiveOptions", "MLMOptions", "MaskedLM", "Objective", "PairSource", "Seq2Seq", "SpanCorruption",
-    "SpanOptions", "find_token", "objective_class", "objective_for", "padded_vocab", "sentinel", "span_counts",
-    "span_lengths", "special_ids", "token_fallbacks", "with_tokens",
+    "ContrastiveOptions", "MLMOptions", "MaskedLM", "Objective", "PPO", "PPOOptions", "PairSource", "Seq2Seq",
+    "SpanCorruption", "SpanOptions", "find_token", "objective_class", "objective_for", "padded_vocab", "sentinel",
+    "span_counts", "span_lengths", "special_ids", "token_fallbacks", "with_tokens",
 ]
