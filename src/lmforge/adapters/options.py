@@ -8,9 +8,9 @@ from lmforge.errors import UserError
 
 METHODS = ("full", "freeze", "lora", "qlora", "prefix", "prompt")
 
-# the Linear layers inside every block (attention, MLP, each MoE expert; cross-attention's `q`
-# and `kv` in an encoder-decoder's decoder): every linear layer, as the QLoRA paper recommends
-DEFAULT_LORA_TARGETS = ("qkv", "q", "kv", "out", "gate", "up", "down")
+# every Linear inside the blocks' attention (self- and cross-attention) and MLP (each MoE expert's;
+# not the router): every linear layer, as the QLoRA paper recommends; the same on every family
+DEFAULT_LORA_TARGETS = ("*attn", "mlp")
 
 
 @dataclass
@@ -19,8 +19,10 @@ class AdapterOptions:
 
     `lora_targets` are module-name patterns (shell globs, `fnmatch`): a pattern matches a module
     whose full dotted name it matches, or whose name ends with `.` + the pattern — so `qkv`
-    matches `blocks.0.attn.qkv` and `blocks.1.*` every Linear of block 1. Only `nn.Linear`
-    modules are targeted; a pattern that matches none is an error naming it.
+    matches `blocks.0.attn.qkv` and `blocks.1.*` every Linear of block 1. A matched Linear is
+    adapted; a matched other module (`attn`, `mlp`) has every Linear inside it adapted (an MoE
+    router excepted). A pattern that selects no Linear is an error naming it
+    (`lmforge.adapters.lora.lora_target_names`).
     """
 
     method: str = "full"
