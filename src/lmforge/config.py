@@ -53,6 +53,8 @@ class TrainConfig:
 class DataConfig:
     tokens: str = ""  # a directory written by `lmforge tokenize` (and its tokenizer)
     pairs: str = ""  # objective seq2seq: a JSONL file of {"source": ..., "target": ...} lines
+    file: str = ""  # post-training (sft, reward, dpo, ...): a JSONL file of examples or pairs (--data FILE)
+    val_file: str = ""  # post-training: held-out JSONL; empty: 5% of data.file's examples by content hash
 
 
 def _objective_sections() -> list[tuple[str, type, Any]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +125,10 @@ def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{file} is truncated or corrupt ({str(e).splitlines()[0]}); use another checkpoint") from None
 
 
-def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Load `state` into `model`, allowing only tied aliases to be absent; errors name the tensor."""
+def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], source: Path,
+                      allow_missing: Collection[str] = ()) -> None:
+    """Load `state` into `model`, allowing only tied aliases (and `allow_missing`: heads the run
+    adds, `Objective.new_heads`) to be absent; errors name the tensor."""
     expected = dict(model.state_dict())
     for key, value in state.items():
         if key not in expected:
@@ -136,7 +139,7 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], source: 
                 f"{source}: tensor {key!r} has shape {tuple(value.shape)}, the model expects "
                 f"{tuple(expected[key].shape)}; the checkpoint's config.json does not match its weights"
             )
-    missing = set(expected) - set(state) - tied_aliases(model)
+    missing = set(expected) - set(state) - tied_aliases(model) - set(allow_missing)
     if missing:
         raise UserError(f"{source}: missing tensor {sorted(missing)[0]!r}; the checkpoint is incomplete "
                         "(or this run applies model transforms it was saved without)")

@@ -9,7 +9,10 @@ UserError naming the keys, the first tensor whose shape differs (both shapes) an
 overrides that fix it. The tokens dir must have been made with the checkpoint's tokenizer (the
 same token for every id both have). Only the model's own tensors (`model.safetensors`) are read:
 the tensors a checkpoint's model transforms added (`transform_state.safetensors`) are not, and
-this run's transforms start from their own initial values.
+this run's transforms start from their own initial values. An objective that adds a head
+(`Objective.new_heads`, e.g. a reward model's `score.weight`) may start from a checkpoint
+without it (the head is freshly initialized), and the model config keys its `configure_model`
+changes (`num_labels`) may differ from the checkpoint's.
 """
 
 from __future__ import annotations
@@ -85,15 +88,32 @@ def _file_shapes(file: Path) -> dict[str, tuple[int, ...]]:
         raise UserError(f"{file} is truncated or corrupt ({str(e).splitlines()[0]}); use another checkpoint") from None
 
 
-def check_init_matches(model_cfg: ModelConfig, init: Path, init_cfg: dict[str, Any]) -> None:
+def objective_changes(cfg: Any, init_cfg: dict[str, Any]) -> set[str]:
+    """Model config keys the run's objective changes in the checkpoint's config (its
+    `configure_model`, e.g. a reward model's `num_labels`): these may differ from the checkpoint."""
+    from lmforge.train.objectives import OBJECTIVES
+
+    before = ModelConfig.from_dict(init_cfg)
+    after = ModelConfig.from_dict(init_cfg)
+    OBJECTIVES[cfg.objective].configure_model(cfg, after)
+    a, b = _flat(before.to_dict()), _flat(after.to_dict())
+    return {k for k in b if a.get(k) != b[k]}
+
+
+def check_init_matches(model_cfg: ModelConfig, init: Path, init_cfg: dict[str, Any],
+                       new_heads: tuple[str, ...] = (), changed: set[str] = frozenset()) -> None:
     """The run's model must be the init checkpoint's: one error naming the differing keys, the
-    first tensor whose shape differs (both shapes) and the --set overrides that fix it."""
+    first tensor whose shape differs (both shapes) and the --set overrides that fix it.
+
+    new_heads: tensors the run's objective adds (`Objective.new_heads`), allowed to be absent
+    from the checkpoint; changed: model config keys its objective changes (`objective_changes`)."""
     ours, theirs = _flat(model_cfg.to_dict()), _flat(init_cfg)
-    free = {k for k in ours if k.split(".")[0] in INIT_FREE_KEYS}
+    free = {k for k in ours if k.split(".")[0] in INIT_FREE_KEYS} | set(changed)
     diffs = [k for k in ours if k in theirs and k not in free and ours[k] != theirs[k]]
     mine, saved = _tensor_shapes(model_cfg), _file_shapes(init / "model.safetensors")
     order = [*mine, *sorted(set(saved) - set(mine))]  # the model's own order: the embeddings first
-    tensor = next((k for k in order if mine.get(k) != saved.get(k)), None)
+    tensor = next((k for k in order if mine.get(k) != saved.get(k) and not (k in new_heads and k not in saved)),
+                  None)
     if not diffs and tensor is None:
         return
     parts = []
@@ -108,6 +128,7 @@ def check_init_matches(model_cfg: ModelConfig, init: Path, init_cfg: dict[str, A
     raise UserError(f"--init-from {init}: " + "; ".join(parts) + f"; use the checkpoint's model ({fix})")
 
 
-def load_init_weights(model: nn.Module, init: Path) -> None:
-    """The init checkpoint's weights into the plain model (its shapes were checked by `check_init_matches`)."""
-    ckpt.load_weights_into(model, ckpt.read_weights(init), init)
+def load_init_weights(model: nn.Module, init: Path, new_heads: tuple[str, ...] = ()) -> None:
+    """The init checkpoint's weights into the plain model (its shapes were checked by
+    `check_init_matches`); the objective's `new_heads` it lacks keep their fresh initialization."""
+    ckpt.load_weights_into(model, ckpt.read_weights(init), init, allow_missing=new_heads)

@@ -9,11 +9,14 @@
 1. **run dir** (`prepare_run_dir`): `--resume` finds the latest checkpoint; an existing run
    needs `--overwrite` (which clears it) or another `--out`.
 2. **tokenizer** (`run_tokenizer`): the tokens dir's tokenizer plus the special tokens the
-   objective needs; the run keeps its own `tokenizer.json` when tokens were added.
+   objective needs; the run keeps its own `tokenizer.json` when tokens were added. Without a
+   tokens dir (post-training: the objective reads a JSONL file, `data.file`), the tokenizer of
+   the checkpoint the weights come from (`tokenizer_dir_of`).
 3. **model config** (`resolve_model_config`): the recipe's model, `vocab_size` from the
    tokenizer (or from the `--init-from` checkpoint), then `lmforge.train.init_from`'s checks
    (`check_init_tokenizer`, `check_init_matches`: the recipe's model must be the checkpoint's;
-   a difference is one error naming the keys, a tensor and both shapes).
+   a difference is one error naming the keys, a tensor and both shapes; the objective's
+   `new_heads` and the keys its `configure_model` changes are allowed to differ).
 4. **fit check** (`lmforge.train.fit.check_fits`): `lmforge plan`'s memory model predicts the step's peak; a run
    that cannot fit in the memory available is refused before anything is allocated (`--force`
    overrides), and a step predicted to take over a minute is warned about.
@@ -65,6 +68,7 @@ from lmforge.train.init_from import (
     check_init_tokenizer,
     init_checkpoint,
     load_init_weights,
+    objective_changes,
 )
 from lmforge.train.objectives import (
     OBJECTIVES,
@@ -74,6 +78,7 @@ from lmforge.train.objectives import (
     token_fallbacks,
     with_tokens,
 )
+from lmforge.train.objectives.base import TOKENS_UNSET
 from lmforge.train.optim import build_optimizer
 from lmforge.train.transforms import Transform, apply_transforms
 
@@ -85,7 +90,7 @@ class TrainSetup:
     cfg: Config
     out: Path
     info: dist.DistInfo
-    tokens_dir: Path
+    tokens_dir: Path  # the run's data as reports name it: the tokens dir, or the post-training data.file
     tokenizer: Tokenizer
     tokenizer_file: Path  # the tokenizer.json the checkpoints carry
     model_cfg: ModelConfig
@@ -147,12 +152,27 @@ def prepare_run_dir(out: Path, info: dist.DistInfo, *, resume: bool, overwrite: 
 
 def tokens_dir_of(cfg: Config) -> Path:
     if not cfg.data.tokens:
-        raise UserError("data.tokens is not set; point it at a dir from `lmforge tokenize` (--set data.tokens=DIR)")
+        raise UserError(TOKENS_UNSET)
     return Path(cfg.data.tokens)
 
 
+def tokenizer_dir_of(cfg: Config, weights_from: Path | None) -> tuple[Path | None, Path]:
+    """(the tokens dir or None, the dir whose tokenizer.json the run uses): data.tokens', else
+    the checkpoint's the weights come from (post-training reads a JSONL file, `data.file`, and
+    tokenizes it with the base model's own tokenizer)."""
+    if cfg.data.tokens:
+        return Path(cfg.data.tokens), Path(cfg.data.tokens)
+    if weights_from is None:
+        raise UserError(TOKENS_UNSET + ", or start from a checkpoint (--init-from DIR), whose tokenizer it then uses")
+    if not (weights_from / "tokenizer.json").is_file():
+        raise UserError(f"{weights_from} has no tokenizer.json; set data.tokens, or use a checkpoint that carries "
+                        "its tokenizer")
+    return None, weights_from
+
+
 def run_tokenizer(cfg: Config, tokens_dir: Path) -> tuple[Tokenizer, bool]:
-    """The tokens dir's tokenizer plus the special tokens the objective needs (appended ids).
+    """The tokenizer of `tokens_dir` (a tokens dir, or a checkpoint dir) plus the special tokens
+    the objective needs (appended ids).
 
     Returns it and whether tokens were added (the run then keeps its own tokenizer.json).
     """
@@ -200,6 +220,30 @@ def resolve_model_config(cfg: Config, tokenizer: Tokenizer, init: dict[str, Any]
             if getattr(model_cfg, key) is None:
                 setattr(model_cfg, key, tokenizer.pad_id)
     return model_cfg
+
+
+def tokenizer_and_model(cfg: Config, tokenizer_dir: Path, tokens_dir: Path | None, init: Path | None,
+                        resume_from: Path | None) -> tuple[Tokenizer, bool, ModelConfig]:
+    """Steps 2-3: the run's tokenizer (and whether tokens were added) and its model config,
+    checked against the `--init-from` checkpoint."""
+    tokenizer, added = run_tokenizer(cfg, tokenizer_dir)
+    if init and tokens_dir is not None:
+        check_init_tokenizer(init, tokenizer, tokens_dir)
+    # an unset vocab_size / hf_model_type comes from the checkpoint the weights come from
+    weights_from = resume_from or init
+    model_cfg = resolve_model_config(cfg, tokenizer, ckpt.read_model_config(weights_from) if weights_from else None)
+    if init:
+        init_cfg = ckpt.read_model_config(init)
+        check_init_matches(model_cfg, init, init_cfg, OBJECTIVES[cfg.objective].new_heads,
+                           objective_changes(cfg, init_cfg))
+    return tokenizer, added, model_cfg
+
+
+def data_of(cfg: Config, tokens_dir: Path | None) -> Path:
+    """The run's data as reports name it: the tokens dir, else the post-training data file."""
+    if tokens_dir is not None:
+        return tokens_dir
+    return Path(cfg.data.file or cfg.data.pairs or ".")
 
 
 # ---- 5., 8. build, resume ------------------------------------------------
@@ -267,17 +311,12 @@ def setup_training(cfg: Config, out: str | Path, info: dist.DistInfo, *, resume:
     init_from: a checkpoint to start from (ignored on resume: the run's own checkpoint wins).
     """
     out, t = Path(out), cfg.train
-    tokens_dir = tokens_dir_of(cfg)
+    if not (cfg.data.tokens or init_from or resume):
+        raise UserError(TOKENS_UNSET)  # said before anything else
     resume_from = prepare_run_dir(out, info, resume=resume, overwrite=overwrite)
     init = None if resume_from else init_checkpoint(init_from)
-    tokenizer, added = run_tokenizer(cfg, tokens_dir)
-    if init:
-        check_init_tokenizer(init, tokenizer, tokens_dir)
-    # an unset vocab_size / hf_model_type comes from the checkpoint the weights come from
-    weights_from = resume_from or init
-    model_cfg = resolve_model_config(cfg, tokenizer, ckpt.read_model_config(weights_from) if weights_from else None)
-    if init:
-        check_init_matches(model_cfg, init, ckpt.read_model_config(init))
+    tokens_dir, tokenizer_dir = tokenizer_dir_of(cfg, resume_from or init)
+    tokenizer, added, model_cfg = tokenizer_and_model(cfg, tokenizer_dir, tokens_dir, init, resume_from)
     objective = objective_for(cfg, tokenizer, model_cfg, models)
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -286,11 +325,11 @@ def setup_training(cfg: Config, out: str | Path, info: dist.DistInfo, *, resume:
     device_peak = dist.broadcast_object(peak_flops(device, precision) if info.is_main else 0.0, info)
     check_fits(cfg, model_cfg, device, precision, info, device_peak, force=force)
     train_batches, val_batches = objective.source(tokens_dir, "train"), objective.source(tokens_dir, "val")
-    tokenizer_file = save_run_tokenizer(tokenizer, added, tokens_dir, out, info)
+    tokenizer_file = save_run_tokenizer(tokenizer, added, tokenizer_dir, out, info)
 
     raw_model = build(model_cfg, device, t.seed)
     if init:
-        load_init_weights(raw_model, init)
+        load_init_weights(raw_model, init, objective.new_heads)
     base_keys = set(raw_model.state_dict())
     raw_model = apply_transforms(raw_model, transforms)
     state = fresh_state()
@@ -298,7 +337,7 @@ def setup_training(cfg: Config, out: str | Path, info: dist.DistInfo, *, resume:
     model = dist.parallelize(raw_model, info, device, compile=t.compile, precision=precision,
                              all_parameters_used=objective.uses_all_parameters)
     optimizer, scaler = make_optimizer(model, cfg, device, precision)
-    s = TrainSetup(cfg=cfg, out=out, info=info, tokens_dir=tokens_dir, tokenizer=tokenizer,
+    s = TrainSetup(cfg=cfg, out=out, info=info, tokens_dir=data_of(cfg, tokens_dir), tokenizer=tokenizer,
                    tokenizer_file=tokenizer_file, model_cfg=model_cfg, objective=objective, device=device,
                    precision=precision, train_batches=train_batches, val_batches=val_batches,
                    raw_model=raw_model, model=model, optimizer=optimizer, scaler=scaler, state=state,

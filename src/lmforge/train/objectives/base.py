@@ -21,6 +21,12 @@ one process sees. Models are called by the conventions in each objective's `loss
 `(logits, loss)`); the objective never reaches into a model's internals, so DDP/FSDP wrappers,
 whose hooks run only through `forward`, keep working.
 
+New heads: an objective whose `configure_model` adds a head to a pretrained model (a reward
+model's scalar head) names its tensors in `new_heads`; a run that starts from a checkpoint
+without them (`--init-from`, `lmforge align --base`) initializes them fresh instead of refusing
+the checkpoint, and the model config keys `configure_model` changes may differ from the
+checkpoint's.
+
 Extra models: an objective that needs more than the model it trains (DPO's frozen reference, a
 reward model for PPO) names them in `needs_models`; the setup pipeline builds/loads them and
 passes them in as `models={"reference": ...}` (`self.models`). They are not trained, not wrapped
@@ -42,6 +48,7 @@ from lmforge.train.batches import TokenBatches
 
 Batch = dict[str, Tensor]
 EVAL_STREAM = 1 << 40  # generator stream of the fixed eval batches, far from any training step
+TOKENS_UNSET = "data.tokens is not set; point it at a dir from `lmforge tokenize` (--set data.tokens=DIR)"
 
 
 class Objective:
@@ -55,6 +62,9 @@ class Objective:
     views: ClassVar[int] = 1  # passes of each example through the model per step
     output: ClassVar[str] = "logits"  # "logits" (the LM head runs) or "embeddings" (sentence vectors)
     needs_models: ClassVar[tuple[str, ...]] = ()  # extra models the objective reads (not trained)
+    # tensors the objective adds to the model (its `configure_model`: e.g. a reward model's scalar
+    # head `score.weight`) that an --init-from checkpoint may lack: freshly initialized, not refused
+    new_heads: ClassVar[tuple[str, ...]] = ()
 
     # ---- what the objective is, without data: training and `lmforge plan` both ask ------------
 
@@ -113,6 +123,8 @@ class Objective:
         return block_size + 1
 
     def source(self, tokens_dir: Any, split: str) -> TokenBatches:
+        if tokens_dir is None:  # a run started from a checkpoint has its tokenizer, not its data
+            raise UserError(TOKENS_UNSET)
         return TokenBatches(tokens_dir, split, self.window_length(self.model_config.block_size) - 1)
 
     def make_batch(self, windows: np.ndarray, rng: np.random.Generator, source: TokenBatches) -> Batch:
