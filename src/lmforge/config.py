@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from lmforge.adapters.options import METHODS, AdapterOptions
 from lmforge.configtree import build, load_tree
 from lmforge.errors import UserError
 from lmforge.models.config import ModelConfig
@@ -70,6 +71,7 @@ Config = make_dataclass("Config", [
     ("train", TrainConfig, field(default_factory=TrainConfig)),
     ("data", DataConfig, field(default_factory=DataConfig)),
     ("objective", str, "clm"),  # a key of lmforge.train.objectives.OBJECTIVES
+    ("adapter", AdapterOptions, field(default_factory=AdapterOptions)),  # fine-tuning method (lmforge.adapters)
     *_objective_sections(),
 ], namespace={"__module__": __name__})
 
@@ -77,6 +79,7 @@ _CHOICES = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.parallel": ("none", "ddp", "fsdp"),
     "objective": tuple(OBJECTIVES),
+    "adapter.method": METHODS,
 }
 
 
@@ -125,6 +128,7 @@ def _check_ranges(cfg: Config, where: str) -> None:
     for name, cls in OBJECTIVES.items():
         if cls.Options is not None:
             getattr(cfg, name).check(where)
+    cfg.adapter.check(where)
     if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
         raise UserError(f"{where}config key train.min_lr: need 0 <= min_lr <= lr, got lr={t.lr} min_lr={t.min_lr}")
 
