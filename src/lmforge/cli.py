@@ -59,6 +59,22 @@ def _cmd_make_tasks(args: argparse.Namespace) -> None:
           "also in the train split (other edition)")
 
 
+def _cmd_make_sft(args: argparse.Namespace) -> None:
+    from lmforge.data.sft import make_shakespeare_sft, parse_mix
+
+    if args.corpus != "shakespeare":
+        raise UserError(f"data make-sft: unknown corpus {args.corpus!r}; available: shakespeare")
+    summary = make_shakespeare_sft(args.plays, args.data, args.out, seed=args.seed, max_examples=args.max_examples,
+                                   max_pairs=args.max_pairs, max_heldout=args.max_heldout, mix=parse_mix(args.mix),
+                                   context_chars=args.context_chars, prompt_chars=args.prompt_chars,
+                                   max_overlap=args.max_overlap)
+    m = summary["metrics"]
+    print(f"wrote {m['sft']} chat examples and {m['preferences']} preference pairs (train split) and "
+          f"{m['sft_heldout']} examples, {m['preferences_heldout']} pairs and {m['speaker_heldout']} four-choice "
+          f"speaker items (held out: test split, {m['speeches_dropped_in_training']} of {m['held_out_speeches']} "
+          f"speeches dropped as also in the train split) into {args.out}")
+
+
 def _cmd_eval(args: argparse.Namespace) -> None:
     from lmforge.eval import evaluate
     from lmforge.eval.report import headline
@@ -236,6 +252,28 @@ def _add_data_commands(sub) -> None:
                    help="drop held-out text with more than this share of its word 5-grams in the train split")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_make_tasks)
+    _add_make_sft_command(data)
+
+
+def _add_make_sft_command(data) -> None:
+    p = data.add_parser("make-sft", help="mine chat SFT data and preference pairs (see docs/POSTTRAIN.md)")
+    p.add_argument("corpus", choices=["shakespeare"])
+    p.add_argument("--plays", default=None, help="the output of `lmforge data fetch shakespeare`; default: the corpus "
+                   "that --data was prepared from")
+    p.add_argument("--data", required=True, help="the output of `lmforge data prepare` on it: training files from its "
+                   "train split, held-out files from its test split")
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-examples", type=int, default=20000, help="chat examples in sft.jsonl")
+    p.add_argument("--max-pairs", type=int, default=10000, help="pairs in preferences.jsonl")
+    p.add_argument("--max-heldout", type=int, default=300, help="at most this many held-out items per task kind")
+    p.add_argument("--mix", default=None, metavar="KIND=SHARE,...",
+                   help="shares of the task kinds in the training files (default speaker=0.5,play=0.25,continue=0.25)")
+    p.add_argument("--context-chars", type=int, default=200, help="the passage before a speech, at most this long")
+    p.add_argument("--prompt-chars", type=int, default=240, help="every prompt's passage, at most this long")
+    p.add_argument("--max-overlap", type=float, default=0.2,
+                   help="drop held-out text with more than this share of its word 5-grams in the train split")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_make_sft)
 
 
 def _add_tokenizer_commands(sub) -> None:
