@@ -189,17 +189,24 @@ class JinjaChatTemplate(ChatTemplate):
 
     def content_spans(self, messages: Sequence[dict[str, str]], text: str,
                       add_generation_prompt: bool) -> list[tuple[int, int] | None]:
-        """(start, end) of each message's content in `text` (as the template wrote it, e.g. trimmed),
-        or None where the template does not write it once and unchanged around it."""
+        """(start, end) of each message's content in `text` as the template wrote it (e.g. trimmed),
+        found by rendering once more with a marker in its place: the text after the (last) marker
+        is the text after the content. None where the content cannot be located so."""
         spans: list[tuple[int, int] | None] = []
         for i, m in enumerate(messages):
             mark = f"\ue000{i}\ue001"
             probe = self.render([*messages[:i], {**m, "content": mark}, *messages[i + 1:]], add_generation_prompt)
-            start = probe.find(mark)
-            end = start + len(mark) + len(text) - len(probe)
-            ok = probe.count(mark) == 1 and end >= start and text[:start] == probe[:start] \
-                and text[end:] == probe[start + len(mark):]
-            spans.append((start, end) if ok else None)
+            at = probe.rfind(mark)
+            tail = probe[at + len(mark):]
+            end = len(text) - len(tail)
+            if at < 0 or not text.endswith(tail):
+                spans.append(None)
+            elif probe.count(mark) == 1 and text[:at] == probe[:at] and end >= at:
+                spans.append((at, end))
+            else:  # the content also appears elsewhere (e.g. in a tojson dump): find it written as is
+                content = m.get("content") or ""
+                found = next((c for c in (content, content.strip()) if c and text[:end].endswith(c)), None)
+                spans.append((end - len(found), end) if found is not None else None)
         return spans
 
     def _tokenize(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
