@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ from lmforge.fsutil import atomic_dir, atomic_write_json
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TRANSFORM_STATE = "transform_state.safetensors"
+# a converted model's chat template (`lmforge.tokenizer.chat.read_hf_chat_template`) travels with its tokenizer.json
+TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
 def tied_aliases(model: nn.Module) -> set[str]:
@@ -41,11 +43,15 @@ def tied_aliases(model: nn.Module) -> set[str]:
 
 def save_checkpoint(path: Path, model_state: dict[str, torch.Tensor], model_config: dict[str, Any],
                     tokenizer_file: Path | None, trainer_state: dict[str, Any] | None,
-                    drop: set[str] = frozenset(), base_keys: set[str] | None = None) -> Path:
+                    drop: set[str] = frozenset(), base_keys: set[str] | None = None,
+                    write_files: Callable[[Path], None] | None = None) -> Path:
     """Write a checkpoint directory atomically (a temp dir renamed into place).
 
     base_keys: the plain model's tensor names; others (added by model transforms) go to
     `transform_state.safetensors`. None: every tensor goes to `model.safetensors`.
+    The tokenizer's chat-template files beside `tokenizer_file` (`TOKENIZER_SIDE_FILES`) are
+    copied too. write_files(dir): writes more files into the checkpoint before it is renamed
+    into place (an adapter run's `adapter_config.json`).
     """
     with atomic_dir(path) as tmp:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items() if k not in drop}
@@ -56,6 +62,11 @@ def save_checkpoint(path: Path, model_state: dict[str, torch.Tensor], model_conf
         atomic_write_json(tmp / "config.json", model_config)
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+            for name in TOKENIZER_SIDE_FILES:
+                if (Path(tokenizer_file).parent / name).is_file():
+                    shutil.copyfile(Path(tokenizer_file).parent / name, tmp / name)
+        if write_files is not None:
+            write_files(tmp)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / "trainer_state.pt")
     return path

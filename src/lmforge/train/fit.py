@@ -2,6 +2,7 @@
 `lmforge plan`'s memory model predicts the training step's peak; a run that cannot fit in the
 memory available (CPU: MemAvailable; CUDA: free GPU memory) is refused with both numbers
 (`--force` starts it anyway), and a step predicted to take over a minute is warned about.
+A LoRA/QLoRA run (`adapter.method`) is predicted as `lmforge plan` sizes LoRA (`planned_lora`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import math
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,9 +43,41 @@ def _gib(x: float) -> str:
     return f"{x / 2**30:.1f} GiB"
 
 
+def planned_lora(cfg: Config, model_cfg: ModelConfig) -> Any:
+    """The `lmforge.plan.LoRA` setup that models `cfg.adapter` (lora, qlora: the Linears its
+    patterns select, by their names in a block), or None: full training, which `lmforge plan`
+    also gives for freeze, prefix and prompt (an upper bound: they train less).
+
+    A target pattern that selects nothing is refused here, before anything is allocated."""
+    adapter = cfg.adapter
+    if adapter.method not in ("lora", "qlora"):
+        return None
+    from lmforge.adapters.lora import lora_target_names
+    from lmforge.models import build_model
+    from lmforge.plan import LORA_TARGETS, LoRA
+
+    with torch.device("meta"):  # names only: nothing is allocated
+        model = build_model(model_cfg)
+    names = {name.rsplit(".", 1)[-1] for name in lora_target_names(model, adapter.lora_targets)}
+    names = {"qkv" if n in ("q", "kv") else n for n in names}  # a separate q/kv: the plan's fused qkv
+    targets = tuple(t for t in LORA_TARGETS if t in names)
+    return LoRA(adapter.lora_rank, targets, quantized=adapter.method == "qlora") if targets else None
+
+
+def describe_setup(cfg: Config, precision: str, lora: Any) -> str:
+    """What the prediction models, in words (printed beside it)."""
+    method = cfg.adapter.method
+    if lora is not None:
+        return (f"{'QLoRA' if lora.quantized else 'LoRA'} rank {lora.rank} on {','.join(lora.targets)}, "
+                f"base frozen in {'NF4' if lora.quantized else 'bf16'}")
+    bound = f" (as full fine-tuning: an upper bound for {method})" if method in ("freeze", "prefix", "prompt") else ""
+    return f"full training, {'fp32' if precision == 'fp32' else 'bf16 mixed'}{bound}"
+
+
 def predict_step(cfg: Config, model_cfg: ModelConfig, device: torch.device, precision: str,
                  info: dist.DistInfo) -> tuple[float, float]:
-    """(peak bytes per process, FLOPs per process and step) from `lmforge plan`'s model."""
+    """(peak bytes per process, FLOPs per process and step) from `lmforge plan`'s model
+    (for a LoRA/QLoRA run, `planned_lora`'s setup)."""
     from lmforge.plan import attention_kernel, flops_per_token, objective_lengths, training_memory
 
     t = cfg.train
@@ -52,7 +86,7 @@ def predict_step(cfg: Config, model_cfg: ModelConfig, device: torch.device, prec
     gpus = info.world_size if info.parallel == "fsdp" else 1  # DDP replicates everything
     memory = training_memory(model_cfg, t.batch_size, seq_len, planned, False, gpus,
                              attention_kernel(model_cfg, planned, seq_len, device.type),
-                             decoder_len=decoder_len, objective=cfg.objective)
+                             lora=planned_lora(cfg, model_cfg), decoder_len=decoder_len, objective=cfg.objective)
     flops = flops_per_token(model_cfg, seq_len, decoder_len, cfg.objective) * t.batch_size * t.grad_accum * seq_len
     return float(memory["peak"]), float(flops)
 

@@ -42,7 +42,7 @@ from lmforge.train.steps import (
 )
 from lmforge.train.transforms import Transform
 
-__all__ = ["pretrain", "resolve_model_config", "run_tokenizer"]
+__all__ = ["Trainer", "pretrain", "resolve_model_config", "run_tokenizer"]
 
 
 def pretrain(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool = False,
@@ -61,7 +61,7 @@ def pretrain(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: b
                         "drop --init-from")
     info = dist.init_distributed(cfg.train.parallel, cfg.train.device)
     try:
-        trainer = _Trainer(setup_training(cfg, Path(out), info, resume=resume, overwrite=overwrite,
+        trainer = Trainer(setup_training(cfg, Path(out), info, resume=resume, overwrite=overwrite,
                                           init_from=init_from or cfg.train.init_from or None,
                                           transforms=tuple(transforms), force=force), init_flag=bool(init_from))
         try:
@@ -72,11 +72,19 @@ def pretrain(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: b
         dist.shutdown()
 
 
-class _Trainer:
-    """The pretraining loop over a `TrainSetup` (whose fields it names as its own)."""
+class Trainer:
+    """The training loop over a `TrainSetup` (whose fields it names as its own): `pretrain`'s, and
+    post-training's (`lmforge.posttrain.run.posttrain`), which passes its progress label (`desc`),
+    the files its checkpoints carry besides the weights (`write_files(dir)`, e.g. an adapter
+    run's `adapter_config.json`) and `on_report(summary) -> summary`, run on the main process
+    after the run report is written (also when the run was interrupted).
+    """
 
-    def __init__(self, setup: TrainSetup, init_flag: bool = False):
+    def __init__(self, setup: TrainSetup, init_flag: bool = False, *, desc: str = "pretrain",
+                 write_files: Callable[[Path], None] | None = None,
+                 on_report: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
         s = self.setup = setup
+        self.desc, self.on_report = desc, on_report
         self.cfg, self.out, self.info = s.cfg, s.out, s.info
         self.tokens_dir, self.tokenizer_file, self.model_cfg = s.tokens_dir, s.tokenizer_file, s.model_cfg
         self.objective, self.device, self.precision = s.objective, s.device, s.precision
@@ -89,7 +97,7 @@ class _Trainer:
         self.metrics = MetricsLog(s.metrics_path, self.info)
         self.checkpointer = Checkpointer(self.out, self.info, keep_last=t.keep_last,
                                          model_config=self.model_cfg.to_dict(), tokenizer_file=self.tokenizer_file,
-                                         config=to_dict(self.cfg), base_keys=s.base_keys)
+                                         config=to_dict(self.cfg), base_keys=s.base_keys, write_files=write_files)
 
     def close(self) -> None:
         """Drop the model, optimizer and setup while the process group still exists: freed after
@@ -235,7 +243,7 @@ class _Trainer:
         step = self._start()
         wall0 = time.perf_counter()
         stop_reason = "max_steps"
-        bar = progress_bar(t.max_steps, step, info, "pretrain")
+        bar = progress_bar(t.max_steps, step, info, self.desc)
         with StopFlag(announce=info.is_main) as stop_flag:
             while step < t.max_steps:
                 record, stop = self.train_step(step, stop_flag.requested)
@@ -260,8 +268,11 @@ class _Trainer:
 
     def _finish(self, step: int, stop_reason: str, wall: float) -> dict[str, Any]:
         """The run report (main process); every process waits for it, then an interrupted run raises."""
-        summary = (write_run_report(self.setup, stop_reason=stop_reason, wall_time_s=wall)
-                   if self.info.is_main else None)
+        summary = None
+        if self.info.is_main:
+            summary = write_run_report(self.setup, stop_reason=stop_reason, wall_time_s=wall)
+            if self.on_report is not None:
+                summary = self.on_report(summary)
         # one that left first with Interrupted's exit code would make torchrun stop the main
         # process while it is still writing the report
         summary = dist.broadcast_object(summary, self.info)
@@ -271,3 +282,6 @@ class _Trainer:
             raise Interrupted(f"interrupted at step {step}; checkpoint saved in {self.out}/checkpoints; "
                               f"continue with {how}")
         return summary
+
+
+_Trainer = Trainer  # the name tests knew it by

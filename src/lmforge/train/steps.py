@@ -21,6 +21,7 @@ import shutil
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -202,13 +203,16 @@ class Checkpointer:
 
     `base_keys`: the plain model's tensor names (before model transforms); tensors a transform
     added go to the checkpoint's `transform_state.safetensors` (see `checkpoint.save_checkpoint`).
+    `write_files(dir)` adds files to each checkpoint (an adapter run's `adapter_config.json`,
+    `lmforge.posttrain.run.checkpoint_files`), so `load_pretrained` can rebuild the model.
     """
 
     def __init__(self, out: Path, info: dist.DistInfo, *, keep_last: int, model_config: dict[str, Any],
-                 tokenizer_file: Path, config: dict[str, Any], base_keys: set[str] | None = None) -> None:
+                 tokenizer_file: Path, config: dict[str, Any], base_keys: set[str] | None = None,
+                 write_files: Callable[[Path], None] | None = None) -> None:
         self.out, self.info, self.keep_last = Path(out), info, keep_last
         self.model_config, self.tokenizer_file, self.config = model_config, tokenizer_file, config
-        self.base_keys = base_keys
+        self.base_keys, self.write_files = base_keys, write_files
 
     @property
     def root(self) -> Path:
@@ -232,7 +236,8 @@ class Checkpointer:
             if scaler is not None:
                 trainer_state["scaler"] = scaler.state_dict()
             ckpt.save_checkpoint(path, model_state, self.model_config, self.tokenizer_file, trainer_state,
-                                 drop=ckpt.tied_aliases(unwrap(model)), base_keys=self.base_keys)
+                                 drop=ckpt.tied_aliases(unwrap(model)), base_keys=self.base_keys,
+                                 write_files=self.write_files)
             if best:
                 self._copy_best(path)
             ckpt.prune_checkpoints(self.out, self.keep_last)
