@@ -205,3 +205,43 @@ def test_lmforge_tokens_by_default_and_bad_templates(tmp_path, tokenizer_json):
     (plain / "tokenizer_config.json").write_text(json.dumps({"chat_template": [{"name": "default", "template": CHATML}],
                                                              "eos_token": "</s>"}))
     assert chat_template(Tokenizer.load(plain)).render([{"role": "user", "content": "x"}]).endswith("assistant\n")
+
+
+def test_convert_keeps_the_chat_template_both_ways(tmp_path, tokenizer_json):
+    """from-hf keeps tokenizer_config.json (chat_template, special tokens); to-hf writes the template back,
+    and lmforge's own role-token format as jinja, so transformers' apply_chat_template gives our ids."""
+    import transformers
+    from train_helpers import write_corpus
+
+    from lmforge.export.hf import from_hf, to_hf
+    from lmforge.models import GPT, ModelConfig
+    from lmforge.tokenizer.train import train_tokenizer
+    from lmforge.train.checkpoint import save_checkpoint, tied_aliases
+
+    config = transformers.LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    hf_dir = tmp_path / "hf"
+    transformers.LlamaForCausalLM(config).save_pretrained(hf_dir)
+    (hf_dir / "tokenizer.json").write_text(tokenizer_json.read_text())
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                              "bos_token": "<s>", "eos_token": "</s>",
+                                                              "chat_template": LLAMA3}))
+    from_hf(hf_dir, tmp_path / "ckpt")
+    ours = chat_template(Tokenizer.load(tmp_path / "ckpt"))
+    assert isinstance(ours, JinjaChatTemplate) and ours.end_id == ours.tokenizer.token_to_id("<|eot_id|>")
+    to_hf(tmp_path / "ckpt", tmp_path / "back")
+    back = PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "back"))
+    for messages in CONVERSATIONS:
+        assert back.apply_chat_template(messages, tokenize=False) == ours.render(messages, False)
+
+    train_tokenizer(write_corpus(tmp_path / "c", docs=2), tmp_path / "tok", kind="bpe", vocab_size=300)
+    tok = Tokenizer.load(tmp_path / "tok")
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16, block_size=16))
+    save_checkpoint(tmp_path / "own", model.state_dict(), model.config.to_dict(), tmp_path / "tok" / "tokenizer.json",
+                    None, drop=tied_aliases(model))
+    to_hf(tmp_path / "own", tmp_path / "own_hf")
+    hf_tok = PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "own_hf"))
+    for messages in CONVERSATIONS:
+        for gen in (True, False):
+            want = encode_chat(tok, messages, add_generation_prompt=gen)
+            assert list(hf_tok.apply_chat_template(messages, add_generation_prompt=gen, return_dict=False)) == want
