@@ -144,7 +144,7 @@ def record_keys_values(model: nn.Module, attns: list[PrefixAttention], ids: Tens
         a.recording = True
     try:
         if isinstance(model, EncoderDecoder):
-            model(ids, labels=ids)
+            model(ids, decoder_input_ids=ids)
         elif isinstance(model, BERT):
             model.encode(ids)
         else:
