@@ -1,6 +1,8 @@
 """Chat format: role tokens are inserted by id; the same strings typed by a user stay text; the
 assistant mask covers exactly what the assistant writes (its content and its <|end|>)."""
 
+import json
+
 import pytest
 from train_helpers import write_corpus
 
@@ -52,3 +54,69 @@ def test_chat_needs_chat_tokens_and_known_roles(tok, tmp_path):
     (tmp_path / "tokenizer.json").write_text(text)
     with pytest.raises(UserError, match=r"has no <\|end\|> token"):
         encode_chat(Tokenizer.load(tmp_path), [{"role": "user", "content": "x"}])
+
+
+@pytest.fixture(scope="module")
+def ckpt(tok, tmp_path_factory):
+    """A tiny random GPT checkpoint with the char tokenizer (lmforge's role tokens)."""
+    import torch
+
+    from lmforge.models import GPT, ModelConfig
+    from lmforge.train.checkpoint import save_checkpoint, tied_aliases
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16, block_size=64))
+    path = tmp_path_factory.mktemp("ckpt") / "ckpt"
+    tok.save(path.parent)
+    save_checkpoint(path, model.state_dict(), model.config.to_dict(), path.parent / "tokenizer.json", None,
+                    drop=tied_aliases(model))
+    return path
+
+
+def test_generate_chat_replies_in_the_chat_template(ckpt, capsys):
+    from lmforge.cli import main
+    from lmforge.infer.generate import generate_text
+    from lmforge.train.checkpoint import load_pretrained
+
+    capsys.readouterr()
+    args = ["generate", "--ckpt", str(ckpt), "--prompt", "hi", "--max-new-tokens", "12", "--seed", "3"]
+    assert main([*args, "--chat", "--system", "be brief"]) == 0
+    reply = capsys.readouterr().out
+    model, tok = load_pretrained(ckpt)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    pieces = []
+    generate_text(model, tok, encode_chat(tok, messages), max_new_tokens=12, temperature=0.8, seed=3,
+                  stop_ids=chat_stop_ids(tok), stream=pieces.append)
+    assert reply == "".join(pieces) + "\n" and len(reply) > 1
+    assert main(args) == 0  # without --chat: a plain continuation that starts with the prompt
+    assert capsys.readouterr().out.startswith("hi")
+
+
+def test_chat_loop_uses_the_checkpoints_jinja_template(ckpt, tmp_path, monkeypatch):
+    import io
+
+    from lmforge.infer import chat as chat_module
+    from lmforge.tokenizer.chat import JinjaChatTemplate, chat_template
+
+    (tmp_path / "tokenizer.json").write_text((ckpt / "tokenizer.json").read_text())
+    template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "eos_token": "<|eos|>"}))
+    tok = Tokenizer.load(tmp_path)
+    assert isinstance(chat_template(tok), JinjaChatTemplate)
+    calls = []
+
+    def fake_generate(model, tokenizer, prompt, *, stop_ids, stream, **sampling):
+        calls.append((list(prompt), set(stop_ids)))
+        stream("fine")
+        return "fine"
+
+    monkeypatch.setattr(chat_module, "generate_text", fake_generate)
+    out = io.StringIO()
+    chat_module.chat_loop(None, tok, system="s", stdin=io.StringIO("hello\nand you\n"), stdout=out)
+    assert out.getvalue() == "model> fine\nmodel> fine\n"
+    history = [{"role": "system", "content": "s"}, {"role": "user", "content": "hello"},
+               {"role": "assistant", "content": "fine"}, {"role": "user", "content": "and you"}]
+    expect = chat_template(tok).encode(history)
+    assert calls[1][0] == expect and tok.decode(expect).endswith("and you<|end|>\n<|assistant|>")
+    assert calls[1][1] == {tok.token_to_id("<|end|>"), tok.token_to_id("<|eos|>")}

@@ -134,10 +134,19 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     model, tokenizer = load_pretrained(args.ckpt, args.device)
     require_generative(model, args.ckpt)
     prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
+    stream = lambda piece: (sys.stdout.write(piece), sys.stdout.flush())  # noqa: E731
+    if args.chat or args.system is not None:  # the prompt is a user message; print the assistant's reply only
+        from lmforge.infer.chat import chat_reply
+        from lmforge.tokenizer.chat import chat_template
+
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+            [{"role": "user", "content": prompt}]
+        chat_reply(model, chat_template(tokenizer), messages, stream=stream, **_sampling(args))
+        sys.stdout.write("\n")
+        return
     if not is_encoder_decoder(model):  # a continuation follows its prompt; a seq2seq output stands alone
         sys.stdout.write(prompt)
-    generate_text(model, tokenizer, prompt, stop=args.stop or None,
-                  stream=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()), **_sampling(args))
+    generate_text(model, tokenizer, prompt, stop=args.stop or None, stream=stream, **_sampling(args))
     sys.stdout.write("\n")
 
 
@@ -316,6 +325,9 @@ def _add_generation_commands(sub) -> None:
     p.add_argument("--prompt", default="\n")
     p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
     p.add_argument("--escapes", action="store_true", help=r"interpret \n and \t in --prompt")
+    p.add_argument("--chat", action="store_true", help="the prompt is a user message in the checkpoint's chat "
+                   "template (as `lmforge chat` and SFT); print the assistant's reply")
+    p.add_argument("--system", default=None, help="system message (implies --chat)")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat with a checkpoint")
