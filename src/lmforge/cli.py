@@ -424,9 +424,72 @@ def _add_diagnose_command(sub) -> None:
     p.set_defaults(func=_cmd_diagnose)
 
 
+def _cmd_finetune(args: argparse.Namespace) -> None:
+    from lmforge.config import load_config
+    from lmforge.posttrain.run import human_bytes, posttrain
+
+    cfg = load_config(args.config, args.set)
+    if cfg.objective == "clm":  # a recipe that names no objective: fine-tuning is sft
+        cfg.objective = "sft"
+    if cfg.objective != "sft":
+        raise UserError(f"finetune trains objective sft, but the recipe says objective: {cfg.objective}; "
+                        "use `lmforge align` for reward, dpo, orpo and ppo")
+    summary = posttrain(cfg, args.out, base=args.base, data=args.data, resume=args.resume,
+                        overwrite=args.overwrite, force=args.force)
+    if summary and os.environ.get("RANK", "0") == "0":
+        m = summary["metrics"]
+        val = m["best_val_loss"]
+        adapter = f", adapter alone: {summary['adapter_dir']}" if summary.get("adapter_dir") else ""
+        print(f"done: {m['steps']} steps ({m['method']}, {m['trainable_params']:,} of {m['total_params']:,} "
+              f"parameters trained), best val loss {val if val is None else round(val, 4)} (step {m['best_step']}); "
+              f"peak memory {human_bytes(m['peak_memory_measured_bytes'])} measured, "
+              f"{human_bytes(m['peak_memory_predicted_bytes'])} predicted; model: {Path(args.out)}{adapter}")
+
+
+def _cmd_merge(args: argparse.Namespace) -> None:
+    from lmforge.posttrain.run import write_merged
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it, or another --out")
+    m = write_merged(args.ckpt, out)["metrics"]
+    print(f"merged the {m['method']} adapter of {args.ckpt} into a plain checkpoint: {out} "
+          f"({m['params']:,} parameters)")
+
+
+def _add_finetune_commands(sub) -> None:
+    p = sub.add_parser("finetune", help="supervised fine-tuning of a checkpoint on chat/instruction JSONL "
+                                        "(full, freeze, LoRA, QLoRA, prefix, prompt; docs/POSTTRAIN.md)")
+    p.add_argument("config", help="YAML recipe or a preset name: sft-full, sft-freeze, sft-lora, sft-qlora, "
+                                  "sft-prefix, sft-prompt")
+    p.add_argument("--base", required=True, metavar="DIR",
+                   help="the model to fine-tune: a checkpoint dir, a run dir (its best checkpoint) or a "
+                        "`convert from-hf` output; its config.json and tokenizer are used")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="JSONL: chat (messages), instruction (instruction/input/output) or prompt/completion lines; "
+                        "as data.file (data.val_file: a held-out file, else 5%% of FILE by content hash)")
+    p.add_argument("--out", required=True, help="run dir: checkpoints (with the adapter), metrics, report, "
+                                                "summary.json; adapter/ for adapter methods")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set adapter.lora_rank=16 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--force", action="store_true",
+                   help="start even when the run is predicted not to fit in the memory available")
+    p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser("merge", help="fold a fine-tuned checkpoint's LoRA adapter into its weights: a plain "
+                                     "checkpoint (export, serving)")
+    p.add_argument("--ckpt", required=True, help="a fine-tuning run dir (its best checkpoint) or checkpoint dir")
+    p.add_argument("--out", required=True, help="the plain checkpoint dir to write (atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    p.set_defaults(func=_cmd_merge)
+
+
 COMMAND_GROUPS = (_add_data_commands, _add_tokenizer_commands, _add_pretrain_command, _add_generation_commands,
                   _add_convert_command, _add_embed_command, _add_plan_command, _add_eval_command,
                   _add_diagnose_command)
+COMMAND_GROUPS += (_add_finetune_commands,)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,6 +31,7 @@ from lmforge.fsutil import atomic_dir, atomic_write_json
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TRANSFORM_STATE = "transform_state.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"  # a fine-tuning run's adapter (lmforge.adapters)
 # a converted model's chat template (`lmforge.tokenizer.chat.read_hf_chat_template`) travels with its tokenizer.json
 TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
@@ -169,7 +170,10 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
-    """Load a checkpoint (or a run dir's best checkpoint) for inference: `(model, tokenizer)`."""
+    """Load a checkpoint (or a run dir's best checkpoint) for inference: `(model, tokenizer)`.
+
+    A fine-tuning run's checkpoint (`adapter_config.json` beside the weights) comes back with its
+    adapter re-applied (`lmforge.adapters.apply_saved_adapter`): LoRA, QLoRA, prefix or prompt."""
     from lmforge.models import build_model
     from lmforge.models.config import ModelConfig
     from lmforge.tokenizer import Tokenizer
@@ -187,4 +191,8 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
         )
     model = build_model(model_cfg)
     load_weights_into(model, read_weights(path), path)
+    if (path / ADAPTER_CONFIG).is_file():  # a fine-tuning run's checkpoint: its adapter on top of the base layout
+        from lmforge.adapters import apply_saved_adapter
+
+        model = apply_saved_adapter(model, path)
     return model.to(device).eval(), tokenizer

@@ -5,6 +5,7 @@
     objective: span         T5 span corruption                               span.SpanCorruption
     objective: seq2seq      source -> target pairs from a JSONL file         seq2seq.Seq2Seq
     objective: contrastive  SimCSE sentence embeddings (BERT)                contrastive.Contrastive
+    objective: sft          supervised fine-tuning on chat/instruction JSONL  sft.SFT
 
 Each objective is one class that owns its config section, checks, batch shapes, FLOPs and
 memory factors (see `base.Objective`). Adding one: write the class (with its `Options`
@@ -23,6 +24,7 @@ from lmforge.train.objectives.contrastive import Contrastive, ContrastiveOptions
 from lmforge.train.objectives.mlm import MaskedLM, MLMOptions
 from lmforge.train.objectives.ppo import PPO, PPOOptions
 from lmforge.train.objectives.seq2seq import PairSource, Seq2Seq
+from lmforge.train.objectives.sft import SFT, SFTOptions
 from lmforge.train.objectives.span import SpanCorruption, SpanOptions, span_counts, span_lengths
 from lmforge.train.objectives.tokens import (
     MASK,
@@ -37,7 +39,7 @@ from lmforge.train.objectives.tokens import (
 )
 
 OBJECTIVES: dict[str, type[Objective]] = {
-    cls.name: cls for cls in (CausalLM, MaskedLM, SpanCorruption, Contrastive, Seq2Seq, PPO)
+    cls.name: cls for cls in (CausalLM, MaskedLM, SpanCorruption, Contrastive, Seq2Seq, PPO, SFT)
 }
 
 
@@ -56,6 +58,7 @@ def objective_for(cfg: Any, tokenizer: Any, model_config: Any,
 
 
 __all__ = [
+    "SFT", "SFTOptions",
     "EVAL_STREAM", "MASK", "MASK_FALLBACKS", "NUM_SENTINELS", "OBJECTIVES", "Batch", "CausalLM", "Contrastive",
     "ContrastiveOptions", "MLMOptions", "MaskedLM", "Objective", "PPO", "PPOOptions", "PairSource", "Seq2Seq",
     "SpanCorruption", "SpanOptions", "find_token", "objective_class", "objective_for", "padded_vocab", "sentinel",
