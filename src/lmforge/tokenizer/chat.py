@@ -129,9 +129,9 @@ class JinjaChatTemplate(ChatTemplate):
     The assistant mask comes from character spans: each assistant message's content is located in
     the rendered text (by rendering the conversation once more with a marker in its place) and the
     tokens overlapping it, plus the control token that closes the turn (and whitespace before it),
-    are marked. Control-token strings inside a message's content stay text (as lmforge's own
-    format and transformers' `sanitize_control_tokens=True`): only then do the ids differ from
-    transformers' default, which would parse them.
+    are marked. Control-token strings inside a message's content stay text (as in lmforge's own
+    format; transformers keeps them text only with `sanitize_control_tokens=True`): only then do
+    the ids differ from transformers' default, which would parse them.
     """
 
     kind = "jinja"
