@@ -245,3 +245,24 @@ def test_convert_keeps_the_chat_template_both_ways(tmp_path, tokenizer_json):
         for gen in (True, False):
             want = encode_chat(tok, messages, add_generation_prompt=gen)
             assert list(hf_tok.apply_chat_template(messages, add_generation_prompt=gen, return_dict=False)) == want
+
+
+def test_sandbox_helpers_as_transformers(tmp_path, tokenizer_json):
+    from datetime import datetime
+
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "tokenizer.json").write_text(tokenizer_json.read_text())
+    template = ("{{ bos_token }}{{ strftime_now('%Y') }}{% set d = dict(a=1) %}{{ d | tojson }}"
+                "{% for m in messages %}{{ m['content'] }}</s>{% endfor %}")
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "bos_token": "<s>",
+                                                         "eos_token": "</s>", "tokenizer_class":
+                                                         "PreTrainedTokenizerFast"}))
+    ours = chat_template(Tokenizer.load(d))
+    ref = PreTrainedTokenizerFast.from_pretrained(str(d))
+    messages = [{"role": "user", "content": "é<&>"}]
+    assert ours.render(messages) == ref.apply_chat_template(messages, tokenize=False)
+    assert ours.render(messages) == f'<s>{datetime.now().year}{{"a": 1}}é<&></s>'
+    (d / "chat_template.jinja").write_text("{% set ns = namespace(_secret=1) %}{{ ns }}")
+    with pytest.raises(UserError, match="chat_template.jinja: the chat template refused"):
+        chat_template(Tokenizer.load(d)).render(messages)

@@ -30,6 +30,7 @@ from typing import Any
 from lmforge.data.readers import iter_jsonl_objects
 from lmforge.data.split import assign_split
 from lmforge.errors import UserError
+from lmforge.tokenizer.tok import EOS
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -100  # label of a position without loss
@@ -209,7 +210,9 @@ def encode_example(template: Any, example: Example) -> tuple[list[int], list[int
     """
     tokenizer = getattr(template, "tokenizer", template)
     if example.messages is None:
-        eos = tokenizer.special_id_or_none("<|eos|>")
+        eos = tokenizer.special_id_or_none(EOS)
+        if eos is None and getattr(template, "special_tokens", {}).get("eos_token"):  # a converted model's eos
+            eos = tokenizer.token_to_id(template.special_tokens["eos_token"])
         if eos is None:
             raise UserError(f"{example.where}: {tokenizer.source} has no end-of-sequence token to end the "
                             "completion with; use chat data with the model's chat template")

@@ -276,7 +276,6 @@ def sandbox() -> Any:
     from datetime import datetime
 
     import jinja2
-    import jinja2.utils
     from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -290,6 +289,31 @@ def sandbox() -> Any:
 
         def _body(self, caller):
             return caller()
+
+    class TemplateDict:  # `dict(...)` and `dict.fromkeys(...)`, nothing else of the type
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f),
+                       dict=TemplateDict(), namespace=_namespace_type())
+    return env
+
+
+@functools.cache
+def _namespace_type() -> type:
+    """jinja's `namespace`, refusing underscore attributes (as transformers' sandbox)."""
+    import jinja2.utils
 
     class Namespace(jinja2.utils.Namespace):
         def __init__(*args, **kwargs):
@@ -308,24 +332,7 @@ def sandbox() -> Any:
             if isinstance(name, str) and name.startswith("_"):
                 raise jinja2.exceptions.SecurityError(f"chat templates cannot store {name!r} on a namespace")
 
-    class TemplateDict:  # `dict(...)` and `dict.fromkeys(...)`, nothing else of the type
-        def __call__(self, *args, **kwargs):
-            return dict(*args, **kwargs)
-
-        def fromkeys(self, *args, **kwargs):
-            return dict.fromkeys(*args, **kwargs)
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f),
-                       dict=TemplateDict(), namespace=Namespace)
-    return env
+    return Namespace
 
 
 def read_hf_chat_template(directory: str | Path) -> tuple[str | None, dict[str, str], str]:
