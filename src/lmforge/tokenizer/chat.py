@@ -72,8 +72,6 @@ def encode_chat(tokenizer: Any, messages: Sequence[dict[str, str]], add_generati
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"  # transformers >= 4.43 saves a single template here
-# The files next to a tokenizer.json that carry its chat format; a checkpoint keeps them with it
-CHAT_FILES = (TOKENIZER_CONFIG, "special_tokens_map.json", TEMPLATE_FILE)
 # lmforge's own format as a jinja chat template, for `convert to-hf`: transformers' apply_chat_template
 # then gives the ids `encode_chat` gives (the role tokens are control tokens of the tokenizer)
 LMFORGE_JINJA = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"

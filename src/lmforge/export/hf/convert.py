@@ -175,8 +175,6 @@ def from_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False,
     params = sum(t.numel() for t in state.values())
     with atomic_dir(out) as tmp:  # the checkpoint, its metadata and summary appear together
         save_checkpoint(tmp, state, config.to_dict(), tokenizer if tokenizer.is_file() else None, None)
-        if tokenizer.is_file():
-            _copy_chat_files(hf_dir, tmp)
         if arch.model_type == "bert":
             _copy_sentence_transformers_config(hf_dir, tmp)
         summary = write_summary(tmp, "convert from-hf", config=config.to_dict(), inputs={"hf_dir": hf_dir},
@@ -225,16 +223,6 @@ def _write_sentence_transformers_files(tmp: Path, ckpt: Path, c: ModelConfig) ->
     atomic_write_json(tmp / "1_Pooling" / "config.json", {
         "word_embedding_dimension": c.n_embd, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
         "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False})
-
-
-def _copy_chat_files(hf_dir: Path, out: Path) -> None:
-    """Keep the model's tokenizer_config.json (its chat_template, special tokens), special_tokens_map.json
-    and chat_template.jinja next to its tokenizer.json: `lmforge.tokenizer.chat.chat_template` reads them."""
-    from lmforge.tokenizer.chat import CHAT_FILES
-
-    for name in CHAT_FILES:
-        if (hf_dir / name).is_file():
-            shutil.copyfile(hf_dir / name, out / name)
 
 
 def _add_chat_template(tok_config: dict[str, Any], ckpt: Path) -> None:
