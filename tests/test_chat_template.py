@@ -245,6 +245,8 @@ def test_convert_keeps_the_chat_template_both_ways(tmp_path, tokenizer_json):
         for gen in (True, False):
             want = encode_chat(tok, messages, add_generation_prompt=gen)
             assert list(hf_tok.apply_chat_template(messages, add_generation_prompt=gen, return_dict=False)) == want
+    from_hf(tmp_path / "own_hf", tmp_path / "own_back")  # lmforge's format comes back as itself (role tokens by id)
+    assert type(chat_template(Tokenizer.load(tmp_path / "own_back"))) is ChatTemplate
 
 
 def test_sandbox_helpers_as_transformers(tmp_path, tokenizer_json):

@@ -383,8 +383,8 @@ def chat_template(tokenizer: Any) -> ChatTemplate:
     directory = Path(source).parent if source and Path(source).is_file() else None
     if directory is not None:
         template, specials, where = read_hf_chat_template(directory)
-        if template is not None:
-            return JinjaChatTemplate(tokenizer, template, specials, where)
+        if template is not None and not (template == LMFORGE_JINJA and tokenizer.token_to_id(END) is not None):
+            return JinjaChatTemplate(tokenizer, template, specials, where)  # (lmforge's own, back from to-hf: by id)
     if tokenizer.token_to_id(END) is None:
         raise UserError(f"{source or 'this tokenizer'} has no chat format: neither lmforge's role tokens nor a "
                         f"chat_template in {TOKENIZER_CONFIG} next to it; use prompt/completion data, or a model "
