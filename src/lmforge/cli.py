@@ -75,6 +75,15 @@ def _cmd_make_sft(args: argparse.Namespace) -> None:
           f"speeches dropped as also in the train split) into {args.out}")
 
 
+def _cmd_posttrain_eval(args: argparse.Namespace) -> None:
+    from lmforge.posttrain.evaluate import evaluate_models, format_table, parse_models
+
+    summary = evaluate_models(parse_models(args.model, args.format), args.data, args.out, limit=args.limit,
+                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=args.device)
+    print(format_table(summary))
+    print(f"summary: {Path(args.out) / 'summary.json'}")
+
+
 def _cmd_eval(args: argparse.Namespace) -> None:
     from lmforge.eval import evaluate
     from lmforge.eval.report import headline
@@ -424,6 +433,21 @@ def _add_diagnose_command(sub) -> None:
     p.set_defaults(func=_cmd_diagnose)
 
 
+def _add_posttrain_eval_command(sub) -> None:
+    p = sub.add_parser("posttrain-eval", help="base vs fine-tuned models on held-out chat tasks (docs/POSTTRAIN.md)")
+    p.add_argument("--model", action="append", default=[], required=True, metavar="NAME=DIR",
+                   help="a checkpoint or run dir to measure (repeatable); one named base is prompted in plain text")
+    p.add_argument("--format", action="append", default=[], metavar="NAME=plain|chat",
+                   help="prompt format of a model (default: plain for base, chat for the others)")
+    p.add_argument("--data", required=True, help="the output dir of `lmforge data make-sft` (its held-out files)")
+    p.add_argument("--out", required=True, help="writes OUT/summary.json")
+    p.add_argument("--limit", type=int, default=None, help="at most this many items of each held-out file")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="reply length bound for ends_by_itself")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_posttrain_eval)
+
+
 def _cmd_finetune(args: argparse.Namespace) -> None:
     from lmforge.config import load_config
     from lmforge.posttrain.run import human_bytes, posttrain
@@ -489,6 +513,7 @@ def _add_finetune_commands(sub) -> None:
 COMMAND_GROUPS = (_add_data_commands, _add_tokenizer_commands, _add_pretrain_command, _add_generation_commands,
                   _add_convert_command, _add_embed_command, _add_plan_command, _add_eval_command,
                   _add_diagnose_command)
+COMMAND_GROUPS += (_add_posttrain_eval_command,)
 COMMAND_GROUPS += (_add_finetune_commands,)
 
 

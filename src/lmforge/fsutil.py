@@ -119,7 +119,7 @@ def versions() -> dict[str, str]:
 
 # every stage's name in summary.json: the command as it is typed
 STAGES = ("data fetch", "data prepare", "data make-tasks", "tokenizer train", "tokenize", "pretrain", "eval",
-          "convert from-hf", "convert to-hf", "finetune", "merge", "align", "data make-sft")
+          "convert from-hf", "convert to-hf", "finetune", "merge", "align", "data make-sft", "posttrain-eval")
 
 
 def write_summary(
