@@ -29,6 +29,7 @@ CAPABILITIES = {
     "classify": "`classify(input_ids, ...)` gives sequence-classification logits: BERT with num_labels",
     "nsp": "`nsp_logits(...)` gives next-sentence logits: BERT with nsp_head",
     "moe_stats": "`moe_stats()` reports Mixture-of-Experts routing: GPT with moe.num_experts > 0",
+    "score": "`scores(idx)` gives per-position head outputs (B, T, num_labels): GPT with num_labels (reward models)",
 }
 
 

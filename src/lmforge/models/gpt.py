@@ -39,6 +39,8 @@ class GPT(nn.Module):
         self.config = c = config
         if c.moe.num_experts:
             self.capabilities = self.capabilities | {"moe_stats"}
+        if c.num_labels:
+            self.capabilities = self.capabilities | {"score"}
         self.tok_embeddings = nn.Embedding(c.vocab_size, c.n_embd)
         self.pos_embeddings = (nn.Embedding(c.block_size, c.n_embd)
                                if c.pos_encoding == "learned" else None)
@@ -59,6 +61,9 @@ class GPT(nn.Module):
             # Input and output embeddings share one matrix (Press & Wolf 2017): fewer
             # parameters and, at small scale, slightly better perplexity.
             self.lm_head.weight = self.tok_embeddings.weight
+        # model.num_labels > 0: a scalar (or per-class) head on the final normed hidden states, read by
+        # `scores` (a reward model: num_labels=1, its reward is the score at a sequence's last token)
+        self.score = nn.Linear(c.n_embd, c.num_labels, bias=False) if c.num_labels else None
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -147,6 +152,25 @@ class GPT(nn.Module):
             aux, z = router_losses
             loss = loss + self.config.moe.aux_loss_coef * aux + self.config.moe.z_loss_coef * z
         return logits, loss
+
+    def scores(self, idx: Tensor, *, position_ids: Tensor | None = None,
+               doc_ids: Tensor | None = None) -> Tensor:
+        """Per-position head outputs (B, T, num_labels): the final hidden states, normed, through
+        `score` (model.num_labels > 0). A sequence's score is the one at its last token (padding
+        to the right never changes it: attention is causal).
+
+        The normed hidden states are taken from `forward` (a hook on `norm`), so every forward
+        path (positions, packed rows, MoE) is the one the LM uses; its logits are discarded.
+        """
+        if self.score is None:
+            raise ValueError("this model has no score head (model.num_labels is 0)")
+        hidden: list[Tensor] = []
+        handle = self.norm.register_forward_hook(lambda module, args, out: hidden.append(out))
+        try:
+            self(idx, position_ids=position_ids, doc_ids=doc_ids)
+        finally:
+            handle.remove()
+        return self.score(hidden[-1])
 
     def moe_stats(self) -> dict[str, object] | None:
         """Expert utilization etc. of the last forward (`lmforge.models.moe.moe_stats`); None if dense."""

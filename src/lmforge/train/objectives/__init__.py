@@ -6,6 +6,10 @@
     objective: seq2seq      source -> target pairs from a JSONL file         seq2seq.Seq2Seq
     objective: contrastive  SimCSE sentence embeddings (BERT)                contrastive.Contrastive
     objective: sft          supervised fine-tuning on chat/instruction JSONL  sft.SFT
+    objective: reward       reward model (scalar head) on preference pairs    reward.RewardModel
+    objective: dpo          direct preference optimization (frozen reference) dpo.DPO
+    objective: orpo         odds-ratio preference optimization (no reference) orpo.ORPO
+    objective: classify     sequence classification (BERT or GPT) on JSONL    classify.Classify
 
 Each objective is one class that owns its config section, checks, batch shapes, FLOPs and
 memory factors (see `base.Objective`). Adding one: write the class (with its `Options`
@@ -20,9 +24,13 @@ from typing import Any
 from torch import nn
 
 from lmforge.train.objectives.base import EVAL_STREAM, Batch, CausalLM, Objective
+from lmforge.train.objectives.classify import Classify, ClassifyOptions
 from lmforge.train.objectives.contrastive import Contrastive, ContrastiveOptions
+from lmforge.train.objectives.dpo import DPO, DPOOptions
 from lmforge.train.objectives.mlm import MaskedLM, MLMOptions
+from lmforge.train.objectives.orpo import ORPO, ORPOOptions
 from lmforge.train.objectives.ppo import PPO, PPOOptions
+from lmforge.train.objectives.reward import RewardModel
 from lmforge.train.objectives.seq2seq import PairSource, Seq2Seq
 from lmforge.train.objectives.sft import SFT, SFTOptions
 from lmforge.train.objectives.span import SpanCorruption, SpanOptions, span_counts, span_lengths
@@ -39,7 +47,8 @@ from lmforge.train.objectives.tokens import (
 )
 
 OBJECTIVES: dict[str, type[Objective]] = {
-    cls.name: cls for cls in (CausalLM, MaskedLM, SpanCorruption, Contrastive, Seq2Seq, PPO, SFT)
+    cls.name: cls for cls in (CausalLM, MaskedLM, SpanCorruption, Contrastive, Seq2Seq, PPO, SFT,
+                              RewardModel, DPO, ORPO, Classify)
 }
 
 
@@ -63,4 +72,5 @@ __all__ = [
     "ContrastiveOptions", "MLMOptions", "MaskedLM", "Objective", "PPO", "PPOOptions", "PairSource", "Seq2Seq",
     "SpanCorruption", "SpanOptions", "find_token", "objective_class", "objective_for", "padded_vocab", "sentinel",
     "span_counts", "span_lengths", "special_ids", "token_fallbacks", "with_tokens",
+    "DPO", "Classify", "ClassifyOptions", "DPOOptions", "ORPO", "ORPOOptions", "RewardModel",
 ]
