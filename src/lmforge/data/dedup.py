@@ -123,15 +123,17 @@ def near_duplicate_roots(sigs: np.ndarray, bands: int, rows: int, threshold: flo
     return roots_from_pairs(len(sigs), candidate_pairs(sigs, bands, rows), lambda rows_: sigs[rows_], threshold)
 
 
-def roots_from_pairs(n: int, pairs: np.ndarray, load: Any, threshold: float) -> np.ndarray:
+def roots_from_pairs(n: int, pairs: np.ndarray, load: Any, threshold: float,
+                     roots: np.ndarray | None = None) -> np.ndarray:
     """Cluster id for each of `n` rows: the candidate `pairs` whose signatures agree on at least
-    `threshold` of their values, joined by union-find.
+    `threshold` of their values, joined by union-find (starting from the clusters `roots` of an
+    earlier call when given: the split groups of `lmforge.data.group` join near-duplicate clusters).
 
     `load(rows)` returns the signatures of the sorted row indices `rows` (only rows in some pair:
     `data prepare` reads them from disk, so the full signatures of a corpus are never in memory);
     pairs are compared in chunks, so memory does not grow with their number either.
     """
-    parent = np.arange(n)
+    parent = np.arange(n) if roots is None else roots.copy()
     if len(pairs):
         involved = np.unique(pairs)
         sigs = load(involved)

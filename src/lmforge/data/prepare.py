@@ -5,16 +5,19 @@ Three stages, so that the output is identical for any number of workers and any 
 1. per shard, in parallel (`process_shard`): read -> normalize (+ boilerplate lines of the
    shard's sources) -> language id -> Gopher quality -> Gopher repetition -> blocklist ->
    PII scrubbing (a list of steps: `lmforge.data.chain`); survivors go to `<work>/shard-NNNNN.parquet`
-   with their exact hashes (`.npz`) and MinHash signatures (`.sigs`, raw uint32), and the shard's accounting to
-   `.json` (written last: it is the "shard finished" marker that resume trusts);
+   with their exact hashes (`.npz`), MinHash signatures (`.sigs`, raw uint32) and split-group
+   signatures (`.gsigs`, `lmforge.data.group`), and the shard's accounting to `.json` (written
+   last: it is the "shard finished" marker that resume trusts);
 2. once, over all shards (`_decide`): exact dedup, MinHash-LSH near dedup, optional
-   paragraph dedup, and the split of every surviving document by a hash of its cluster;
+   paragraph dedup, split groups, and the split of every surviving document by a hash of its
+   group (its near-duplicate cluster joined with the documents its text overlaps: `split.group`);
 3. per shard, in parallel (`write_shard`): the kept documents to `<out>/<split>/part-NNNNN.parquet`.
 
 Memory is bounded by a batch of `read.shard_bytes` (stages 1 and 3 stream; parquet is read
 page by page, see `readers.open_parquet`) plus ~200 bytes per surviving document in stage 2
-(hash, length, status, split; 16 LSH band keys of 8 bytes while candidates are found) and
-the signatures of candidate pairs: all signatures (512 bytes a document) stay on disk.
+(hash, length, status, split; 16 LSH band keys of 8 bytes while candidates are found, for
+dedup and then for split groups, 16 bands a pass) and the signatures of candidate pairs: all
+signatures (2 x 512 bytes a document) stay on disk.
 
 Resume is automatic: the work directory `<out parent>/.<out name>.work` survives an
 interrupted run, and a rerun with the same config and unchanged input files skips every
@@ -39,7 +42,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from lmforge.data import dedup, tally
+from lmforge.data import dedup, group, tally
 from lmforge.data.chain import Doc, filter_steps, make_chain, normalize_batch, run_steps, utf8_size
 from lmforge.data.config import DataPrepConfig, to_dict
 from lmforge.data.executors import LocalRunner, RayRunner
@@ -71,20 +74,22 @@ def process_shard(shard: Shard, cfg_dict: dict[str, Any], work: str, strict: boo
     stem = Path(work) / f"shard-{shard.index:05d}"
     schema = pa.schema([(k, pa.float32() if k == "lang_score" else pa.string()) for k in _COLUMNS])
     # per-document dedup state as packed 8-byte machine integers (a Python int in a list costs ~40)
-    arrays: dict[str, Any] = {"exact": array("Q"), "lengths": array("q"), "sigs": [], "para_hashes": array("Q"),
-                              "para_counts": array("q")}
+    arrays: dict[str, Any] = {"exact": array("Q"), "lengths": array("q"), "sigs": [], "gsigs": [],
+                              "para_hashes": array("Q"), "para_counts": array("q")}
     kept = 0
-    # signatures (512 bytes a document) stream to a raw file, batch by batch, instead of memory
-    with pq.ParquetWriter(f"{stem}.parquet.tmp", schema) as writer, open(f"{stem}.sigs.tmp", "wb") as sig_file:
+    # signatures (512 bytes a document, each kind) stream to raw files, batch by batch, instead of memory
+    with (pq.ParquetWriter(f"{stem}.parquet.tmp", schema) as writer, open(f"{stem}.sigs.tmp", "wb") as sig_file,
+          open(f"{stem}.gsigs.tmp", "wb") as group_file):
         for batch in _batches(read_shard(shard, cfg.read, strict=strict), cfg.read.shard_bytes, t):
             rows = _filter_batch(batch, cfg, t, arrays)
-            if arrays["sigs"]:
-                np.stack(arrays["sigs"]).astype(np.uint32).tofile(sig_file)
-                arrays["sigs"].clear()
+            for key, file in (("sigs", sig_file), ("gsigs", group_file)):
+                if arrays[key]:
+                    np.stack(arrays[key]).astype(np.uint32).tofile(file)
+                    arrays[key].clear()
             writer.write_table(pa.table(rows, schema=schema))
             kept += len(rows["text"])
-    os.replace(f"{stem}.parquet.tmp", f"{stem}.parquet")
-    os.replace(f"{stem}.sigs.tmp", f"{stem}.sigs")
+    for suffix in ("parquet", "sigs", "gsigs"):
+        os.replace(f"{stem}.{suffix}.tmp", f"{stem}.{suffix}")
     out = {
         "exact": np.array(arrays["exact"], dtype=np.uint64), "lengths": np.array(arrays["lengths"], dtype=np.int64),
         "para_hashes": np.array(arrays["para_hashes"], dtype=np.uint64),
@@ -123,7 +128,8 @@ def _filter_batch(batch: list[Record], cfg: DataPrepConfig, t: dict[str, Any],
     """Normalize, filter and scrub one batch (the chain of steps in data/chain.py); the survivors'
     columns (their dedup keys go to `arrays`)."""
     chain, steps = make_chain(cfg, t), filter_steps(cfg)
-    perms = dedup.permutations(cfg.dedup.num_perm, cfg.dedup.seed)
+    perms = (dedup.permutations(cfg.dedup.num_perm, cfg.dedup.seed),
+             dedup.permutations(cfg.split.group_num_perm, cfg.dedup.seed))
     rows: dict[str, list] = {k: [] for k in _COLUMNS}
     for doc in normalize_batch(batch, cfg, t):
         if run_steps(doc, steps, chain):
@@ -143,13 +149,17 @@ def _add_row(rows: dict[str, list], doc: Doc) -> None:
 
 
 def _add_dedup_keys(arrays: dict[str, Any], doc: Doc, cfg: DataPrepConfig, perms: tuple[Any, Any]) -> None:
-    """A survivor's exact hash and length, MinHash signature and paragraph hashes, for stage 2."""
+    """A survivor's exact hash and length, MinHash signatures (dedup's and the split group's) and
+    paragraph hashes, for stage 2."""
     arrays["exact"].append(dedup.exact_hash(doc.text))
     arrays["lengths"].append(utf8_size(doc.text))
     if cfg.dedup.near:
         word_hashes, _ = doc.words.hashes(doc.text)
         shingles = dedup.shingles_from_hashes(word_hashes, cfg.dedup.shingle_words)
-        arrays["sigs"].append(dedup.signature(shingles, *perms))
+        arrays["sigs"].append(dedup.signature(shingles, *perms[0]))
+    if cfg.split.group:
+        shingles = group.group_shingles(doc.text, doc.words, cfg.split.group_shingle_words)
+        arrays["gsigs"].append(dedup.signature(shingles, *perms[1]))
     if cfg.dedup.paragraphs:
         hashes = [dedup.exact_hash(p) for p in _PARAGRAPH.split(doc.text) if len(p.strip()) >= _MIN_PARAGRAPH_CHARS]
         arrays["para_hashes"].extend(hashes)
@@ -162,48 +172,43 @@ def _config_from_dict(data: dict[str, Any]) -> DataPrepConfig:
     return build(DataPrepConfig, data, "", "")
 
 
-def _decide(work: Path, shards: list[Shard], cfg: DataPrepConfig) -> list[dict[str, np.ndarray]]:
-    """Stage 2: the fate (kept/exact/near/paragraph duplicate) and split of every stage-1 survivor."""
+def _decide(work: Path, shards: list[Shard], cfg: DataPrepConfig) -> tuple[list[dict[str, np.ndarray]], dict]:
+    """Stage 2: the fate (kept/exact/near/paragraph duplicate) and split of every stage-1 survivor,
+    and how the kept documents were grouped for the split (`group.group_stats`)."""
     loaded = [np.load(work / f"shard-{s.index:05d}.npz") for s in shards]
     sizes = [len(d["exact"]) for d in loaded]
     exact = np.concatenate([d["exact"] for d in loaded]) if loaded else np.zeros(0, np.uint64)
     lengths = np.concatenate([d["lengths"] for d in loaded]) if loaded else np.zeros(0, np.int64)
     n = len(exact)
     status = np.zeros(n, dtype=np.int8)
-    cluster_key = exact.copy()
     if cfg.dedup.exact and n:
         _, first = np.unique(exact, return_index=True)
         is_first = np.zeros(n, dtype=bool)
         is_first[first] = True
         status[~is_first] = _EXACT
+    alive_mask = status == _KEEP
+    alive = np.flatnonzero(alive_mask)
+    signatures = functools.partial(_alive_signatures, work, shards, sizes, alive_mask)
+    roots = np.arange(len(alive))
     if cfg.dedup.near and n:
-        alive_mask = status == _KEEP
-        alive = np.flatnonzero(alive_mask)
-        # signatures (4 * num_perm bytes a document) stay on disk: memory holds the band keys
-        # (8 * bands bytes) and, for verification, the signatures of candidate pairs only
-        keys = np.empty((len(alive), cfg.dedup.bands), dtype=np.uint64)
-        for start, chunk in _alive_signatures(work, shards, sizes, alive_mask, cfg.dedup.num_perm):
-            keys[start : start + len(chunk)] = dedup.band_keys(chunk, cfg.dedup.bands, cfg.dedup.rows)
-        pairs = dedup.candidate_pairs_from_keys(keys)
-        del keys
-
-        load = functools.partial(_signatures_of, work, shards, sizes, alive_mask, cfg.dedup.num_perm)
-        roots = dedup.roots_from_pairs(len(alive), pairs, load, cfg.dedup.verify_threshold)
-        del pairs
+        roots = _near_roots(signatures, len(alive), cfg)
         keep = dedup.keepers(roots, lengths[alive], cfg.dedup.keep)
         status[alive[~keep]] = _NEAR
-        # the split follows the cluster (smallest member hash), so no cluster straddles splits
-        hashes = exact[alive]
-        order = np.lexsort((hashes, roots))  # by cluster, then hash: each cluster's smallest first
-        new_cluster = np.concatenate([[True], roots[order][1:] != roots[order][:-1]])
-        smallest = hashes[order][new_cluster]
-        cluster_key[alive[order]] = smallest[np.cumsum(new_cluster) - 1]
+    if cfg.split.group and n:
+        s = cfg.split
+        pairs = group.candidate_pairs_in_passes(functools.partial(signatures, "gsigs", s.group_num_perm),
+                                                len(alive), s.group_bands, s.group_rows)
+        load = functools.partial(_signatures_of, signatures, "gsigs", s.group_num_perm, len(alive))
+        roots = dedup.roots_from_pairs(len(alive), pairs, load, s.group_threshold, roots)
+    # the split follows the group (its smallest member hash), so no group or cluster straddles splits
+    cluster_key = exact.copy()
+    cluster_key[alive] = group.smallest_key_per_cluster(roots, exact[alive])
     split = np.zeros(n, dtype=np.int8)
     position = np.zeros(n)
     fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
     for i in np.flatnonzero(status == _KEEP).tolist():
         split[i], position[i] = assign_split(int(cluster_key[i]), fractions, cfg.split.seed)
-    _fill_empty_splits(split, position, status, cfg)
+    _fill_empty_splits(split, position, status, cluster_key, cfg)
     drop_para = [np.zeros(0, dtype=np.int64)] * len(shards)
     if cfg.dedup.paragraphs:
         drop_para = _paragraph_dedup(loaded, status)
@@ -212,16 +217,31 @@ def _decide(work: Path, shards: list[Shard], cfg: DataPrepConfig) -> list[dict[s
         out.append({"status": status[start : start + size], "split": split[start : start + size],
                     "drop_para": drop_para[k]})
         start += size
-    return out
+    return out, group.group_stats(cluster_key[status == _KEEP])
 
 
-def _alive_signatures(work: Path, shards: list[Shard], sizes: list[int], alive: np.ndarray,
+def _near_roots(signatures: Any, n_alive: int, cfg: DataPrepConfig) -> np.ndarray:
+    """Near-duplicate cluster ids of the alive documents: LSH band keys, candidates, verified pairs."""
+    # signatures (4 * num_perm bytes a document) stay on disk: memory holds the band keys
+    # (8 * bands bytes) and, for verification, the signatures of candidate pairs only
+    d = cfg.dedup
+    keys = np.empty((n_alive, d.bands), dtype=np.uint64)
+    for start, chunk in signatures("sigs", d.num_perm):
+        keys[start : start + len(chunk)] = dedup.band_keys(chunk, d.bands, d.rows)
+    pairs = dedup.candidate_pairs_from_keys(keys)
+    del keys
+    load = functools.partial(_signatures_of, signatures, "sigs", d.num_perm, n_alive)
+    return dedup.roots_from_pairs(n_alive, pairs, load, d.verify_threshold)
+
+
+def _alive_signatures(work: Path, shards: list[Shard], sizes: list[int], alive: np.ndarray, suffix: str,
                       num_perm: int) -> Any:
     """(index among the alive rows of the first one, their signatures) in chunks, read from the
-    shards' `.sigs` files in order: memory holds one chunk, never every signature."""
+    shards' `.<suffix>` files (sigs: dedup's, gsigs: split groups') in order: memory holds one
+    chunk, never every signature."""
     start = row = 0
     for shard, size in zip(shards, sizes):
-        with open(work / f"shard-{shard.index:05d}.sigs", "rb") as f:
+        with open(work / f"shard-{shard.index:05d}.{suffix}", "rb") as f:
             for lo in range(0, size, _SIG_CHUNK_ROWS):
                 count = min(_SIG_CHUNK_ROWS, size - lo)
                 chunk = np.fromfile(f, dtype=np.uint32, count=count * num_perm).reshape(count, num_perm)
@@ -231,14 +251,13 @@ def _alive_signatures(work: Path, shards: list[Shard], sizes: list[int], alive: 
         row += size
 
 
-def _signatures_of(work: Path, shards: list[Shard], sizes: list[int], alive: np.ndarray, num_perm: int,
-                   rows: np.ndarray) -> np.ndarray:
-    """The signatures of the alive rows numbered `rows` (sorted), in one pass over the `.sigs` files."""
-    wanted = np.zeros(int(alive.sum()), dtype=bool)
+def _signatures_of(signatures: Any, suffix: str, num_perm: int, n_alive: int, rows: np.ndarray) -> np.ndarray:
+    """The signatures of the alive rows numbered `rows` (sorted), in one pass over the `.<suffix>` files."""
+    wanted = np.zeros(n_alive, dtype=bool)
     wanted[rows] = True
     out = np.empty((len(rows), num_perm), dtype=np.uint32)
     filled = 0
-    for start, chunk in _alive_signatures(work, shards, sizes, alive, num_perm):
+    for start, chunk in signatures(suffix, num_perm):
         picked = chunk[wanted[start : start + len(chunk)]]
         out[filled : filled + len(picked)] = picked
         filled += len(picked)
@@ -248,17 +267,20 @@ def _signatures_of(work: Path, shards: list[Shard], sizes: list[int], alive: np.
 _SIG_CHUNK_ROWS = 16384
 
 
-def _fill_empty_splits(split: np.ndarray, position: np.ndarray, status: np.ndarray, cfg: DataPrepConfig) -> None:
-    """A split with a non-zero fraction that got no document takes the train document hashed nearest to it."""
+def _fill_empty_splits(split: np.ndarray, position: np.ndarray, status: np.ndarray, keys: np.ndarray,
+                       cfg: DataPrepConfig) -> None:
+    """A split with a non-zero fraction that got no document takes the train group (all documents
+    with one split key) hashed nearest to it."""
     fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
     for target in (1, 2):
         kept = status == _KEEP
         if fractions[target] == 0 or (kept & (split == target)).any():
             continue
         train = np.flatnonzero(kept & (split == 0))
-        if len(train) >= 3:
-            split[train[np.argmax(position[train])]] = target
-            position[train[np.argmax(position[train])]] = -1
+        if len(np.unique(keys[train])) >= 3:
+            moved = train[keys[train] == keys[train[np.argmax(position[train])]]]
+            split[moved] = target
+            position[moved] = -1
 
 
 def _paragraph_dedup(loaded: list, status: np.ndarray) -> list[np.ndarray]:
@@ -400,7 +422,7 @@ def prepare_data(inputs: list[str], out: str | Path, cfg: DataPrepConfig, *, wor
                 elapsed = max(1e-9, time.perf_counter() - t1)
                 bar.set_postfix(docs_s=f"{docs / elapsed:,.0f}", MB_s=f"{bar.n / elapsed / 1e6:.2f}", refresh=False)
         stage1_s = time.perf_counter() - t1
-        decisions = _decide(work, shards, cfg)
+        decisions, groups = _decide(work, shards, cfg)
         with atomic_dir(out) as tmp:
             for split in SPLITS:
                 (tmp / split).mkdir()
@@ -414,7 +436,7 @@ def prepare_data(inputs: list[str], out: str | Path, cfg: DataPrepConfig, *, wor
                 for split, (n, nbytes) in w["written"].items():
                     outputs[split][0] += n
                     outputs[split][1] += nbytes
-            summary = _summarize(tmp, inputs, cfg_dict, total, outputs, shards, workers, executor,
+            summary = _summarize(tmp, inputs, cfg_dict, total, outputs, shards, (workers, executor, groups),
                                  stage1_s, time.perf_counter() - start)
     finally:
         run.close()
@@ -432,9 +454,10 @@ def _open_work(work: Path, fingerprint: str, resume: bool) -> None:
 
 
 def _summarize(tmp: Path, inputs: list[str], cfg_dict: dict, total: dict, outputs: dict, shards: list,
-               workers: int, executor: str, stage1_s: float, wall_s: float) -> dict[str, Any]:
+               run_info: tuple[int, str, dict], stage1_s: float, wall_s: float) -> dict[str, Any]:
     from lmforge.data.report import write_report
 
+    workers, executor, groups = run_info
     removed = tally.removed_by_reason(total)
     unreadable = {reason: docs for reason, (docs, _) in total["unreadable"].items()}
     documents_out = {split: n for split, (n, _) in outputs.items()}
@@ -448,6 +471,7 @@ def _summarize(tmp: Path, inputs: list[str], cfg_dict: dict, total: dict, output
         "shards": len(shards), "workers": workers, "executor": executor,
         "filter_seconds": round(stage1_s, 3), "mb_per_s": round(total["bytes_in"] / 1e6 / max(wall_s, 1e-9), 3),
         "pii_replaced": total["pii"], "normalize_changes": total["changes"], "languages": total["langs"],
+        "split_groups": groups,
     }
     existing = {f"input{i}": p for i, p in enumerate(inputs) if Path(p).exists()}
     extra = {"documents_in": total["documents_in"], "documents_out": documents_out, "removed": removed,

@@ -26,6 +26,15 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("`", "'")
 
 
+def _groups_line(summary: dict[str, Any]) -> str:
+    if not summary.get("config", {}).get("split", {}).get("group"):
+        return "Split groups: off (split.group=false): every document is split by its own content hash."
+    g = summary["metrics"]["split_groups"]
+    return (f"Split groups: {g['grouped_documents']:,} kept documents in {g['groups']:,} groups (largest "
+            f"{g['largest_group']:,}) share one split with the documents whose spelling-normalized words overlap "
+            "theirs (split.group: another edition or a reworded copy is held out with a held-out text).")
+
+
 def write_report(path: Path, total: dict[str, Any], outputs: dict[str, list[int]], summary: dict[str, Any]) -> None:
     kept = sum(n for n, _ in outputs.values())
     removed = summary["removed"]
@@ -41,6 +50,7 @@ def write_report(path: Path, total: dict[str, Any], outputs: dict[str, list[int]
         "## Output", "", "| split | documents | MB |", "|---|---:|---:|",
     ]
     lines += [f"| {split} | {n:,} | {_mb(b)} |" for split, (n, b) in outputs.items()]
+    lines += ["", _groups_line(summary)]
     lines += ["", "## Steps", "", "| step | what | docs in | MB in | docs out | MB out | docs removed | MB removed |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]
     for step in STEPS:

@@ -18,12 +18,15 @@ Four task files (schemas in docs/EVAL.md), each with a header naming the split i
 Passage tasks use only the test split of `lmforge data prepare` (never encoded by
 `lmforge tokenize`, so never trained on) - and, within it, only text that does not occur in
 the training split in another spelling: the corpus has two editions of most plays (modern
-and First Folio), and data preparation splits passages by content, so the Folio version of a
-held-out modern passage can sit in the training split. A passage (or an item's passage +
-speech) is kept only if at most `max_overlap` of its word 5-grams, after a spelling
-normalization that maps the two editions together (consonant skeletons of the words),
-occur in the training split (about 1% of a text without a twin does, by chance). The counts
-are reported in `summary.json`.
+and First Folio). `data prepare` with `split.group` (the default) puts a passage and its
+other edition in one split (`lmforge.data.group`), so few held-out passages have a twin in
+training (the two editions' passages begin and end in different places, so a twin can still
+straddle a group's edge); without it the Folio version of a held-out modern passage sits in
+training 9 times in 10. Either way a passage (or an item's passage + speech) is kept only if
+at most `max_overlap` of its word 5-grams, after the spelling normalization that maps the two
+editions together (`normalized_words`: consonant skeletons of the words), occur in the
+training split (about 1% of a text without a twin does, by chance). The counts, kept and
+dropped, and whether the data was prepared with `split.group`, are reported in `summary.json`.
 
 Speaker prefixes and cast lists are read from the modern-spelling edition (`*_gut.txt`),
 whose layout is regular: a prefix line (`HAMLET.`, `Ham.`, or `THESEUS` without a period)
@@ -44,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from lmforge.data.group import normalized_words  # public here too (lmforge.data.tasks.normalized_words)
 from lmforge.errors import UserError
 from lmforge.fsutil import atomic_dir, atomic_write_text, write_summary
 
@@ -201,21 +205,6 @@ def read_plays(corpus: Path) -> dict[str, Play]:
 
 
 # ---- contamination: does a held-out text occur in the training split (in either spelling)? ----
-
-def normalized_words(text: str) -> list[str]:
-    """Word skeletons that map the First Folio and modern spellings together.
-
-    Lower case; j->i, v->u, y->i; doubled letters single; then the first letter and the
-    consonants only ("battailes"/"battles" -> "btls", "vpon"/"upon" -> "upn", "haue"/"have"
-    -> "h"). Unrelated text rarely shares a 5-gram of skeletons (about 1% for the poems,
-    which have no other edition), while the two editions of a passage share most of them.
-    """
-    out = []
-    for w in WORD.findall(text.lower()):
-        w = re.sub(r"(.)\1+", r"\1", w.replace("j", "i").replace("v", "u").replace("y", "i"))
-        out.append(w[0] + re.sub(r"[aeiou]", "", w[1:]))
-    return out
-
 
 def _gram_hashes(words: list[str], n: int = 5) -> np.ndarray:
     return np.array([hash(" ".join(words[i:i + n])) for i in range(len(words) - n + 1)], dtype=np.int64)
@@ -391,6 +380,15 @@ def _corpus_of(data: Path) -> Path:
                     "(the output of `lmforge data fetch shakespeare`)")
 
 
+def _split_grouped(data: Path) -> bool | None:
+    """Whether `data` was prepared with `split.group` (None: its summary.json does not say)."""
+    try:
+        split = json.loads((data / "summary.json").read_text(encoding="utf-8"))["config"]["split"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return bool(split.get("group", False)) if isinstance(split, dict) else None
+
+
 def make_shakespeare_tasks(corpus: str | Path | None, data: str | Path, out: str | Path, *, seed: int = 0,
                            max_items: int = 200, max_overlap: float = 0.2,
                            context_chars: int = 300) -> dict[str, Any]:
@@ -425,7 +423,10 @@ def make_shakespeare_tasks(corpus: str | Path | None, data: str | Path, out: str
         metrics.update({"plays": len(plays), "test_passages": len(test), "train_passages": len(train),
                         "held_out_speeches": counts["speeches"],
                         "speeches_dropped_in_training": counts["speeches_in_training"],
-                        "passages_dropped_in_training": counts["passages_in_training"]})
+                        "speeches_kept": counts["speeches"] - counts["speeches_in_training"],
+                        "passages_dropped_in_training": counts["passages_in_training"],
+                        "passages_kept": len(test) - counts["passages_in_training"],
+                        "split_grouped": _split_grouped(data)})
         return write_summary(tmp, "data make-tasks", config={"corpus": "shakespeare", "seed": seed,
                                                             "max_items": max_items, "max_overlap": max_overlap,
                                                             "context_chars": context_chars},
