@@ -146,3 +146,198 @@ def test_entropy_and_whitening_equal_the_hand_computation():
     for b in range(2):
         for i in range(3):
             assert got[b, i].item() == pytest.approx((x[b][i] - mean) / std if m[b][i] else 0.0, abs=1e-6)
+
+
+# ---- a tiny run -------------------------------------------------------------------------------
+
+
+def save_model(model, path, tokenizer_file):
+    from lmforge.train import checkpoint as ckpt
+
+    ckpt.save_checkpoint(path, model.state_dict(), model.config.to_dict(), tokenizer_file, None,
+                         drop=ckpt.tied_aliases(model))
+    return path
+
+
+def last_token_reward_model(model_cfg, good: list[int]):
+    """A reward model by hand: score +1 when a sequence's last token is in `good`, else -1.
+
+    Every block's weights are zero (each block adds nothing to the residual stream), positions
+    add nothing, so the final hidden state at a position is its token's embedding: `good` tokens
+    get p = e0 - e1, the others -p; the final LayerNorm maps +-p to +-p * sqrt(d/2), and the
+    score head reads sqrt(2/d) * (coordinate 0)."""
+    from lmforge.models import build_model
+    from lmforge.models.config import ModelConfig
+
+    cfg = ModelConfig.from_dict({**model_cfg.to_dict(), "num_labels": 1})
+    model = build_model(cfg)
+    d = cfg.n_embd
+    p = torch.zeros(d)
+    p[0], p[1] = 1.0, -1.0
+    with torch.no_grad():
+        for param in model.blocks.parameters():
+            param.zero_()
+        model.pos_embeddings.weight.zero_()
+        model.tok_embeddings.weight.copy_(-p.expand_as(model.tok_embeddings.weight))
+        model.tok_embeddings.weight[good] = p
+        model.score.weight.zero_()
+        model.score.weight[0, 0] = math.sqrt(2 / d)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_ppo(tmp_path_factory):
+    """A random base, a hand-made reward model and chat prompts (train, held-out).
+
+    The base's LM head is untied and scaled up (logits of a few units, as a trained model's; a
+    fresh tied head gives logits of a few hundredths, which adapters cannot move far). The reward
+    model rewards the tokens whose LM-head row has a positive first coordinate: half of the
+    vocabulary, and one direction of the final hidden state raises all of them, so a tiny policy
+    can learn it in a few steps."""
+    import json
+    import random
+
+    from train_helpers import make_token_dir
+
+    from lmforge.models import build_model
+    from lmforge.models.config import ModelConfig
+
+    tmp = tmp_path_factory.mktemp("ppo")
+    tokenizer_file = make_token_dir(tmp) / "tokenizer.json"
+    model_cfg = ModelConfig.from_dict({"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32,
+                                       "vocab_size": 320, "dropout": 0.0, "tie_embeddings": False})
+    torch.manual_seed(0)
+    base_model = build_model(model_cfg)
+    with torch.no_grad():
+        base_model.lm_head.weight.mul_(10.0)
+    good = (base_model.lm_head.weight[:, 0] > 0).nonzero()[:, 0].tolist()
+    base = save_model(base_model, tmp / "base", tokenizer_file)
+    reward = save_model(last_token_reward_model(model_cfg, good), tmp / "reward", tokenizer_file)
+    words = "the king my lord shall speak of love and death upon this night".split()
+    for name, n, seed in (("prompts.jsonl", 48, 0), ("held_out.jsonl", 24, 1)):
+        rng = random.Random(seed)
+        turns = [[{"role": "user", "content": " ".join(rng.choice(words) for _ in range(3))}] for _ in range(n)]
+        # train: SFT chat lines (the prompt is the turns before the reply); held-out: prompt-only lines
+        lines = [{"messages": t + [{"role": "assistant", "content": "x"}]} if seed == 0 else {"messages": t}
+                 for t in turns]
+        (tmp / name).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return {"tmp": tmp, "base": base, "reward": reward, "good": good}
+
+
+def test_the_hand_made_reward_model_scores_the_last_token(tiny_ppo):
+    from lmforge.posttrain.reward import sequence_rewards
+    from lmforge.train import checkpoint as ckpt
+
+    model, _ = ckpt.load_pretrained(tiny_ppo["reward"])
+    good = set(tiny_ppo["good"])
+    bad = [i for i in range(320) if i not in good]
+    g, b = sorted(good)[:3], bad[:3]
+    sequences = [[b[0], b[1], g[0]], [g[0], g[1], b[0]], [g[2]], [b[2], b[1]]]
+    got = sequence_rewards(model, sequences).tolist()
+    assert got == pytest.approx([1.0, -1.0, 1.0, -1.0], abs=1e-3)
+
+
+def ppo_config(tiny, *overrides):
+    from lmforge.config import load_config
+
+    return load_config("configs/ppo.yaml", [
+        f"data.val_file={tiny['tmp'] / 'held_out.jsonl'}", "train.max_steps=16", "train.eval_every=8",
+        "train.lr=3e-3", "train.min_lr=3e-3", "train.warmup_steps=0", "train.precision=fp32", "train.threads=1",
+        "train.device=cpu", "ppo.rollout_batch=16", "ppo.minibatch=8", "ppo.ppo_epochs=4", "ppo.max_new_tokens=4",
+        "ppo.kl_coef=0.05", "ppo.eval_prompts=24", *overrides])
+
+
+def test_ppo_raises_the_held_out_reward_with_a_bounded_kl(tiny_ppo):
+    import json
+
+    from lmforge.posttrain.ppo import train_ppo
+
+    out = tiny_ppo["tmp"] / "run"
+    summary = train_ppo(ppo_config(tiny_ppo), out, base=tiny_ppo["base"], reward=tiny_ppo["reward"],
+                        data=tiny_ppo["tmp"] / "prompts.jsonl")
+    m = summary["metrics"]
+    assert summary["stage"] == "align" and m["steps"] == 16
+    assert m["final_val_reward"] > m["initial_val_reward"] + 0.3, m
+    assert 0 <= m["final_val_kl"] < 8.0, m  # nats per reply of 4 tokens
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 16
+    for key in ("reward", "kl", "entropy", "clip_fraction", "value_loss", "pg_loss", "loss", "lr"):
+        assert all(math.isfinite(r[key]) for r in records), key
+    assert (out / "report.md").is_file() and (out / "checkpoints" / "best").is_dir()
+
+
+def test_a_stronger_kl_penalty_keeps_the_policy_closer_to_the_reference(tiny_ppo):
+    """The KL penalty is what bounds the drift: the same run with kl_coef 2 ends with a smaller
+    held-out KL than with kl_coef 0.05 (the run above)."""
+    from lmforge.posttrain.ppo import train_ppo
+
+    loose = json_of(tiny_ppo["tmp"] / "run" / "summary.json")["metrics"]
+    tight = train_ppo(ppo_config(tiny_ppo, "ppo.kl_coef=2.0"), tiny_ppo["tmp"] / "tight", base=tiny_ppo["base"],
+                      reward=tiny_ppo["reward"], data=tiny_ppo["tmp"] / "prompts.jsonl")["metrics"]
+    assert tight["final_val_kl"] < 0.5 * loose["final_val_kl"], (tight, loose)
+
+
+def json_of(path):
+    import json
+
+    return json.loads(path.read_text())
+
+
+def test_ctrl_c_saves_and_resume_continues_exactly(tiny_ppo):
+    """A run stopped by SIGINT after step 2 and resumed gives the uninterrupted run's numbers."""
+    import os
+    import signal
+
+    from lmforge.errors import Interrupted
+    from lmforge.posttrain.ppo import train_ppo
+
+    short = ("train.max_steps=4", "train.eval_every=2", "ppo.rollout_batch=8", "ppo.minibatch=4",
+             "ppo.ppo_epochs=1", "ppo.eval_prompts=4")
+    kwargs = {"base": tiny_ppo["base"], "reward": tiny_ppo["reward"], "data": tiny_ppo["tmp"] / "prompts.jsonl"}
+    straight = tiny_ppo["tmp"] / "straight"
+    train_ppo(ppo_config(tiny_ppo, *short), straight, **kwargs)
+
+    def ctrl_c(step):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    stopped = tiny_ppo["tmp"] / "stopped"
+    with pytest.raises(Interrupted, match="--resume"):
+        train_ppo(ppo_config(tiny_ppo, *short), stopped, on_step=ctrl_c, **kwargs)
+    assert [r["step"] for r in metrics_of(stopped)] == [1]
+    summary = train_ppo(ppo_config(tiny_ppo, *short), stopped, resume=True, **kwargs)
+    assert summary["metrics"]["steps"] == 4
+    want, got = metrics_of(straight), metrics_of(stopped)
+    keys = ("reward", "kl", "loss", "val_reward", "val_kl", "clip_fraction", "value_loss")
+    assert [[r.get(k) for k in keys] for r in got] == [[pytest.approx(r.get(k), abs=1e-5) for k in keys]
+                                                       for r in want]
+    assert summary["metrics"]["initial_val_reward"] == json_of(straight / "summary.json")["metrics"][
+        "initial_val_reward"]
+
+
+def metrics_of(run):
+    import json
+
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_bad_input_is_one_line_and_leaves_nothing(tiny_ppo, tmp_path):
+    from lmforge.errors import UserError
+    from lmforge.posttrain.ppo import train_ppo
+
+    data = tiny_ppo["tmp"] / "prompts.jsonl"
+    cases = [
+        ({"reward": tiny_ppo["base"], "data": data}, "not a reward model"),
+        ({"reward": tmp_path / "nowhere", "data": data}, "--reward"),
+        ({"reward": tiny_ppo["reward"], "data": tmp_path / "bad.jsonl"}, r"bad\.jsonl:2"),
+    ]
+    (tmp_path / "bad.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"oops": 1}\n')
+    for kwargs, message in cases:
+        out = tmp_path / "out"
+        with pytest.raises(UserError, match=message) as e:
+            train_ppo(ppo_config(tiny_ppo), out, base=tiny_ppo["base"], **kwargs)
+        assert "\n" not in str(e.value) and not out.exists()
+    with pytest.raises(UserError, match="no train prompt fits"):
+        train_ppo(ppo_config(tiny_ppo, "ppo.max_new_tokens=30"), tmp_path / "out", base=tiny_ppo["base"],
+                  reward=tiny_ppo["reward"], data=data)
+    assert not (tmp_path / "out").exists()
