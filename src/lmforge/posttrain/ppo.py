@@ -468,6 +468,8 @@ class PPOLoop:
         and the post-training ones (`RunReport`: parameters, memory, OUT/adapter), and report.md's
         PPO section."""
         s = self.s
+        if s.state["step"]:  # the reply tokens of a step, as generated (the report's tokens/s)
+            s.tokens_per_step = max(1, s.state["tokens_seen"] // s.state["step"])
         summary = write_run_report(s, stop_reason=stop_reason, wall_time_s=wall)
         metrics = self.ppo_metrics()
         summary["metrics"] = {**summary["metrics"], **metrics}
@@ -557,7 +559,7 @@ def reference_for(s: TrainSetup, base: Path) -> Callable[[Tensor], Tensor]:
     if s.cfg.adapter.method in ("full", "freeze"):
         from lmforge.posttrain.run import load_base_for_reference
 
-        frozen = load_base_for_reference(base).to(s.device).eval()
+        frozen = load_base_for_reference(base, s.device)
         return lambda ids: frozen(ids)[0]
 
     def disabled(ids: Tensor) -> Tensor:
@@ -629,7 +631,7 @@ def ppo_loop(s: TrainSetup, base: Path, init: Path, reward_model: nn.Module, rew
         # the resumed checkpoint's copy would be gone once pruning removes that checkpoint; the
         # base's is the same file (ppo adds no tokens)
         s.tokenizer_file = init / "tokenizer.json"
-    s.tokens_per_step = s.cfg.ppo.rollout_batch * s.cfg.ppo.max_new_tokens  # at most; metrics log the real count
+    s.tokens_per_step = s.cfg.ppo.rollout_batch * s.cfg.ppo.max_new_tokens  # reply tokens per step, at most
     o = s.cfg.ppo
     scorer = Scorer(reward_model, reference_for(s, init), o.temperature, o.stop_penalty, s.device, s.precision)
     report.start()
