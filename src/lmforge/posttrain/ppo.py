@@ -302,8 +302,9 @@ class PPOLoop:
 
     # ---- one rollout batch -------------------------------------------------------------------
 
-    def rollout(self, prompts: list[list[int]], seeds: list[int]) -> dict[str, Any]:
-        """Sample, score and (for training) compute advantages and returns of one batch of prompts."""
+    def sample_and_score(self, prompts: list[list[int]], seeds: list[int]) -> tuple[Tensor, Tensor, dict, list]:
+        """Replies to the prompts, and their ids (B, T + 1), reply mask (B, T), scores (`Scorer.score`)
+        and whether each ended by itself."""
         o, s = self.opts, self.s
         replies = sample_replies(s.raw_model, prompts, seeds, max_new_tokens=o.max_new_tokens,
                                  temperature=o.temperature, stop_ids=self.stop_ids,
@@ -311,6 +312,12 @@ class PPOLoop:
         ids, mask = sequence_batch(prompts, [r for r, _ in replies], s.device)
         ended = [e for _, e in replies]
         scored = self.scorer.score(s.model, ids, mask, [p + r for p, (r, _) in zip(prompts, replies)], ended)
+        return ids, mask, scored, ended
+
+    def rollout(self, prompts: list[list[int]], seeds: list[int]) -> dict[str, Any]:
+        """One rollout batch: replies, scores, advantages and returns (the PPO batch) and its stats."""
+        o = self.opts
+        ids, mask, scored, ended = self.sample_and_score(prompts, seeds)
         rewards, kl = kl_rewards(scored["logprobs"], scored["ref_logprobs"], scored["scores"], mask, o.kl_coef)
         advantages, returns = gae(rewards, scored["values"], mask, o.gamma, o.lam)
         if o.whiten_advantages:
@@ -386,13 +393,8 @@ class PPOLoop:
                 "val_objective": round(reward - self.opts.kl_coef * kl, 6)}
 
     def eval_chunk(self, prompts: list[list[int]], seeds: list[int]) -> tuple[list[float], list[float]]:
-        o, s = self.opts, self.s
-        replies = sample_replies(s.raw_model, prompts, seeds, max_new_tokens=o.max_new_tokens,
-                                 temperature=o.temperature, stop_ids=self.stop_ids,
-                                 autocast_dtype=self.autocast_dtype)
-        ids, mask = sequence_batch(prompts, [r for r, _ in replies], s.device)
-        scored = self.scorer.score(s.model, ids, mask, [p + r for p, (r, _) in zip(prompts, replies)],
-                                   [e for _, e in replies])
+        """Scores and KLs to the reference (nats per reply) of replies to held-out prompts."""
+        _, _, scored, _ = self.sample_and_score(prompts, seeds)
         kl = (scored["logprobs"] - scored["ref_logprobs"]).sum(dim=1)
         return scored["scores"].tolist(), kl.tolist()
 
