@@ -174,6 +174,17 @@ def test_prefix_on_bert_and_encdec_and_prompt_refused_there():
             adapted("prompt", **kw)
 
 
+def test_prompt_compiles():
+    model = adapted("prompt", **LLAMA).train()
+    x = ids(2, 12)
+    expected = model(x, x)[0]
+    compiled = torch.compile(model, backend="aot_eager")  # graph capture, no C++ build
+    logits, loss = compiled(x, x)
+    torch.testing.assert_close(logits, expected)
+    loss.backward()
+    assert model.soft_prompt.embeddings.grad is not None
+
+
 # ---- save, load, merge ------------------------------------------------------------------------
 
 
@@ -223,6 +234,9 @@ def test_apply_saved_adapter_from_a_checkpoint_dir(tmp_path):
     x = ids(2, 10)
     fresh = apply_saved_adapter(tiny(**LLAMA), ckpt)
     torch.testing.assert_close(fresh(x)[0], model(x)[0])
+    (ckpt / "transform_state.safetensors").unlink()
+    with pytest.raises(UserError, match=r"adapter tensor 'blocks.0.attn.out.lora_A' is missing"):
+        apply_saved_adapter(tiny(**LLAMA), ckpt)
 
 
 def test_merge():

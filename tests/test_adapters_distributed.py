@@ -1,4 +1,4 @@
-"""LoRA (and prefix tuning) under torchrun: DDP and FSDP2 on 2 CPU processes match one process."""
+"""LoRA (and prefix/prompt tuning) under torchrun: DDP and FSDP2 on 2 CPU processes match one process."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from lmforge.train.loop import pretrain
 
 method, out, sets = sys.argv[1], sys.argv[2], sys.argv[3:]
 cfg = load_config("configs/nano.yaml", sets)
-options = AdapterOptions(method=method, lora_rank=4, prefix_len=4)
+options = AdapterOptions(method=method, lora_rank=4, prefix_len=4, prompt_len=4)
 pretrain(cfg, out, transforms=[adapter_transform(options)])
 """
 
@@ -44,7 +44,8 @@ def run(script: Path, method: str, out: Path, tokens: Path, batch: int, procs: i
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("method", "parallel"), [("lora", "ddp"), ("lora", "fsdp"), ("prefix", "ddp")])
+@pytest.mark.parametrize(("method", "parallel"),
+                         [("lora", "ddp"), ("lora", "fsdp"), ("prefix", "ddp"), ("prompt", "ddp")])
 def test_two_processes_match_one(tokens, tmp_path, method, parallel):
     script = tmp_path / "finetune.py"
     script.write_text(SCRIPT)

@@ -218,8 +218,9 @@ def load_into(model: nn.Module, path: Path, config: dict, options: AdapterOption
             raise UserError(f"{path}: adapter tensor {key!r} does not fit this model "
                             f"(expected {tuple(expected[key].shape) if key in expected else 'no such tensor'})")
     missing = sorted(set(added_names(model)) - set(state))
-    if state and missing:
-        raise UserError(f"{path}: adapter tensor {missing[0]!r} is missing; the adapter is incomplete")
+    if missing:
+        raise UserError(f"{path}: adapter tensor {missing[0]!r} is missing (no {ADAPTER_WEIGHTS} or "
+                        f"{TRANSFORM_STATE} holds it); the adapter is incomplete")
     model.load_state_dict(state, strict=False)
     return model
 
