@@ -7,6 +7,8 @@ import json
 import random
 from pathlib import Path
 
+import pytest
+import torch
 from train_helpers import WORDS, write_corpus
 
 from lmforge.config import load_config
@@ -16,6 +18,16 @@ from lmforge.train.objectives import padded_vocab
 
 GOOD = ("love", "good", "rise")  # the chosen replies: same length as the rejected ones, so length says nothing
 BAD = ("dead", "lord", "king")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is fastest (and the machine is shared); use with
+    `pytestmark = pytest.mark.usefixtures("one_thread")` after importing it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def chat_tokenizer(tmp: Path) -> Tokenizer:
@@ -44,8 +56,6 @@ def pair_config(objective: str, data: Path, *overrides: str):
 
 
 def tiny_gpt(tokenizer: Tokenizer, num_labels: int = 0, seed: int = 0) -> GPT:
-    import torch
-
     torch.manual_seed(seed)
     return GPT(ModelConfig(vocab_size=padded_vocab(tokenizer.vocab_size), n_layer=2, n_head=2, n_embd=32,
                            block_size=48, num_labels=num_labels))

@@ -11,7 +11,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from preference_helpers import chat_tokenizer, pair_config, tiny_gpt, write_pairs
+from preference_helpers import chat_tokenizer, one_thread, pair_config, tiny_gpt, write_pairs  # noqa: F401 - one_thread: a fixture
 
 from lmforge.errors import UserError
 from lmforge.models import eval_mode
@@ -19,6 +19,8 @@ from lmforge.train.objectives import objective_for
 from lmforge.train.objectives.dpo import dpo_loss, pair_logps
 from lmforge.train.objectives.orpo import odds_ratio, orpo_loss
 from lmforge.train.objectives.preference import both_sides, epoch_picks, fit_pair, pair_batch, reply_logps
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---- references: trl ---------------------------------------------------------------------------
 
