@@ -161,21 +161,34 @@ def adapter_transforms(cfg: Config) -> list[Transform]:
 
 
 def adapter_fingerprint(base: Path, model: nn.Module) -> str:
-    """The fingerprint of the base checkpoint's frozen tensors (what `load_adapter` checks)."""
+    """The fingerprint of the base checkpoint's frozen tensors, as `load_adapter` takes it from
+    the plain base model (its state dict: the file's tensors plus tied aliases such as a tied
+    lm_head), so an adapter of a QLoRA run (whose base weights went through NF4) fits the base."""
     from lmforge.adapters import base_fingerprint
     from lmforge.adapters.io import trainable_base_names
+    from lmforge.models import build_model
 
-    return base_fingerprint(ckpt.read_weights(base), exclude=trainable_base_names(model))
+    state = ckpt.read_weights(base)
+    with torch.device("meta"):  # names only: which parameters are one tensor under two names
+        plain = build_model(ModelConfig.from_dict(ckpt.read_model_config(base)))
+    names_of: dict[int, list[str]] = {}
+    for name, p in plain.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    for names in names_of.values():
+        source = next((n for n in names if n in state), None)
+        state.update({n: state[source] for n in names if source is not None and n not in state})
+    return base_fingerprint(state, exclude=trainable_base_names(model))
 
 
-def checkpoint_files(cfg: Config, base: Path, model: nn.Module) -> Callable[[Path], None] | None:
+def checkpoint_files(cfg: Config, base: Path, model: nn.Module,
+                     fingerprint: str | None) -> Callable[[Path], None] | None:
     """What each checkpoint of an adapter run carries besides the weights: `adapter_config.json`
     (computed once, from the plain model after its transforms); None for full fine-tuning."""
     from lmforge.adapters import ADAPTER_CONFIG, adapter_config
 
     if cfg.adapter.method == "full":
         return None
-    config = adapter_config(model, cfg.adapter, base, fingerprint=adapter_fingerprint(base, model))
+    config = adapter_config(model, cfg.adapter, base, fingerprint=fingerprint)
 
     def write(ckpt_dir: Path) -> None:
         atomic_write_json(ckpt_dir / ADAPTER_CONFIG, config)
@@ -183,7 +196,7 @@ def checkpoint_files(cfg: Config, base: Path, model: nn.Module) -> Callable[[Pat
     return write
 
 
-def save_run_adapter(cfg: Config, base: Path, out: Path) -> Path | None:
+def save_run_adapter(cfg: Config, base: Path, out: Path, fingerprint: str | None) -> Path | None:
     """`OUT/adapter/`: the adapter of the run's best checkpoint alone (adapter.safetensors +
     adapter_config.json), loadable onto the base; None for full and freeze runs."""
     from safetensors.torch import save_file
@@ -194,7 +207,7 @@ def save_run_adapter(cfg: Config, base: Path, out: Path) -> Path | None:
         return None
     model, _ = ckpt.load_pretrained(out)
     state = {k: v.contiguous().cpu() for k, v in adapter_state(model).items()}
-    config = adapter_config(model, cfg.adapter, base, fingerprint=adapter_fingerprint(base, model))
+    config = adapter_config(model, cfg.adapter, base, fingerprint=fingerprint)
     with atomic_dir(out / ADAPTER_DIR) as tmp:
         save_file(state, str(tmp / ADAPTER_WEIGHTS))
         atomic_write_json(tmp / ADAPTER_CONFIG, config)
@@ -230,13 +243,16 @@ def posttrain(cfg: Config, out: str | Path, *, base: str | Path, data: str | Pat
                                    transforms=adapter_transforms(cfg), force=force, models=models)
             report = RunReport(setup, base, stage)
             report.start()
-            write_files = checkpoint_files(cfg, base, setup.raw_model)
+            adapted = cfg.adapter.method != "full" and info.is_main  # the main process writes the files
+            fingerprint = adapter_fingerprint(init, setup.raw_model) if adapted else None
+            write_files = checkpoint_files(cfg, init, setup.raw_model, fingerprint)
         except BaseException:
             if created and info.is_main:
                 shutil.rmtree(out, ignore_errors=True)  # nothing half-written
             raise
         trainer = Trainer(setup, desc=stage, write_files=write_files,
-                          on_report=lambda summary: report.finish(summary, save_run_adapter(cfg, base, out)))
+                          on_report=lambda summary: report.finish(summary,
+                                                                  save_run_adapter(cfg, init, out, fingerprint)))
         return trainer.run(on_step)
     finally:
         if trainer is not None:
@@ -364,10 +380,10 @@ class RunReport:
                 "peak_memory_predicted_bytes": self.predicted["bytes"],
                 "peak_memory_measured_bytes": measured["bytes"],
                 "data": {"train": data_report(s.train_batches), "val": data_report(s.val_batches)}}
-        inputs = dict(summary.get("inputs", {}))
-        inputs = {"data": inputs.get("tokens"), "base": {"path": str(self.base)},
-                  **({"init_from": inputs["init_from"]} if str(self.base) != inputs.get("init_from", {}).get("path")
-                     else {})}
+        before = summary.get("inputs", {})  # write_run_report's: the data (as "tokens") and init_from
+        inputs = {"data": before.get("tokens"), "base": {"path": str(self.base)}}
+        if "init_from" in before and before["init_from"].get("path") != str(self.base):
+            inputs["init_from"] = before["init_from"]  # the base, merged (OUT/base)
         extra = {k: summary[k] for k in ("model_config", "sample") if k in summary}
         new = write_summary(s.out, self.stage, config=summary.get("config"), metrics={**summary["metrics"], **post},
                             wall_time_s=summary.get("wall_time_s"),

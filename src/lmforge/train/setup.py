@@ -181,13 +181,23 @@ def run_tokenizer(cfg: Config, tokens_dir: Path) -> tuple[Tokenizer, bool]:
     return tokenizer, added
 
 
-def save_run_tokenizer(tokenizer: Tokenizer, added: bool, tokens_dir: Path, out: Path, info: dist.DistInfo) -> Path:
-    """The tokenizer.json checkpoints carry: the tokens dir's, or the run's own with the added tokens."""
-    if not added:
+def save_run_tokenizer(tokenizer: Tokenizer, added: bool, tokens_dir: Path, out: Path, info: dist.DistInfo,
+                       *, own_copy: bool = False) -> Path:
+    """The tokenizer.json checkpoints carry: the tokens dir's, or the run's own with the added tokens.
+
+    own_copy: the run keeps its own copy even without added tokens (a tokenizer taken from a
+    checkpoint, which a resumed run's pruning may delete), with its chat-template files."""
+    if not added and not own_copy:
         return tokens_dir / "tokenizer.json"
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(out)
+        if added:
+            tokenizer.save(out)
+        elif (tokens_dir / "tokenizer.json").resolve() != (out / "tokenizer.json").resolve():
+            shutil.copyfile(tokens_dir / "tokenizer.json", out / "tokenizer.json")
+        for name in ckpt.TOKENIZER_SIDE_FILES:
+            if (tokens_dir / name).is_file() and (tokens_dir / name).resolve() != (out / name).resolve():
+                shutil.copyfile(tokens_dir / name, out / name)
     return out / "tokenizer.json"
 
 
@@ -325,7 +335,7 @@ def setup_training(cfg: Config, out: str | Path, info: dist.DistInfo, *, resume:
     device_peak = dist.broadcast_object(peak_flops(device, precision) if info.is_main else 0.0, info)
     check_fits(cfg, model_cfg, device, precision, info, device_peak, force=force)
     train_batches, val_batches = objective.source(tokens_dir, "train"), objective.source(tokens_dir, "val")
-    tokenizer_file = save_run_tokenizer(tokenizer, added, tokenizer_dir, out, info)
+    tokenizer_file = save_run_tokenizer(tokenizer, added, tokenizer_dir, out, info, own_copy=tokens_dir is None)
 
     raw_model = build(model_cfg, device, t.seed)
     if init:
