@@ -1,9 +1,11 @@
 """The one content-hash splitter: where a key falls in [0, 1), and the split that puts it in.
 
 Every stage that splits by content uses it, so a split depends only on content (never on file
-order, worker count or machine): `lmforge data prepare` (key: a duplicate cluster's smallest
-exact hash, so no cluster straddles splits), `lmforge tokenize` on a corpus without train/ and
-val/ directories (key: the document's text) and seq2seq pairs (key: the source text).
+order, worker count or machine): `lmforge data prepare` (key: the smallest exact hash of a
+document's split group - its near-duplicate cluster joined with the documents whose
+spelling-normalized words overlap its own, `lmforge.data.group` - so no group straddles
+splits), `lmforge tokenize` on a corpus without train/ and val/ directories (key: the
+document's text) and seq2seq pairs (key: the source text).
 
     assign_split("some text", (0.9, 0.05, 0.05))   # -> (0, 0.31...): train, at 0.31
 """
