@@ -10,7 +10,15 @@ import math
 import pytest
 import torch
 
-from lmforge.train.objectives.ppo import entropy, gae, kl_rewards, policy_loss, value_loss, whiten
+from lmforge.train.objectives.ppo import (
+    adaptive_kl_coef,
+    entropy,
+    gae,
+    kl_rewards,
+    policy_loss,
+    value_loss,
+    whiten,
+)
 
 # two rows of 6 positions: prompt (mask 0), reply tokens (mask 1), then padding (mask 0)
 MASK = [[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]]
@@ -69,6 +77,14 @@ def test_kl_rewards_penalize_each_token_and_add_the_score_at_the_last_reply_toke
             want = -beta * k + (scores[b] if i == last else 0.0)
             assert kl[b, i].item() == pytest.approx(k, abs=1e-9)
             assert rewards[b, i].item() == pytest.approx(want, abs=1e-9)
+
+
+def test_the_adaptive_kl_coefficient_follows_the_proportional_rule():
+    """Ziegler et al. 2019: beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon."""
+    assert adaptive_kl_coef(0.1, 6.0, 4.0, 16, 160) == pytest.approx(0.1 * (1 + 0.2 * 0.1))  # 50% over: capped
+    assert adaptive_kl_coef(0.1, 3.6, 4.0, 16, 160) == pytest.approx(0.1 * (1 - 0.1 * 0.1))  # 10% under
+    assert adaptive_kl_coef(0.1, 0.0, 4.0, 32, 160) == pytest.approx(0.1 * (1 - 0.2 * 0.2))
+    assert adaptive_kl_coef(0.1, 50.0, 0.0, 16, 160) == 0.1  # no target: fixed
 
 
 def test_clipped_policy_loss_and_clip_fraction_equal_the_hand_computation():
@@ -292,7 +308,7 @@ def test_ctrl_c_saves_and_resume_continues_exactly(tiny_ppo):
     from lmforge.posttrain.ppo import train_ppo
 
     short = ("train.max_steps=4", "train.eval_every=2", "ppo.rollout_batch=8", "ppo.minibatch=4",
-             "ppo.ppo_epochs=1", "ppo.eval_prompts=4")
+             "ppo.ppo_epochs=1", "ppo.eval_prompts=4", "ppo.kl_target=0.5", "ppo.kl_horizon=16")
     kwargs = {"base": tiny_ppo["base"], "reward": tiny_ppo["reward"], "data": tiny_ppo["tmp"] / "prompts.jsonl"}
     straight = tiny_ppo["tmp"] / "straight"
     train_ppo(ppo_config(tiny_ppo, *short), straight, **kwargs)
@@ -308,9 +324,10 @@ def test_ctrl_c_saves_and_resume_continues_exactly(tiny_ppo):
     summary = train_ppo(ppo_config(tiny_ppo, *short), stopped, resume=True, **kwargs)
     assert summary["metrics"]["steps"] == 4
     want, got = metrics_of(straight), metrics_of(stopped)
-    keys = ("reward", "kl", "loss", "val_reward", "val_kl", "clip_fraction", "value_loss")
+    keys = ("reward", "kl", "kl_coef", "loss", "val_reward", "val_kl", "clip_fraction", "value_loss")
     assert [[r.get(k) for k in keys] for r in got] == [[pytest.approx(r.get(k), abs=1e-5) for k in keys]
                                                        for r in want]
+    assert len({r["kl_coef"] for r in want}) == 4  # it adapted at every step (and resumed where it was)
     assert summary["metrics"]["initial_val_reward"] == json_of(straight / "summary.json")["metrics"][
         "initial_val_reward"]
 

@@ -15,8 +15,9 @@ One training step is one rollout batch followed by several PPO epochs over it:
    did not end by itself; the policy's log-probabilities and values, and the reference's
    log-probabilities (the same base with its adapters disabled, `adapters_disabled`; a separate
    frozen copy of the base for `adapter.method: full|freeze`);
-4. **advantages**: per-token rewards (-kl_coef * (log pi - log pi_ref), the score at the last
-   reply token), GAE, whitened advantages (`lmforge.train.objectives.ppo`);
+4. **advantages**: per-token rewards (-beta * (log pi - log pi_ref), the score at the last
+   reply token; beta = `ppo.kl_coef`, or adapted after each step to hold the rollout KL near
+   `ppo.kl_target`), GAE, whitened advantages (`lmforge.train.objectives.ppo`);
 5. **updates**: `ppo.ppo_epochs` passes over the batch in shuffled minibatches of
    `ppo.minibatch` replies, one optimizer step each (`PPO.loss`: clipped surrogate + value
    loss), with the loop's parts from `lmforge.train.steps` (clipping, the non-finite stop).
@@ -54,7 +55,7 @@ from lmforge.train import checkpoint as ckpt
 from lmforge.train import distributed as dist
 from lmforge.train.device import autocast
 from lmforge.train.objectives.base import EVAL_STREAM
-from lmforge.train.objectives.ppo import gae, kl_rewards, logits_and_values, token_logprobs, whiten
+from lmforge.train.objectives.ppo import adaptive_kl_coef, gae, kl_rewards, logits_and_values, token_logprobs, whiten
 from lmforge.train.optim import lr_at
 from lmforge.train.report import read_metrics, write_run_report
 from lmforge.train.setup import TrainSetup, setup_training
@@ -318,13 +319,14 @@ class PPOLoop:
         """One rollout batch: replies, scores, advantages and returns (the PPO batch) and its stats."""
         o = self.opts
         ids, mask, scored, ended = self.sample_and_score(prompts, seeds)
-        rewards, kl = kl_rewards(scored["logprobs"], scored["ref_logprobs"], scored["scores"], mask, o.kl_coef)
+        beta = self.s.state["kl_coef"]
+        rewards, kl = kl_rewards(scored["logprobs"], scored["ref_logprobs"], scored["scores"], mask, beta)
         advantages, returns = gae(rewards, scored["values"], mask, o.gamma, o.lam)
         if o.whiten_advantages:
             advantages = whiten(advantages, mask)
         batch = {"input_ids": ids, "mask": mask, "old_logprobs": scored["logprobs"], "old_values": scored["values"],
                  "advantages": advantages, "returns": returns}
-        stats = {"reward": scored["scores"].mean().item(), "kl": kl.sum(dim=1).mean().item(),
+        stats = {"reward": scored["scores"].mean().item(), "kl": kl.sum(dim=1).mean().item(), "kl_coef": beta,
                  "reply_len": mask.sum(dim=1).mean().item(), "ended": sum(ended) / len(ended)}
         return {"batch": batch, "stats": stats, "tokens": int(mask.sum().item())}
 
@@ -368,6 +370,8 @@ class PPOLoop:
         picked = rng.choice(len(prompts), o.rollout_batch, replace=len(prompts) < o.rollout_batch)
         out = self.rollout([prompts[i] for i in picked], [rollout_seed(t.seed, step, r) for r in range(len(picked))])
         means = self.update(out["batch"], step, lr)
+        s.state["kl_coef"] = adaptive_kl_coef(s.state["kl_coef"], out["stats"]["kl"], o.kl_target, len(picked),
+                                              o.kl_horizon)
         dt = time.perf_counter() - t0
         s.state["tokens_seen"] += out["tokens"]
         record = {"step": step + 1, "loss": means.pop("loss"), "lr": lr, "grad_norm": means.pop("grad_norm"),
@@ -428,8 +432,11 @@ class PPOLoop:
         atomic_write_text(s.out / "config.yaml", dump_yaml(s.cfg))
         start = s.state["step"]
         self.metrics.trim(start)
-        if s.resume_from is not None:
-            s.state["initial_eval"] = ckpt.read_trainer_state(s.resume_from).get("initial_eval")
+        if s.resume_from is not None:  # PPO's own entries of the trainer state
+            saved = ckpt.read_trainer_state(s.resume_from)
+            s.state.update(initial_eval=saved.get("initial_eval"), kl_coef=saved.get("kl_coef"))
+        if s.state.get("kl_coef") is None:
+            s.state["kl_coef"] = self.opts.kl_coef  # the adaptive coefficient's start (or the fixed one)
         if s.state.get("initial_eval") is None:
             s.state["initial_eval"] = self.evaluate()
         ie = s.state["initial_eval"]

@@ -5,6 +5,7 @@ samples replies to prompts with the generation engine, scores them with the rewa
 the frozen reference (the same base with its adapters disabled), and turns them into a batch
 of tensors; this module owns what happens to such a batch:
 
+- `adaptive_kl_coef`: the KL coefficient after a rollout batch, when it adapts to a target KL;
 - `kl_rewards`: per-token rewards, -kl_coef * (log pi(a_t) - log pi_ref(a_t)) at every reply
   token, plus the reward model's score at the reply's last token;
 - `gae`: generalized advantage estimation (Schulman et al. 2016) over the reply tokens, and
@@ -39,7 +40,9 @@ from lmforge.train.objectives.base import Batch, Objective
 
 @dataclass
 class PPOOptions:
-    kl_coef: float = 0.05  # beta of the per-token KL penalty against the reference
+    kl_coef: float = 0.05  # beta of the per-token KL penalty against the reference (the start, when adaptive)
+    kl_target: float = 0.0  # > 0: beta adapts to keep the rollout KL (nats per reply) near it (Ziegler et al.)
+    kl_horizon: int = 160  # adaptive beta: replies over which a 20% KL error changes beta by 20%
     clip_range: float = 0.2  # epsilon of the clipped surrogate: ratios outside 1 +- eps get no gradient
     value_clip: float = 0.2  # the value update is clipped to +- this around the rollout's values (0: no clip)
     value_coef: float = 0.1  # weight of the value loss in the total loss
@@ -59,10 +62,10 @@ class PPOOptions:
         def bad(key: str, need: str) -> UserError:
             return UserError(f"{where}config key ppo.{key}: must be {need}, got {getattr(self, key)}")
 
-        for key in ("ppo_epochs", "rollout_batch", "minibatch", "max_new_tokens"):
+        for key in ("ppo_epochs", "rollout_batch", "minibatch", "max_new_tokens", "kl_horizon"):
             if getattr(self, key) < 1:
                 raise bad(key, ">= 1")
-        for key in ("kl_coef", "value_clip", "value_coef", "entropy_coef", "stop_penalty", "eval_prompts"):
+        for key in ("kl_coef", "kl_target", "value_clip", "value_coef", "entropy_coef", "stop_penalty", "eval_prompts"):
             if getattr(self, key) < 0:
                 raise bad(key, ">= 0")
         if self.clip_range <= 0:
@@ -72,6 +75,8 @@ class PPOOptions:
         for key in ("gamma", "lam"):
             if not 0 <= getattr(self, key) <= 1:
                 raise bad(key, "in [0, 1]")
+        if self.kl_target > 0 and self.kl_coef <= 0:
+            raise bad("kl_coef", "> 0 when ppo.kl_target is set (the adaptive coefficient scales it)")
         if self.rollout_batch % self.minibatch:
             raise UserError(f"{where}config key ppo.minibatch: {self.minibatch} does not divide "
                             f"ppo.rollout_batch={self.rollout_batch}; pick a divisor")
@@ -92,6 +97,16 @@ def whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
     n = mask.sum()
     var = (((x - mean) ** 2) * mask).sum() / (n - 1).clamp(min=1)
     return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def adaptive_kl_coef(coef: float, kl: float, target: float, replies: int, horizon: int) -> float:
+    """The adaptive KL coefficient (Ziegler et al. 2019, as `trl`'s AdaptiveKLController): after a
+    batch of `replies` whose mean KL (nats per reply) is `kl`, beta *= 1 + e * replies / horizon,
+    e = clip(kl / target - 1, -0.2, 0.2); `target` <= 0: beta stays."""
+    if target <= 0:
+        return coef
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * replies / horizon)
 
 
 def kl_rewards(logprobs: Tensor, ref_logprobs: Tensor, scores: Tensor, mask: Tensor,
