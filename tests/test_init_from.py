@@ -209,3 +209,34 @@ def test_a_converted_gpt2_with_its_own_tokenizer_tokenizes_your_text_and_trains_
     first = metrics(tmp_path / "ft")[0]["loss"]
     cfg = tiny_config(tokens, "train.max_steps=2")
     assert first == pytest.approx(first_batch_loss(hf, tokens, cfg), abs=1e-4)
+
+
+def test_a_head_the_objective_adds_may_be_missing_from_the_checkpoint(trained):
+    """`Objective.new_heads` (a reward model's `score.weight`) and the model keys its
+    `configure_model` changes (`num_labels`) are allowed to differ from the init checkpoint;
+    the head keeps its fresh initialization, every other tensor comes from the checkpoint."""
+    from lmforge.config import load_config
+    from lmforge.models import build_model
+    from lmforge.models.config import ModelConfig
+    from lmforge.train.init_from import check_init_matches, load_init_weights, objective_changes
+    from lmforge.train.objectives import OBJECTIVES
+
+    if "reward" not in OBJECTIVES:
+        pytest.skip("objective reward is not registered")
+    best = ckpt.resolve_checkpoint(trained)
+    saved = ckpt.read_model_config(best)
+    scored = ModelConfig.from_dict({**saved, "num_labels": 1})
+    with pytest.raises(UserError, match="model.num_labels is 1 here, 0 there"):
+        check_init_matches(scored, best, saved)
+    changed = objective_changes(load_config(None, ["objective=reward"]), saved)
+    assert changed == {"num_labels"}
+    check_init_matches(scored, best, saved, OBJECTIVES["reward"].new_heads, changed)
+    torch.manual_seed(0)
+    model = build_model(scored)
+    fresh = model.score.weight.detach().clone()
+    load_init_weights(model, best, OBJECTIVES["reward"].new_heads)
+    assert torch.equal(model.score.weight, fresh)
+    weights = ckpt.read_weights(best)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    with pytest.raises(UserError, match="missing tensor 'score.weight'"):
+        load_init_weights(build_model(scored), best)
