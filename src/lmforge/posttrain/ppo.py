@@ -287,7 +287,6 @@ class PPOLoop:
     report: Any  # lmforge.posttrain.run.RunReport: parameters, memory, the data in summary.json
     write_files: Callable[[Path], None] | None = None  # files each checkpoint carries (adapter_config.json)
     reward_dir: str = ""  # for summary.json's inputs
-    init_dir: str = ""  # the checkpoint the weights came from (the base, or OUT/base: a LoRA base merged)
     on_report: Callable[[], Path | None] | None = None  # at the end, before the summary: OUT/adapter
     metrics: MetricsLog = field(init=False)
     checkpointer: Checkpointer = field(init=False)
@@ -482,8 +481,6 @@ class PPOLoop:
         summary = write_run_report(s, stop_reason=stop_reason, wall_time_s=wall)
         metrics = self.ppo_metrics()
         summary["metrics"] = {**summary["metrics"], **metrics}
-        # a resumed run's report names no init_from (its weights came from its own checkpoint)
-        summary.setdefault("inputs", {}).setdefault("init_from", {"path": self.init_dir})
         summary = self.report.finish(summary, self.on_report() if self.on_report else None)
         summary["inputs"] = {**summary.get("inputs", {}), "reward": {"path": self.reward_dir}}
         atomic_write_json(s.out / "summary.json", summary)
@@ -636,10 +633,6 @@ def ppo_loop(s: TrainSetup, base: Path, init: Path, reward_model: nn.Module, rew
     from lmforge.posttrain.run import adapter_fingerprint, checkpoint_files, save_run_adapter
 
     s.model.eval()  # no dropout: the ratio to the rollout's policy starts at exactly 1
-    if s.resume_from is not None and s.tokenizer_file.parent == s.resume_from:
-        # the resumed checkpoint's copy would be gone once pruning removes that checkpoint; the
-        # base's is the same file (ppo adds no tokens)
-        s.tokenizer_file = init / "tokenizer.json"
     s.tokens_per_step = s.cfg.ppo.rollout_batch * s.cfg.ppo.max_new_tokens  # reply tokens per step, at most
     o = s.cfg.ppo
     scorer = Scorer(reward_model, reference_for(s, init), o.temperature, o.stop_penalty, s.device, s.precision)
@@ -647,4 +640,4 @@ def ppo_loop(s: TrainSetup, base: Path, init: Path, reward_model: nn.Module, rew
     fingerprint = adapter_fingerprint(init, s.raw_model) if s.cfg.adapter.method != "full" else None
     return PPOLoop(s, scorer, stop_ids_of(s.tokenizer), report,
                    write_files=checkpoint_files(s.cfg, init, s.raw_model, fingerprint), reward_dir=str(reward_dir),
-                   init_dir=str(init), on_report=lambda: save_run_adapter(s.cfg, init, s.out, fingerprint))
+                   on_report=lambda: save_run_adapter(s.cfg, init, s.out, fingerprint))
