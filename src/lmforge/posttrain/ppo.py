@@ -610,7 +610,7 @@ def train_ppo(cfg: Config, out: str | Path, *, base: str | Path, reward: str | P
             init = merged_base(base, out, info)
             s = setup_training(cfg, out, info, resume=resume, overwrite=overwrite, init_from=init,
                                transforms=ppo_transforms(cfg), force=force, models={"reward": reward_model})
-            loop = ppo_loop(s, base, init, reward_model, reward_dir, RunReport(s, base, "align"))
+            loop = ppo_loop(s, init, reward_model, reward_dir, RunReport(s, base, "align"))
         except BaseException:
             if created and info.is_main:
                 shutil.rmtree(out, ignore_errors=True)  # nothing half-written
@@ -627,8 +627,7 @@ def ppo_transforms(cfg: Config) -> list[Any]:
     return [*adapter_transforms(cfg), value_head_transform]
 
 
-def ppo_loop(s: TrainSetup, base: Path, init: Path, reward_model: nn.Module, reward_dir: Path,
-             report: Any) -> PPOLoop:
+def ppo_loop(s: TrainSetup, init: Path, reward_model: nn.Module, reward_dir: Path, report: Any) -> PPOLoop:
     """The loop of a set-up run: the scorer (reward model, reference), stop tokens, checkpoint files."""
     from lmforge.posttrain.run import adapter_fingerprint, checkpoint_files, save_run_adapter
 

@@ -218,7 +218,9 @@ class PPO(Objective):
     name, arch, Options = "ppo", "gpt", PPOOptions
     new_heads = ("score.weight",)  # the value head: absent from a base checkpoint, initialized here
     needs_models = ("reward",)
-    views = 3  # per reply: the policy forward/backward, plus the reference's and the reward model's forwards
+    # memory and FLOPs as `lmforge plan` models them: one policy forward/backward per sequence (the
+    # reference's and the reward model's forwards keep no activations); generation is not counted
+    views = 1
 
     @classmethod
     def configure_model(cls, cfg: Any, model_config: Any) -> None:
