@@ -389,3 +389,80 @@ def test_ppo_against_a_trained_reward_model_raises_its_held_out_reward(tmp_path)
     print({k: v for k, v in m.items() if "val" in k}, rm["metrics"].get("final_val_loss"))
     assert m["final_val_reward"] > m["initial_val_reward"] + 0.5, m
     assert 0 <= m["final_val_kl"] < 10.0, m
+
+
+# ---- pieces of the loop -----------------------------------------------------------------------
+
+
+def test_prompts_are_the_turns_before_the_reply_in_the_chat_template(tmp_path):
+    """Each format's prompt: the chat turns before the last assistant reply (chat, instruction,
+    pairs, prompt-only lines) with the generation prompt, or a plain prompt's own tokens."""
+    import json
+
+    from preference_helpers import chat_tokenizer
+
+    from lmforge.config import load_config
+    from lmforge.posttrain.ppo import prompt_source
+    from lmforge.tokenizer.chat import chat_template
+
+    tok = chat_tokenizer(tmp_path)
+    template = chat_template(tok)
+    system, user1, reply1, user2 = ({"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                                    {"role": "assistant", "content": "hello"}, {"role": "user", "content": "who?"})
+    files = {
+        "chat": ({"messages": [system, user1, reply1, user2, {"role": "assistant", "content": "me"}]},
+                 template.encode([system, user1, reply1, user2], add_generation_prompt=True)),
+        "instruction": ({"instruction": "say", "input": "it", "output": "ok"},
+                        template.encode([{"role": "user", "content": "say\n\nit"}], add_generation_prompt=True)),
+        "pairs": ({"prompt": "pick", "chosen": "a", "rejected": "b"},
+                  template.encode([{"role": "user", "content": "pick"}], add_generation_prompt=True)),
+        "prompt-only": ({"messages": [user1, reply1, user2]},
+                        template.encode([user1, reply1, user2], add_generation_prompt=True)),
+        "plain": ({"prompt": "Once upon"}, tok.encode("Once upon")),
+        "prompt/completion": ({"prompt": "Once", "completion": " more"}, tok.encode("Once")),
+    }
+    for name, (line, want) in files.items():
+        path = tmp_path / f"{name.replace('/', '_')}.jsonl"
+        path.write_text(json.dumps(line) + "\n")
+        cfg = load_config(None, ["objective=ppo", f"data.file={tmp_path / 'unread.jsonl'}", f"data.val_file={path}",
+                                 "model.block_size=64", "ppo.max_new_tokens=8"])
+        source = prompt_source(cfg, tok, "val")
+        assert source.prompts == [list(want)], name
+        assert source.where == [f"{path}:1"]
+
+
+def test_values_and_logits_come_from_one_forward_as_the_score_head_reads_them():
+    from lmforge.models import GPT, ModelConfig
+    from lmforge.train.objectives.ppo import logits_and_values
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, block_size=16, num_labels=1)).eval()
+    ids = torch.randint(0, 64, (3, 10))
+    logits, values = logits_and_values(model, ids)
+    torch.testing.assert_close(logits, model(ids)[0])
+    torch.testing.assert_close(values, model.scores(ids)[..., 0])
+
+
+def test_a_rollout_batch_marks_exactly_the_positions_that_chose_reply_tokens():
+    from lmforge.posttrain.ppo import sequence_batch
+
+    ids, mask = sequence_batch([[1, 2, 3], [4]], [[7, 8], [9, 10, 11]], torch.device("cpu"))
+    assert ids.tolist() == [[1, 2, 3, 7, 8], [4, 9, 10, 11, 0]]
+    assert mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 0]]
+    for row in range(2):  # a masked position t chooses ids[t + 1], a reply token
+        chosen = [ids[row, t + 1].item() for t in range(4) if mask[row, t]]
+        assert chosen == [[7, 8], [9, 10, 11]][row]
+
+
+def test_full_fine_tuning_uses_a_frozen_copy_of_the_base_as_reference(tiny_ppo):
+    """adapter.method=full trains the base's own weights: the reference is a frozen copy, so the
+    KL starts at 0 and grows as the policy moves; the run has no adapter to save."""
+    from lmforge.posttrain.ppo import train_ppo
+
+    out = tiny_ppo["tmp"] / "full"
+    m = train_ppo(ppo_config(tiny_ppo, "adapter.method=full", "train.max_steps=3", "train.eval_every=3",
+                             "ppo.rollout_batch=8", "ppo.minibatch=8", "ppo.eval_prompts=8"), out,
+                  base=tiny_ppo["base"], reward=tiny_ppo["reward"], data=tiny_ppo["tmp"] / "prompts.jsonl")["metrics"]
+    assert m["method"] == "full" and m["trainable_params"] == m["total_params"]
+    assert m["initial_val_kl"] == pytest.approx(0.0, abs=1e-5) and m["final_val_kl"] > 0.01
+    assert not (out / "adapter").exists()
