@@ -203,6 +203,12 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(base, chat, tmp_path, 
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and needle in err and "\n" not in err, err
         assert not out.exists()
+    existing = tmp_path / "existing"  # a dir that exists: what a failed start wrote into it is removed
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    assert finetune(base, chat, existing, "prefix", "--set", "adapter.prefix_len=1000") == 2
+    assert "prefix_len=1000" in capsys.readouterr().err
+    assert [p.name for p in existing.iterdir()] == ["notes.txt"]
     not_a_checkpoint = tmp_path / "empty"
     not_a_checkpoint.mkdir()
     assert finetune(not_a_checkpoint, chat, tmp_path / "out_nb", "lora") == 2

@@ -234,7 +234,7 @@ def posttrain(cfg: Config, out: str | Path, *, base: str | Path, data: str | Pat
     base = resolve_base(base)
     cfg = base_config(cfg, base, data)
     info = dist.init_distributed(cfg.train.parallel, cfg.train.device)
-    created = not out.exists()
+    existing = set(out.iterdir()) if out.is_dir() else None
     trainer = None
     try:
         try:
@@ -245,10 +245,10 @@ def posttrain(cfg: Config, out: str | Path, *, base: str | Path, data: str | Pat
             report.start()
             adapted = cfg.adapter.method != "full" and info.is_main  # the main process writes the files
             fingerprint = adapter_fingerprint(init, setup.raw_model) if adapted else None
-            write_files = checkpoint_files(cfg, init, setup.raw_model, fingerprint)
+            write_files = checkpoint_files(cfg, init, setup.raw_model, fingerprint) if info.is_main else None
         except BaseException:
-            if created and info.is_main:
-                shutil.rmtree(out, ignore_errors=True)  # nothing half-written
+            if info.is_main:
+                remove_new(out, existing)  # nothing half-written
             raise
         trainer = Trainer(setup, desc=stage, write_files=write_files,
                           on_report=lambda summary: report.finish(summary,
@@ -258,6 +258,15 @@ def posttrain(cfg: Config, out: str | Path, *, base: str | Path, data: str | Pat
         if trainer is not None:
             trainer.close()
         dist.shutdown()
+
+
+def remove_new(out: Path, existing: set[Path] | None) -> None:
+    """Remove what a failed start wrote: the whole dir if it did not exist, else the new entries."""
+    if existing is None:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for path in set(out.iterdir()) - existing if out.is_dir() else ():
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def write_merged(ckpt_dir: str | Path, out: str | Path) -> dict[str, Any]:
