@@ -45,7 +45,7 @@ def run(script: Path, method: str, out: Path, tokens: Path, batch: int, procs: i
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("method", "parallel"),
-                         [("lora", "ddp"), ("lora", "fsdp"), ("prefix", "ddp"), ("prompt", "ddp")])
+                         [("lora", "ddp"), ("lora", "fsdp"), ("prefix", "fsdp"), ("prompt", "ddp")])
 def test_two_processes_match_one(tokens, tmp_path, method, parallel):
     script = tmp_path / "finetune.py"
     script.write_text(SCRIPT)

@@ -51,8 +51,8 @@ class PrefixAttention(Attention):
 
     def set_prefix(self, keys: Tensor, values: Tensor) -> None:
         """Trainable prefix keys/values, each (kv_heads, prefix_len, head_dim)."""
-        self.prefix_keys = nn.Parameter(keys.detach().clone())
-        self.prefix_values = nn.Parameter(values.detach().clone())
+        self.prefix_keys = nn.Parameter(keys.detach().clone(memory_format=torch.contiguous_format))
+        self.prefix_values = nn.Parameter(values.detach().clone(memory_format=torch.contiguous_format))
 
     def set_source(self, source) -> None:
         """Take the prefix from `source.prefix_kv(layer)` ((1, kv_heads, P, head_dim) each) instead."""

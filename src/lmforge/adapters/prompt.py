@@ -7,11 +7,13 @@ see the tokens after them, so each layer's keys/values of the prompt depend on t
 prepending it is exactly the same as running the prompt through the blocks by itself and giving
 every layer its keys/values as a prefix. That is what this module does — `SoftPrompt` holds the
 embeddings (`soft_prompt.embeddings`, (prompt_len, n_embd)) and runs them through the model's
-blocks (batch 1) to get each layer's keys/values, and every self-attention is a
+blocks (batch 1, in a forward pre-hook of the model) to get each layer's keys/values, and every self-attention is a
 `lmforge.adapters.prefix.PrefixAttention` that takes its prefix from it. So objectives, packing
 (`doc_ids`: every example sees the prompt), the KV cache and the generation engine (rows of
 different lengths) work unchanged, and the prompt costs one batch-1 pass of `prompt_len` tokens
-per forward (in training; inference without gradients reuses it until the embeddings change).
+per forward (in training; inference without gradients reuses it until a weight changes). Under
+DDP it trains as anywhere; under FSDP2 it cannot (the second pass of each block escapes FSDP's
+gather/free bookkeeping): a clear error there — use prefix or lora.
 
 Positions: with RoPE the prompt sits at positions -prompt_len..-1, so a token at position t sees
 prompt position j at distance t - j, exactly as if prepended (RoPE is relative), while the
@@ -44,20 +46,42 @@ class SoftPrompt(nn.Module):
         self.rope = (c.head_dim, c.rope_theta) if c.pos_encoding == "rope" else None
         self.kv: list[tuple[Tensor, Tensor]] | None = None
         self.kv_key: tuple | None = None
+        self.fresh = False  # kv was computed by before_forward for the pass now running
 
     def prefix_kv(self, layer: int) -> tuple[Tensor, Tensor]:
-        """Layer `layer`'s prompt keys/values (1, kv_heads, P, head_dim). Layer 0 is where every
-        model pass starts: there they are computed afresh (with gradients), or reused when no
-        gradient is wanted and nothing changed since the last pass (generation)."""
+        """Layer `layer`'s prompt keys/values (1, kv_heads, P, head_dim). Computed at the start of
+        the model's forward (`before_forward`) or, for another entry point, when layer 0 asks."""
         if layer == 0:
-            blocks = self.refs[0]
-            key = (self.embeddings._version, self.embeddings.data_ptr(), self.embeddings.device,
-                   torch.is_autocast_enabled(self.embeddings.device.type), self.training,
-                   sum(p._version for p in blocks.parameters()))
-            if torch.is_grad_enabled() or key != self.kv_key or self.kv is None:
-                self.kv = self.compute()
-                self.kv_key = None if torch.is_grad_enabled() else key
+            if self.fresh:
+                self.fresh = False
+            else:
+                self.refresh()
         return self.kv[layer]
+
+    def before_forward(self) -> None:
+        """The prompt's keys/values for the forward about to run. Computing them here, before any
+        block runs, rather than inside the first attention, keeps every block's calls sequential
+        (FSDP2 gathers and frees a block's weights around each call; a nested call would free them
+        under the running one)."""
+        if not self.refs[1][0].disabled:
+            self.refresh()
+            self.fresh = True
+
+    def refresh(self) -> None:
+        """Compute the keys/values afresh when gradients are wanted (training: a new graph each
+        pass); without gradients (generation) reuse them until a weight, device, dtype or mode
+        changes."""
+        blocks = self.refs[0]
+        if is_fsdp(blocks[0]):
+            raise UserError("adapter.method prompt does not work under train.parallel=fsdp (the prompt's "
+                            "keys/values come from a second pass of each block, which FSDP2 frees); use ddp, "
+                            "or adapter.method prefix or lora")
+        key = (self.embeddings._version, self.embeddings.data_ptr(), self.embeddings.device,
+               torch.is_autocast_enabled(self.embeddings.device.type), self.training,
+               sum(p._version for p in blocks.parameters()))
+        if torch.is_grad_enabled() or key != self.kv_key or self.kv is None:
+            self.kv = self.compute()
+            self.kv_key = None if torch.is_grad_enabled() else key
 
     def compute(self) -> list[tuple[Tensor, Tensor]]:
         blocks, attns = self.refs
@@ -97,4 +121,17 @@ def apply_prompt(model: nn.Module, prompt_len: int, *, seed: int = 0, freeze: bo
     model.soft_prompt = SoftPrompt(embeddings, model, attns)
     for attn in attns:
         attn.set_source(model.soft_prompt)
+    model.register_forward_pre_hook(soft_prompt_pre_hook)
     return model.soft_prompt
+
+
+def is_fsdp(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def soft_prompt_pre_hook(model: nn.Module, args: tuple) -> None:
+    """The model's forward pre-hook: a plain function reading `model.soft_prompt`, so a deep copy
+    of the model calls its own soft prompt."""
+    model.soft_prompt.before_forward()
