@@ -38,6 +38,15 @@ def _levels(kind: str, device: torch.device) -> tuple[Tensor, Tensor]:
     return table, (table[:-1] + table[1:]) / 2
 
 
+@functools.cache
+def _byte_pairs(device: torch.device) -> Tensor:
+    """The two fp32 NF4 levels each packed byte stands for (high nibble first), as one 8-byte
+    int64 per byte: a 1-D `index_select` of these is ~20x faster on CPU than a (256, 2) gather."""
+    table, _ = _levels("nf4", device)
+    byte = torch.arange(256, device=device)
+    return torch.stack([table[byte >> 4], table[byte & 0xF]], dim=1).contiguous().view(torch.int64).reshape(-1)
+
+
 def dynamic_levels(max_exponent_bits: int = 7, total_bits: int = 8) -> list[float]:
     """The signed 8-bit dynamic (tree) code: per decimal exponent 10^-6 .. 10^0, 2^i evenly spaced
     fractions in [0.1, 1] (bucket means), both signs, plus 0 and 1; 256 sorted levels."""
@@ -130,8 +139,8 @@ def block_absmax(q: NF4) -> Tensor:
 
 def dequantize_nf4(q: NF4, dtype: torch.dtype | None = None) -> Tensor:
     """The tensor NF4 stands for, in `dtype` (default: the quantized tensor's own dtype)."""
-    table, _ = _levels("nf4", q.codes.device)
     n = math.prod(q.shape)
-    idx = torch.stack([q.codes >> 4, q.codes & 0xF], dim=1).reshape(-1)[:n].long()
-    values = _scale_blocks(table[idx], block_absmax(q), q.block)
+    pairs = torch.index_select(_byte_pairs(q.codes.device), 0, q.codes.int())  # one lookup per byte
+    values = pairs.view(torch.float32)[:n]
+    values = _scale_blocks(values, block_absmax(q), q.block)
     return values.reshape(q.shape).to(dtype or q.dtype)
