@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 
 import pytest
@@ -216,26 +215,51 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(base, chat, tmp_path, 
     assert "--base" in err and "\n" not in err and not (tmp_path / "out_nb").exists()
 
 
-def test_a_converted_hf_gpt2_fine_tunes(base, chat, tmp_path, capsys):
-    """A transformers GPT-2 (with the test corpus' tokenizer), converted with `convert from-hf`, then
-    `finetune --base` it with LoRA: the model config comes from its config.json (no model section)."""
-    transformers = pytest.importorskip("transformers")
-    from lmforge.tokenizer import Tokenizer
-    from lmforge.train.objectives import padded_vocab
+def completion_loss(model, tokenizer, path) -> float:
+    """Mean cross-entropy of the completion tokens (and eos) of prompt/completion lines, each alone."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            prompt = tokenizer.encode(record["prompt"])
+            completion = tokenizer.encode(record["completion"]) + [tokenizer.eos_id]
+            ids = torch.tensor([prompt + completion])
+            logits = model(ids[:, :-1])[0][0, len(prompt) - 1:]
+            total += F.cross_entropy(logits.float(), ids[0, len(prompt):], reduction="sum").item()
+            count += len(completion)
+    return total / count
 
-    tok_file = ckpt.resolve_checkpoint(base) / "tokenizer.json"
-    tok = Tokenizer.load(tok_file)
-    config = transformers.GPT2Config(vocab_size=padded_vocab(tok.vocab_size), n_positions=64, n_embd=32, n_layer=2,
-                                     n_head=2, bos_token_id=tok.eos_id, eos_token_id=tok.eos_id)
+
+def test_a_converted_hf_gpt2_with_its_own_tokenizer_fine_tunes(tmp_path, capsys):
+    """A transformers GPT-2 with GPT-2's kind of tokenizer (byte-level BPE, <|endoftext|> only: no
+    chat format), converted with `convert from-hf`, then `finetune --base` it with LoRA on
+    prompt/completion lines: the model config comes from its config.json (no model section)."""
+    transformers = pytest.importorskip("transformers")
+    from test_init_from import gpt2_style_tokenizer
+    from train_helpers import write_corpus
+
+    tk = gpt2_style_tokenizer(write_corpus(tmp_path / "corpus", docs=6))
+    config = transformers.GPT2Config(vocab_size=tk.get_vocab_size(), n_positions=64, n_embd=32, n_layer=2,
+                                     n_head=2, bos_token_id=0, eos_token_id=0)
     torch.manual_seed(0)
     hf_dir, conv = tmp_path / "hf", tmp_path / "converted"
     transformers.GPT2LMHeadModel(config).save_pretrained(hf_dir)
-    shutil.copyfile(tok_file, hf_dir / "tokenizer.json")
+    tk.save(str(hf_dir / "tokenizer.json"))
     assert main(["convert", "from-hf", str(hf_dir), str(conv)]) == 0
+    rng = random.Random(1)
+    for name, n in (("train.jsonl", 64), ("val.jsonl", 8)):
+        with open(tmp_path / name, "w") as f:
+            for _ in range(n):
+                topic = rng.choice(TOPICS)
+                line = {"prompt": f"Who speaks of {topic}?", "completion": f" The {topic} speaker."}
+                f.write(json.dumps(line) + "\n")
+    chat = tmp_path  # train.jsonl and val.jsonl
     out = tmp_path / "ft"
     assert finetune(conv, chat, out, "lora") == 0, capsys.readouterr().err
     saved = ckpt.read_model_config(out / "checkpoints" / "best")
     assert saved["hf_model_type"] == "gpt2" and saved["mlp"] == "gelu_tanh"
     tuned, tokenizer = ckpt.load_pretrained(out)
     plain, _ = ckpt.load_pretrained(conv)
-    assert reply_loss(tuned, tokenizer, chat / "val.jsonl") < reply_loss(plain, tokenizer, chat / "val.jsonl")
+    before, after = completion_loss(plain, tokenizer, tmp_path / "val.jsonl"), completion_loss(
+        tuned, tokenizer, tmp_path / "val.jsonl")
+    assert after < before - 0.3, (before, after)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.errors import UserError
+from lmforge.tokenizer.tok import PAD
 from lmforge.train.objectives.base import Batch, Objective
 
 
@@ -87,8 +88,8 @@ class SFTSource:
         items = read_split(cfg.data.file, cfg.data.val_file, split, opts.val_fraction)
         template = chat_template(tokenizer) if any(e.messages is not None for e in items) else tokenizer
         encoded = [encode_example(template, e) for e in items]
-        pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-        self.rows = rows_of(encoded, block_size, pad, opts.pack)
+        pad = tokenizer.special_id_or_none(PAD)  # padding positions have no target: any id will do
+        self.rows = rows_of(encoded, block_size, 0 if pad is None else pad, opts.pack)
         self.split, self.path = split, Path(cfg.data.val_file if split == "val" and cfg.data.val_file else
                                             cfg.data.file)
         if not self.rows.rows:
