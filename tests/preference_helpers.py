@@ -59,3 +59,19 @@ def tiny_gpt(tokenizer: Tokenizer, num_labels: int = 0, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     return GPT(ModelConfig(vocab_size=padded_vocab(tokenizer.vocab_size), n_layer=2, n_head=2, n_embd=32,
                            block_size=48, num_labels=num_labels))
+
+
+def save_base(tmp: Path, tokenizer: Tokenizer, seed: int = 0, arch: str = "gpt") -> Path:
+    """A tiny randomly initialized checkpoint dir (a base for `lmforge align`)."""
+    from lmforge.models import BERT
+    from lmforge.train import checkpoint as ckpt
+
+    if arch == "gpt":
+        model = tiny_gpt(tokenizer, seed=seed)
+    else:
+        model = BERT(ModelConfig(arch="bert", vocab_size=padded_vocab(tokenizer.vocab_size), n_layer=2, n_head=2,
+                                 n_embd=32, block_size=48, norm_position="post"))
+    path = tmp / f"base-{arch}-{seed}"
+    ckpt.save_checkpoint(path, model.state_dict(), model.config.to_dict(), Path(tokenizer.source), None,
+                         drop=ckpt.tied_aliases(model))
+    return path

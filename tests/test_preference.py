@@ -234,3 +234,87 @@ def test_tiny_preference_run_raises_train_preference_accuracy(tmp_path, name):
     after = _policy_preference(model, objective, source)
     assert after >= 0.9 and after > before + 0.2, (before, after)
     assert set(metrics) >= {"pref_acc", "margin"} and metrics["margin"] > 0
+
+
+# ---- lmforge align -----------------------------------------------------------------------------
+
+FAST = ["train.max_steps=12", "train.eval_every=6", "train.eval_steps=1", "train.threads=1", "train.precision=fp32",
+        "train.warmup_steps=2", "train.batch_size=8"]
+
+
+def _align(preset, base, data, out, *sets, extra=()):
+    from lmforge.cli import main
+
+    args = ["align", preset, "--base", str(base), "--data", str(data), "--out", str(out)]
+    for s in [*FAST, *sets]:
+        args += ["--set", s]
+    return main(args + list(extra))
+
+
+def _preference_of(run_or_base, tmp_path, data) -> float:
+    from lmforge.train import checkpoint as ckpt
+
+    model, tok = ckpt.load_pretrained(run_or_base)
+    cfg = pair_config("orpo", data)  # any pair objective: only its source and batches are used
+    objective = objective_for(cfg, tok, model.config)
+    return _policy_preference(model, objective, objective.source(None, "train"))
+
+
+@pytest.mark.parametrize("method,lr", [("lora", 1e-2), ("full", 3e-3)])
+def test_align_dpo_runs_on_the_loop_and_raises_preference_accuracy(tmp_path, method, lr, capsys):
+    import json
+
+    from preference_helpers import save_base
+
+    tok = chat_tokenizer(tmp_path)
+    base, data = save_base(tmp_path, tok, seed=1), write_pairs(tmp_path / "p.jsonl")
+    out = tmp_path / f"dpo-{method}"
+    assert _align("dpo", base, data, out, f"adapter.method={method}", f"train.lr={lr}", "dpo.beta=0.5") == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["pref_acc"] >= 0.75 and records[-1]["margin"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stage"] == "align" and summary["metrics"]["method"] == method
+    before, after = _preference_of(base, tmp_path, data), _preference_of(out, tmp_path, data)
+    assert after >= 0.9 and after > before + 0.2, (before, after)
+    assert "done: dpo, 12 steps" in capsys.readouterr().out
+
+
+def test_align_reward_trains_the_new_head_under_lora(tmp_path, capsys):
+    from preference_helpers import save_base
+
+    from lmforge.posttrain.reward import sequence_rewards
+    from lmforge.train import checkpoint as ckpt
+
+    tok = chat_tokenizer(tmp_path)
+    base, data = save_base(tmp_path, tok, seed=2), write_pairs(tmp_path / "p.jsonl")
+    out = tmp_path / "reward"
+    assert _align("reward", base, data, out, "train.lr=1e-2", "train.max_steps=40") == 0
+    model, _ = ckpt.load_pretrained(out)
+    assert model.config.num_labels == 1 and model.score.weight.abs().sum() > 0
+    objective = objective_for(pair_config("reward", data), tok, model.config)
+    source = objective.source(None, "train")
+    batch = pair_batch(source, np.arange(len(source)), objective.pad_id)
+    rewards = [sequence_rewards(model, [r[:n] for r, n in zip(batch[f"{side}_ids"].tolist(), batch[f"{side}_len"])])
+               for side in ("chosen", "rejected")]
+    assert (rewards[0] > rewards[1]).float().mean() >= 0.9
+
+
+def test_align_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys):
+    from preference_helpers import save_base
+
+    tok = chat_tokenizer(tmp_path)
+    data = write_pairs(tmp_path / "p.jsonl")
+    bert, gpt = save_base(tmp_path, tok, arch="bert"), save_base(tmp_path, tok)
+    cases = [(("dpo", bert, data), "not a causal LM"),
+             (("dpo", gpt, data, "--reward", str(gpt)), "--reward is for objective ppo"),
+             (("ppo", gpt, data), "needs --reward DIR"),
+             (("sft-lora", gpt, data), "align runs objective")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "b"}\n')
+    cases.append((("orpo", gpt, bad), "bad.jsonl:1"))
+    for (preset, base, pairs, *extra), message in cases:
+        out = tmp_path / "out"
+        assert _align(preset, base, pairs, out, extra=extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+        assert not out.exists()

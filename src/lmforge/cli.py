@@ -517,6 +517,15 @@ COMMAND_GROUPS += (_add_posttrain_eval_command,)
 COMMAND_GROUPS += (_add_finetune_commands,)
 
 
+def _add_align_command(sub) -> None:
+    from lmforge.posttrain.align import add_align_command  # its functions live with the align runs
+
+    add_align_command(sub)
+
+
+COMMAND_GROUPS += (_add_align_command,)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="End-to-end LLM training stack.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")

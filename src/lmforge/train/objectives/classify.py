@@ -102,6 +102,14 @@ class TextLabels:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def summary(self) -> dict[str, Any]:
+        """What the run report says about the data (`lmforge.posttrain.run.RunReport`)."""
+        return {"examples": len(self), "rows": len(self), "truncated": self.truncated, "dropped": 0}
+
+    def describe(self) -> str:
+        cut = f", {self.truncated} cut to fit block_size" if self.truncated else ""
+        return f"{self.split}: {len(self)} labelled texts{cut}"
+
 
 class Classify(Objective):
     """Sequence classification (or regression) on text/label lines (see the module doc)."""
@@ -134,6 +142,17 @@ class Classify(Objective):
         labels = torch.from_numpy(source.labels[picks])
         return {"input_ids": ids, "lengths": lengths,
                 "labels": labels if self.count == 1 else labels.long()}
+
+    def window_length(self, block_size: int) -> int:
+        return block_size
+
+    def make_batch(self, windows: np.ndarray, rng: np.random.Generator, source: Any) -> Batch:
+        """Random texts of full length with random labels (`lmforge.peakmem` sizes a step with them)."""
+        rows, width = np.shape(windows)
+        labels = rng.integers(0, self.count, rows) if self.count > 1 else rng.standard_normal(rows)
+        return {"input_ids": torch.from_numpy(np.asarray(windows, dtype=np.int64)),
+                "lengths": torch.full((rows,), width, dtype=torch.long),
+                "labels": torch.from_numpy(labels).long() if self.count > 1 else torch.from_numpy(labels).float()}
 
     def logits(self, model: nn.Module, batch: Batch) -> Tensor:
         """(B, num_labels) class logits (or the regression output)."""

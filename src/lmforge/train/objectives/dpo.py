@@ -141,9 +141,25 @@ class DPO(PairObjective):
                 self.release_reference()
         return source
 
+    def global_batch(self, source: PreferenceSource, seed: int, step: int, rows: int) -> Batch:
+        """The pairs, with their reference log-probs once the source's table exists."""
+        batch = super().global_batch(source, seed, step, rows)
+        if source.reference is not None:
+            batch["ref_chosen"], batch["ref_rejected"] = source.reference[batch["index"]].unbind(dim=1)
+        return batch
+
+    def make_batch(self, windows: np.ndarray, rng: np.random.Generator, source: Any) -> Batch:
+        batch = super().make_batch(windows, rng, source)
+        if self.opts.reference == "precompute":  # a step reads the table: nothing of the reference runs
+            batch["ref_chosen"] = batch["ref_rejected"] = torch.zeros(len(windows))
+        return batch
+
     def reference_logps(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
-        """The batch's reference log-probs (chosen (B,), rejected (B,)): from the tables (computed
-        at the first call when the reference is the policy with adapters disabled) or live."""
+        """The batch's reference log-probs (chosen (B,), rejected (B,)): the batch's own (read from
+        the table), live, or from the tables, computed at the first call when the reference is the
+        policy with adapters disabled."""
+        if "ref_chosen" in batch:
+            return batch["ref_chosen"], batch["ref_rejected"]
         if self.opts.reference == "live":
             with torch.no_grad(), self.reference(model) as ref:
                 return pair_logps(ref.to(batch["chosen_ids"].device), batch)  # a copy moves to the device once

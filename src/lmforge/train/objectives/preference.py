@@ -78,6 +78,14 @@ class PreferenceSource:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def summary(self) -> dict[str, Any]:
+        """What the run report says about the data (`lmforge.posttrain.run.RunReport`)."""
+        return {"examples": len(self), "rows": len(self), "truncated": self.truncated, "dropped": 0}
+
+    def describe(self) -> str:
+        cut = f", {self.truncated} cut to fit block_size" if self.truncated else ""
+        return f"{self.split}: {len(self)} preference pairs from {self.path}{cut}"
+
 
 def pad_or_zero(tokenizer: Any) -> int:
     """The id right padding uses: the pad token, else 0 (GPT-2 has none; a causal model never reads
@@ -164,6 +172,22 @@ class PairObjective(Objective):
 
     def global_batch(self, source: PreferenceSource, seed: int, step: int, rows: int) -> Batch:
         return pair_batch(source, epoch_picks(len(source), seed, step, rows), self.pad_id)
+
+    def window_length(self, block_size: int) -> int:
+        return block_size
+
+    def make_batch(self, windows: np.ndarray, rng: np.random.Generator, source: Any) -> Batch:
+        """Stand-in pairs of random tokens, full length (`lmforge.peakmem` sizes a step with them):
+        each window is a prompt (its first half) + chosen reply; the rejected reply is the next row's."""
+        windows = torch.from_numpy(np.asarray(windows, dtype=np.int64))
+        rows, width = windows.shape
+        half = width // 2
+        rejected = torch.cat([windows[:, :half], windows.roll(1, dims=0)[:, half:]], dim=1)
+        mask = (torch.arange(width) >= half).expand(rows, width)
+        full = torch.full((rows,), width, dtype=torch.long)
+        return {"chosen_ids": windows, "chosen_mask": mask, "chosen_len": full, "rejected_ids": rejected,
+                "rejected_mask": mask.clone(), "rejected_len": full.clone(),
+                "index": torch.arange(rows), "split": torch.zeros(rows, dtype=torch.long)}
 
     def record(self, model: nn.Module, **values: Tensor) -> None:
         """Add the step's numbers (means over the batch) to `step_metrics`; eval passes are not counted."""
