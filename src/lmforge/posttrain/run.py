@@ -344,7 +344,8 @@ def measured_peak(setup: Any) -> dict[str, Any]:
                                      threads=torch.get_num_threads(), adapt=adapt, cfg=setup.cfg)
     except Exception as e:  # noqa: BLE001 - a measurement that cannot run is reported, not fatal
         return {"bytes": None, "how": f"not measured ({type(e).__name__}: {e})"}
-    return {"bytes": int(peak["peak"]), "how": "lmforge.peakmem.measure_training_peak (one step, CPU malloc)"}
+    alone = ", one process unsharded" if setup.info.enabled else ""
+    return {"bytes": int(peak["peak"]), "how": f"lmforge.peakmem.measure_training_peak (one step, CPU malloc{alone})"}
 
 
 def data_report(source: Any) -> dict[str, Any] | None:
