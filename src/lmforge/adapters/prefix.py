@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge.adapters.lora import set_submodule
 from lmforge.errors import UserError
 from lmforge.models.bert import BERT
 from lmforge.models.blocks import Attention, KVCache, apply_rope
@@ -121,8 +122,6 @@ def self_attentions(model: nn.Module) -> list[tuple[str, Attention]]:
 
 def swap_attentions(model: nn.Module) -> list[PrefixAttention]:
     """Replace every self-attention module with a PrefixAttention (in place); returns them in order."""
-    from lmforge.adapters.lora import set_submodule
-
     swapped = []
     for name, attn in self_attentions(model):
         if isinstance(attn, PrefixAttention):
