@@ -263,3 +263,33 @@ def test_a_converted_hf_gpt2_with_its_own_tokenizer_fine_tunes(tmp_path, capsys)
     before, after = completion_loss(plain, tokenizer, tmp_path / "val.jsonl"), completion_loss(
         tuned, tokenizer, tmp_path / "val.jsonl")
     assert after < before - 0.3, (before, after)
+
+
+@pytest.mark.slow
+def test_a_lora_finetune_under_ddp_and_fsdp_gives_the_same_model(base, chat, tmp_path):
+    """`torchrun ... lmforge finetune sft-lora` with train.parallel=ddp and =fsdp (2 CPU processes,
+    gloo): the same losses and the same fine-tuned model, each with its adapter dir."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    outs = {}
+    for parallel in ("ddp", "fsdp"):
+        out = outs[parallel] = tmp_path / parallel
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "lmforge", "finetune", "sft-lora", "--base", str(base), "--data", str(chat / "train.jsonl"),
+               "--out", str(out)]
+        for s in [*FAST, f"data.val_file={chat / 'val.jsonl'}", f"train.parallel={parallel}", "train.batch_size=2",
+                  "train.max_steps=6", "train.eval_every=3", "adapter.lora_dropout=0.0"]:
+            cmd += ["--set", s]
+        proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert (out / "adapter" / "adapter_config.json").exists()
+    losses = {p: [json.loads(x)["loss"] for x in (o / "metrics.jsonl").read_text().splitlines()]
+              for p, o in outs.items()}
+    assert losses["ddp"] == pytest.approx(losses["fsdp"], abs=1e-5)
+    (ddp, tokenizer), (fsdp, _) = ckpt.load_pretrained(outs["ddp"]), ckpt.load_pretrained(outs["fsdp"])
+    x = torch.tensor([tokenizer.encode("who speaks of love?")])
+    with torch.no_grad():
+        assert torch.allclose(ddp(x)[0], fsdp(x)[0], atol=1e-5)
