@@ -318,3 +318,35 @@ def test_align_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
         assert not out.exists()
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_align_dpo_ctrl_c_and_resume_give_the_straight_run(tmp_path, method, capsys):
+    import json
+    import os
+    import signal
+
+    from preference_helpers import save_base
+
+    from lmforge.config import load_config
+    from lmforge.errors import Interrupted
+    from lmforge.posttrain.align import align
+
+    tok = chat_tokenizer(tmp_path)
+    base, data = save_base(tmp_path, tok, seed=3), write_pairs(tmp_path / "p.jsonl")
+    sets = [*FAST, f"adapter.method={method}", "train.lr=3e-3"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert _align("dpo", base, data, straight, *sets) == 0
+
+    def ctrl_c(step):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        align(load_config("dpo", sets), resumed, base=base, data=data, on_step=ctrl_c)
+    assert _align("dpo", base, data, resumed, *sets, extra=["--resume"]) == 0, capsys.readouterr().err
+    a = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in b] == list(range(1, 13))
+    for key in ("loss", "val_loss", "pref_acc", "margin"):
+        assert a[-1][key] == pytest.approx(b[-1][key], abs=1e-5), key
