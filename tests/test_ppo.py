@@ -466,3 +466,27 @@ def test_full_fine_tuning_uses_a_frozen_copy_of_the_base_as_reference(tiny_ppo):
     assert m["method"] == "full" and m["trainable_params"] == m["total_params"]
     assert m["initial_val_kl"] == pytest.approx(0.0, abs=1e-5) and m["final_val_kl"] > 0.01
     assert not (out / "adapter").exists()
+
+
+def test_lmforge_align_runs_ppo_and_refuses_a_reward_dir_that_is_no_reward_model(tiny_ppo, tmp_path, capsys):
+    import json
+
+    from lmforge.cli import main
+
+    def align(out, reward, *sets):
+        args = ["align", "ppo", "--base", str(tiny_ppo["base"]), "--reward", str(reward), "--data",
+                str(tiny_ppo["tmp"] / "prompts.jsonl"), "--out", str(out)]
+        for s in ("train.max_steps=2", "train.eval_every=2", "train.threads=1", "train.precision=fp32",
+                  "ppo.rollout_batch=4", "ppo.minibatch=4", "ppo.max_new_tokens=4", "ppo.eval_prompts=4", *sets):
+            args += ["--set", s]
+        return main(args)
+
+    assert align(tmp_path / "bad", tiny_ppo["base"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a reward model" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "bad").exists()
+    assert align(tmp_path / "run", tiny_ppo["reward"], f"data.val_file={tiny_ppo['tmp'] / 'held_out.jsonl'}") == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stage"] == "align" and summary["config"]["objective"] == "ppo"
+    assert summary["inputs"]["reward"]["path"] == str(tiny_ppo["reward"])
+    assert {"initial_val_reward", "final_val_reward", "final_val_kl"} <= set(summary["metrics"])

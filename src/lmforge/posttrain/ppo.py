@@ -488,6 +488,10 @@ class PPOLoop:
         evals = [r for r in read_metrics(s.metrics_path) if "val_reward" in r]
         atomic_write_text(s.out / "report.md", report.rstrip("\n") + "\n\n"
                           + "\n".join(ppo_report_lines(metrics, evals)) + "\n")
+        if "final_val_reward" in metrics:
+            print(f"ppo: held-out reward {metrics['initial_val_reward']:.4f} -> {metrics['final_val_reward']:.4f}, "
+                  f"KL to the reference {metrics['final_val_kl']:.4f} nats per reply "
+                  f"({len(s.val_batches.prompts or s.train_batches.prompts)} prompts)", flush=True)
         return summary
 
     def ppo_metrics(self) -> dict[str, Any]:
