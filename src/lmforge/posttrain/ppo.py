@@ -379,11 +379,15 @@ class PPOLoop:
 
     # ---- evaluation --------------------------------------------------------------------------
 
+    def eval_prompts(self) -> list[list[int]]:
+        """The held-out prompts an evaluation answers (the first `ppo.eval_prompts`; the train
+        prompts when there are no held-out ones)."""
+        prompts = self.s.val_batches.prompts or self.s.train_batches.prompts
+        return prompts[:self.opts.eval_prompts] if self.opts.eval_prompts else prompts
+
     def evaluate(self) -> dict[str, float]:
         """Mean reward and KL to the reference of replies to the held-out prompts (fixed seeds)."""
-        prompts = self.s.val_batches.prompts or self.s.train_batches.prompts
-        if self.opts.eval_prompts:
-            prompts = prompts[:self.opts.eval_prompts]
+        prompts = self.eval_prompts()
         rewards, kls = [], []
         for lo in range(0, len(prompts), self.opts.rollout_batch):
             chunk = prompts[lo:lo + self.opts.rollout_batch]
@@ -491,7 +495,7 @@ class PPOLoop:
         if "final_val_reward" in metrics:
             print(f"ppo: held-out reward {metrics['initial_val_reward']:.4f} -> {metrics['final_val_reward']:.4f}, "
                   f"KL to the reference {metrics['final_val_kl']:.4f} nats per reply "
-                  f"({len(s.val_batches.prompts or s.train_batches.prompts)} prompts)", flush=True)
+                  f"({len(self.eval_prompts())} prompts)", flush=True)
         return summary
 
     def ppo_metrics(self) -> dict[str, Any]:
