@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lmforge.adapters.lora import LoRALinear
-from lmforge.adapters.nf4 import NF4, _levels, dequantize_nf4, quantize_nf4
+from lmforge.adapters.nf4 import NF4, dequantize_nf4, level_table, quantize_nf4
 from lmforge.adapters.options import AdapterOptions
 from lmforge.adapters.qlora import QLoRALinear, qlora_modules, qlora_transform, quantized_bytes
 from lmforge.models import build_model
@@ -65,7 +65,7 @@ def test_nf4_with_double_quant_matches_bitsandbytes(shape, dtype):
     # ... and its CPU library up to near-ties, which that library's approximate search can send
     # to the farther level: ours is never the farther one, and never more than one level off
     # (a group whose maxima all equal their mean has scale 0: any code decodes to the mean there)
-    table, _ = _levels("dynamic", w.device)
+    table = level_table("dynamic", w.device)
     scale = q.absmax_scale.repeat_interleave(256)[:q.absmax.numel()]
     live = scale > 0
     x = (fp32_absmax.absmax - state.offset)[live] / scale[live]
@@ -236,3 +236,19 @@ def test_qlora_trains_only_the_adapters():
     assert losses[-1] < losses[0] - 0.1
     after = model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in frozen.items())
+
+
+@pytest.mark.slow  # compiling forward and backward takes half a minute or more on 2 busy cores
+def test_qlora_under_torch_compile_gives_eager_loss_and_gradients():
+    model = qlora(tiny_gpt(), lora_rank=4)
+    idx = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    _, eager = model(idx, idx)
+    eager.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    _, compiled = torch.compile(model)(idx, idx)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], atol=1e-6, rtol=1e-5)

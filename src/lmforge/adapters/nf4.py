@@ -14,7 +14,6 @@ level tables are module constants, not stored per tensor.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -31,20 +30,26 @@ NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488098144
               0.7229568362236023, 1.0)
 
 
-@functools.cache
-def _levels(kind: str, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The level table (fp32, sorted) and the midpoints between neighbours, on `device`."""
-    table = torch.tensor(NF4_LEVELS if kind == "nf4" else dynamic_levels(), dtype=torch.float32, device=device)
-    return table, (table[:-1] + table[1:]) / 2
+# (kind, device) -> table; a plain dict, not functools.cache, which torch.compile would trace through
+_TABLES: dict[tuple[str, torch.device], Tensor] = {}
 
 
-@functools.cache
-def _byte_pairs(device: torch.device) -> Tensor:
-    """The two fp32 NF4 levels each packed byte stands for (high nibble first), as one 8-byte
-    int64 per byte: a 1-D `index_select` of these is ~20x faster on CPU than a (256, 2) gather."""
-    table, _ = _levels("nf4", device)
-    byte = torch.arange(256, device=device)
-    return torch.stack([table[byte >> 4], table[byte & 0xF]], dim=1).contiguous().view(torch.int64).reshape(-1)
+def level_table(kind: str, device: torch.device) -> Tensor:
+    """A cached fp32 table on `device`: "nf4" or "dynamic" (the sorted levels; a level's index is
+    its code), "nf4/mid" or "dynamic/mid" (the midpoints between neighbouring levels), or
+    "nf4/pairs" (the two NF4 levels of each packed byte, high nibble first, as one 8-byte int64
+    per byte: a 1-D `index_select` of these is ~20x faster on CPU than a (256, 2) gather)."""
+    key = (kind, torch.device(device))
+    if key not in _TABLES:
+        name, _, part = kind.partition("/")
+        table = torch.tensor(NF4_LEVELS if name == "nf4" else dynamic_levels(), dtype=torch.float32, device=device)
+        if part == "mid":
+            table = (table[:-1] + table[1:]) / 2
+        elif part == "pairs":
+            byte = torch.arange(256, device=device)
+            table = torch.stack([table[byte >> 4], table[byte & 0xF]], dim=1).contiguous().view(torch.int64)
+        _TABLES[key] = table.reshape(-1)
+    return _TABLES[key]
 
 
 def dynamic_levels(max_exponent_bits: int = 7, total_bits: int = 8) -> list[float]:
@@ -64,7 +69,7 @@ def dynamic_levels(max_exponent_bits: int = 7, total_bits: int = 8) -> list[floa
 
 def _blockwise(flat: Tensor, block: int, kind: str) -> tuple[Tensor, Tensor]:
     """Codes (int64, one per value) and fp32 absmax per block (the last block may be short)."""
-    table, mid = _levels(kind, flat.device)
+    mid = level_table(f"{kind}/mid", flat.device)
     n = flat.numel()
     full = n - n % block
     head = flat[:full].reshape(-1, block)
@@ -133,14 +138,14 @@ def block_absmax(q: NF4) -> Tensor:
     """The fp32 block maxima (decoded from 8 bits under double quantization)."""
     if q.absmax_scale is None:
         return q.absmax
-    table, _ = _levels("dynamic", q.absmax.device)
+    table = level_table("dynamic", q.absmax.device)
     return _scale_blocks(table[q.absmax.long()], q.absmax_scale, DQ_BLOCK) + q.offset
 
 
 def dequantize_nf4(q: NF4, dtype: torch.dtype | None = None) -> Tensor:
     """The tensor NF4 stands for, in `dtype` (default: the quantized tensor's own dtype)."""
     n = math.prod(q.shape)
-    pairs = torch.index_select(_byte_pairs(q.codes.device), 0, q.codes.int())  # one lookup per byte
+    pairs = torch.index_select(level_table("nf4/pairs", q.codes.device), 0, q.codes.int())  # one lookup per byte
     values = pairs.view(torch.float32)[:n]
     values = _scale_blocks(values, block_absmax(q), q.block)
     return values.reshape(q.shape).to(dtype or q.dtype)
