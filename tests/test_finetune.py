@@ -148,6 +148,16 @@ def test_a_lora_run_loads_as_base_plus_adapter_and_merges(base, chat, tmp_path, 
     assert main(["merge", "--ckpt", str(out), "--out", str(merged)]) == 2  # exists: needs --overwrite
     assert "--overwrite" in capsys.readouterr().err
 
+    # a LoRA run as the base of the next stage: merged into OUT/base, which computes what the run computes
+    second = tmp_path / "second"
+    assert finetune(out, chat, second, "lora", "--set", "train.max_steps=2") == 0, capsys.readouterr().err
+    assert "carries a lora adapter: merged into" in capsys.readouterr().out
+    start, _ = ckpt.load_pretrained(second / "base")
+    with torch.no_grad():
+        assert torch.allclose(start(x)[0], tuned_logits, atol=1e-5)
+    assert finetune(out, chat, second, "lora", "--set", "train.max_steps=2", "--overwrite") == 0
+    assert "merged into" not in capsys.readouterr().out  # the same base: its merged copy is reused
+
 
 def test_an_adapter_for_another_base_is_refused(base, chat, tmp_path, capsys):
     from lmforge.adapters import load_adapter

@@ -26,6 +26,7 @@ this call created is removed again.
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,7 @@ from lmforge.train.transforms import Transform
 STAGE_OF = {"sft": "finetune"}
 BASE_DIR = "base"  # OUT/base: a base with a LoRA adapter, merged
 ADAPTER_DIR = "adapter"  # OUT/adapter: the adapter alone, at the end of an adapter run
+MERGED_FROM = "merged_from.json"  # in OUT/base: which checkpoint it was merged from
 
 
 # ---- the base ----------------------------------------------------------------------------------
@@ -87,11 +89,20 @@ def merged_base(base: Path, out: Path, info: dist.DistInfo) -> Path:
         raise UserError(f"--base {base} carries a {method} adapter, which cannot be merged into the weights; "
                         "start from the base it was trained on, or fine-tune with adapter.method=lora")
     target = out / BASE_DIR
-    if info.is_main and not (target / "model.safetensors").is_file():
+    stamp = source_stamp(base)
+    marker = target / MERGED_FROM
+    if info.is_main and not (marker.is_file() and marker.read_text() == stamp):  # else: this base, merged before
         print(f"the base {base} carries a {method} adapter: merged into {target}", flush=True)
-        merge_checkpoint(base, target)
+        merge_checkpoint(base, target, write_files=lambda tmp: atomic_write_text(tmp / MERGED_FROM, stamp))
     dist.barrier(info)
     return target
+
+
+def source_stamp(ckpt_dir: Path) -> str:
+    """Which checkpoint (path, and size and time of its tensor files) a merged copy was made from."""
+    files = [ckpt_dir / n for n in ("model.safetensors", ckpt.TRANSFORM_STATE) if (ckpt_dir / n).is_file()]
+    return json.dumps({"path": str(ckpt_dir.resolve()),
+                       "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]})
 
 
 def merged_model(src: Path) -> nn.Module:
@@ -102,11 +113,11 @@ def merged_model(src: Path) -> nn.Module:
     return merge_adapters(model)
 
 
-def merge_checkpoint(src: Path, dst: Path) -> None:
+def merge_checkpoint(src: Path, dst: Path, write_files: Callable[[Path], None] | None = None) -> None:
     """A fine-tuned checkpoint with its adapter folded in, written as a plain checkpoint (atomically)."""
     model = merged_model(src)
     ckpt.save_checkpoint(dst, model.state_dict(), ckpt.read_model_config(src), src / "tokenizer.json", None,
-                         drop=ckpt.tied_aliases(model))
+                         drop=ckpt.tied_aliases(model), write_files=write_files)
 
 
 def load_base_for_reference(base: str | Path, device: str | torch.device = "cpu") -> nn.Module:
