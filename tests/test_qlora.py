@@ -45,6 +45,7 @@ def test_nf4_without_double_quant_is_bitsandbytes_nf4_exactly(shape, dtype):
     assert torch.equal(q.absmax, state.absmax)
     ours, theirs = dequantize_nf4(q), bnb_functional.dequantize_4bit(packed, state)
     assert ours.dtype == theirs.dtype == dtype and torch.equal(ours, theirs)
+    assert torch.equal(dequantize_nf4(q, chunk=192), theirs)  # decoded a few blocks at a time
 
 
 def portable_quantize_blockwise(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +79,8 @@ def test_nf4_with_double_quant_matches_bitsandbytes(shape, dtype):
     assert torch.all((q.absmax[live].int() - state.absmax[live].int()).abs() <= 1)
     # dequantizing bitsandbytes' own state gives bitsandbytes' values exactly
     theirs = NF4(packed.reshape(-1), state.absmax, state.state2.absmax, state.offset, w.shape, dtype)
-    assert torch.equal(dequantize_nf4(theirs), bnb_functional.dequantize_4bit(packed, state))
+    expected = bnb_functional.dequantize_4bit(packed, state)
+    assert torch.equal(dequantize_nf4(theirs), expected) and torch.equal(dequantize_nf4(theirs, chunk=128), expected)
 
 
 def test_nf4_storage_is_the_planned_bytes_and_under_30_percent_of_bf16():

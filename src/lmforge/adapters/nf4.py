@@ -22,6 +22,7 @@ from torch import Tensor
 
 NF4_BLOCK = 64  # weights per absmax (QLoRA)
 DQ_BLOCK = 256  # absmax values per fp32 scale under double quantization
+DEQUANT_CHUNK = 1 << 20  # values dequantized at a time (bounds the fp32 temporaries)
 
 # the 16 NF4 levels (QLoRA paper, appendix E; sorted, so a level's index is its code)
 NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -142,10 +143,26 @@ def block_absmax(q: NF4) -> Tensor:
     return _scale_blocks(table[q.absmax.long()], q.absmax_scale, DQ_BLOCK) + q.offset
 
 
-def dequantize_nf4(q: NF4, dtype: torch.dtype | None = None) -> Tensor:
-    """The tensor NF4 stands for, in `dtype` (default: the quantized tensor's own dtype)."""
-    n = math.prod(q.shape)
-    pairs = torch.index_select(level_table("nf4/pairs", q.codes.device), 0, q.codes.int())  # one lookup per byte
-    values = pairs.view(torch.float32)[:n]
-    values = _scale_blocks(values, block_absmax(q), q.block)
-    return values.reshape(q.shape).to(dtype or q.dtype)
+def dequantize_nf4(q: NF4, dtype: torch.dtype | None = None, chunk: int = DEQUANT_CHUNK) -> Tensor:
+    """The tensor NF4 stands for, in `dtype` (default: the quantized tensor's own dtype).
+
+    Decoded `chunk` values at a time into the output, so the fp32 temporaries stay small: a large
+    weight costs its output plus ~14 bytes per chunk value, not ~12 bytes per weight at once.
+    """
+    n, dtype = math.prod(q.shape), dtype or q.dtype
+    absmax = block_absmax(q)
+    step = max(1, chunk // q.block) * q.block  # whole blocks (and an even count: whole bytes)
+    if n <= step:
+        return _decode(q, absmax, 0, n).reshape(q.shape).to(dtype)
+    out = torch.empty(n, dtype=dtype, device=q.codes.device)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        out[start:stop] = _decode(q, absmax, start, stop)
+    return out.reshape(q.shape)
+
+
+def _decode(q: NF4, absmax: Tensor, start: int, stop: int) -> Tensor:
+    """fp32 values start..stop (start a multiple of the block): one lookup per packed byte."""
+    codes = q.codes[start // 2:(stop + 1) // 2]
+    values = torch.index_select(level_table("nf4/pairs", codes.device), 0, codes.int()).view(torch.float32)
+    return _scale_blocks(values[:stop - start], absmax[start // q.block:-(-stop // q.block)], q.block)
