@@ -279,7 +279,7 @@ def test_ppo_raises_the_held_out_reward_with_a_bounded_kl(tiny_ppo):
     assert len(records) == 16
     for key in ("reward", "kl", "entropy", "clip_fraction", "value_loss", "pg_loss", "loss", "lr"):
         assert all(math.isfinite(r[key]) for r in records), key
-    assert (out / "report.md").is_file() and (out / "checkpoints" / "best").is_dir()
+    assert (out / "report.md").is_file() and (out / "reward.png").is_file() and (out / "checkpoints" / "best").is_dir()
     # the saved policy loads for generate/chat/eval (its adapter re-applied), and its sampled replies
     # earn more reward than the same model's with the adapter off
     from lmforge.adapters import adapters_disabled

@@ -489,7 +489,10 @@ class PPOLoop:
         summary["inputs"] = {**summary.get("inputs", {}), "reward": {"path": self.reward_dir}}
         atomic_write_json(s.out / "summary.json", summary)
         report = (s.out / "report.md").read_text()
-        evals = [r for r in read_metrics(s.metrics_path) if "val_reward" in r]
+        records = read_metrics(s.metrics_path)
+        evals = [r for r in records if "val_reward" in r]
+        if records:
+            plot_ppo(records, s.out / "reward.png", s.state["initial_eval"])
         atomic_write_text(s.out / "report.md", report.rstrip("\n") + "\n\n"
                           + "\n".join(ppo_report_lines(metrics, evals)) + "\n")
         if "final_val_reward" in metrics:
@@ -512,6 +515,37 @@ class PPOLoop:
                 "prompts_skipped": s.train_batches.skipped + s.val_batches.skipped}
 
 
+def plot_ppo(records: list[dict[str, Any]], out_png: Path, initial: dict[str, float] | None = None) -> None:
+    """reward.png: the rollout and held-out reward (left axis) and KL to the reference (right) per
+    step; `initial`: the held-out scores before training (step 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = [*([{"step": 0, **initial}] if initial else []), *(r for r in records if "val_reward" in r)]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    ax.plot([r["step"] for r in records], [r["reward"] for r in records], lw=0.8, alpha=0.6, label="reward (rollout)")
+    ax.plot([r["step"] for r in evals], [r["val_reward"] for r in evals], "o-", ms=3, label="reward (held out)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward model score")
+    ax.grid(alpha=0.3)
+    kl_ax = ax.twinx()
+    kl_ax.plot([r["step"] for r in records], [r["kl"] for r in records], color="gray", lw=0.8, ls=":",
+               label="KL (rollout)")
+    kl_ax.plot([r["step"] for r in evals], [r["val_kl"] for r in evals], "s--", color="gray", ms=3,
+               label="KL (held out)")
+    kl_ax.set_ylabel("KL to the reference (nats per reply)")
+    lines, kl_lines = ax.get_legend_handles_labels(), kl_ax.get_legend_handles_labels()
+    ax.legend(lines[0] + kl_lines[0], lines[1] + kl_lines[1], loc="upper left", fontsize=8)
+    ax.set_title("PPO: reward and KL")
+    fig.tight_layout()
+    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out_png)
+
+
 def ppo_report_lines(metrics: dict[str, Any], evals: list[dict[str, Any]]) -> list[str]:
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     lines = ["## PPO", "",
@@ -519,7 +553,7 @@ def ppo_report_lines(metrics: dict[str, Any], evals: list[dict[str, Any]]) -> li
              f"{fmt(metrics.get('final_val_reward'))} after; KL to the reference: "
              f"{fmt(metrics['initial_val_kl'])} -> {fmt(metrics.get('final_val_kl'))} (nats per reply)",
              f"- prompts: {metrics['train_prompts']} train, {metrics['val_prompts']} held-out"
-             f" ({metrics['prompts_skipped']} too long, skipped)", "",
+             f" ({metrics['prompts_skipped']} too long, skipped)", "", "![reward and KL](reward.png)", "",
              "| step | reward (rollout) | KL (rollout) | val reward | val KL | entropy | clip fraction | value loss |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['step']} | {fmt(r['reward'])} | {fmt(r['kl'])} | {fmt(r['val_reward'])} | {fmt(r['val_kl'])} "
