@@ -240,22 +240,36 @@ def completion_loss(model, tokenizer, path) -> float:
     return total / count
 
 
-def test_a_converted_hf_gpt2_with_its_own_tokenizer_fine_tunes(tmp_path, capsys):
-    """A transformers GPT-2 with GPT-2's kind of tokenizer (byte-level BPE, <|endoftext|> only: no
-    chat format), converted with `convert from-hf`, then `finetune --base` it with LoRA on
-    prompt/completion lines: the model config comes from its config.json (no model section)."""
+def hf_model(transformers, family: str, vocab: int):
+    """A tiny transformers causal LM of `family` (random weights, eos/bos id 0)."""
+    if family == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0))
+    cfg = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=0,
+               eos_token_id=0)
+    if family == "mixtral":
+        cfg.update(num_local_experts=4, num_experts_per_tok=2)
+    name = {"llama": "Llama", "mistral": "Mistral", "mixtral": "Mixtral"}[family]
+    return getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**cfg))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "mixtral"])
+def test_a_converted_hf_model_with_its_own_tokenizer_fine_tunes(tmp_path, capsys, family):
+    """A transformers GPT-2 / Llama / Mistral / Mixtral with GPT-2's kind of tokenizer (byte-level
+    BPE, <|endoftext|> only: no chat format), converted with `convert from-hf`, then `finetune
+    --base` it with LoRA on prompt/completion lines: the model config comes from its config.json
+    (no model section), and the held-out completion loss falls."""
     transformers = pytest.importorskip("transformers")
     from test_init_from import gpt2_style_tokenizer
     from train_helpers import write_corpus
 
     tk = gpt2_style_tokenizer(write_corpus(tmp_path / "corpus", docs=6))
-    config = transformers.GPT2Config(vocab_size=tk.get_vocab_size(), n_positions=64, n_embd=32, n_layer=2,
-                                     n_head=2, bos_token_id=0, eos_token_id=0)
     torch.manual_seed(0)
     hf_dir, conv = tmp_path / "hf", tmp_path / "converted"
-    transformers.GPT2LMHeadModel(config).save_pretrained(hf_dir)
+    hf_model(transformers, family, tk.get_vocab_size()).save_pretrained(hf_dir)
     tk.save(str(hf_dir / "tokenizer.json"))
-    assert main(["convert", "from-hf", str(hf_dir), str(conv)]) == 0
+    assert main(["convert", "from-hf", str(hf_dir), str(conv)]) == 0, capsys.readouterr().err
     rng = random.Random(1)
     for name, n in (("train.jsonl", 64), ("val.jsonl", 8)):
         with open(tmp_path / name, "w") as f:
@@ -267,7 +281,7 @@ def test_a_converted_hf_gpt2_with_its_own_tokenizer_fine_tunes(tmp_path, capsys)
     out = tmp_path / "ft"
     assert finetune(conv, chat, out, "lora") == 0, capsys.readouterr().err
     saved = ckpt.read_model_config(out / "checkpoints" / "best")
-    assert saved["hf_model_type"] == "gpt2" and saved["mlp"] == "gelu_tanh"
+    assert saved == ckpt.read_model_config(conv) and saved["hf_model_type"] == family
     tuned, tokenizer = ckpt.load_pretrained(out)
     plain, _ = ckpt.load_pretrained(conv)
     before, after = completion_loss(plain, tokenizer, tmp_path / "val.jsonl"), completion_loss(
