@@ -642,6 +642,8 @@ def train_ppo(cfg: Config, out: str | Path, *, base: str | Path, reward: str | P
                         "use configs/ppo.yaml")
     out, base = Path(out), resolve_base(base)
     cfg = base_config(cfg, base, data)
+    # the rows of one optimizer step: what the fit check, lmforge plan and the memory measurement size
+    cfg.train.batch_size, cfg.train.grad_accum = cfg.ppo.minibatch, 1
     info = dist.init_distributed(cfg.train.parallel, cfg.train.device)
     created = not out.exists()
     try:

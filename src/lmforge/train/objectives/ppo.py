@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -217,7 +218,6 @@ class PPO(Objective):
 
     name, arch, Options = "ppo", "gpt", PPOOptions
     new_heads = ("score.weight",)  # the value head: absent from a base checkpoint, initialized here
-    needs_models = ("reward",)
     # memory and FLOPs as `lmforge plan` models them: one policy forward/backward per sequence (the
     # reference's and the reward model's forwards keep no activations); generation is not counted
     views = 1
@@ -236,6 +236,18 @@ class PPO(Objective):
         from lmforge.posttrain.ppo import prompt_source
 
         return prompt_source(self.cfg, self.tokenizer, split)
+
+    def make_batch(self, windows: np.ndarray, rng: np.random.Generator, source: Any) -> Batch:
+        """A stand-in minibatch of the shapes PPO trains on (`lmforge.peakmem` measures a step with
+        it): full-context sequences whose second half is the reply, random advantages and returns.
+        Real minibatches come from rollouts (`lmforge.posttrain.ppo`)."""
+        ids = torch.from_numpy(windows)
+        rows, width = ids.shape[0], ids.shape[1] - 1
+        mask = torch.zeros(rows, width)
+        mask[:, width // 2:] = 1.0
+        noise = torch.from_numpy(rng.standard_normal((3, rows, width))).float() * mask
+        return {"input_ids": ids, "mask": mask, "old_logprobs": -noise[0].abs(), "old_values": noise[1],
+                "advantages": noise[2], "returns": noise[1] + noise[2]}
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         o, ids, mask = self.opts, batch["input_ids"], batch["mask"].float()
