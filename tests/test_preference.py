@@ -175,6 +175,8 @@ def test_dpo_reference_is_the_policy_with_adapters_disabled(tmp_path):
     objective.source(None, "val")
     batch = objective.global_batch(source, 0, 0, 8)
     ref_chosen, ref_rejected = objective.reference_logps(policy, batch)
+    known = ~source.reference[:, 0].isnan()  # computed for the batch's pairs alone, the first time they are used
+    assert sorted(known.nonzero()[:, 0].tolist()) == sorted(set(batch["index"].tolist()))
     with eval_mode(base), torch.no_grad():
         want_chosen, want_rejected = pair_logps(base, batch)
         got_chosen, _ = pair_logps(policy.eval(), batch)

@@ -15,9 +15,10 @@ qlora, prefix, prompt) it is the policy itself with its adapters disabled
 changes the base weights, so the run needs a frozen copy, `models={"reference": ...}` (what
 `lmforge align` passes). `dpo.reference`:
 
-- `precompute` (default): the reference log-probs of every pair are computed once, before the
-  first step (a copy is then released: moved to the meta device), and read from a table;
-  nothing of the reference stays in memory while training.
+- `precompute` (default): each pair's reference log-probs are computed once and read from a
+  table: with a copy, every pair's before the policy is built (the copy is then released: moved
+  to the meta device), so nothing of the reference stays in memory while training; with the
+  adapter-disabled policy, each pair's the first time a batch holds it.
 - `live`: the reference runs on each batch (no_grad): one more forward per step, and a copy
   stays in memory.
 """
@@ -142,9 +143,9 @@ class DPO(PairObjective):
         return source
 
     def global_batch(self, source: PreferenceSource, seed: int, step: int, rows: int) -> Batch:
-        """The pairs, with their reference log-probs once the source's table exists."""
+        """The pairs, with their reference log-probs once the source's whole table is known."""
         batch = super().global_batch(source, seed, step, rows)
-        if source.reference is not None:
+        if source.reference is not None and not source.reference.isnan().any():
             batch["ref_chosen"], batch["ref_rejected"] = source.reference[batch["index"]].unbind(dim=1)
         return batch
 
@@ -155,21 +156,37 @@ class DPO(PairObjective):
         return batch
 
     def reference_logps(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
-        """The batch's reference log-probs (chosen (B,), rejected (B,)): the batch's own (read from
-        the table), live, or from the tables, computed at the first call when the reference is the
-        policy with adapters disabled."""
+        """The batch's reference log-probs (chosen (B,), rejected (B,)): the batch's own (the
+        source's table), live, or the table's, filled where it is unknown (`fill_table`)."""
         if "ref_chosen" in batch:
             return batch["ref_chosen"], batch["ref_rejected"]
         if self.opts.reference == "live":
             with torch.no_grad(), self.reference(model) as ref:
                 return pair_logps(ref.to(batch["chosen_ids"].device), batch)  # a copy moves to the device once
-        if any(s.reference is None for s in self.sources.values()):
-            with self.reference(model) as ref:
-                for source in self.sources.values():
-                    self.precompute(source, ref)
-        split, index = batch["split"].cpu(), batch["index"].cpu()
-        table = torch.stack([self.sources[int(s)].reference[int(i)] for s, i in zip(split, index)])
-        return table.to(batch["index"].device).unbind(dim=1)
+        source = self.sources[int(batch["split"][0])]  # a batch comes from one source
+        index = batch["index"].cpu()
+        self.fill_table(model, source, batch, index)
+        return source.reference[index].to(batch["index"].device).unbind(dim=1)
+
+    @torch.no_grad()
+    def fill_table(self, model: nn.Module, source: PreferenceSource, batch: Batch, index: Tensor) -> None:
+        """The reference is the policy with adapters disabled (the base at every step), so each pair's
+        log-probs are computed the first time it is used and kept: a short run over a large file costs
+        no more reference forwards than `live`. Under torchrun every process computes every pair at
+        its first step instead (FSDP2's forwards are collective: each process must run the same ones)."""
+        if source.reference is None:
+            source.reference = torch.full((len(source), 2), float("nan"))
+        missing = source.reference[index, 0].isnan()
+        if not missing.any():
+            return
+        with self.reference(model) as ref:
+            if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+                for each in self.sources.values():
+                    self.precompute(each, ref)
+                return
+            rows = missing.to(batch["index"].device)
+            chosen, rejected = pair_logps(ref, {k: v[rows] for k, v in batch.items()})
+        source.reference[index[missing]] = torch.stack([chosen, rejected], dim=1).float().cpu()
 
     # ---- loss -------------------------------------------------------------------------------
 
