@@ -81,7 +81,7 @@ def _blockwise(flat: Tensor, block: int, kind: str) -> tuple[Tensor, Tensor]:
         tiny = last.clamp(min=1e-38)
         absmax = torch.cat([absmax, (tiny if kind == "nf4" else last).reshape(1)])
         scaled = torch.cat([scaled, torch.clamp(flat[full:] / tiny, -1, 1)])
-    return torch.bucketize(scaled, mid), absmax
+    return torch.bucketize(scaled, mid, out_int32=True), absmax
 
 
 def _scale_blocks(values: Tensor, absmax: Tensor, block: int) -> Tensor:

@@ -62,6 +62,8 @@ class QLoRALinear(LoRALinear):
     def quantize_(self, block: int, double_quant: bool = True) -> None:
         """Quantize the weight Parameter to NF4 buffers and drop it (called once, after `from_linear`)."""
         weight = self.weight
+        if weight is None:
+            raise RuntimeError("this QLoRALinear is quantized already")
         self.nf4_shape, self.nf4_block, self.nf4_double_quant = tuple(weight.shape), block, double_quant
         del self.weight
         self.weight = None  # code reading `linear.weight` generically (optimizer groups by id) sees no tensor
