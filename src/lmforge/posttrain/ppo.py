@@ -4,9 +4,9 @@
 
 One training step is one rollout batch followed by several PPO epochs over it:
 
-1. **prompts**: `ppo.rollout_batch` prompts of `data.file` (the prompt turns of chat /
-   instruction / preference lines, rendered with the chat template; a prompt/completion
-   line's prompt as plain text), drawn by (seed, step), so a resumed run draws the same ones;
+1. **prompts**: `ppo.rollout_batch` prompts of `data.file` (prompt-only lines, or the prompt
+   turns of chat / instruction / preference lines, rendered with the chat template; a plain
+   `prompt` as it is), drawn by (seed, step), so a resumed run draws the same ones;
 2. **rollouts**: replies sampled by the generation engine (`lmforge.infer.engine.Engine`, KV
    cache, continuous batching) at `ppo.temperature`, each request with a seed of (seed, step,
    row), up to `ppo.max_new_tokens` or a stop token (the template's end of turn, EOS);
