@@ -217,3 +217,31 @@ def test_a_second_loop_built_from_the_public_parts_matches_pretrain_and_resumes_
                                                                    abs=1e-6)
     pretrain(cfg, s.out, resume=True)
     assert metrics(s.out)[-1]["loss"] == pytest.approx(metrics(reference)[-1]["loss"], abs=1e-6)
+
+
+def test_without_a_tokens_dir_the_tokenizer_comes_from_the_init_checkpoint(tokens, tmp_path):
+    """No data.tokens: a run needs a checkpoint to take its tokenizer from (post-training reads
+    data.file); an objective that reads token shards still says data.tokens is missing."""
+    from lmforge.train import distributed as dist
+    from lmforge.train.setup import setup_training, tokenizer_dir_of
+
+    run = tmp_path / "run"
+    pretrain(tiny_config(tokens, "train.max_steps=2", "train.eval_every=2"), run)
+    best = ckpt.resolve_checkpoint(run)
+    cfg = tiny_config(tokens, "data.tokens=")
+    assert tokenizer_dir_of(cfg, best) == (None, best)
+    assert tokenizer_dir_of(tiny_config(tokens), best) == (tokens, tokens)
+    info = dist.DistInfo()
+    with pytest.raises(UserError, match=r"^data.tokens is not set; point it at a dir"):
+        setup_training(cfg, tmp_path / "a", info)  # no checkpoint either: said first, nothing written
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(UserError, match=r"data.tokens is not set.*or start from a checkpoint"):
+        tokenizer_dir_of(cfg, None)
+    with pytest.raises(UserError, match=r"^data.tokens is not set; point it at a dir"):
+        setup_training(cfg, tmp_path / "b", info, init_from=run)  # clm reads token shards
+    (best / "tokenizer.json").rename(best / "moved.json")
+    try:
+        with pytest.raises(UserError, match="has no tokenizer.json"):
+            tokenizer_dir_of(cfg, best)
+    finally:
+        (best / "moved.json").rename(best / "tokenizer.json")
