@@ -189,6 +189,10 @@ def test_a_lora_run_resumes_exactly(base, chat, tmp_path, capsys):
     with pytest.raises(Interrupted):
         posttrain(cfg, resumed, base=base, data=chat / "train.jsonl", on_step=ctrl_c)
     assert ckpt.latest_checkpoint(resumed).name == "step_000005"
+    capsys.readouterr()
+    assert finetune(straight, chat, resumed, "lora", "--resume") == 2  # another base (the LoRA run, merged)
+    assert "was trained on the base" in capsys.readouterr().err
+    assert not (resumed / "base").exists()  # what the refused start wrote is gone
     assert finetune(base, chat, resumed, "lora", "--resume") == 0, capsys.readouterr().err
     a = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]

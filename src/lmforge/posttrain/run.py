@@ -207,6 +207,19 @@ def checkpoint_files(cfg: Config, base: Path, model: nn.Module,
     return write
 
 
+def check_resumed_base(resume_from: Path | None, fingerprint: str | None, base: Path) -> None:
+    """A resumed adapter run must be given the base it started from (its checkpoints' fingerprint)."""
+    from lmforge.adapters import ADAPTER_CONFIG
+
+    file = None if resume_from is None else resume_from / ADAPTER_CONFIG
+    if fingerprint is None or file is None or not file.is_file():
+        return
+    saved = json.loads(file.read_text())
+    if saved.get("base_fingerprint") not in (None, fingerprint):
+        raise UserError(f"--resume: {resume_from} was trained on the base {saved.get('base')}, not on --base {base} "
+                        "(their weights differ); resume with the base the run started from")
+
+
 def save_run_adapter(cfg: Config, base: Path, out: Path, fingerprint: str | None) -> Path | None:
     """`OUT/adapter/`: the adapter of the run's best checkpoint alone (adapter.safetensors +
     adapter_config.json), loadable onto the base; None for full and freeze runs."""
@@ -256,6 +269,7 @@ def posttrain(cfg: Config, out: str | Path, *, base: str | Path, data: str | Pat
             report.start()
             adapted = cfg.adapter.method != "full" and info.is_main  # the main process writes the files
             fingerprint = adapter_fingerprint(init, setup.raw_model) if adapted else None
+            check_resumed_base(setup.resume_from, fingerprint, base)
             write_files = checkpoint_files(cfg, init, setup.raw_model, fingerprint) if info.is_main else None
         except BaseException:
             if info.is_main:
