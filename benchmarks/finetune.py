@@ -14,8 +14,10 @@ A step is what the trainer does: forward + loss under the precision `train.preci
 to, backward, gradient clipping, AdamW step (`lmforge.train.optim.build_optimizer`; peft's model
 gets the same AdamW), zero_grad. Reported per method: trainable parameters, optimizer-state
 bytes, the bytes of the frozen Linear weights in memory (QLoRA's NF4 codes and statistics against
-the same weights in bf16), peak RSS and the RSS of the bare interpreter with its imports, and
-median ms/step.
+the same weights in bf16), the process's peak RSS (which includes building the model in fp32,
+before QLoRA quantizes it), the peak RSS of the training steps alone (Linux: VmHWM after
+`clear_refs`), the RSS of the interpreter with its imports, and median ms/step. `train.device`
+and `train.compile` are honoured (`--set train.device=cuda`: the CUDA peak is reported too).
 
 The step-time ratio LoRA vs peft comes from one more subprocess that holds both models and times
 them alternately in blocks of `--block` steps (benchmarks/train_speed.py's `timed_rounds`), so
@@ -44,7 +46,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 METHODS = ("full", "lora", "qlora", "peft")
-PRESET_DEFAULTS = {"small": {}, "gpt2-124m": {"batch": 4, "block_size": 256}}  # the 124M shape, CPU-sized batch
+# the 124M shape with a CPU-sized batch, eager (its preset compiles, for GPUs; --set train.compile=true)
+PRESET_DEFAULTS = {"small": {}, "gpt2-124m": {"batch": 4, "block_size": 256, "sets": ["train.compile=false"]}}
 PEFT_TARGETS = ["c_attn", "c_proj", "c_fc"]  # GPT-2's attention and MLP Linears (Conv1D)
 
 
@@ -55,15 +58,16 @@ def shape(spec: dict):
     """The preset's model config, training options and precision, with the benchmark's overrides."""
     from lmforge.config import load_config
     from lmforge.models.config import ModelConfig
-    from lmforge.train.device import resolve_precision
+    from lmforge.train.device import resolve_device, resolve_precision
 
-    sets = [f"model.block_size={spec['block_size']}"] if spec.get("block_size") else []
+    sets = PRESET_DEFAULTS.get(spec["preset"], {}).get("sets", [])
+    sets += [f"model.block_size={spec['block_size']}"] if spec.get("block_size") else []
     cfg = load_config(REPO / "configs" / f"{spec['preset']}.yaml", sets + spec.get("overrides", []))
     mc = ModelConfig.from_dict(vars(cfg.model).copy())
     mc.vocab_size = mc.vocab_size or spec["vocab"]
     mc.dropout = 0.0
-    precision = resolve_precision(cfg.train.precision, torch.device("cpu"), mc.n_embd)
-    return mc, cfg.train, precision
+    device = resolve_device(cfg.train.device)
+    return mc, cfg.train, resolve_precision(cfg.train.precision, device, mc.n_embd), device
 
 
 def ours(mc, method: str, rank: int):
@@ -106,15 +110,14 @@ def optimizer_bytes(optimizer) -> int:
                if torch.is_tensor(t))
 
 
-def make_step(model, optimizer, precision: str, grad_clip: float, hf: bool):
+def make_step(model, optimizer, precision: str, grad_clip: float, hf: bool, device: torch.device):
     import torch.nn.functional as F
 
     from lmforge.train.device import autocast
 
-    device = torch.device("cpu")
-
     def step(x, y) -> float:
         t0 = time.perf_counter()
+        x, y = x.to(device), y.to(device)
         with autocast(device, precision):
             if hf:
                 logits = model(input_ids=x).logits
@@ -135,19 +138,38 @@ def build(spec: dict, method: str, activation: str | None = None):
     """(model, optimizer, step) for one method on the spec's shape."""
     from lmforge.train.optim import build_optimizer
 
-    mc, t, precision = shape(spec)
+    mc, t, precision, device = shape(spec)
     torch.manual_seed(0)
     hf = method.startswith("peft")
     model = peft_gpt2(mc, spec["rank"], activation) if hf else ours(mc, method, spec["rank"])
-    model.train()
-    opt = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), "cpu")
-    return model, opt, make_step(model, opt, precision, t.grad_clip, hf)
+    model.to(device).train()
+    opt = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device.type)
+    # train.compile: both stacks compiled alike (the warm-up steps absorb the compilation)
+    run = torch.compile(model) if t.compile else model
+    return model, opt, make_step(run, opt, precision, t.grad_clip, hf, device)
 
 
 def batches(spec: dict, vocab: int, n: int) -> list:
     g = torch.Generator().manual_seed(0)
     windows = [torch.randint(0, vocab, (spec["batch"], spec["block_size"] + 1), generator=g) for _ in range(n)]
     return [(w[:, :-1], w[:, 1:]) for w in windows]
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS (VmHWM) measurement: Linux's clear_refs 5 (since 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_reset() -> int | None:
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) * 1024
 
 
 def run_one(spec: dict) -> dict:
@@ -161,15 +183,21 @@ def run_one(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    mc, _, precision = shape(spec)
+    mc, _, precision, device = shape(spec)
     model, opt, step = build(spec, spec["method"])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters()) + quantized_bytes(model)[1]  # NF4 weights are buffers
-    times = [step(x, y) for x, y in batches(spec, mc.vocab_size, spec["warmup"] + spec["steps"])]
+    data = batches(spec, mc.vocab_size, spec["warmup"] + spec["steps"])
+    # the process peak includes building the model in fp32 (QLoRA quantizes it afterwards): the
+    # training steps' own peak is measured apart
+    resettable = reset_peak_rss()
+    times = [step(x, y) for x, y in data]
     return {"method": spec["method"], "precision": precision, "trainable": trainable, "params": total,
             "optimizer_bytes": optimizer_bytes(opt), "frozen": frozen_linear_bytes(model),
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_imports": rss_imports,
-            "ms_per_step": 1000 * statistics.median(times[spec["warmup"]:])}
+            "peak_rss_training": peak_rss_since_reset() if resettable else None,
+            "peak_cuda": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            "device": str(device), "ms_per_step": 1000 * statistics.median(times[spec["warmup"]:])}
 
 
 def run_race(spec: dict) -> dict:
@@ -179,7 +207,7 @@ def run_race(spec: dict) -> dict:
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    mc, _, _ = shape(spec)
+    mc = shape(spec)[0]
     contenders = {"lora": build(spec, "lora")[2], "peft": build(spec, "peft")[2]}
     ours_act = HF_ACTIVATION.get(mc.mlp)
     if ours_act and ours_act != "gelu_new":
@@ -223,7 +251,7 @@ def bench_preset(preset: str, args) -> dict:
     spec = {"preset": preset, "steps": args.steps, "warmup": args.warmup, "block": args.block, "rank": args.rank,
             "batch": args.batch or defaults.get("batch"), "block_size": args.block_size or defaults.get("block_size"),
             "vocab": args.vocab, "threads": args.threads, "overrides": args.overrides, "quiet": args.json}
-    mc, t, _ = shape(spec)
+    mc, t = shape(spec)[:2]
     spec["batch"], spec["block_size"] = spec["batch"] or t.batch_size, spec["block_size"] or mc.block_size
     runs = {}
     for method in args.methods:
@@ -254,15 +282,17 @@ def print_table(r: dict) -> None:
     s = r["shape"]
     print(f"\n{r['preset']}: {s['n_layer']} layers x {s['n_embd']}, vocab {s['vocab_size']}, {s['mlp']}, batch "
           f"{r['batch']} x {r['block_size']} tokens, LoRA rank {r['rank']}, "
-          f"{next(iter(r['runs'].values()))['precision']}")
+          f"{next(iter(r['runs'].values()))['precision']} on {next(iter(r['runs'].values()))['device']}")
     print(f"  {'method':<7} {'trainable':>12} {'params':>12} {'optim MB':>9} {'frozen W MB':>11} "
-          f"{'(bf16 MB)':>9} {'peak RSS MB':>11} {'(imports)':>9} {'ms/step':>9}")
+          f"{'(bf16 MB)':>9} {'peak RSS MB':>11} {'(training)':>10} {'(imports)':>9} {'ms/step':>9}")
     mb = 1 / 2**20
     for name, x in r["runs"].items():
         f = x["frozen"]
         print(f"  {name:<7} {x['trainable']:>12,} {x['params']:>12,} {x['optimizer_bytes'] * mb:>9.1f} "
               f"{f['bytes'] * mb:>11.1f} {f['bf16_bytes'] * mb:>9.1f} {x['peak_rss'] * mb:>11.0f} "
-              f"{x['rss_imports'] * mb:>9.0f} {x['ms_per_step']:>9.1f}")
+              f"{(x['peak_rss_training'] or 0) * mb:>10.0f} "
+              f"{x['rss_imports'] * mb:>9.0f} {x['ms_per_step']:>9.1f}"
+              + (f"  (CUDA peak {x['peak_cuda'] * mb:.0f} MB)" if x.get("peak_cuda") else ""))
     q = r["ratios"]
     if "lora_optimizer_vs_full" in q:
         print(f"  LoRA optimizer state / full's: {100 * q['lora_optimizer_vs_full']:.2f}% (goal < 2%)")
@@ -289,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=128, help="vocabulary of a preset that leaves it to the tokenizer")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for every method, e.g. train.precision=fp32")
+                   help="config override for every method, e.g. train.precision=fp32, train.compile=true, "
+                        "train.device=cuda")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
