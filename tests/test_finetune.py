@@ -7,6 +7,7 @@ and computes what the base plus its saved adapter computes; merged == unmerged."
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -321,3 +322,31 @@ def test_a_lora_finetune_under_ddp_and_fsdp_gives_the_same_model(base, chat, tmp
     x = torch.tensor([tokenizer.encode("who speaks of love?")])
     with torch.no_grad():
         assert torch.allclose(ddp(x)[0], fsdp(x)[0], atol=1e-5)
+
+
+def test_finetune_runs_objective_classify_too(base, tmp_path, capsys):
+    """`lmforge finetune` with `objective: classify` (a score head on the GPT base, LoRA on the
+    blocks): the run learns the labels; the head is new, so it is trained and saved with the adapter."""
+    rng = random.Random(2)
+    for name, n in (("train.jsonl", 80), ("val.jsonl", 10)):
+        with open(tmp_path / name, "w") as f:
+            for _ in range(n):
+                topic = rng.choice(TOPICS)
+                f.write(json.dumps({"text": f"i speak of {topic}", "label": int(topic in ("love", "sun", "lord"))})
+                        + "\n")
+    out = tmp_path / "cls"
+    args = ["finetune", "sft-lora", "--base", str(base), "--data", str(tmp_path / "train.jsonl"), "--out", str(out),
+            "--set", "objective=classify", "--set", f"data.val_file={tmp_path / 'val.jsonl'}", "--set",
+            "train.lr=1e-2"]
+    for s in [*FAST, "train.max_steps=30", "train.eval_every=10", "train.batch_size=8"]:
+        args += ["--set", s]
+    assert main(args) == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stage"] == "finetune" and summary["metrics"]["method"] == "lora"
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert "score.weight" in config["trainable"]
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+    assert evals[-1]["val_loss"] < min(evals[0]["val_loss"] - 0.2, math.log(2) - 0.1), evals  # below chance (ln 2)
+    capsys.readouterr()
+    assert main([*args[:10], "--set", "objective=dpo", "--overwrite"]) == 2
+    assert "lmforge align" in capsys.readouterr().err

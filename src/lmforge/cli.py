@@ -455,9 +455,9 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.set)
     if cfg.objective == "clm":  # a recipe that names no objective: fine-tuning is sft
         cfg.objective = "sft"
-    if cfg.objective != "sft":
-        raise UserError(f"finetune trains objective sft, but the recipe says objective: {cfg.objective}; "
-                        "use `lmforge align` for reward, dpo, orpo and ppo")
+    if cfg.objective not in ("sft", "classify"):
+        raise UserError(f"finetune trains objective sft (or classify), but the recipe says objective: "
+                        f"{cfg.objective}; use `lmforge align` for reward, dpo, orpo and ppo")
     summary = posttrain(cfg, args.out, base=args.base, data=args.data, resume=args.resume,
                         overwrite=args.overwrite, force=args.force)
     if summary and os.environ.get("RANK", "0") == "0":

@@ -45,7 +45,7 @@ from lmforge.train.init_from import INIT_FREE_KEYS
 from lmforge.train.transforms import Transform
 
 # stage names (`fsutil.STAGES`) of the objectives that run here
-STAGE_OF = {"sft": "finetune"}
+STAGE_OF = {"sft": "finetune", "classify": "finetune"}
 BASE_DIR = "base"  # OUT/base: a base with a LoRA adapter, merged
 ADAPTER_DIR = "adapter"  # OUT/adapter: the adapter alone, at the end of an adapter run
 MERGED_FROM = "merged_from.json"  # in OUT/base: which checkpoint it was merged from
@@ -163,12 +163,21 @@ def base_config(cfg: Config, base: Path, data: str | Path | None = None) -> Conf
 
 
 def adapter_transforms(cfg: Config) -> list[Transform]:
-    """The run's model transforms: `cfg.adapter`'s, the objective's new heads kept trainable."""
+    """The run's model transforms: `cfg.adapter`'s, the objective's new heads kept trainable (those
+    this model has: `classify` names BERT's and GPT's heads)."""
     from lmforge.adapters import adapter_transform
     from lmforge.train.objectives import OBJECTIVES
 
-    transform = adapter_transform(cfg.adapter, OBJECTIVES[cfg.objective].new_heads)
-    return [] if transform is None else [transform]
+    if cfg.adapter.method == "full":
+        return []
+    heads = OBJECTIVES[cfg.objective].new_heads
+
+    def transform(model: nn.Module) -> nn.Module:
+        names = dict(model.named_parameters())
+        return adapter_transform(cfg.adapter, [h for h in heads if h in names])(model)
+
+    transform.__name__ = f"adapter_{cfg.adapter.method}"
+    return [transform]
 
 
 def adapter_fingerprint(base: Path, model: nn.Module) -> str:
