@@ -42,6 +42,30 @@ demo: setup
 	print('report     $(DEMO)/model/report.md  (curves: $(DEMO)/model/loss.png)'); \
 	print('eval       $(DEMO)/eval/report.md  (tasks: $(DEMO)/tasks)')"
 
+# demo-chat: post-training on the `make demo` model (docs/POSTTRAIN.md, "The demo: make demo-chat"):
+# chat data mined from the plays, SFT with LoRA, DPO on the SFT model, then base vs SFT vs DPO on
+# held-out passages (table printed and written to $(CHAT)/summary.json).
+CHAT := $(DEMO)/posttrain
+
+.PHONY: demo-chat
+demo-chat: setup
+	@test -f $(DEMO)/model/checkpoints/best/model.safetensors -a -f $(DEMO)/data/summary.json || \
+	{ echo "demo-chat: no demo model in $(DEMO)/model (or no prepared data in $(DEMO)/data); run 'make demo' first" >&2; \
+	exit 2; }
+	@echo "== 1/4 mine chat SFT data and preference pairs from the plays (held out: the test split) =="
+	$(LMF) data make-sft shakespeare --data $(DEMO)/data --out $(CHAT)/data --max-examples 8000 --max-pairs 4000 \
+	--max-heldout 200
+	@echo "== 2/4 supervised fine-tuning of the demo model with LoRA =="
+	$(LMF) finetune sft-lora --base $(DEMO)/model --data $(CHAT)/data/sft.jsonl --out $(CHAT)/sft --overwrite \
+	--set train.batch_size=16 --set train.max_steps=300 --set train.lr=2e-3 --set train.min_lr=2e-4 \
+	--set train.eval_every=100 --set train.eval_steps=5
+	@echo "== 3/4 DPO on the SFT model =="
+	$(LMF) align dpo --base $(CHAT)/sft --data $(CHAT)/data/preferences.jsonl --out $(CHAT)/dpo --overwrite \
+	--set train.max_steps=100 --set train.eval_every=50 --set train.eval_steps=5
+	@echo "== 4/4 base vs SFT vs DPO on held-out passages =="
+	$(LMF) posttrain-eval --model base=$(DEMO)/model --model sft=$(CHAT)/sft --model dpo=$(CHAT)/dpo \
+	--data $(CHAT)/data --out $(CHAT)
+
 # ruff first: the lint rules (120-character lines included) are part of the test
 test: setup
 	$(BIN)/ruff check src tests benchmarks
