@@ -57,7 +57,9 @@ class ModelConfig:
     # BERT (arch bert; other families ignore these)
     type_vocab_size: int = 2  # segment (token_type_ids) embeddings
     nsp_head: bool = False  # next-sentence-prediction head on the pooled [CLS] output
-    num_labels: int = 0  # sequence-classification head on the pooled output; 0 = none
+    # a head beside the LM head; 0 = none. BERT: sequence classification on the pooled output; GPT: a
+    # per-position score head (`GPT.scores`; a reward model has num_labels=1)
+    num_labels: int = 0
     pooler: bool = False  # keep the pooler (dense+tanh on [CLS]) even when no head uses it (HF BertModel)
     moe: MoEConfig = field(default_factory=MoEConfig)
     # The Hugging Face model_type a converted checkpoint came from (`lmforge convert from-hf`);
@@ -123,6 +125,8 @@ class ModelConfig:
             raise bad("pos_encoding", f"rope needs an even head dim, got {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", f"must be in [0, 1), got {self.dropout}")
+        if not isinstance(self.num_labels, int) or self.num_labels < 0:
+            raise bad("num_labels", f"must be a non-negative integer, got {self.num_labels!r}")
         self._validate_moe(bad)
         if self.arch == "bert":
             self._validate_bert(bad)
