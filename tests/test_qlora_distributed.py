@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_finetune import FAST
+from test_finetune import base as finetune_base  # noqa: F401  (a fixture: a tiny pretrained GPT run dir)
+from test_finetune import chat as finetune_chat  # noqa: F401  (a fixture: chat JSONL, train and val)
 from train_helpers import make_token_dir
 
 from lmforge.train import checkpoint as ckpt
@@ -75,3 +78,29 @@ def test_qlora_under_fsdp2_on_two_processes_matches_one(tmp_path):
     assert any(v.abs().max() > 0 for k, v in lora_a.items() if k.endswith("lora_B"))  # B left zero: trained
     for k in lora_a:
         torch.testing.assert_close(lora_a[k], lora_b[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow  # a pretrained base, then `lmforge finetune sft-qlora` twice under torchrun: a minute or two
+def test_qlora_finetune_under_fsdp2_gives_the_ddp_model(finetune_base, finetune_chat, tmp_path):  # noqa: F811
+    """`torchrun ... lmforge finetune sft-qlora` on 2 CPU processes with train.parallel=fsdp and =ddp:
+    the same losses and the same fine-tuned model, each with its adapter dir. (Against one process
+    an SFT run differs slightly: each rank averages the loss over its own reply tokens.)"""
+    base, chat = finetune_base, finetune_chat
+    outs = {}
+    for parallel in ("ddp", "fsdp"):
+        out = outs[parallel] = tmp_path / parallel
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "lmforge", "finetune", "sft-qlora", "--base", str(base), "--data", str(chat / "train.jsonl"),
+               "--out", str(out)]
+        for s in [*FAST, f"data.val_file={chat / 'val.jsonl'}", f"train.parallel={parallel}", "train.batch_size=2",
+                  "train.max_steps=6", "train.eval_every=3", "train.lr=1e-2", "adapter.lora_dropout=0.0"]:
+            cmd += ["--set", s]
+        run(cmd)
+        assert (out / "adapter" / "adapter_config.json").exists()
+    a, b = metrics(outs["ddp"]), metrics(outs["fsdp"])
+    assert [x["loss"] for x in a] == pytest.approx([y["loss"] for y in b], abs=1e-5)
+    assert a[-1]["loss"] < a[0]["loss"]
+    (ddp, tokenizer), (fsdp, _) = ckpt.load_pretrained(outs["ddp"]), ckpt.load_pretrained(outs["fsdp"])
+    x = torch.tensor([tokenizer.encode("who speaks of love?")])
+    with torch.no_grad():
+        torch.testing.assert_close(ddp(x)[0], fsdp(x)[0], atol=1e-5, rtol=1e-5)

@@ -14,7 +14,8 @@ Checkpoints keep the plain layout (the contract of `lmforge.train.transforms`): 
 emits the dequantized `weight` under its usual name, and `load_state_dict` quantizes a `weight`
 it is given — unless it is exactly what the module already holds (a resumed run's own frozen
 weights), so a resume continues with the very codes it trained on. Under FSDP2 the adapters and
-the biases are sharded like any parameter; the NF4 buffers are replicated on every rank.
+the biases are sharded like any parameter; the NF4 buffers are replicated on every rank, and DDP
+is told not to re-broadcast them before every forward.
 """
 
 from __future__ import annotations
@@ -40,15 +41,15 @@ class _NF4Matmul(torch.autograd.Function):
     """x @ W.T with W dequantized on the fly; nothing of W is saved, no gradient for it."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, module: QLoRALinear) -> Tensor:
-        ctx.module = module
-        return x @ module.dequantized(x.dtype).t()
+    def forward(ctx, x: Tensor, q: NF4) -> Tensor:
+        ctx.q = q  # the packed codes (references to the module's buffers, not copies)
+        return x @ dequantize_nf4(q, x.dtype).t()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         if not ctx.needs_input_grad[0]:
             return None, None
-        return grad @ ctx.module.dequantized(grad.dtype), None
+        return grad @ dequantize_nf4(ctx.q, grad.dtype), None
 
 
 class QLoRALinear(LoRALinear):
@@ -97,7 +98,7 @@ class QLoRALinear(LoRALinear):
 
     def base_forward(self, x: Tensor) -> Tensor:
         dtype = compute_dtype(x)
-        out = _NF4Matmul.apply(x.to(dtype), self)
+        out = _NF4Matmul.apply(x.to(dtype), self.nf4())
         return out if self.bias is None else out + self.bias.to(dtype)
 
     def merge(self) -> None:
@@ -155,6 +156,15 @@ def quantized_bytes(model: nn.Module) -> tuple[int, int]:
     return sum(m.nf4_bytes for m in mods), sum(m.nf4_shape[0] * m.nf4_shape[1] for m in mods)
 
 
+def keep_codes_out_of_ddp(model: nn.Module) -> None:
+    """DDP broadcasts every buffer from rank 0 before each forward; the NF4 codes are frozen and
+    the same on every rank (quantized from the same weights), so DDP is told to leave them alone
+    (`_ddp_params_and_buffers_to_ignore`, the attribute DDP reads from the module it wraps)."""
+    names = {f"{n}.{b}" for n, m in qlora_modules(model) for b, _ in m.named_buffers() if b.startswith("nf4_")}
+    ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+    model._ddp_params_and_buffers_to_ignore = sorted(ignored | names)
+
+
 def apply_qlora(model: nn.Module, options: AdapterOptions) -> list[str]:
     """LoRA on the targeted Linears (the rest of the model frozen), their base weights to NF4."""
     names = apply_lora(model, options.lora_targets, options.lora_rank, options.lora_alpha, options.lora_dropout,
@@ -168,6 +178,7 @@ def qlora_transform(options: AdapterOptions) -> Transform:
     """The model transform of `adapter.method: qlora` (see the module docstring)."""
     def qlora(model: nn.Module) -> nn.Module:
         apply_qlora(model, options)
+        keep_codes_out_of_ddp(model)
         return model
 
     return qlora
