@@ -120,6 +120,9 @@ def test_qlora_model_keeps_the_layout_and_stores_nf4_only():
         assert w.dtype == before[f"{name}.weight"].dtype
         assert torch.equal(w, dequantize_nf4(quantize_nf4(before[f"{name}.weight"])))
     assert not any("nf4" in k for k in state)
+    # the same codes on every rank: DDP does not re-broadcast them before each forward
+    buffers = {n for n, _ in model.named_buffers() if ".nf4_" in n}
+    assert buffers and buffers <= set(model._ddp_params_and_buffers_to_ignore)
     # model.to(bf16) casts the adapters, never the codes
     codes = [b.clone() for _, m in mods for b in m.buffers()]
     model.to(torch.bfloat16)
