@@ -247,6 +247,17 @@ def test_qlora_trains_only_the_adapters():
     assert all(torch.equal(v, after[k]) for k, v in frozen.items())
 
 
+def test_trainable_counts_count_the_nf4_weights_in_the_total():
+    from lmforge.adapters import trainable_counts
+
+    plain = tiny_gpt()
+    n = sum(p.numel() for p in plain.parameters())
+    model = qlora(plain, lora_rank=4)
+    trainable, total = trainable_counts(model)
+    adapters = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+    assert trainable == adapters and total == n + adapters
+
+
 @pytest.mark.slow  # compiling forward and backward takes half a minute or more on 2 busy cores
 def test_qlora_under_torch_compile_gives_eager_loss_and_gradients():
     model = qlora(tiny_gpt(), lora_rank=4)

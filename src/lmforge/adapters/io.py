@@ -102,9 +102,13 @@ def adapter_transform(options: AdapterOptions, trainable: Sequence[str] = ()) ->
 
 
 def trainable_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters; a tied tensor counts once."""
+    """(trainable, total) parameters; a tied tensor counts once. QLoRA's NF4 base weights are
+    buffers, not parameters: they count in the total as the weights they stand for."""
+    from lmforge.adapters.qlora import quantized_bytes
+
     params = list(model.parameters())  # parameters() yields shared ones once
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    total = sum(p.numel() for p in params) + quantized_bytes(model)[1]
+    return sum(p.numel() for p in params if p.requires_grad), total
 
 
 def added_names(model: nn.Module) -> list[str]:
