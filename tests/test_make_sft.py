@@ -142,7 +142,9 @@ def test_speaker_items_hold_both_formats_with_the_true_speaker(data: Path, tmp_p
         assert item["answers"] == [p.rstrip(".") for p in prefixes] and len(set(item["answers"])) == 4
         # the true speaker: the passage followed by the gold choice is text of the held-out scene
         assert (item["context"] + item["choices"][item["gold"]]).strip() in ALPHA[2] + BETA[2]
-        assert item["messages"] == [{"role": "user", "content": S.speaker_question(item["context"], line)}]
+        question = S.speaker_question(item["context"], line, item["answers"])
+        assert item["messages"] == [{"role": "user", "content": question}]
+        assert question.endswith(f": {', '.join(item['answers'][:3])} or {item['answers'][3]}?\n{line}")
 
 
 def test_deterministic_by_seed_and_atomic(data: Path, tmp_path: Path, monkeypatch) -> None:

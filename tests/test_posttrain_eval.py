@@ -29,10 +29,10 @@ def speaker_items() -> list[dict]:
     items = []
     for i, context in enumerate(CONTEXTS):
         line = f"and so it goes, line {i}"
-        prefixes = [f"{n}." for n in NAMES[i % 4:] + NAMES[:i % 4]]
-        items.append({"context": context, "choices": [f"{p}\n{line}" for p in prefixes], "gold": i % 4,
-                      "messages": [{"role": "user", "content": S.speaker_question(context, line)}],
-                      "answers": [p.rstrip(".") for p in prefixes]})
+        names = NAMES[i % 4:] + NAMES[:i % 4]
+        items.append({"context": context, "choices": [f"{n}.\n{line}" for n in names], "gold": i % 4,
+                      "messages": [{"role": "user", "content": S.speaker_question(context, line, names)}],
+                      "answers": names})
     return items
 
 

@@ -65,7 +65,8 @@ def _cmd_make_sft(args: argparse.Namespace) -> None:
     if args.corpus != "shakespeare":
         raise UserError(f"data make-sft: unknown corpus {args.corpus!r}; available: shakespeare")
     summary = make_shakespeare_sft(args.plays, args.data, args.out, seed=args.seed, max_examples=args.max_examples,
-                                   max_pairs=args.max_pairs, max_heldout=args.max_heldout, mix=parse_mix(args.mix),
+                                   max_pairs=args.max_pairs, max_heldout=args.max_heldout,
+                                   max_speaker_items=args.max_speaker_items, mix=parse_mix(args.mix),
                                    context_chars=args.context_chars, prompt_chars=args.prompt_chars,
                                    max_overlap=args.max_overlap)
     m = summary["metrics"]
@@ -283,7 +284,10 @@ def _add_make_sft_command(data) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--max-examples", type=int, default=20000, help="chat examples in sft.jsonl")
     p.add_argument("--max-pairs", type=int, default=10000, help="pairs in preferences.jsonl")
-    p.add_argument("--max-heldout", type=int, default=300, help="at most this many held-out items per task kind")
+    p.add_argument("--max-heldout", type=int, default=300, help="at most this many held-out examples and pairs per "
+                   "task kind")
+    p.add_argument("--max-speaker-items", type=int, default=500, help="at most this many held-out four-choice "
+                   "speaker items (speaker_heldout.jsonl)")
     p.add_argument("--mix", default=None, metavar="KIND=SHARE,...",
                    help="shares of the task kinds in the training files (default speaker=0.5,play=0.25,continue=0.25)")
     p.add_argument("--context-chars", type=int, default=200, help="the passage before a speech, at most this long")

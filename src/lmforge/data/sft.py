@@ -55,8 +55,10 @@ FILES = ("sft.jsonl", "preferences.jsonl", "sft_heldout.jsonl", "preferences_hel
 
 # ---- the chat turns (the evaluation builds its chat prompts with these too) --------------------
 
-def speaker_question(context: str, line: str) -> str:
-    return f"{context.rstrip()}\n\n{QUESTIONS['speaker']}\n{line}"
+def speaker_question(context: str, line: str, candidates: list[str]) -> str:
+    """The passage, then "Who speaks the next line: A, B, C or D?" and the line."""
+    names = ", ".join(candidates[:-1]) + f" or {candidates[-1]}"
+    return f"{context.rstrip()}\n\n{QUESTIONS['speaker'][:-1]}: {names}?\n{line}"
 
 
 def play_question(passage: str) -> str:
@@ -79,7 +81,7 @@ def kind_of(messages: list[dict[str, str]]) -> str | None:
         return "play"
     if user.endswith(QUESTIONS["continue"]):
         return "continue"
-    return "speaker" if f"\n\n{QUESTIONS['speaker']}\n" in user else None
+    return "speaker" if f"\n\n{QUESTIONS['speaker'][:-1]}: " in user else None
 
 
 def clip_passage(text: str, chars: int) -> str:
@@ -121,7 +123,8 @@ def speaker_records(mc_items: list[dict[str, Any]], rng: random.Random) -> list[
         answers = [speaker_answer(p) for p in prefixes]
         gold = answers[item["gold"]]
         wrong = [a for a in answers if a != gold]
-        out.append(_record(speaker_question(item["context"], line), gold, rng.choice(wrong) if wrong else None))
+        prompt = speaker_question(item["context"], line, answers)
+        out.append(_record(prompt, gold, rng.choice(wrong) if wrong else None))
     return out
 
 
@@ -169,8 +172,8 @@ def mine_records(speeches: list[SpeechItem], titles: list[str], seed: int,
                "continue": continue_records(speeches, random.Random(rng.random()), prompt_chars)}
     for item in mc:
         prefixes, line = _choice_parts(item)
-        item["messages"] = _user(speaker_question(item["context"], line))
         item["answers"] = [speaker_answer(p) for p in prefixes]
+        item["messages"] = _user(speaker_question(item["context"], line, item["answers"]))
     return records, mc
 
 
@@ -215,6 +218,7 @@ def parse_mix(text: str | None) -> dict[str, float]:
 
 def make_shakespeare_sft(corpus: str | Path | None, data: str | Path, out: str | Path, *, seed: int = 0,
                          max_examples: int = 20000, max_pairs: int = 10000, max_heldout: int = 300,
+                         max_speaker_items: int = 500,
                          mix: dict[str, float] | None = None, context_chars: int = 200, prompt_chars: int = 240,
                          max_overlap: float = 0.2,
                          progress: bool = True) -> dict[str, Any]:
@@ -223,13 +227,14 @@ def make_shakespeare_sft(corpus: str | Path | None, data: str | Path, out: str |
     `corpus`: the output of `lmforge data fetch shakespeare` (None: the one named in `data`'s
     summary.json); `data`: the output of `lmforge data prepare` on it. `max_examples` / `max_pairs`:
     the training files' sizes, in the shares of `mix` (default `DEFAULT_MIX`); `max_heldout`: at most
-    this many held-out items per kind in each held-out file; `context_chars`: the passage before a
+    this many held-out items per kind in `sft_heldout.jsonl` and `preferences_heldout.jsonl`;
+    `max_speaker_items`: at most this many in `speaker_heldout.jsonl`; `context_chars`: the passage before a
     speech, at most this many characters; `prompt_chars`: every prompt's passage (context and the
     speech so far), at most this many (a small model's context must hold passage, question and answer).
     """
     data, out = Path(data), Path(out)
     mix = dict(DEFAULT_MIX) if mix is None else mix
-    corpus = _checked_inputs(corpus, data, max_examples, max_pairs, max_heldout, max_overlap)
+    corpus = _checked_inputs(corpus, data, max_examples, max_pairs, min(max_heldout, max_speaker_items), max_overlap)
     start = time.perf_counter()
     counts: collections.Counter = collections.Counter()
     with tqdm(total=4, desc="make-sft", unit="stage", disable=not progress) as bar:
@@ -253,11 +258,12 @@ def make_shakespeare_sft(corpus: str | Path | None, data: str | Path, out: str |
                  "preferences.jsonl": take(records, max_pairs, mix, seed + 1, pairs=True),
                  "sft_heldout.jsonl": take(held_records, n_held, even, seed + 2, pairs=False),
                  "preferences_heldout.jsonl": take(held_records, n_held, even, seed + 3, pairs=True),
-                 "speaker_heldout.jsonl": sample_in_order(held_mc, max_heldout, seed + 4)}
+                 "speaker_heldout.jsonl": sample_in_order(held_mc, max_speaker_items, seed + 4)}
         counts.update(plays=len(plays), train_speeches=len(train_speeches), held_out_speeches_kept=len(test_speeches))
         summary = _write(out, files, counts, config={"corpus": "shakespeare", "seed": seed,
                                                      "max_examples": max_examples, "max_pairs": max_pairs,
-                                                     "max_heldout": max_heldout, "mix": mix,
+                                                     "max_heldout": max_heldout,
+                                                     "max_speaker_items": max_speaker_items, "mix": mix,
                                                      "context_chars": context_chars, "prompt_chars": prompt_chars,
                                                      "max_overlap": max_overlap},
                          inputs={"corpus": corpus, "data": data}, start=start)
