@@ -53,15 +53,16 @@ demo-chat: setup
 	{ echo "demo-chat: no demo model in $(DEMO)/model (or no prepared data in $(DEMO)/data); run 'make demo' first" >&2; \
 	exit 2; }
 	@echo "== 1/4 mine chat SFT data and preference pairs from the plays (held out: the test split) =="
-	$(LMF) data make-sft shakespeare --data $(DEMO)/data --out $(CHAT)/data --max-examples 8000 --max-pairs 4000 \
-	--max-heldout 200
+	$(LMF) data make-sft shakespeare --data $(DEMO)/data --out $(CHAT)/data --max-examples 8000 --max-pairs 1000 \
+	--max-heldout 100 --max-speaker-items 400 --mix speaker=0.6,play=0.2,continue=0.2
 	@echo "== 2/4 supervised fine-tuning of the demo model with LoRA =="
 	$(LMF) finetune sft-lora --base $(DEMO)/model --data $(CHAT)/data/sft.jsonl --out $(CHAT)/sft --overwrite \
-	--set train.batch_size=16 --set train.max_steps=300 --set train.lr=2e-3 --set train.min_lr=2e-4 \
-	--set train.eval_every=100 --set train.eval_steps=5
+	--set adapter.lora_rank=64 --set adapter.lora_alpha=128 --set train.batch_size=16 --set train.max_steps=400 \
+	--set train.lr=2e-3 --set train.min_lr=2e-4 --set train.eval_every=200 --set train.eval_steps=5
 	@echo "== 3/4 DPO on the SFT model =="
 	$(LMF) align dpo --base $(CHAT)/sft --data $(CHAT)/data/preferences.jsonl --out $(CHAT)/dpo --overwrite \
-	--set train.max_steps=100 --set train.eval_every=50 --set train.eval_steps=5
+	--set train.max_steps=120 --set train.lr=2e-3 --set train.min_lr=2e-4 --set train.eval_every=60 \
+	--set train.eval_steps=5
 	@echo "== 4/4 base vs SFT vs DPO on held-out passages =="
 	$(LMF) posttrain-eval --model base=$(DEMO)/model --model sft=$(CHAT)/sft --model dpo=$(CHAT)/dpo \
 	--data $(CHAT)/data --out $(CHAT)
