@@ -38,6 +38,7 @@ from lmforge.data.tasks import (
     SpeechItem,
     TrainingOverlap,
     continue_line_items,
+    corpus_of,
     held_out_speeches,
     read_plays,
     read_split,
@@ -306,23 +307,8 @@ def _checked_inputs(corpus: str | Path | None, data: Path, max_examples: int, ma
             raise UserError(f"{name} must be >= 1, got {value}")
     if not 0.0 <= max_overlap <= 1.0:
         raise UserError(f"--max-overlap must be in [0, 1], got {max_overlap}")
-    corpus = Path(corpus) if corpus is not None else _corpus_of(data)
+    corpus = Path(corpus) if corpus is not None else corpus_of(data)
     if not corpus.is_dir():
         raise UserError(f"{corpus} is not a directory; pass --plays DIR (the output of "
                         "`lmforge data fetch shakespeare`)")
     return corpus
-
-
-def _corpus_of(data: Path) -> Path:
-    """The fetched Shakespeare directory among the inputs named in `data`'s summary.json."""
-    summary = data / "summary.json"
-    try:
-        inputs = json.loads(summary.read_text(encoding="utf-8")).get("inputs", {})
-    except (OSError, ValueError):
-        inputs = {}
-    paths = [Path(v.get("path", "")) for v in inputs.values() if isinstance(v, dict)]
-    found = next((p for p in paths if p.is_dir() and any(p.glob("*_gut.txt"))), None)
-    if found is None:
-        raise UserError(f"{summary} names no fetched Shakespeare directory among its inputs; pass --plays DIR "
-                        "(the output of `lmforge data fetch shakespeare`)")
-    return found

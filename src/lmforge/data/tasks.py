@@ -365,7 +365,7 @@ def _write_jsonl(path: Path, header: dict[str, Any], items: list[dict[str, Any]]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def _corpus_of(data: Path) -> Path:
+def corpus_of(data: Path) -> Path:
     """The corpus directory `data prepare` read to make `data` (from its summary.json)."""
     summary = data / "summary.json"
     try:
@@ -436,7 +436,7 @@ def make_shakespeare_tasks(corpus: str | Path | None, data: str | Path, out: str
 
 def _checked_inputs(corpus: str | Path | None, data: Path, max_items: int, max_overlap: float) -> Path:
     """The corpus directory (from `data`'s summary when None), after checking the arguments."""
-    corpus = Path(corpus) if corpus is not None else _corpus_of(data)
+    corpus = Path(corpus) if corpus is not None else corpus_of(data)
     if not corpus.is_dir():
         raise UserError(f"{corpus} is not a directory; pass the output of `lmforge data fetch shakespeare`")
     if max_items < 2:
