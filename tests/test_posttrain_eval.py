@@ -168,6 +168,7 @@ def test_cli_writes_the_table_and_summary(tiny, tmp_path: Path, capsys) -> None:
     for name, m in summary["metrics"].items():
         assert set(m) >= {"speaker_acc", "speaker_ci95", "pref_acc", "ends_by_itself"}
         assert m["format"] == ("plain" if name == "base" else "chat") and name in printed
+        assert summary[name] == m  # the keys: summary["sft"]["speaker_acc"], ...
     # the same weights: chat-format models measure the same; goals computed from the rows
     assert summary["metrics"]["sft"]["speaker_acc"] == summary["metrics"]["dpo"]["speaker_acc"]
     assert summary["goals"]["dpo_beats_sft_pref"] is False
@@ -177,7 +178,7 @@ def test_cli_writes_the_table_and_summary(tiny, tmp_path: Path, capsys) -> None:
 
 def test_bad_input_is_one_line(tiny, tmp_path: Path, capsys) -> None:
     ckpt, _, _ = tiny
-    for bad in (["x"], ["a=b", "a=c"]):
+    for bad in (["x"], ["a=b", "a=c"], ["goals=b"]):
         with pytest.raises(UserError, match="--model"):
             E.parse_models(bad)
     with pytest.raises(UserError, match="--format"):

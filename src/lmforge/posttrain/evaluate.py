@@ -43,6 +43,10 @@ class ModelSpec:
     format: str
 
 
+# summary.json's own keys; each model's metrics sit under its name at the top level too
+RESERVED_NAMES = ("stage", "created", "config", "inputs", "metrics", "versions", "wall_time_s", "samples", "goals")
+
+
 def parse_models(values: list[str], formats: list[str] | None = None) -> list[ModelSpec]:
     """`NAME=DIR` specs (a model named `base` is prompted in plain text, others in the chat format),
     then `NAME=plain|chat` overrides."""
@@ -53,6 +57,8 @@ def parse_models(values: list[str], formats: list[str] | None = None) -> list[Mo
             raise UserError(f"--model {value!r}: write NAME=DIR, e.g. --model sft=runs/demo/posttrain/sft")
         if any(s.name == name for s in specs):
             raise UserError(f"--model {value!r}: the name {name!r} is given twice; name each model once")
+        if name in RESERVED_NAMES:
+            raise UserError(f"--model {value!r}: {name!r} is a key of summary.json; pick another model name")
         specs.append(ModelSpec(name, Path(path), "plain" if name == "base" else "chat"))
     for value in formats or []:
         name, _, fmt = value.partition("=")
@@ -174,7 +180,8 @@ def evaluate_models(specs: list[ModelSpec], data: str | Path, out: str | Path, *
                     progress: bool = True) -> dict[str, Any]:
     """Measure each model on the held-out files in `data` (a `data make-sft` output); writes
     `out/summary.json` (metrics: {model name: {speaker_acc, speaker_ci95, pref_acc, ends_by_itself,
-    ...}}, plus `goals` when models named base, sft and dpo are there) and returns it.
+    ...}}, each model's also at the top level under its name (`summary["sft"]["speaker_acc"]`), plus
+    `goals` when models named base, sft and dpo are there) and returns it.
     `limit`: at most this many items of each held-out file (the first ones)."""
     from lmforge.fsutil import write_summary
     from lmforge.posttrain.data import read_pairs, read_sft
@@ -208,7 +215,7 @@ def evaluate_models(specs: list[ModelSpec], data: str | Path, out: str | Path, *
     config = {"models": {s.name: {"path": str(s.path), "format": s.format} for s in specs}, "limit": limit,
               "max_new_tokens": max_new_tokens, "batch_size": batch_size, "device": device,
               "speaker_ci95": "Wilson score interval"}
-    extra: dict[str, Any] = {"samples": samples}
+    extra: dict[str, Any] = {**metrics, "samples": samples}
     goals = check_goals(metrics)
     if goals:
         extra["goals"] = goals
