@@ -316,19 +316,24 @@ def _add_tokenizer_commands(sub) -> None:
     p.set_defaults(func=_cmd_tokenize)
 
 
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """--resume, --overwrite, --force: what every training command (pretrain, finetune, align) takes."""
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--force", action="store_true",
+                   help="start even when the run is predicted not to fit in the memory available")
+
+
 def _add_pretrain_command(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain a model from a YAML recipe")
     p.add_argument("config", help="YAML recipe, e.g. configs/nano.yaml, or a preset name: nano")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.lr=1e-3 (repeatable)")
     p.add_argument("--out", default=None, help="run dir (default runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--init-from", default=None, metavar="DIR",
                    help="start from this checkpoint's weights (a checkpoint dir, a run dir, or a `convert from-hf` "
                         "output) with a fresh optimizer at step 0; as train.init_from")
-    p.add_argument("--force", action="store_true",
-                   help="start even when the run is predicted not to fit in the memory available")
+    add_run_flags(p)
     p.set_defaults(func=_cmd_pretrain)
 
 
@@ -500,10 +505,7 @@ def _add_finetune_commands(sub) -> None:
                                                 "summary.json; adapter/ for adapter methods")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set adapter.lora_rank=16 (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    p.add_argument("--force", action="store_true",
-                   help="start even when the run is predicted not to fit in the memory available")
+    add_run_flags(p)
     p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("merge", help="fold a fine-tuned checkpoint's LoRA adapter into its weights: a plain "

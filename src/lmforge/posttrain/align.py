@@ -80,22 +80,16 @@ def align(cfg: Any, out: str | Path, *, base: str | Path, data: str | Path | Non
 # ---- the command ---------------------------------------------------------------------------------
 
 
-def last_record(path: Path) -> dict[str, Any]:
-    """The last line of a metrics.jsonl ({} if there is none)."""
-    import json
-
-    lines = path.read_text().splitlines() if path.is_file() else []
-    return json.loads(lines[-1]) if lines else {}
-
-
 def cmd_align(args: argparse.Namespace) -> None:
     from lmforge.config import load_config
 
     cfg = load_config(args.config, args.set)
     summary = align(cfg, args.out, base=args.base, data=args.data, reward=args.reward, resume=args.resume,
                     overwrite=args.overwrite, force=args.force)
-    if summary and os.environ.get("RANK", "0") == "0":
-        m, last = summary.get("metrics", {}), last_record(Path(args.out) / "metrics.jsonl")
+    if summary and cfg.objective != "ppo" and os.environ.get("RANK", "0") == "0":  # ppo prints its own line
+        from lmforge.train.report import read_metrics
+
+        m, last = summary.get("metrics", {}), (read_metrics(Path(args.out) / "metrics.jsonl") or [{}])[-1]
         val = m.get("best_val_loss")
         shown = ", ".join(f"{k} {last[k]:.3g}" for k in ("pref_acc", "margin") if isinstance(last.get(k), (int, float)))
         print(f"done: {cfg.objective}, {m.get('steps')} steps, best val loss "
@@ -104,6 +98,8 @@ def cmd_align(args: argparse.Namespace) -> None:
 
 
 def add_align_command(sub: Any) -> None:
+    from lmforge.cli import add_run_flags  # cli imports this module only when it builds its parser
+
     p = sub.add_parser("align", help="preference training of a checkpoint: reward model, DPO, ORPO, PPO "
                                      "(docs/POSTTRAIN.md)")
     p.add_argument("config", help="YAML recipe or a preset name: reward, dpo, orpo, ppo")
@@ -117,8 +113,5 @@ def add_align_command(sub: Any) -> None:
     p.add_argument("--reward", default=None, metavar="DIR", help="ppo: the reward model (a `reward` run dir)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set dpo.beta=0.2 (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    p.add_argument("--force", action="store_true",
-                   help="start even when the run is predicted not to fit in the memory available")
+    add_run_flags(p)
     p.set_defaults(func=cmd_align)
