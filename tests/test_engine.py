@@ -281,3 +281,38 @@ def test_capabilities_are_declared_and_seen_through_wrappers():
         has_capability(dense, "generates")
     with pytest.raises(ValueError, match="does not generate"):
         Engine(bert)
+
+
+def test_top_logprobs_are_the_most_likely_tokens_of_the_full_forward():
+    model = gpt("learned")
+    engine = Engine(model, max_batch=2)
+    engine.add(PROMPTS[0], SamplingParams(max_new_tokens=3, temperature=0, top_logprobs=3))
+    engine.add(PROMPTS[1], SamplingParams(max_new_tokens=3, temperature=0))
+    seen = []
+    while engine.has_work:
+        for event in engine.step():
+            if event.request_id == 0:
+                assert event.logprob is not None and len(event.top_logprobs) == 3
+                seen.append(event)
+            else:
+                assert event.top_logprobs is None and event.logprob is None
+    tokens = PROMPTS[0] + [e.token_id for e in seen]
+    with torch.no_grad():
+        full = model(torch.tensor([tokens]))[0][0].log_softmax(-1)
+    for i, event in enumerate(seen):
+        values, ids = full[len(PROMPTS[0]) - 1 + i].topk(3)
+        assert [t for t, _ in event.top_logprobs] == ids.tolist()
+        assert [v for _, v in event.top_logprobs] == pytest.approx(values.tolist(), abs=1e-4)
+        assert event.top_logprobs[0][0] == event.token_id  # greedy picks the best
+
+
+def test_before_forward_sees_the_tags_of_each_model_calls_rows():
+    calls = []
+    engine = Engine(gpt("learned"), max_batch=2, before_forward=calls.append)
+    engine.add(PROMPTS[0], SamplingParams(max_new_tokens=3, temperature=0), tag="a")
+    engine.add(PROMPTS[1], SamplingParams(max_new_tokens=1, temperature=0), tag="b")
+    engine.add(PROMPTS[0], SamplingParams(max_new_tokens=1, temperature=0), tag="c")
+    engine.step()
+    assert calls == [["a", "b"]]  # one prefill of both rows
+    engine.step()  # "b" left after its one token: "a" decodes, "c" is prefilled in a second call
+    assert calls[1:] == [["a"], ["c"]]

@@ -43,7 +43,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -56,7 +56,8 @@ from lmforge.models import eval_mode, has_capability
 class SamplingParams:
     """How one request is continued. temperature 0 is greedy; top_k / top_p None (or 0 / 1.0) keep
     every token; seed None draws fresh randomness; a token in stop_ids ends the request (it is
-    still reported, as its last token); logprobs asks for `Event.logprob`."""
+    still reported, as its last token); logprobs asks for `Event.logprob`; top_logprobs > 0 asks for
+    `Event.top_logprobs` too (the n most likely tokens, implies logprobs)."""
 
     max_new_tokens: int = 256
     temperature: float = 1.0
@@ -65,9 +66,12 @@ class SamplingParams:
     seed: int | None = None
     stop_ids: frozenset[int] = field(default_factory=frozenset)
     logprobs: bool = False
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_ids", frozenset(int(i) for i in self.stop_ids))
+        if self.top_logprobs:
+            object.__setattr__(self, "logprobs", True)
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if self.temperature < 0:
@@ -79,13 +83,16 @@ class SamplingParams:
 @dataclass(frozen=True)
 class Event:
     """One new token of one request; `finished` with `reason` "stop" (a stop id) or "length"
-    (max_new_tokens, or the context is full) on its last one."""
+    (max_new_tokens, or the context is full) on its last one. `logprob` (if asked): the token's
+    log-probability under the model; `top_logprobs` (if asked): ((token id, logprob), ...) of the
+    most likely tokens, best first."""
 
     request_id: int
     token_id: int
     finished: bool = False
     reason: str | None = None
     logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -208,6 +215,7 @@ class Request:
     generator: torch.Generator | None
     max_new_tokens: int
     tokens: list[int] = field(default_factory=list)  # generated so far; the last one not yet fed
+    tag: object = None  # the caller's, handed to the engine's `before_forward` (e.g. which adapter)
 
 
 class Engine:
@@ -219,15 +227,19 @@ class Engine:
     behaviour); otherwise a full context ends the request with reason "length". An encoder-
     decoder writes at most block_size - 1 tokens. `autocast_dtype` runs forwards under autocast.
     The model runs in eval mode during each step (the mode it had is restored after it).
+    `before_forward(tags)`, if given, is called before every model call with the tags (`add`'s
+    `tag`) of the rows that call computes, in row order: how rows of one batch select different
+    LoRA adapters (`lmforge.adapters.multi`).
     """
 
     def __init__(self, model: nn.Module, max_batch: int = 16, *, autocast_dtype: torch.dtype | None = None,
-                 slide: bool = False) -> None:
+                 slide: bool = False, before_forward: Callable[[list[object]], None] | None = None) -> None:
         if not has_capability(model, "generate"):
             raise ValueError(f"a {type(model).__name__} does not generate text (no 'generate' capability)")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model, self.max_batch, self.slide = model, max_batch, slide
+        self.before_forward = before_forward
         self.autocast_dtype = autocast_dtype
         self.encoder_decoder = has_capability(model, "encoder_decoder")
         self.block_size = model.config.block_size
@@ -240,8 +252,10 @@ class Engine:
 
     # ---- requests -----------------------------------------------------------------------
 
-    def add(self, prompt_ids: Sequence[int] | Tensor, params: SamplingParams | None = None) -> int:
-        """Queue a request; its id. It joins the batch at the next step with a free row.
+    def add(self, prompt_ids: Sequence[int] | Tensor, params: SamplingParams | None = None, *,
+            tag: object = None) -> int:
+        """Queue a request; its id. It joins the batch at the next step with a free row. `tag` is
+        the caller's (see `before_forward`).
 
         ValueError for an empty prompt or one longer than the context (block_size tokens; an
         encoder-decoder's encoder reads at most block_size)."""
@@ -255,7 +269,7 @@ class Engine:
         if self.encoder_decoder:  # the decoder's context (with its start token) ends the output, as EOS would
             max_new = min(max_new, self.block_size - 1)
         generator = new_generator(self.device, params.seed) if params.temperature > 0 else None
-        request = Request(next(self._ids), prompt, params, generator, max_new)
+        request = Request(next(self._ids), prompt, params, generator, max_new, tag=tag)
         self.waiting.append(request)
         return request.id
 
@@ -303,10 +317,21 @@ class Engine:
                 vocab = logits.shape[-1]
                 self._rows = RowSampling([r.params for r in self.running], vocab, self.device)
             tokens = sample_rows(logits, self._rows, [r.generator for r in self.running])
-            logprobs = None
-            if any(self._rows.logprobs):
-                logprobs = logits.float().log_softmax(dim=-1).gather(-1, tokens[:, None])[:, 0].tolist()
-            return self._emit(tokens.tolist(), logprobs)
+            return self._emit(tokens.tolist(), *self._logprobs(logits, tokens))
+
+    def _logprobs(self, logits: Tensor, tokens: Tensor) -> tuple[list[float] | None, list | None]:
+        """The chosen tokens' log-probabilities, and the top ones' for rows that ask (else None)."""
+        if not any(self._rows.logprobs):
+            return None, None
+        logprobs = logits.float().log_softmax(dim=-1)
+        chosen = logprobs.gather(-1, tokens[:, None])[:, 0].tolist()
+        n = max(r.params.top_logprobs for r in self.running)
+        if not n:
+            return chosen, None
+        best = torch.topk(logprobs, min(n, logprobs.shape[-1]), dim=-1)
+        top = [tuple(zip(ids[:r.params.top_logprobs], values[:r.params.top_logprobs]))
+               for r, ids, values in zip(self.running, best.indices.tolist(), best.values.tolist())]
+        return chosen, top
 
     def _arrange(self) -> int:
         """Order the rows for this step: rows that decode first, then rows to prefill (a sliding
@@ -330,6 +355,7 @@ class Engine:
         the rest."""
         parts = []
         if decoding:
+            self._announce(self.running[:decoding])
             ids = torch.tensor([[r.tokens[-1]] for r in self.running[:decoding]], device=self.device)
             view = self.cache.view(0, decoding)
             if self.encoder_decoder:
@@ -337,8 +363,13 @@ class Engine:
             else:
                 parts.append(self.model(ids, kv_cache=view)[0][:, -1])
         if decoding < len(self.running):
+            self._announce(self.running[decoding:])
             parts.append(self._prefill(decoding))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _announce(self, rows: list[Request]) -> None:
+        if self.before_forward is not None:
+            self.before_forward([r.tag for r in rows])
 
     def _prefill(self, start: int) -> Tensor:
         """Fill rows start.. (right-padded to the longest input, one forward); their next-token logits."""
@@ -374,7 +405,7 @@ class Engine:
         view.set_source_lengths(lengths)
         return logits
 
-    def _emit(self, tokens: list[int], logprobs: list[float] | None) -> list[Event]:
+    def _emit(self, tokens: list[int], logprobs: list[float] | None, top: list | None = None) -> list[Event]:
         """Record each running request's new token; events, and finished requests leave."""
         events, done = [], []
         for row, (request, token) in enumerate(zip(self.running, tokens)):
@@ -387,7 +418,8 @@ class Engine:
             elif not self.slide and self.cache.lengths[row] >= self.cache.max_len:
                 reason = "length"  # no room to feed this token back
             logprob = logprobs[row] if logprobs is not None and request.params.logprobs else None
-            events.append(Event(request.id, token, reason is not None, reason, logprob))
+            best = top[row] if top is not None and request.params.top_logprobs else None
+            events.append(Event(request.id, token, reason is not None, reason, logprob, best))
             if reason is not None:
                 done.append(row)
         for row in reversed(done):  # highest first: the row moved into a freed one is never done
