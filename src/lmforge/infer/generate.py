@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.errors import UserError
+from lmforge.infer.detok import TextStream, first_stop
 from lmforge.infer.engine import Engine, SamplingParams, sample_next
 from lmforge.models import eval_mode, has_capability
 
@@ -161,12 +162,6 @@ def _run(engine: Engine, prompts: Sequence[list[int]], params: Sequence[Sampling
     return new_ids
 
 
-def first_stop(text: str, stops: Sequence[str]) -> int | None:
-    """Where the earliest of the stop strings starts in text (None if none occurs)."""
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(hits) if hits else None
-
-
 def generate_texts(model: nn.Module, tokenizer: TokenizerLike, prompts: Sequence[list[int]],
                    max_new_tokens: int = 256, temperature: float = 1.0, top_k: int | None = None,
                    top_p: float | None = None, seeds: Sequence[int | None] | None = None,
@@ -194,25 +189,29 @@ def generate_texts(model: nn.Module, tokenizer: TokenizerLike, prompts: Sequence
             on_batch(len(prompts))
         return [""] * len(prompts)
 
-    def visible(ids: list[int]) -> list[int]:
-        return ids[:-1] if ids and ids[-1] in stop_ids else ids
+    streams = [TextStream(tokenizer, stops) for _ in prompts]  # in the order the prompts start
+    fed = [0] * len(prompts)
 
-    def text_of(ids: list[int]) -> str:
-        text = tokenizer.decode(visible(ids))
-        cut = first_stop(text, stops)
-        return text if cut is None else text[:cut]
+    def feed(i: int, ids: list[int]) -> TextStream:
+        """Push row i's ids not yet pushed (a stop id ends the reply, it is no text)."""
+        for token_id in ids[fed[i]:]:
+            if token_id not in stop_ids:
+                streams[i].push(token_id)
+        fed[i] = len(ids)
+        return streams[i]
 
-    def finished(_: int, ids: list[int]) -> bool:
-        return bool(stops) and first_stop(tokenizer.decode(visible(ids)), stops) is not None
+    def finished(i: int, ids: list[int]) -> bool:
+        return feed(i, ids).stopped
 
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     params = [SamplingParams(max_new_tokens, temperature, top_k, top_p, seeds[i], stop_ids) for i in order]
     engine = Engine(model, max_batch=max(1, min(batch_size, len(prompts))), autocast_dtype=autocast_dtype)
-    replies = _run(engine, [prompts[i] for i in order], params, finished,
+    replies = _run(engine, [prompts[i] for i in order], params, finished if stops else None,
                    on_done=(lambda _: on_batch(1)) if on_batch is not None else None)
     texts = [""] * len(prompts)
-    for i, ids in zip(order, replies):
-        texts[i] = text_of(ids)
+    for row, (i, ids) in enumerate(zip(order, replies)):
+        feed(row, ids).finish()
+        texts[i] = streams[row].text
     return texts
 
 
@@ -259,17 +258,6 @@ def encode_source(tokenizer: TokenizerLike, text: str) -> list[int]:
     return ids + tokenizer.encode(text[last:], add_eos=True)
 
 
-def _held_back(text: str, stops: list[str]) -> int:
-    """How many trailing characters of text might be the start of a stop string."""
-    longest = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:n]):
-                longest = n
-                break
-    return longest
-
-
 def generate_text(model: nn.Module, tokenizer: TokenizerLike, prompt: str | list[int],
                   max_new_tokens: int = 256, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None, seed: int | None = None,
@@ -281,22 +269,19 @@ def generate_text(model: nn.Module, tokenizer: TokenizerLike, prompt: str | list
     Stops at the tokenizer's eos token or any of `stop_ids` (not included in the text; ids let
     a chat stop at a control token that text never produces) or at the first occurrence
     of any `stop` string (the text ends just before it). `stream` is called with each new
-    piece of text as soon as it is final: a token that ends inside a multi-byte UTF-8
-    character (decoding to U+FFFD) waits for the rest of the character, and text that could
-    be the beginning of a stop string waits until it is known not to be one.
+    piece of text as soon as it is final (`lmforge.infer.detok.TextStream`): a token that ends
+    inside a multi-byte UTF-8 character waits for the rest of the character, bytes that can never
+    form one (a small model's broken sequence, an incomplete character at the end) are dropped,
+    so no U+FFFD is ever printed, and text that could be the beginning of a stop string waits
+    until it is known not to be one. The pieces streamed join up to the text returned.
     """
-    stops = [s for s in (stop or []) if s]
     eos_id = getattr(tokenizer, "eos_id", None)
     stop_ids = set(stop_ids or ()) | ({eos_id} if eos_id is not None else set())
-    new_ids: list[int] = []
-    emitted = 0  # characters of the final text already passed to `stream`
-    text = ""
+    detok = TextStream(tokenizer, stop or ())
 
-    def emit(upto: int) -> None:
-        nonlocal emitted
-        if stream is not None and upto > emitted:
-            stream(text[emitted:upto])
-        emitted = max(emitted, upto)
+    def emit(piece: str) -> None:
+        if stream is not None and piece:
+            stream(piece)
 
     if not isinstance(prompt, str):
         prompt_ids = list(prompt)
@@ -312,16 +297,8 @@ def generate_text(model: nn.Module, tokenizer: TokenizerLike, prompt: str | list
         for token_id in tokens:
             if token_id in stop_ids:
                 break
-            new_ids.append(token_id)
-            # Decoding the whole continuation each step (not token by token) lets byte-level
-            # tokens that split a UTF-8 character join up again.
-            text = tokenizer.decode(new_ids)
-            cut = first_stop(text, stops)
-            if cut is not None:
-                text = text[:cut]
+            emit(detok.push(token_id))
+            if detok.stopped:
                 break
-            if text.endswith("\ufffd"):
-                continue
-            emit(len(text) - _held_back(text, stops))
-    emit(len(text))
-    return text
+    emit(detok.finish())
+    return detok.text
