@@ -188,6 +188,15 @@ def _cmd_convert(args: argparse.Namespace) -> None:
         print(f"left out (the HF class has no place for them): {', '.join(m['dropped'])}")
 
 
+def _cmd_to_onnx(args: argparse.Namespace) -> None:
+    from lmforge.export.onnx import to_onnx
+
+    m = to_onnx(args.src, args.out, opset=args.opset, quantize_int8=args.int8, overwrite=args.overwrite)["metrics"]
+    files = ", ".join(f"{name} ({size / 1e6:.2f} MB)" for name, size in m["bytes"].items())
+    print(f"exported {args.src} ({m['arch']}, opset {m['opset']}) into {args.out}: {files}; "
+          f"largest |onnxruntime - torch| {max(m['max_abs_diff'].values()):.2e}")
+
+
 def _cmd_embed(args: argparse.Namespace) -> None:
     from lmforge.infer.embed import embed_command, read_texts
 
@@ -369,6 +378,21 @@ def _add_convert_command(sub) -> None:
     p.add_argument("out", metavar="OUT", help="HF dir to write (atomically); not inside or around CKPT")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
     p.set_defaults(func=_cmd_convert)
+    _add_to_onnx_command(convert)
+
+
+def _add_to_onnx_command(convert) -> None:
+    p = convert.add_parser("to-onnx", help="an lmforge checkpoint -> ONNX graphs with a KV cache (GPT), BERT's "
+                                           "encoder, or an encoder + decoder (onnxruntime)")
+    p.add_argument("src", metavar="CKPT", help="checkpoint dir, or a run dir (uses its best checkpoint)")
+    p.add_argument("out", metavar="OUT", help="dir to write (atomically): model.onnx (or encoder.onnx + "
+                   "decoder.onnx), onnx_config.json, config.json, tokenizer.json, summary.json")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset to write (default 18, the lowest the exporter "
+                   "can express the models in)")
+    p.add_argument("--int8", action="store_true", help="also write *.int8.onnx: onnxruntime's dynamic int8 "
+                   "quantization of each graph")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
+    p.set_defaults(func=_cmd_to_onnx)
 
 
 def _add_embed_command(sub) -> None:
@@ -530,6 +554,96 @@ def _add_align_command(sub) -> None:
 
 
 COMMAND_GROUPS += (_add_align_command,)
+
+
+def _cmd_quantize(args: argparse.Namespace) -> None:
+    from lmforge.compress.run import describe, quantize_checkpoint
+
+    summary = quantize_checkpoint(args.ckpt, args.method, args.out, group_size=args.group_size,
+                                  symmetric=args.symmetric, calib=args.calib, calib_samples=args.calib_samples,
+                                  eval_file=args.eval, eval_tokens=args.eval_tokens, overwrite=args.overwrite)
+    print(describe(summary, args.out))
+
+
+def _add_quantize_command(sub) -> None:
+    from lmforge.compress.heldout import DEFAULT_EVAL_TOKENS
+    from lmforge.compress.quantize import METHODS
+
+    p = sub.add_parser("quantize", help="quantize a checkpoint (int8, int8-dynamic, int4, GPTQ, AWQ, fp16, bf16) into "
+                                        "a checkpoint dir that generate/chat/eval load as it is (docs/COMPRESS.md)")
+    p.add_argument("--ckpt", required=True, help="a checkpoint dir, or a run dir (its best checkpoint)")
+    p.add_argument("--method", required=True, metavar="METHOD", help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--out", required=True, help="the quantized checkpoint dir to write (atomically)")
+    p.add_argument("--group-size", type=int, default=128, help="int4/gptq/awq: weights per scale (32, 64 or 128)")
+    side = p.add_mutually_exclusive_group()
+    side.add_argument("--asymmetric", dest="symmetric", action="store_false", default=None,
+                      help="int4/gptq/awq: a zero point per group (default for awq)")
+    side.add_argument("--symmetric", dest="symmetric", action="store_true",
+                      help="int4/gptq/awq: zero fixed at the middle code (default except for awq)")
+    p.add_argument("--calib", default=None, metavar="DIR",
+                   help="gptq/awq: calibration text (a token dir, or a text dir/file); default: the train split "
+                        "of the token dir the checkpoint was trained on")
+    p.add_argument("--calib-samples", type=int, default=128, metavar="N", help="gptq/awq: calibration sequences")
+    p.add_argument("--eval", default=None, metavar="FILE",
+                   help="held-out text file for perplexity before/after (default: the val split of the "
+                        "checkpoint's token dir)")
+    p.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS, metavar="N",
+                   help="score at most N held-out tokens (default %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    p.set_defaults(func=_cmd_quantize)
+
+
+COMMAND_GROUPS += (_add_quantize_command,)
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from lmforge.serve.server import ServeOptions, run_server
+
+    adapters = {}
+    for spec in args.adapter:
+        name, sep, directory = spec.partition("=")
+        if not sep or not name or not directory:
+            raise UserError(f"--adapter {spec}: give NAME=DIR (the name a request's model field picks)")
+        adapters[name] = directory
+    run_server(ServeOptions(
+        ckpt=args.ckpt, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LMFORGE_API_KEY"),
+        cors_origins=args.cors_origin, model_name=args.model_name, max_batch=args.max_batch, max_queue=args.max_queue,
+        max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens, max_body_bytes=args.max_body_bytes,
+        max_n=args.max_n, metrics_prefix=args.metrics_prefix, adapters=adapters, embedder=args.embedder,
+        device=args.device, dtype=args.dtype, drain_timeout=args.drain_timeout))
+
+
+def _add_serve_command(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over a checkpoint (continuous batching, "
+                                     "/metrics, a chat page at /; docs/SERVE.md)")
+    p.add_argument("--ckpt", required=True, help="checkpoint dir, or a run dir (uses its best checkpoint)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: a free one, printed on stderr)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes "
+                   "(default: the LMFORGE_API_KEY environment variable, else no key)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="serve a LoRA adapter on the base as model NAME (repeatable)")
+    p.add_argument("--embedder", default=None, metavar="CKPT",
+                   help="an encoder checkpoint for /v1/embeddings beside a generative --ckpt")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from this origin (repeatable; default: no CORS)")
+    p.add_argument("--model-name", default=None, help="the model's name in the API (default: the --ckpt dir's name)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; more get 429")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt (default: the context)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (413 above)")
+    p.add_argument("--max-n", type=int, default=8, help="most choices (n) per request")
+    p.add_argument("--metrics-prefix", default="lmforge", help="Prometheus metric prefix (vllm: vLLM's dashboards)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM waits for running requests before exiting")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="autocast dtype for generation (default: the weights' own)")
+    p.set_defaults(func=_cmd_serve)
+
+
+COMMAND_GROUPS += (_add_serve_command,)
 
 
 def build_parser() -> argparse.ArgumentParser:

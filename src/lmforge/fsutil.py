@@ -119,7 +119,9 @@ def versions() -> dict[str, str]:
 
 # every stage's name in summary.json: the command as it is typed
 STAGES = ("data fetch", "data prepare", "data make-tasks", "tokenizer train", "tokenize", "pretrain", "eval",
-          "convert from-hf", "convert to-hf", "finetune", "merge", "align", "data make-sft", "posttrain-eval")
+          "convert from-hf", "convert to-hf", "convert to-onnx",
+          "finetune", "merge", "align", "data make-sft", "posttrain-eval",
+          "quantize")
 
 
 def write_summary(
