@@ -165,11 +165,27 @@ def _cmd_chat(args: argparse.Namespace) -> None:
     from lmforge.infer.generate import require_generative
     from lmforge.train.checkpoint import load_pretrained
 
+    if args.url is not None:  # a running `lmforge serve` answers, no model is loaded here
+        _chat_remote(args)
+        return
+    if args.ckpt is None:
+        raise UserError("chat: give --ckpt DIR (a checkpoint) or --url URL (a running `lmforge serve`)")
     model, tokenizer = load_pretrained(args.ckpt, args.device)
     require_generative(model, args.ckpt)
     if sys.stdin.isatty():
         print("chatting with", args.ckpt, "— /reset clears the history, /quit or Ctrl-D leaves")
     chat_loop(model, tokenizer, system=args.system, **_sampling(args))
+
+
+def _chat_remote(args: argparse.Namespace) -> None:
+    from lmforge.serve.client import chat_remote
+
+    if args.ckpt is not None:
+        raise UserError("chat: give --ckpt (a local model) or --url (a server), not both")
+    if sys.stdin.isatty():
+        print("chatting with", args.url, "— /reset clears the history, /quit or Ctrl-D leaves")
+    chat_remote(args.url, api_key=args.api_key or os.environ.get("LMFORGE_API_KEY"), model=args.model,
+                system=args.system, **_sampling(args))
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
@@ -235,8 +251,8 @@ def _cmd_diagnose(args: argparse.Namespace) -> None:
     print(json.dumps(diagnosis.to_dict(), indent=2, allow_nan=False) if args.json else format_diagnosis(diagnosis))
 
 
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, help="checkpoint dir, or a run dir (uses its best checkpoint)")
+def _add_sampling_args(p: argparse.ArgumentParser, ckpt_required: bool = True) -> None:
+    p.add_argument("--ckpt", required=ckpt_required, help="checkpoint dir, or a run dir (uses its best checkpoint)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=None)
@@ -357,9 +373,13 @@ def _add_generation_commands(sub) -> None:
     p.add_argument("--system", default=None, help="system message (implies --chat)")
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("chat", help="interactive chat with a checkpoint")
-    _add_sampling_args(p)
+    p = sub.add_parser("chat", help="interactive chat with a checkpoint, or with a running `lmforge serve` (--url)")
+    _add_sampling_args(p, ckpt_required=False)
     p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--url", default=None, help="chat with the OpenAI-compatible server at this URL "
+                   "(e.g. http://127.0.0.1:8000) instead of loading --ckpt")
+    p.add_argument("--api-key", default=None, help="the server's API key, with --url (default: $LMFORGE_API_KEY)")
+    p.add_argument("--model", default=None, help="with --url: the server's model that answers (default: its first)")
     p.set_defaults(func=_cmd_chat)
 
 
