@@ -32,6 +32,7 @@ from lmforge.fsutil import atomic_dir, atomic_write_json
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TRANSFORM_STATE = "transform_state.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"  # a fine-tuning run's adapter (lmforge.adapters)
+QUANT_CONFIG = "quant_config.json"  # a quantized checkpoint (lmforge.compress, `lmforge quantize`)
 # a converted model's chat template (`lmforge.tokenizer.chat.read_hf_chat_template`) travels with its tokenizer.json
 TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
@@ -173,7 +174,9 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
     """Load a checkpoint (or a run dir's best checkpoint) for inference: `(model, tokenizer)`.
 
     A fine-tuning run's checkpoint (`adapter_config.json` beside the weights) comes back with its
-    adapter re-applied (`lmforge.adapters.apply_saved_adapter`): LoRA, QLoRA, prefix or prompt."""
+    adapter re-applied (`lmforge.adapters.apply_saved_adapter`): LoRA, QLoRA, prefix or prompt.
+    A quantized checkpoint (`quant_config.json`) comes back with its quantized Linears (or fp16/bf16
+    parameters): `lmforge.compress.apply_saved_quant` swaps them in before its tensors are loaded."""
     from lmforge.models import build_model
     from lmforge.models.config import ModelConfig
     from lmforge.tokenizer import Tokenizer
@@ -190,6 +193,10 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
             f"{model_cfg.vocab_size} ({path}/config.json); use the tokenizer the model was trained with"
         )
     model = build_model(model_cfg)
+    if (path / QUANT_CONFIG).is_file():
+        from lmforge.compress.quantize import apply_saved_quant
+
+        model = apply_saved_quant(model, path)
     load_weights_into(model, read_weights(path), path)
     if (path / ADAPTER_CONFIG).is_file():  # a fine-tuning run's checkpoint: its adapter on top of the base layout
         from lmforge.adapters import apply_saved_adapter
