@@ -64,7 +64,8 @@ def load_peer(hf_dir: str | Path, *, device: str = "cpu", dtype: str | None = No
     from lmforge.tokenizer.chat import chat_template
 
     hf_dir = Path(hf_dir)
-    torch_dtype = getattr(torch, dtype) if dtype else torch.float32
+    name = dtype or "float32"
+    torch_dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(name, name))
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch_dtype).to(device).eval()
     hf_tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     template = chat_template(Tokenizer.load(hf_dir / "tokenizer.json"))
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    p.add_argument("--dtype", default=None, help="weights' dtype: float32 (default), bfloat16 (bf16), float16 (fp16)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--max-concurrent", type=int, default=0, help="generate calls at once (0: no cap)")
     args = p.parse_args(argv)

@@ -309,7 +309,7 @@ def slope_per_minute(samples: list[tuple[float, float]]) -> float | None:
 
 def ratios(results: dict) -> dict:
     """The goals' figures from `results[server][clients]` summaries (None where a run is missing)."""
-    ours, peer = results.get("lmforge", {}), results.get("hf", {})
+    ours, peer = ({c: s for c, s in results.get(name, {}).items() if isinstance(c, int)} for name in ("lmforge", "hf"))
 
     def tps(runs, c):
         return runs.get(c, {}).get("tokens_per_s")
@@ -350,6 +350,10 @@ def rss_mb(pid: int) -> float | None:
         return None
 
 
+class ServerFailed(Exception):
+    """A server did not start or did not answer /v1/models (the message says why, with its log's tail)."""
+
+
 class Server:
     """A server process on 127.0.0.1 (its own session, so Ctrl-C reaches only us; we stop it)."""
 
@@ -368,7 +372,7 @@ class Server:
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < timeout:
             if self.proc.poll() is not None:
-                raise SystemExit(f"{self.name} server exited with {self.proc.returncode} while starting; "
+                raise ServerFailed(f"{self.name} server exited with {self.proc.returncode} while starting; "
                                  f"its log {self.log}:\n{self.tail()}")
             try:
                 if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:
@@ -377,7 +381,7 @@ class Server:
                 pass
             time.sleep(0.5)
         self.stop()
-        raise SystemExit(f"{self.name} server not ready after {timeout:.0f} s; its log {self.log}:\n{self.tail()}")
+        raise ServerFailed(f"{self.name} server not ready after {timeout:.0f} s; its log {self.log}:\n{self.tail()}")
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -469,6 +473,9 @@ def run_level(server: Server, prompts: list[dict], clients: int, opts: dict) -> 
     out = summarize(records, wall)
     out["rss_mb"] = server.rss_mb()
     print_row(server.name, clients, out)
+    if opts["extra"].get("ignore_eos") and out["ok"] and out["tokens_per_request"] < opts["max_tokens"]:
+        print(f"    note: replies average {out['tokens_per_request']:.1f} of max_tokens {opts['max_tokens']} tokens: "
+              "the server does not honour ignore_eos, so the servers' tokens/s are not for equal work")
     return out
 
 
@@ -539,10 +546,22 @@ def print_ratios(q: dict) -> None:
         print(f"  at {q['most_clients']} clients: {q['errors_at_most']} errors, {q['lost_at_most']} lost (goal 0, 0)")
 
 
+def served_model(server: Server, api_key: str | None) -> str:
+    """The first model id of the server's /v1/models (what requests must name)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    response = httpx.get(server.url + "/v1/models", headers=headers, timeout=30.0)
+    if response.status_code != 200:
+        raise ServerFailed(f"{server.name}: GET /v1/models answered {response.status_code}: {response.text[:200]}")
+    return response.json()["data"][0]["id"]
+
+
 def serve_and_measure(server: Server, prompts: list[dict], levels: list[int], opts: dict, args) -> dict:
     """Start `server`, warm it up, one run per client count; always stopped afterwards."""
     try:
         server.start(args.start_timeout)
+        opts = {**opts, "model": served_model(server, opts.get("api_key"))}
         asyncio.run(run_clients(server.url, prompts, 1, {**opts, "requests": args.warmup}))
         if args.soak:
             return {"soak": run_soak(server, prompts, args, opts)}
@@ -555,7 +574,7 @@ def options(args) -> dict:
     extra = {} if args.no_ignore_eos else {"ignore_eos": True}
     return {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "extra": extra,
             "requests": args.requests, "run_timeout": args.run_timeout, "request_timeout": args.request_timeout,
-            "max_retries": args.max_retries}
+            "max_retries": args.max_retries, "api_key": os.environ.get("LMFORGE_API_KEY")}
 
 
 def measure(args, prompts: list[dict], work: Path) -> dict:
@@ -572,7 +591,11 @@ def measure(args, prompts: list[dict], work: Path) -> dict:
             server = lmforge_server(args, work)
         else:
             server = hf_server(args, converted(Path(args.ckpt), args.hf_dir, work), work)
-        results[name] = serve_and_measure(server, prompts, levels, opts, args)
+        try:
+            results[name] = serve_and_measure(server, prompts, levels, opts, args)
+        except ServerFailed as e:
+            print(f"  {name}: {e}", flush=True)
+            results[name] = {"failed": str(e)}
     return results
 
 
