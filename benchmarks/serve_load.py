@@ -503,14 +503,18 @@ def run_soak(server: Server, prompts: list[dict], args, opts: dict) -> dict:
     out = summarize(records, wall)
     mbs = [m for _, m in samples]
     settled = [(t, m) for t, m in samples if t >= 0.1 * args.soak]
-    out["memory"] = {"samples": samples, "start_mb": mbs[0] if mbs else None, "end_mb": mbs[-1] if mbs else None,
-                     "max_mb": max(mbs) if mbs else None, "slope_mb_per_min": slope_per_minute(settled)}
+    half = [m for t, m in samples if t >= 0.5 * args.soak]
+    out["rss_mb"] = mbs[-1] if mbs else None
+    out["memory"] = {"samples": samples, "start_mb": mbs[0] if mbs else None, "end_mb": out["rss_mb"],
+                     "max_mb": max(mbs) if mbs else None, "slope_mb_per_min": slope_per_minute(settled),
+                     "second_half_growth_mb": half[-1] - half[0] if half else None}
     print_row(server.name, args.soak_clients, out)
     m = out["memory"]
     if mbs:
         slope = "n/a" if m["slope_mb_per_min"] is None else f"{m['slope_mb_per_min']:+.2f} MB/min"
         print(f"  RSS over {wall:.0f} s ({len(samples)} samples): start {m['start_mb']:.0f} MB, end "
-              f"{m['end_mb']:.0f} MB, max {m['max_mb']:.0f} MB; slope after the first 10%: {slope}")
+              f"{m['end_mb']:.0f} MB, max {m['max_mb']:.0f} MB; slope after the first 10%: {slope}; growth over "
+              f"the second half: {fmt(m['second_half_growth_mb'], 1, '+.1f')} MB")
     return out
 
 
