@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +80,26 @@ def load_for_export(ckpt: Path) -> tuple[nn.Module, Path | None]:
     return model.float().eval(), tokenizer if tokenizer.is_file() else None
 
 
-def export_graph(spec: GraphSpec, path: Path, opset: int, external: bool) -> None:
-    """torch.onnx.export (dynamo) of one graph, quietly (the exporter prints its steps to stdout)."""
-    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence the exporter's and quantizer's step-by-step prints, warnings and log lines (the command
+    reports what matters in one line and in summary.json)."""
+    loggers = [logging.getLogger(), logging.getLogger("torch.onnx")]
+    levels = [logger.level for logger in loggers]
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
+def export_graph(spec: GraphSpec, path: Path, opset: int, external: bool) -> None:
+    """torch.onnx.export (dynamo) of one graph, quietly."""
+    with torch.no_grad(), quiet():
         torch.onnx.export(spec.module.eval(), spec.args, str(path), input_names=spec.input_names,
                           output_names=spec.output_names, dynamic_shapes=spec.dynamic_shapes,
                           opset_version=opset, dynamo=True, external_data=external, verbose=False)
@@ -126,8 +144,7 @@ def quantize_graph(src: Path, dst: Path, external: bool) -> None:
     """onnxruntime's dynamic int8 quantization (int8 weights; activations quantized per call) of one graph."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet():
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, use_external_data_format=external)
 
 
