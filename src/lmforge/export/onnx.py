@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import UserError
-from lmforge.export.onnx_graphs import SUPPORTED_ARCHS, GraphSpec, dense_moe_for_export, graph_specs
+from lmforge.export.onnx_graphs import SUPPORTED_ARCHS, GraphSpec, check_inputs, dense_moe_for_export, graph_specs
 from lmforge.fsutil import atomic_dir, atomic_write_json, write_summary
 
 MIN_OPSET = 18
@@ -122,8 +122,6 @@ def describe_graph(path: Path) -> dict[str, Any]:
 def check_graph(spec: GraphSpec, path: Path) -> float:
     """Max |ONNX Runtime - PyTorch| over the outputs, on inputs of other sizes than the traced ones."""
     import onnxruntime as ort
-
-    from lmforge.export.onnx_graphs import check_inputs
 
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
