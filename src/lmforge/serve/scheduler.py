@@ -11,11 +11,11 @@
 The engine thread loops: take what was submitted (it joins the engine's queue), remove what was
 cancelled (its row is free for this step), run one `Engine.step` (queued requests join while rows
 are free and are prefilled; every running request gets one token; finished ones leave), and send
-each request's new text to the event loop (`loop.call_soon_threadsafe` into the request's own
-asyncio.Queue). With nothing to do it sleeps on a condition. Each request samples with its own
-`SamplingParams` and seed (its own generator), so its tokens are those it would get alone
-(`lmforge.infer.generate.generate` with that seed): batching changes nothing but the round-off
-of batched matmuls. A short request never waits for a long one: it joins at the next step.
+each request's new text to the event loop (one `loop.call_soon_threadsafe` per step puts every
+Delta into its request's own asyncio.Queue). With nothing to do it sleeps on a condition. Each
+request samples with its own `SamplingParams` and seed (its own generator), so its tokens are
+those it would get alone (`lmforge.infer.generate.generate` with that seed): batching changes
+nothing but the round-off of batched matmuls. A short request never waits for a long one: it joins at the next step.
 
 A request's text goes through its own `TextStream` (never a broken UTF-8 character; stop
 strings end it with finish_reason "stop"). A token in `params.stop_ids` ends it with "stop" and
@@ -27,8 +27,8 @@ that step (logged with its traceback; the engine is rebuilt, queued requests kee
 and the thread goes on serving.
 
 The queue bound counts requests not yet running (submitted, waiting for a row); when it is full,
-`submit` raises `QueueFull` whose `retry_after` (seconds) is estimated from how often requests
-finished recently. `drain` refuses new requests (`Draining`) and waits for the running and
+`submit` raises `QueueFull` whose `retry_after` (seconds) is the mean time between request
+finishes over the last minute (1 to 60 s). `drain` refuses new requests (`Draining`) and waits for the running and
 queued ones. Torch's thread settings are left as they are.
 """
 
@@ -157,7 +157,8 @@ class Scheduler:
         self._live: set[_Job] = set()  # submitted, not finished
         self._jobs: dict[int, _Job] = {}  # by engine id (engine thread only)
         self._running = 0
-        self._finishes: deque[float] = deque(maxlen=64)  # when requests finished (retry_after)
+        self._finishes: deque[float] = deque(maxlen=256)  # when requests finished (retry_after)
+        self._outbox: list[tuple[asyncio.Queue, Delta]] = []  # Deltas for the event loop (engine thread)
         self._ids = itertools.count(1)
         self._draining = self._closing = False
         self._thread: threading.Thread | None = None
@@ -223,11 +224,13 @@ class Scheduler:
             raise ValueError(f"no adapter named {request.adapter!r}")
 
     def _retry_after(self) -> float:
-        """Seconds until a queued request is likely to start: the recent time between two finishes (1 to 60)."""
-        if len(self._finishes) < 2 or self._finishes[-1] <= self._finishes[0]:
+        """Seconds until a queued request is likely to start: the mean time between request finishes
+        over the last minute (1 s with no history; at most 60 s)."""
+        now = time.monotonic()
+        recent = [t for t in self._finishes if now - t <= 60.0]
+        if not recent:
             return 1.0
-        per_request = (self._finishes[-1] - self._finishes[0]) / (len(self._finishes) - 1)
-        return min(60.0, max(1.0, per_request))
+        return min(60.0, max(1.0, (now - recent[0]) / len(recent)))
 
     def cancel(self, handle: Handle) -> None:
         """`handle.cancel()`: the request leaves at the next engine step (its last Delta: "cancelled")."""
@@ -273,6 +276,7 @@ class Scheduler:
                 self._drop(cancels)
                 if self.engine.has_work:
                     self._step()
+                self._flush()
         except Exception:  # a bug outside a step: nothing can be served any more; say so, end every request
             log.exception("the engine thread stopped")
         finally:
@@ -281,6 +285,7 @@ class Scheduler:
                 left = list(self._live)
             for job in left:
                 self._finish(job, Delta("", [], None, "cancelled"))
+            self._flush()
 
     def _wait_for_work(self) -> tuple[list[_Job], list[_Job]] | None:
         with self._cond:
@@ -410,11 +415,24 @@ class Scheduler:
         self._report_load()
 
     def _post(self, job: _Job, delta: Delta) -> None:
+        self._outbox.append((job.handle._queue, delta))
+
+    def _flush(self) -> None:
+        """Send the Deltas gathered since the last flush to the event loop: one wake-up per step."""
+        if not self._outbox:
+            return
+        batch, self._outbox = self._outbox, []
         try:
-            self._loop.call_soon_threadsafe(job.handle._queue.put_nowait, delta)
+            self._loop.call_soon_threadsafe(_deliver_all, batch)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
 
     def _report_load(self) -> None:
         if self.metrics is not None:
             self.metrics.set_load(self.running, self.waiting)
+
+
+def _deliver_all(batch: list[tuple[asyncio.Queue, Delta]]) -> None:
+    """On the event loop: each Delta into its request's queue."""
+    for queue, delta in batch:
+        queue.put_nowait(delta)
