@@ -27,7 +27,8 @@ completion tokens (`usage`, else the chunks), the status. A 429 is retried after
 `Retry-After` (counted); a request is lost when it never completes (an error, `--max-retries`
 429s, or the run's time ran out). Reported per run: aggregate generated tokens/s (completion
 tokens of all requests / the run's wall time), p50/p99 TTFT and ITL, ok, errors, 429s, lost,
-the server's RSS after the run; then the ratios the issue sets goals for: tokens/s at 16
+the server's RSS after the run, and load% (the load generator's own CPU time / the run's wall
+time: it shares the machine with the server); then the ratios the issue sets goals for: tokens/s at 16
 clients / at 1 (>= 4x), lmforge / the peer at 16 clients (>= 2x), p99 TTFT at 16 (< 1 s), and
 0 errors and 0 lost at 64 (excess gets 429 and is retried).
 
@@ -466,12 +467,13 @@ def progress_bar(total: int | None, desc: str):
 
 def run_level(server: Server, prompts: list[dict], clients: int, opts: dict) -> dict:
     bar, update = progress_bar(clients * opts["requests"], f"{server.name} {clients} clients")
+    cpu = time.process_time()
     try:
         records, wall = asyncio.run(run_clients(server.url, prompts, clients, opts, progress=update))
     finally:
         bar.close()
     out = summarize(records, wall)
-    out["rss_mb"] = server.rss_mb()
+    out["rss_mb"], out["client_cpu_s"] = server.rss_mb(), time.process_time() - cpu
     print_row(server.name, clients, out)
     if opts["extra"].get("ignore_eos") and out["ok"] and out["tokens_per_request"] < opts["max_tokens"]:
         print(f"    note: replies average {out['tokens_per_request']:.1f} of max_tokens {opts['max_tokens']} tokens: "
@@ -495,12 +497,14 @@ async def soak_async(server: Server, prompts: list[dict], clients: int, seconds:
 
 def run_soak(server: Server, prompts: list[dict], args, opts: dict) -> dict:
     bar, update = progress_bar(None, f"{server.name} soak {args.soak:.0f} s, {args.soak_clients} clients")
+    cpu = time.process_time()
     try:
         records, wall, samples = asyncio.run(soak_async(server, prompts, args.soak_clients, args.soak,
                                                         args.sample_every, opts, update))
     finally:
         bar.close()
     out = summarize(records, wall)
+    out["client_cpu_s"] = time.process_time() - cpu
     mbs = [m for _, m in samples]
     settled = [(t, m) for t, m in samples if t >= 0.1 * args.soak]
     half = [m for t, m in samples if t >= 0.5 * args.soak]
@@ -524,14 +528,14 @@ def fmt(x: float | None, scale: float = 1.0, spec: str = ".0f") -> str:
 
 def print_header() -> None:
     print(f"  {'server':<8} {'clients':>7} {'tok/s':>8} {'TTFT p50':>9} {'p99 ms':>8} {'ITL p50':>8} {'p99 ms':>8} "
-          f"{'ok':>5} {'errors':>6} {'429s':>5} {'lost':>5} {'tok/req':>7} {'RSS MB':>7}")
+          f"{'ok':>5} {'errors':>6} {'429s':>5} {'lost':>5} {'tok/req':>7} {'RSS MB':>7} {'load%':>6}")
 
 
 def print_row(name: str, clients: int, s: dict) -> None:
     print(f"  {name:<8} {clients:>7} {s['tokens_per_s']:>8.1f} {fmt(s['ttft_p50_s'], 1e3):>9} "
           f"{fmt(s['ttft_p99_s'], 1e3):>8} {fmt(s['itl_p50_s'], 1e3, '.1f'):>8} {fmt(s['itl_p99_s'], 1e3, '.1f'):>8} "
           f"{s['ok']:>5} {s['errors']:>6} {s['retries_429']:>5} {s['lost']:>5} {s['tokens_per_request']:>7.1f} "
-          f"{fmt(s.get('rss_mb')):>7}", flush=True)
+          f"{fmt(s.get('rss_mb')):>7} {fmt(s.get('client_cpu_s', 0) / s['wall_s'], 100):>6}", flush=True)
     for error in s["first_errors"]:
         print(f"    e.g. {error}")
 
