@@ -292,6 +292,7 @@ function submit(event) {
 function init() {
   loadSettings();
   ui.composer.addEventListener("submit", submit);
+  ui.settings.addEventListener("submit", (e) => e.preventDefault());
   ui.input.addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) submit(e);   // isComposing: IME input (Chinese)
   });
