@@ -127,6 +127,7 @@ class Record:
     done: float | None = None  # [DONE] received
     chunk_times: list[float] = field(default_factory=list)
     tokens: int = 0  # completion tokens (usage, else content chunks)
+    server_prompt_tokens: int | None = None  # usage.prompt_tokens: the server's count of the same prompt
     retries: int = 0  # 429s
     status: int | None = None
     error: str | None = None
@@ -191,6 +192,7 @@ def read_chunk(chunk: dict, rec: Record) -> int:
         return 0
     if chunk.get("usage"):
         rec.tokens = int(chunk["usage"].get("completion_tokens") or 0)
+        rec.server_prompt_tokens = chunk["usage"].get("prompt_tokens")
     choices = chunk.get("choices") or []
     if choices and (choices[0].get("delta") or {}).get("content"):
         now = time.perf_counter()
@@ -294,6 +296,7 @@ def summarize(records: list[Record], wall: float) -> dict:
             "tokens_per_request": tokens / len(ok) if ok else 0.0,
             "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
             "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
+            "prompt_tokens_differ": sum(1 for r in ok if r.server_prompt_tokens not in (None, r.prompt_tokens)),
             "first_errors": sorted({r.error for r in records if r.error})[:3]}
 
 
@@ -475,6 +478,9 @@ def run_level(server: Server, prompts: list[dict], clients: int, opts: dict) -> 
     out = summarize(records, wall)
     out["rss_mb"], out["client_cpu_s"] = server.rss_mb(), time.process_time() - cpu
     print_row(server.name, clients, out)
+    if out["prompt_tokens_differ"]:
+        print(f"    note: {out['prompt_tokens_differ']} replies report another prompt_tokens than lmforge's chat "
+              "template gives: the server built other prompt ids")
     if opts["extra"].get("ignore_eos") and out["ok"] and out["tokens_per_request"] < opts["max_tokens"]:
         print(f"    note: replies average {out['tokens_per_request']:.1f} of max_tokens {opts['max_tokens']} tokens: "
               "the server does not honour ignore_eos, so the servers' tokens/s are not for equal work")

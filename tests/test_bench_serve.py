@@ -44,7 +44,8 @@ def scripted_app():
                 yield f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': f't{i}'}}]})}\n\n"
             if text == "broken":
                 return
-            yield f"data: {json.dumps({'choices': [], 'usage': {'completion_tokens': n}})}\n\n"
+            usage = {"completion_tokens": n, "prompt_tokens": len(text)}
+            yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -104,7 +105,7 @@ def test_summary_of_hand_made_records():
 
 
 def test_load_generator_counts_against_a_scripted_server(url):
-    prompts = [{"content": "hello", "prompt_tokens": 3}, {"content": "busy 2", "prompt_tokens": 4},
+    prompts = [{"content": "hello", "prompt_tokens": 5}, {"content": "busy 2", "prompt_tokens": 4},
                {"content": "fail", "prompt_tokens": 3}, {"content": "broken", "prompt_tokens": 3}]
     # one client, 4 requests: its walk through the prompts is 0, 1, 2, 3
     records, wall = asyncio.run(serve_load.run_clients(url, prompts, 1, opts(requests=4)))
@@ -118,6 +119,7 @@ def test_load_generator_counts_against_a_scripted_server(url):
     assert by["broken"].cause == "error" and "[DONE]" in by["broken"].error
     s = serve_load.summarize(records, wall)
     assert (s["ok"], s["errors"], s["retries_429"], s["lost"], s["tokens"]) == (2, 2, 2, 2, 8)
+    assert s["prompt_tokens_differ"] == 1  # the server counts "busy 2" as 6 tokens, the client said 4
 
 
 def test_many_clients_and_lost_requests(url):
