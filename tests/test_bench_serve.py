@@ -183,7 +183,7 @@ def peer(tmp_path_factory):
     save_checkpoint(root / "ckpt", model.state_dict(), model.config.to_dict(), root / "tok" / "tokenizer.json", None,
                     drop=tied_aliases(model))
     to_hf(root / "ckpt", root / "hf")
-    return hf_server.load_peer(root / "hf"), load_pretrained(root / "ckpt")
+    return hf_server.load_peer(root / "hf"), load_pretrained(root / "ckpt"), root
 
 
 def openai_client(app):
@@ -200,7 +200,7 @@ def test_hf_peer_speaks_openai_streaming_from_lmforges_prompt_ids(peer):
     from lmforge.infer.generate import generate
     from lmforge.tokenizer import encode_chat
 
-    hf_peer, (model, tok) = peer
+    hf_peer, (model, tok), _ = peer
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "speak of love"}]
     ids = encode_chat(tok, messages)
     assert hf_server.check_request(hf_peer, {"messages": messages}) == ids  # the ids lmforge serve builds
@@ -222,3 +222,21 @@ def test_hf_peer_speaks_openai_streaming_from_lmforges_prompt_ids(peer):
     want = list(generate(model, ids, 9, temperature=0, stop_ids=set(hf_peer.stop_ids)))
     assert greedy.choices[0].message.content == tok.decode(want, skip_special_tokens=True) != ""
     assert (greedy.usage.prompt_tokens, greedy.usage.completion_tokens) == (len(ids), len(want))
+
+
+@pytest.mark.slow
+def test_serve_load_drives_lmforge_serve_and_the_peer(peer, tmp_path, capsys):
+    """The whole script with tiny arguments: both servers started, measured and stopped (~1 min)."""
+    _, _, root = peer
+    (tmp_path / "texts.txt").write_text("the king shall speak of love\n\nand death upon this night, my lord\n")
+    out = tmp_path / "serve.json"
+    assert serve_load.main(["--ckpt", str(root / "ckpt"), "--hf-dir", str(root / "hf"), "--clients", "1,2",
+                            "--peer-clients", "2", "--requests", "2", "--max-tokens", "4", "--num-prompts", "6",
+                            "--texts", str(tmp_path / "texts.txt"), "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    for server, clients in (("lmforge", "1"), ("lmforge", "2"), ("hf", "2")):
+        s = results[server][clients]
+        assert (s["ok"], s["errors"], s["lost"], s["prompt_tokens_differ"]) == (2 * int(clients), 0, 0, 0), s
+        assert 0 < s["tokens_per_request"] <= 4 and s["tokens_per_s"] > 0 and s["ttft_p50_s"] > 0
+    assert results["hf"]["2"]["tokens_per_request"] == 4  # ignore_eos
+    assert "lmforge        2" in capsys.readouterr().out
