@@ -406,6 +406,10 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        except KeyboardInterrupt:  # a second Ctrl-C: do not wait for the drain
+            self.proc.kill()
+            self.proc.wait()
+            raise
 
 
 def lmforge_server(args, log_dir: Path) -> Server:
