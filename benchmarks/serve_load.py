@@ -451,7 +451,12 @@ def load_prompts(args) -> tuple[list[dict], int]:
     if budget < lo + 3:
         raise SystemExit(f"--max-tokens {args.max_tokens} leaves {budget} of the context's {context} tokens "
                          f"for prompts of {lo}+ tokens; lower --max-tokens or --prompt-tokens")
-    texts = read_texts(args.texts or default_texts())
+    source = args.texts or default_texts()
+    if not Path(source).exists():
+        raise SystemExit(f"--texts {source}: no such file or directory")
+    texts = read_texts(source)
+    if not texts:
+        raise SystemExit(f"--texts {source}: no text in it; give a parquet dir, a .jsonl or a text file")
     template = chat_template(Tokenizer.load(ckpt / "tokenizer.json"))
     return make_prompts(texts, template, args.num_prompts, lo, hi, budget, args.seed), context
 
