@@ -106,6 +106,11 @@ def api_reply(url: str, messages: list[dict], max_tokens: int = MAX_TOKENS) -> t
     return reply["choices"][0]["message"]["content"], pieces
 
 
+def chat_records(server) -> list[dict]:
+    """The server's request log lines for /v1/chat/completions so far."""
+    return [r for r in server.log_records() if r.get("route") == "/v1/chat/completions"]
+
+
 def watch_renders(page) -> None:
     """Record the reply's text length at every DOM change the page makes (what a user sees, token by token)."""
     page.evaluate("""() => {
@@ -156,6 +161,7 @@ def test_chat_page_streams_a_multi_turn_conversation_as_text(server, browser, tm
 def test_stop_button_aborts_the_reply_and_frees_the_slot(server, browser):
     tab = Page(browser, server.url)
     tab.settings(key=KEY, temperature="0", max_tokens="1000")
+    before = len(chat_records(server))
     tab.send(ENDLESS_PROMPT)  # the model never ends this reply by itself
     tab.page.wait_for_function("() => (document.querySelector('.msg.assistant .content') || {}).textContent"
                                "?.length >= 8")
@@ -168,15 +174,13 @@ def test_stop_button_aborts_the_reply_and_frees_the_slot(server, browser):
     assert tab.replies() == [got["text"]]  # nothing more arrived
     assert tab.page.is_visible("#send") and tab.page.is_hidden("#stop")
 
-    deadline = time.monotonic() + 15  # the server saw the client go: the request ended early, its slot is free
-    records = []
-    while time.monotonic() < deadline:
-        records = [r for r in server.log_records() if r.get("route") == "/v1/chat/completions"]
-        if records and records[-1].get("completion_tokens") is not None:
-            break
-        time.sleep(0.2)
-    assert records and records[-1]["completion_tokens"] < 1000
     import httpx
+
+    deadline = time.monotonic() + 15  # the server saw the client go: the request ended early, its slot is free
+    while time.monotonic() < deadline and len(chat_records(server)) == before:
+        time.sleep(0.2)
+    records = chat_records(server)
+    assert len(records) == before + 1 and 8 <= records[-1]["completion_tokens"] < 1000
 
     metrics = httpx.get(server.url + "/metrics", timeout=10).text
     assert 'lmforge:num_requests_running{model_name="ckpt"} 0.0' in metrics
