@@ -44,7 +44,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmforge.infer.detok import TextStream, token_text
+from lmforge.infer.detok import TextStream, token_bytes, token_text
 from lmforge.infer.engine import Engine, Event, SamplingParams
 
 __all__ = ["Delta", "Draining", "GenerationRequest", "Handle", "QueueFull", "Scheduler", "TokenLogprob"]
@@ -151,6 +151,7 @@ class Scheduler:
         self.model, self.tokenizer, self.metrics, self.adapters = model, tokenizer, metrics, adapters
         self.max_batch, self.max_queue, self.autocast_dtype = max_batch, max_queue, autocast_dtype
         self.engine = self._new_engine()
+        token_bytes(tokenizer)  # the tokenizer's token -> bytes table, made once here rather than in a request
         self._cond = threading.Condition()
         self._incoming: deque[_Job] = deque()
         self._cancels: list[_Job] = []
