@@ -69,12 +69,15 @@ def make_bert_ckpt(root: Path, seed: int = 0) -> Path:
 
 
 class Server:
-    """A `lmforge serve` subprocess on 127.0.0.1 (a free port chosen by the server itself)."""
+    """A `lmforge serve` subprocess on 127.0.0.1 (a free port chosen by the server itself).
+
+    It runs torch on one thread: on a machine busier than its cores (the test machine), two OpenMP
+    threads that wait for each other made every token about 10x slower."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None, timeout: float = 60.0) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "lmforge", "serve", "--port", "0", *args], stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
         self.lines: list[str] = []
         self.url = None
         got_url = threading.Event()

@@ -418,17 +418,21 @@ def add_routes(app: FastAPI) -> None:
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
 
-async def event_stream(chunks: AsyncIterator[str], handles) -> AsyncIterator[str]:
-    """The SSE body; whatever ends it (the client gone included) cancels unfinished handles."""
+async def event_stream(chunks: AsyncIterator[str], handles, request: Request) -> AsyncIterator[str]:
+    """The SSE body; whatever ends it early (the client gone included) cancels unfinished handles."""
+    finished = False
     try:
         async for chunk in chunks:
             yield chunk
+        finished = True
     finally:
+        if not finished:
+            note(request, error="client disconnected", completion_tokens=sum(h.completion_tokens for h in handles))
         cancel_all(handles)
 
 
-def sse_response(chunks: AsyncIterator[str], handles) -> StreamingResponse:
-    return StreamingResponse(event_stream(chunks, handles), media_type="text/event-stream",
+def sse_response(chunks: AsyncIterator[str], handles, request: Request) -> StreamingResponse:
+    return StreamingResponse(event_stream(chunks, handles, request), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -602,7 +606,7 @@ async def collect(handles, request: Request) -> list[dict] | None:
 
 async def generate(request: Request, fmt: ChatFormat, handles, prompt_tokens: int, stream: bool) -> Response:
     if stream:
-        return sse_response(stream_chunks(fmt, handles, prompt_tokens, request), handles)
+        return sse_response(stream_chunks(fmt, handles, prompt_tokens, request), handles, request)
     choices = await collect(handles, request)
     if choices is None:
         return Response(status_code=499)
