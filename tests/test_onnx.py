@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from lmforge.adapters import AdapterOptions, adapters_disabled, apply_adapter, write_adapter_config
 from lmforge.cli import main
 from lmforge.errors import UserError
 from lmforge.export.onnx import to_onnx
@@ -188,6 +189,34 @@ def test_moe_exports_densely_with_the_same_tokens(tmp_path):
     assert tokens == list(generate(model, prompt, 8, temperature=0))
     np.testing.assert_allclose(np.stack([s[0] for s in steps]), reference_logits(model, prompt, tokens),
                                atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow  # one more export (~10-20 s on 2 cores)
+def test_adapter_checkpoint_exports_with_its_adapter(tmp_path, tokenizer_file):
+    """A prefix-tuning run's checkpoint (adapter_config.json beside the weights): the export runs the
+    adapter's attention (its prefix keys/values ahead of the cached ones), as `generate` does."""
+    torch.manual_seed(0)
+    config = ModelConfig(**TINY)
+    model = build_model(config)
+    base_keys = set(model.state_dict())
+    options = AdapterOptions(method="prefix", prefix_len=4)
+    model = apply_adapter(model, options)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    save_checkpoint(tmp_path / "ckpt", model.state_dict(), config.to_dict(), tokenizer_file, None,
+                    drop=tied_aliases(model), base_keys=base_keys,
+                    write_files=lambda d: write_adapter_config(d, model, options, None))
+    to_onnx(tmp_path / "ckpt", tmp_path / "onnx")
+    prompt = PROMPTS[0]
+    steps: list[np.ndarray] = []
+    tokens = OnnxModel(tmp_path / "onnx").greedy([prompt], 8, logits_out=steps)[0]
+    assert tokens == list(generate(model.eval(), prompt, 8, temperature=0))
+    np.testing.assert_allclose(np.stack([s[0] for s in steps]), reference_logits(model, prompt, tokens),
+                               atol=1e-4, rtol=0)
+    with adapters_disabled(model):  # the prefix matters: without it the logits differ
+        plain = reference_logits(model, prompt, tokens)
+    assert np.abs(plain - np.stack([s[0] for s in steps])).max() > 1e-2
 
 
 # ---- bad input: one line, exit 2, nothing written -----------------------------------------------

@@ -126,8 +126,9 @@ def check_graph(spec: GraphSpec, path: Path) -> float:
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:  # e.g. an opset newer than this onnxruntime implements
-        raise UserError(f"onnxruntime {ort.__version__} cannot load the exported {path.name} "
-                        f"({str(e).splitlines()[0][:200]}); try a lower --opset") from None
+        reason = str(e).replace(str(path), path.name).splitlines()[0][:200]
+        raise UserError(f"onnxruntime {ort.__version__} cannot load the exported {path.name} ({reason}); "
+                        "try a lower --opset") from None
     worst = 0.0
     for args in check_inputs(spec):
         with torch.no_grad():

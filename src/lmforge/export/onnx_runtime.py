@@ -54,11 +54,15 @@ class OnnxModel:
                logits_out: list[np.ndarray] | None = None) -> list[list[int]]:
         """Greedy continuations of each prompt (an encoder-decoder: of each source). `logits_out`, when
         given, receives each step's (B, vocab) logits."""
+        if self.config["arch"] not in ("gpt", "encdec"):
+            raise ValueError(f"a {self.config['arch']} export does not generate")
+        longest, block = max(len(p) for p in prompts), self.config["block_size"]
+        decoder_only = self.config["arch"] == "gpt"
+        if max(longest, max_new_tokens) > block or (decoder_only and longest + max_new_tokens - 1 > block):
+            raise ValueError(f"prompts of up to {longest} tokens and {max_new_tokens} new ones do not fit the "
+                             f"context (block_size={block}); there is no sliding window here")
         if self.config["arch"] == "encdec":
             return self._greedy_seq2seq(prompts, max_new_tokens, logits_out)
-        if self.config["arch"] != "gpt":
-            raise ValueError(f"a {self.config['arch']} export does not generate")
-        longest = max(len(p) for p in prompts)
         ids = np.array([[0] * (longest - len(p)) + list(p) for p in prompts], dtype=np.int64)
         mask = np.array([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], dtype=np.int64)
         past, new = self._empty_past(len(prompts)), []
