@@ -24,6 +24,7 @@ from serve_helpers import running_server
 CHROMIUM = "/usr/bin/chromium"
 KEY = "page-test-key"
 MAX_TOKENS = 120
+MODEL = "tiny-chat"
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists() and not os.environ.get("CI"),
                                 reason="needs Debian's chromium (/usr/bin/chromium); CI installs it")
@@ -31,7 +32,8 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists() and not os.environ.g
 
 @pytest.fixture(scope="module")
 def server():
-    with running_server(["--ckpt", str(chat_checkpoint()), "--api-key", KEY, "--max-tokens", "1000"]) as s:
+    with running_server(["--ckpt", str(chat_checkpoint()), "--api-key", KEY, "--max-tokens", "1000",
+                         "--model-name", MODEL]) as s:
         yield s
 
 
@@ -125,8 +127,8 @@ def watch_renders(page) -> None:
 def test_chat_page_streams_a_multi_turn_conversation_as_text(server, browser, tmp_path):
     tab = Page(browser, server.url)
     tab.settings(key=KEY, temperature="0", max_tokens=str(MAX_TOKENS))
-    tab.page.wait_for_function("() => document.getElementById('model').value === 'ckpt'")
-    assert tab.page.title().startswith("ckpt")  # the model's name, from GET /v1/models
+    tab.page.wait_for_function("() => document.getElementById('model').value === 'tiny-chat'")
+    assert tab.page.title().startswith(MODEL)  # the model's name, from GET /v1/models
     history: list[dict] = []
     for turn in range(3):
         user = CONVERSATION[2 * turn]["content"]
@@ -183,7 +185,7 @@ def test_stop_button_aborts_the_reply_and_frees_the_slot(server, browser):
     assert len(records) == before + 1 and 8 <= records[-1]["completion_tokens"] < 1000
 
     metrics = httpx.get(server.url + "/metrics", timeout=10).text
-    assert 'lmforge:num_requests_running{model_name="ckpt"} 0.0' in metrics
+    assert 'lmforge:num_requests_running{model_name="tiny-chat"} 0.0' in metrics
     tab.close()
 
 
@@ -221,7 +223,7 @@ def test_chat_page_fits_a_phone(server, browser, tmp_path):
     tab.settings(key=KEY, temperature="0", max_tokens=str(MAX_TOKENS))
     tab.page.click("#toggle-settings")
     assert tab.page.is_hidden("#settings")
-    tab.page.wait_for_function("() => document.getElementById('model').value === 'ckpt'")
+    tab.page.wait_for_function("() => document.getElementById('model').value === 'tiny-chat'")
     tab.send(CONVERSATION[0]["content"])
     assert tab.wait_reply(1)["text"] == GREETING
     assert tab.page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")  # no sideways scroll
