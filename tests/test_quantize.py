@@ -156,6 +156,9 @@ def test_int8_dynamic_matches_torchao_w8a8():
         assert float(((y - exact).abs() / scale).max()) < 0.05
     assert float(((y_float - theirs).abs() / scale).max()) < 0.02
     assert float(((y_kernel - y_float).abs() / scale).max()) < 0.05  # fbgemm: 7-bit activation codes
+    mine.kernel = True
+    one = mine(x[5:])  # a single token takes fbgemm without the per-token rescaling (the same thing)
+    assert float(((one - exact[5:]).abs() / scale[5:]).max()) < 0.05
 
 
 # ---- models ---------------------------------------------------------------------------------------

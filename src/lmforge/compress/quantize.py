@@ -53,10 +53,13 @@ def quantized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def check_group_size(model: nn.Module, group_size: int) -> None:
     """Every target's in-features must be a multiple of the group size (UserError naming the layer)."""
+    widths = {m.in_features for _, m in quant_targets(model)}
     for name, m in quant_targets(model):
         if m.in_features % group_size:
+            fits = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths)]
+            hint = f"--group-size {fits[-1]} divides every one" if fits else "no group size of 32, 64, 128 fits"
             raise UserError(f"--group-size {group_size} does not divide {name}'s {m.in_features} input features; "
-                            f"use a group size that divides every layer's width (32, 64 or 128)")
+                            f"{hint} (widths {', '.join(map(str, sorted(widths)))})")
 
 
 def swap(model: nn.Module, name: str, module: nn.Module) -> None:
