@@ -174,6 +174,27 @@ def test_full_queue_is_429_and_a_client_that_leaves_frees_its_slot(server):
     assert left and left[-1]["status"] == 200 and left[-1]["completion_tokens"] < 1000
 
 
+def wait_for(condition, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_a_client_that_leaves_before_its_whole_reply_cancels_it(server):
+    generated = metric(server, "generation_tokens_total")
+    body = json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1000}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + KEY.encode()
+                     + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        started = wait_for(lambda: metric(server, "generation_tokens_total") > generated)
+        assert started, select.select([sock], [], [], 0)[0] and sock.recv(4096)  # else: what the server said
+    assert wait_for(lambda: metric(server, "num_requests_running") == 0)
+    assert metric(server, "generation_tokens_total") - generated < 1000
+
+
 def test_sigterm_drains_then_exits_0(server):
     stream = Stream(server.url)
     assert stream.first.wait(30)
