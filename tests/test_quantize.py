@@ -307,3 +307,24 @@ def test_quantize_command_bad_input(run, tmp_path, capsys):
     assert "quantized already" in err and "--overwrite" in err
     assert not (tmp_path / "again").exists()
     assert json.loads((out / "quant_config.json").read_text())["method"] == "int8"  # left as it was
+
+
+@pytest.mark.parametrize("arch,method", [("bert", "int8"), ("encdec", "int4")])
+def test_quantize_command_other_architectures(tmp_path, tokenizer_file, arch, method):
+    """BERT and encoder-decoder checkpoints quantize and load back (no perplexity: not decoder-only)."""
+    from lmforge.train.checkpoint import load_pretrained, save_checkpoint, tied_aliases
+
+    extra = {"bert": {"norm_position": "post"},
+             "encdec": {"pos_encoding": "relative", "decoder_start_token_id": 0, "n_decoder_layer": 1}}[arch]
+    model = tiny(arch=arch, vocab_size=320, **extra)
+    ckpt = save_checkpoint(tmp_path / "ckpt", model.state_dict(), model.config.to_dict(), tokenizer_file, None,
+                           drop=tied_aliases(model))
+    assert quantize(ckpt, tmp_path / "q", method, "--group-size", "32") == 0
+    summary = json.loads((tmp_path / "q" / "summary.json").read_text())
+    assert summary["metrics"]["ppl_before"] is None and "decoder-only" in summary["metrics"]["heldout"]
+    loaded, _ = load_pretrained(tmp_path / "q")
+    quantize_model(model, method, group_size=32)
+    x = torch.randint(1, 20, (1, 12))
+    kw = {"decoder_input_ids": x[:, :5]} if arch == "encdec" else {}
+    with torch.no_grad():
+        assert torch.equal(loaded(x, **kw)[0], model(x, **kw)[0])
