@@ -163,15 +163,14 @@ def awq_search(model: nn.Module, calib: list[Tensor], *, bits: int = 4, group_si
 
     Block i's statistics come from the calibration hidden states propagated through the scaled
     (unquantized) blocks before it, as the reference implementation does."""
-    from lmforge.compress.calib import capture_block_inputs, run_block
+    from lmforge.compress.calib import calibration_mode, capture_block_inputs, run_block
     from lmforge.compress.quantize import quant_targets
-    from lmforge.models import eval_mode
 
     if grid < 2:
         raise ValueError(f"the AWQ grid needs at least 2 points (α = 0 and 1), got {grid}")
     targets = {m for _, m in quant_targets(model)}
     chosen: dict[str, float] = {}
-    with eval_mode(model):
+    with calibration_mode(model):
         stacks = [s for s in capture_block_inputs(model, calib) if not s.whole_model]
         bar = tqdm(total=sum(len(s.blocks) for s in stacks), desc="awq", unit="block", disable=not progress)
         for stack in stacks:

@@ -26,6 +26,7 @@ token windows.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +144,25 @@ def model_forward(model: nn.Module, ids: Tensor) -> Any:
     if has_capability(model, "encoder_decoder"):
         return model(ids, ids)
     return model(ids)
+
+
+@contextlib.contextmanager
+def calibration_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode, its MoE layers without their CPU row padding (padding rows repeat a real
+    token with gate 0: harmless to the output, but they would weigh in an expert's statistics)."""
+    from lmforge.models import eval_mode
+    from lmforge.models.moe import moe_layers
+
+    layers = moe_layers(model)
+    padded = [layer.pad_groups for layer in layers]
+    try:
+        with eval_mode(model):
+            for layer in layers:
+                layer.pad_groups = False
+            yield model
+    finally:
+        for layer, pad in zip(layers, padded):
+            layer.pad_groups = pad
 
 
 @torch.no_grad()

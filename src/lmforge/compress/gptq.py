@@ -202,14 +202,13 @@ def gptq_model(model: nn.Module, calib: list[Tensor], *, bits: int = 4, group_si
     pass through the whole quantized model. A Linear no calibration token reached (an MoE expert the
     router never picked) is rounded to nearest, with a warning.
     """
-    from lmforge.compress.calib import capture_block_inputs, run_block, whole_model_stack
+    from lmforge.compress.calib import calibration_mode, capture_block_inputs, run_block, whole_model_stack
     from lmforge.compress.quantize import quant_targets
-    from lmforge.models import eval_mode
 
     opts = GPTQOptions(bits, group_size, symmetric, damp, act_order, block_size, sequential)
     names = {m: name for name, m in quant_targets(model)}
     results: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
-    with eval_mode(model):
+    with calibration_mode(model):
         stacks = capture_block_inputs(model, calib)
         bar = tqdm(total=sum(len(s.blocks) for s in stacks) + 1, desc="gptq", unit="block", disable=not progress)
         for stack in stacks:
