@@ -115,10 +115,13 @@ def test_int4_linear_from_codes_and_kernel_match_the_dequantized_weight():
     x = torch.randn(3, 5, 128)
     ref = x @ w.t() + linear.bias.detach()
     y = m(x)  # the CPU int4 kernel (bf16)
+    assert m.kernel and ("int4pack", x.device) in m.kernel_cache  # it was the kernel
     assert y.shape == (3, 5, 48) and y.dtype == torch.float32
-    assert torch.allclose(y, ref, atol=0.05, rtol=0.02)
+    assert torch.allclose(y, ref, atol=0.05, rtol=0.02) and not torch.equal(y, ref)
     m.kernel = False
     assert torch.allclose(m(x), ref, atol=1e-5)
+    odd = Int4Linear.from_linear(nn.Linear(128, 8), 32, True)  # 8 rows: the kernel refuses, dequantizing works
+    assert torch.allclose(odd(x), x @ odd.dequantized_weight().t() + odd.bias, atol=1e-5) and not odd.kernel
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -328,3 +331,14 @@ def test_quantize_command_other_architectures(tmp_path, tokenizer_file, arch, me
     kw = {"decoder_input_ids": x[:, :5]} if arch == "encdec" else {}
     with torch.no_grad():
         assert torch.equal(loaded(x, **kw)[0], model(x, **kw)[0])
+
+
+@pytest.mark.parametrize("cls", [Int4Linear, Int8DynamicLinear])
+def test_loading_new_tensors_drops_the_cached_kernel_weights(cls):
+    torch.manual_seed(9)
+    a, b = (cls.from_linear(nn.Linear(64, 32), 32, True) if cls is Int4Linear else cls.from_linear(nn.Linear(64, 32))
+            for _ in range(2))
+    x = torch.randn(4, 64)
+    a(x)  # builds a's kernel weights
+    a.load_state_dict(b.state_dict())
+    assert torch.equal(a(x), b(x))

@@ -15,7 +15,8 @@ arithmetic), and computes with an existing CPU kernel where PyTorch has one:
 - `Int4Linear` (weight-only, group-wise): on CPU `aten._weight_int4pack_mm_for_cpu` in bf16
   (its fp32 variant is ~15x slower than dequantizing), so the activations are rounded to bf16
   for this matmul even in an fp32 model: 4-bit weights err ~30x more than bf16 rounding of
-  the input. Elsewhere (or with `kernel = False`) the weight is dequantized per call.
+  the input. The kernel takes layers of a multiple of 16 output features; other layers,
+  other devices (or `kernel = False`) dequantize the weight per call.
 
 The kernels' weight layouts are built lazily from the stored buffers and cached on the module
 (not saved); loading new buffers drops the cache. A kernel that refuses a shape makes that
@@ -45,14 +46,14 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        self._cache: dict = {}
-        self.register_load_state_dict_post_hook(lambda module, keys: module._cache.clear())
+        self.kernel_cache: dict = {}
+        self.register_load_state_dict_post_hook(lambda module, keys: module.kernel_cache.clear())
 
     def cached(self, key, build):
-        if key not in self._cache:
-            self._cache.clear()
-            self._cache[key] = build()
-        return self._cache[key]
+        if key not in self.kernel_cache:
+            self.kernel_cache.clear()
+            self.kernel_cache[key] = build()
+        return self.kernel_cache[key]
 
     def add_bias(self, y: Tensor) -> Tensor:
         return y if self.bias is None else y + self.bias.to(y.dtype)
