@@ -84,7 +84,7 @@ def quantize_model(model: nn.Module, method: str, *, group_size: int = 128, symm
     gptq and awq need `calib` (token ids (1, T) each, `lmforge.compress.calib.calibration_batches`);
     `options` go to `lmforge.compress.gptq.gptq_model` / `lmforge.compress.awq.awq_model`."""
     check_method(method)
-    if quantized_modules(model) or any(p.dtype in CAST.values() for p in model.parameters()):
+    if quantized_modules(model):
         raise UserError("the model is quantized already; quantize the original full-precision checkpoint")
     if method in CAST:
         return cast_parameters(model, CAST[method])
