@@ -342,3 +342,12 @@ def test_loading_new_tensors_drops_the_cached_kernel_weights(cls):
     a(x)  # builds a's kernel weights
     a.load_state_dict(b.state_dict())
     assert torch.equal(a(x), b(x))
+
+
+def test_check_not_quantized(tmp_path):
+    from lmforge.compress.quantize import check_not_quantized
+
+    check_not_quantized(tmp_path, "convert to-hf")  # a plain dir passes
+    (tmp_path / "quant_config.json").write_text(json.dumps({"method": "int4", "modules": []}))
+    with pytest.raises(UserError, match=r"quantized checkpoint \(int4.*convert to-hf needs full-precision"):
+        check_not_quantized(tmp_path, "convert to-hf")

@@ -118,6 +118,15 @@ def quant_config(model: nn.Module, method: str, *, group_size: int | None = None
             "modules": [name for name, _ in quantized_modules(model)]}
 
 
+def check_not_quantized(ckpt_dir: str | Path, action: str) -> None:
+    """A UserError if `ckpt_dir` is a quantized checkpoint, for stages that need full-precision
+    weights (`action`, e.g. "convert to-hf"): they should be given the original checkpoint."""
+    if (Path(ckpt_dir) / QUANT_CONFIG).is_file():
+        method = read_quant_config(ckpt_dir)["method"]
+        raise UserError(f"{ckpt_dir} is a quantized checkpoint ({method}, {QUANT_CONFIG}); {action} needs "
+                        "full-precision weights: use the checkpoint it was quantized from")
+
+
 def read_quant_config(ckpt_dir: str | Path) -> dict[str, Any]:
     file = Path(ckpt_dir) / QUANT_CONFIG
     try:
