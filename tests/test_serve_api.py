@@ -303,3 +303,31 @@ def test_embeddings_of_an_encoder_and_beside_a_generator(ckpts, loaded):
         np.testing.assert_allclose([d["embedding"] for d in body["data"]], expected, atol=1e-5)
         assert error_of(post(c, "/v1/embeddings", {"model": "tiny-gpt", "input": "a"}), 400)["param"] == "model"
         assert post(c, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2}).status_code == 200
+
+
+def test_adapters_are_models_picked_by_name(ckpts, tmp_path):
+    import copy
+
+    from lmforge.adapters import AdapterOptions, apply_adapter, load_adapter, save_adapter
+
+    base, tokenizer = load_pretrained(ckpts[0])
+    options = AdapterOptions(method="lora", lora_rank=4, lora_alpha=8.0, lora_targets=["qkv", "mlp"])
+    tuned = apply_adapter(copy.deepcopy(base), options)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in tuned.named_parameters():
+            if name.endswith("lora_B"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    adapter = save_adapter(tmp_path / "poet", tuned, options, ckpts[0])
+    expected = {name: generate_text(model, tokenizer, "the king", max_new_tokens=12, temperature=0)
+                for name, model in (("tiny-gpt", load_pretrained(ckpts[0])[0]),
+                                    ("poet", load_adapter(load_pretrained(ckpts[0])[0], adapter).eval()))}
+    assert expected["poet"] != expected["tiny-gpt"]
+    app = create_app(ServeOptions(ckpt=str(ckpts[0]), adapters={"poet": str(adapter)}), model=base,
+                     tokenizer=tokenizer)
+    with TestClient(app) as c:
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["tiny-gpt", "poet"]
+        for name, text in expected.items():
+            r = post(c, "/v1/completions", {"model": name, "prompt": "the king", "max_tokens": 12, "temperature": 0})
+            assert r.json()["choices"][0]["text"] == text and r.json()["model"] == name
+        assert error_of(post(c, "/v1/completions", {"model": "prose", "prompt": "a"}), 404)["param"] == "model"
