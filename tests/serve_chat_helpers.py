@@ -1,6 +1,6 @@
 """A tiny GPT overfit on a few chat conversations, saved as a checkpoint, for the chat page and
 `lmforge chat --url` tests: it answers the trained turns word for word under greedy decoding, so a
-test knows the reply (an HTML-injection string, Chinese text, a reply that never ends)."""
+test knows the reply (an HTML-injection string, Chinese text); and a random one whose replies never end."""
 
 from __future__ import annotations
 
@@ -21,10 +21,7 @@ CONVERSATION = [
     {"role": "user", "content": "Show me some HTML"},
     {"role": "assistant", "content": INJECTION},
 ]
-# A prompt whose reply never ends (trained without its end token): for the stop button.
-ENDLESS_PROMPT = "Count sheep"
-ENDLESS_PIECE = "baa baa. "
-BLOCK_SIZE = 256
+ENDLESS_MAX_TOKENS = 4000
 
 
 _CACHE: dict[str, Path] = {}
@@ -32,15 +29,29 @@ _CACHE: dict[str, Path] = {}
 
 def chat_checkpoint() -> Path:
     """make_chat_checkpoint's checkpoint, trained once per test process (the page and client tests share it)."""
-    if "ckpt" not in _CACHE:
-        root = Path(tempfile.mkdtemp(prefix="lmforge-chat-"))
-        atexit.register(shutil.rmtree, root, ignore_errors=True)
-        _CACHE["ckpt"] = make_chat_checkpoint(root)
-    return _CACHE["ckpt"]
+    if "chat" not in _CACHE:
+        _CACHE["chat"] = make_chat_checkpoint(_temp_root())
+    return _CACHE["chat"]
+
+
+def endless_checkpoint() -> Path:
+    """A random tiny GPT that never ends a reply itself (serve_helpers.make_gpt_ckpt) with a context of
+    ENDLESS_MAX_TOKENS + 96: a reply of ENDLESS_MAX_TOKENS tokens takes seconds, long enough to stop it."""
+    from serve_helpers import make_gpt_ckpt
+
+    if "endless" not in _CACHE:
+        _CACHE["endless"] = make_gpt_ckpt(_temp_root(), block_size=ENDLESS_MAX_TOKENS + 96)
+    return _CACHE["endless"]
+
+
+def _temp_root() -> Path:
+    root = Path(tempfile.mkdtemp(prefix="lmforge-chat-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
 
 
 def make_chat_checkpoint(root: Path, steps: int = 150, seed: int = 0) -> Path:
-    """Train the tiny model on CONVERSATION and the endless reply; return its checkpoint dir."""
+    """Train the tiny model on CONVERSATION; return its checkpoint dir."""
     import torch
 
     from lmforge.models import GPT, ModelConfig
@@ -51,19 +62,16 @@ def make_chat_checkpoint(root: Path, steps: int = 150, seed: int = 0) -> Path:
 
     corpus = root / "corpus"
     corpus.mkdir(parents=True, exist_ok=True)
-    text = "\n".join(m["content"] for m in CONVERSATION) + "\n" + ENDLESS_PROMPT + ENDLESS_PIECE
+    text = "\n".join(m["content"] for m in CONVERSATION)
     (corpus / "chat.txt").write_text(text + "\n", encoding="utf-8")
     train_tokenizer(corpus, root / "tok", kind="char")
     tokenizer = Tokenizer.load(root / "tok")
     template = chat_template(tokenizer)
 
     rows = [_masked(template.encode(CONVERSATION, add_generation_prompt=False, return_assistant_mask=True))]
-    prompt = template.encode([{"role": "user", "content": ENDLESS_PROMPT}], add_generation_prompt=True)
-    endless = tokenizer.encode(ENDLESS_PIECE * 40)[:BLOCK_SIZE - len(prompt)]
-    rows.append((prompt + endless, [0] * len(prompt) + [1] * len(endless)))
 
     torch.manual_seed(seed)
-    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_embd=64, block_size=BLOCK_SIZE,
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_embd=64, block_size=256,
                             dropout=0.0))
     _overfit(model, rows, steps)
     path = root / "ckpt"

@@ -9,7 +9,14 @@ import sys
 import time
 
 import pytest
-from serve_chat_helpers import ABILITIES, CONVERSATION, ENDLESS_PROMPT, GREETING, chat_checkpoint
+from serve_chat_helpers import (
+    ABILITIES,
+    CONVERSATION,
+    ENDLESS_MAX_TOKENS,
+    GREETING,
+    chat_checkpoint,
+    endless_checkpoint,
+)
 from serve_helpers import running_server
 
 from lmforge.cli import main
@@ -61,22 +68,23 @@ def test_replies_stream_in_pieces_and_errors_are_one_line(server):
     assert error.startswith("error: HTTP 400: ") and error.count("\n") == 1
 
 
-def test_closing_the_stream_frees_the_slot(server):
+def test_closing_the_stream_frees_the_slot():
     import httpx
 
-    before = len(chat_records(server))
-    stream = stream_chat(server.url, {"messages": [{"role": "user", "content": ENDLESS_PROMPT}], "temperature": 0,
-                                      "max_tokens": 1000}, KEY)
-    got = [next(stream) for _ in range(5)]
-    stream.close()  # what Ctrl-C during a reply does
-    assert len(got) == 5
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and len(chat_records(server)) == before:
-        time.sleep(0.2)
-    records = chat_records(server)
-    assert len(records) == before + 1 and 5 <= records[-1]["completion_tokens"] < 1000  # ended early
-    metrics = httpx.get(server.url + "/metrics", timeout=10).text
-    assert 'lmforge:num_requests_running{model_name="ckpt"} 0.0' in metrics
+    with running_server(["--ckpt", str(endless_checkpoint()), "--max-tokens", str(ENDLESS_MAX_TOKENS)]) as server:
+        before = len(chat_records(server))  # a model whose replies run to max_tokens: this one takes seconds
+        stream = stream_chat(server.url, {"messages": [{"role": "user", "content": "go on"}], "temperature": 0,
+                                          "max_tokens": ENDLESS_MAX_TOKENS})
+        got = [next(stream) for _ in range(5)]
+        stream.close()  # what Ctrl-C during a reply does
+        assert len(got) == 5
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and len(chat_records(server)) == before:
+            time.sleep(0.1)
+        records = chat_records(server)
+        assert len(records) == before + 1 and 5 <= records[-1]["completion_tokens"] < ENDLESS_MAX_TOKENS
+        metrics = httpx.get(server.url + "/metrics", timeout=10).text
+        assert 'lmforge:num_requests_running{model_name="tiny-gpt"} 0.0' in metrics
 
 
 def chat_records(server) -> list[dict]:
@@ -120,3 +128,24 @@ class socket_free_port:
 
     def __exit__(self, *exc) -> None:
         self.sock.close()
+
+
+def test_start_waits_while_the_model_loads(monkeypatch):
+    import lmforge.serve.client as client
+
+    answers = [client.RemoteError("HTTP 503: the model is still loading; retry later")] * 2 + [["m"]]
+
+    def fake_list_models(url, api_key=None, timeout=30.0):
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(client, "list_models", fake_list_models)
+    monkeypatch.setattr(client.time, "sleep", lambda s: None)
+    stdout = io.StringIO()
+    chat_remote("http://127.0.0.1:1", stdin=io.StringIO("/quit\n"), stdout=stdout)
+    assert answers == [] and stdout.getvalue() == ""
+    answers[:] = [client.RemoteError("HTTP 401: bad key")]
+    with pytest.raises(UserError, match="HTTP 401: bad key; pass --api-key KEY"):
+        chat_remote("http://127.0.0.1:1", stdin=io.StringIO(""))
