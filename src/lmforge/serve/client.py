@@ -1,19 +1,20 @@
 """`lmforge chat --url URL`: the `lmforge chat` conversation against a running `lmforge serve` (or any
 OpenAI-compatible server), replies streamed as they are generated.
 
-Standard library only (urllib): `GET /v1/models` once at the start (an unreachable server or a
-rejected key is a `UserError`, exit code 2), then one `POST /v1/chat/completions` with
-`stream: true` per turn, read as server-sent events (`data: {json}` lines, `data: [DONE]` at the
-end). The REPL is `lmforge.infer.chat.chat_loop`'s: `/reset` clears the history, `/quit` or end of
-input leaves. An error during a turn prints one line (`error: HTTP 400: ...`) and the conversation
-goes on without that message; Ctrl-C during a reply stops it (the connection closes, the server
-frees the slot) and keeps what came so far.
+Standard library only (urllib): `GET /v1/models` once at the start (waiting while the server still
+loads its model; an unreachable server or a rejected key is a `UserError`, exit code 2), then one
+`POST /v1/chat/completions` with `stream: true` per turn, read as server-sent events (`data: {json}`
+lines, `data: [DONE]` at the end). The REPL is `lmforge.infer.chat.chat_loop`'s: `/reset` clears the
+history, `/quit` or end of input leaves. An error during a turn prints one line
+(`error: HTTP 400: ...`) and the conversation goes on without that message; Ctrl-C during a reply
+stops it (the connection closes, the server frees the slot) and keeps what came so far.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -108,11 +109,7 @@ def chat_remote(url: str, *, api_key: str | None = None, model: str | None = Non
     max_tokens, temperature, top_k, top_p and seed. UserError when the server cannot be reached or
     refuses the key (checked once, before the first line is read)."""
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
-    try:
-        names = list_models(url, api_key)
-    except RemoteError as e:
-        hint = "pass --api-key KEY (or set LMFORGE_API_KEY)" if "HTTP 401" in str(e) else "is `lmforge serve` running?"
-        raise UserError(f"chat --url {url}: {e}; {hint}") from None
+    names = _server_models(url, api_key)
     if model is not None and model not in names:
         raise UserError(f"chat --url {url}: the server has no model {model!r}; it serves {', '.join(names)}")
     sampling = {"max_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
@@ -140,6 +137,21 @@ def chat_remote(url: str, *, api_key: str | None = None, model: str | None = Non
             history.pop()  # the turn failed: the conversation goes on without it
         else:
             history.append({"role": "assistant", "content": reply})
+
+
+def _server_models(url: str, api_key: str | None, wait: float = 120.0) -> list[str]:
+    """list_models, waiting while the server loads its model (503); UserError if it cannot be used."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return list_models(url, api_key)
+        except RemoteError as e:
+            if "HTTP 503" in str(e) and time.monotonic() < deadline:
+                time.sleep(1.0)
+                continue
+            hint = ("pass --api-key KEY (or set LMFORGE_API_KEY)" if "HTTP 401" in str(e)
+                    else "is `lmforge serve` running there?")
+            raise UserError(f"chat --url {url}: {e}; {hint}") from None
 
 
 def _writer(stdout: TextIO) -> Callable[[str], None]:
