@@ -265,6 +265,9 @@ def test_api_key_and_cors(ckpts, loaded):
         assert error_of(c.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
         assert error_of(c.get("/v1/nope", headers={"Authorization": "Bearer wrong"}), 401)
         assert c.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert c.get("/v1/models", headers={"Authorization": "bearer s3cret"}).status_code == 200  # any case
+        assert error_of(c.get("/v1/models", headers={"Authorization": "Basic s3cret"}), 401)
+        assert error_of(c.get("/v1/models", headers={"Authorization": "Bearer s3cret2"}), 401)
         assert c.get("/health").status_code == 200  # no key needed outside /v1
         preflight = {"Origin": "http://page.example", "Access-Control-Request-Method": "POST",
                      "Access-Control-Request-Headers": "authorization,content-type"}

@@ -289,14 +289,15 @@ class Gate:
     def __init__(self, app, backend: Backend) -> None:
         self.app, self.backend = app, backend
         key = backend.options.api_key
-        self.key = f"Bearer {key}".encode() if key else None
+        self.key = key.encode() if key else None
 
     def refusal(self, scope) -> APIError | None:
         if not scope["path"].startswith("/v1") or scope["method"] == "OPTIONS":
             return None
         if self.key is not None:
             given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.key):
+            scheme, _, token = given.partition(b" ")
+            if not (hmac.compare_digest(token.strip(), self.key) and scheme.lower() == b"bearer"):
                 message = "missing API key" if not given else "invalid API key"
                 return APIError(401, f"Authorization: {message}; send 'Authorization: Bearer KEY' with the "
                                 "server's --api-key", type="invalid_request_error", code="invalid_api_key")
