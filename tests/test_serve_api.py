@@ -146,6 +146,22 @@ def test_logprobs_are_the_models(client, loaded):
     assert logprobs["text_offset"] == list(range(4))
 
 
+def test_ignore_eos_writes_max_tokens(client, loaded):
+    model, tokenizer = loaded
+    eos = tokenizer.eos_id
+    with torch.no_grad():  # a prompt whose greedy next token is eos: a reply that ends at once
+        model.lm_head.weight[eos] += 50 * model.lm_head.weight[tokenizer.token_to_id("k")]
+    try:
+        ended = post(client, "/v1/completions", {"prompt": "the k", "temperature": 0, "max_tokens": 8}).json()
+        ignored = post(client, "/v1/completions", {"prompt": "the k", "temperature": 0, "max_tokens": 8,
+                                                   "ignore_eos": True}).json()
+    finally:
+        with torch.no_grad():
+            model.lm_head.weight[eos] -= 50 * model.lm_head.weight[tokenizer.token_to_id("k")]
+    assert ended["choices"][0]["finish_reason"] == "stop" and ended["usage"]["completion_tokens"] == 1
+    assert ignored["choices"][0]["finish_reason"] == "length" and ignored["usage"]["completion_tokens"] == 8
+
+
 def test_stop_strings_and_length(client):
     whole = post(client, "/v1/completions", {"prompt": "the king", "temperature": 0, "max_tokens": 30}).json()
     text = whole["choices"][0]["text"]

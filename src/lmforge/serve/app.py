@@ -217,6 +217,7 @@ class Backend:
         from lmforge.serve.scheduler import Draining, GenerationRequest, QueueFull
 
         rooms = [self.prompt_room(ids, field) for ids in prompts]
+        stop_ids = set() if spec.ignore_eos else stop_ids
         handles = []
         try:
             for ids, room in zip(prompts, rooms):

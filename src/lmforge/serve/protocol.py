@@ -142,6 +142,7 @@ class Sampling:
     seed: int | None
     stops: list[str]
     n: int
+    ignore_eos: bool = False  # vLLM's extension: only max_tokens (and stop strings) end a reply
 
 
 def parse_sampling(body: dict, options: ServeOptions) -> Sampling:
@@ -167,7 +168,8 @@ def parse_sampling(body: dict, options: ServeOptions) -> Sampling:
                     top_k=top_k if top_k and top_k > 0 else None,
                     seed=get_int(body, "seed", None, -(2 ** 63), 2 ** 63 - 1),
                     stops=[s for s in stops if s], n=get_int(body, "n", 1, 1, options.max_n,
-                                                             f" (this server's limit, max_n {options.max_n})"))
+                                                             f" (this server's limit, max_n {options.max_n})"),
+                    ignore_eos=get_bool(body, "ignore_eos"))
 
 
 def stream_flags(body: dict) -> tuple[bool, bool]:
