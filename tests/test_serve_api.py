@@ -350,3 +350,19 @@ def test_adapters_are_models_picked_by_name(ckpts, tmp_path):
             r = post(c, "/v1/completions", {"model": name, "prompt": "the king", "max_tokens": 12, "temperature": 0})
             assert r.json()["choices"][0]["text"] == text and r.json()["model"] == name
         assert error_of(post(c, "/v1/completions", {"model": "prose", "prompt": "a"}), 404)["param"] == "model"
+
+
+def test_the_limits_are_the_servers_settings(ckpts, loaded):
+    model, tokenizer = loaded
+    options = ServeOptions(ckpt=str(ckpts[0]), max_prompt_tokens=10, max_tokens_limit=5, max_n=3)
+    with TestClient(create_app(options, model=model, tokenizer=tokenizer)) as c:
+        error = error_of(post(c, "/v1/completions", {"prompt": "the king speaks"}), 400)
+        assert "15 tokens" in error["message"] and "--max-prompt-tokens" in error["message"]
+        assert error["code"] == "context_length_exceeded"
+        too_many = post(c, "/v1/completions", {"prompt": "a", "max_tokens": 6})
+        assert "--max-tokens 5" in error_of(too_many, 400)["message"]
+        assert error_of(post(c, "/v1/completions", {"prompt": ["a", "b"], "n": 2}), 400)["param"] == "prompt"
+        r = post(c, "/v1/completions", {"prompt": ["the", "king"], "temperature": 0}).json()
+        assert [c["index"] for c in r["choices"]] == [0, 1] and r["usage"]["completion_tokens"] == 10  # default: 5
+        assert [c["text"] for c in r["choices"]] == [generate_text(model, tokenizer, p, max_new_tokens=5, temperature=0)
+                                                     for p in ("the", "king")]
