@@ -228,3 +228,14 @@ def test_loopback_by_default_and_one_line_startup_errors(ckpt, tmp_path, capsys)
     assert "cannot listen" in err and len(err.strip().splitlines()) == 2
     assert main(["serve", "--ckpt", str(ckpt), "--max-batch", "0"]) == 2
     assert main(["serve", "--ckpt", str(ckpt), "--adapter", "nodir"]) == 2
+
+
+def test_a_checkpoint_that_fails_to_load_ends_the_server_with_exit_2(ckpt, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    (broken / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    assert main(["serve", "--ckpt", str(broken), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "broken" in err.splitlines()[0]  # the listening line, then the error
