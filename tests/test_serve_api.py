@@ -366,3 +366,38 @@ def test_the_limits_are_the_servers_settings(ckpts, loaded):
         assert [c["index"] for c in r["choices"]] == [0, 1] and r["usage"]["completion_tokens"] == 10  # default: 5
         assert [c["text"] for c in r["choices"]] == [generate_text(model, tokenizer, p, max_new_tokens=5, temperature=0)
                                                      for p in ("the", "king")]
+
+
+def test_a_chinese_stream_never_carries_a_broken_character(tmp_path):
+    """A random GPT on a byte-level BPE that leaves most Chinese characters split into byte tokens:
+    its replies are full of byte sequences that never form a character. Every streamed piece is
+    whole characters, and the pieces join up to lmforge generate's text."""
+    from data_helpers import write_jsonl
+
+    from lmforge.infer.generate import generate
+    from lmforge.models import GPT, ModelConfig
+    from lmforge.tokenizer.train import train_tokenizer
+
+    poems = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。"]
+    (tmp_path / "corpus").mkdir()
+    write_jsonl(tmp_path / "corpus" / "poems.jsonl", [{"text": p} for p in poems * 3])
+    tokenizer = train_tokenizer(tmp_path / "corpus", tmp_path / "bpe", kind="bpe", vocab_size=300)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=64)).eval()
+    whole = torch.tensor([any("\u4e00" <= ch <= "\u9fff" for ch in tokenizer.decode([i]))
+                          for i in range(tokenizer.vocab_size)])
+    with torch.no_grad():  # whole characters likelier: replies mix them with broken byte sequences
+        model.lm_head.weight[whole] *= 6.0
+    prompt, eos = tokenizer.encode("床前明月光"), tokenizer.eos_id
+    broken = chinese = 0
+    with TestClient(create_app(ServeOptions(ckpt=str(tmp_path / "zh")), model=model, tokenizer=tokenizer)) as c:
+        for seed in range(4):
+            request = {"prompt": "床前明月光", "max_tokens": 30, "seed": seed, "stream": True}
+            pieces = [e["choices"][0]["text"] for e in events(post(c, "/v1/completions", request))[:-1]]
+            assert not any("\ufffd" in p for p in pieces)
+            ids = [i for i in generate(model, prompt, 30, seed=seed, stop_ids={eos}) if i != eos]
+            expected = tokenizer.decode(ids)
+            broken += "\ufffd" in expected  # what a decode of the whole reply shows
+            assert "".join(pieces) == expected.replace("\ufffd", "")
+            chinese += sum("\u4e00" <= ch <= "\u9fff" for ch in expected)
+    assert broken and chinese >= 3  # broken byte sequences and whole characters both occurred
