@@ -130,7 +130,15 @@ def chat_records(server) -> list[dict]:
 
 
 def watch_renders(page) -> None:
-    """Record the reply's text length at every DOM change the page makes (what a user sees, token by token)."""
+    """Record the reply's text length at every DOM change the page makes (what a user sees, token by token)
+    in window.__lengths.
+
+    The tab's network is throttled (16 kB/s, Chromium's own emulation), so the events of a reply
+    arrive spread over about a second however fast the server is, as from a distant server."""
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": 16000,
+                                                  "uploadThroughput": -1})
     page.evaluate("""() => {
         window.__lengths = [];
         new MutationObserver(() => {
@@ -146,9 +154,10 @@ def test_chat_page_streams_a_multi_turn_conversation_as_text(server, browser, tm
     tab.page.wait_for_function("() => document.getElementById('model').value === 'tiny-chat'")
     assert tab.page.title().startswith(MODEL)  # the model's name, from GET /v1/models
     history: list[dict] = []
+    watch_renders(tab.page)
     for turn in range(3):
         user = CONVERSATION[2 * turn]["content"]
-        watch_renders(tab.page)
+        tab.page.evaluate("() => { window.__lengths = []; }")
         tab.send(user)
         got = tab.wait_reply(turn + 1)
         history.append({"role": "user", "content": user})
@@ -219,13 +228,14 @@ def test_errors_show_the_servers_message(server, browser):
     tab.send("Hi there")
     tab.page.wait_for_selector("#error:not([hidden])")
     assert tab.page.text_content("#error-text").startswith(f"HTTP 401: {message}")
-    assert tab.page.locator(".msg.assistant").count() == 0  # the failed turn left no reply behind
+    assert tab.page.locator(".msg").count() == 0  # the failed turn left the conversation empty,
+    assert tab.page.input_value("#message-input") == "Hi there"  # its text back in the box to send again
     assert tab.page.evaluate("() => localStorage.getItem('lmforge.apiKey')") == "wrong-key"
 
     tab.settings(key=KEY)  # the right key: the page works again
     tab.page.wait_for_selector("#error", state="hidden")
     tab.page.route("**/v1/chat/completions", lambda route: route.abort())  # the server is unreachable
-    tab.send("Hi there")
+    tab.page.click("#send")
     tab.page.wait_for_selector("#error:not([hidden])")
     assert tab.page.text_content("#error-text").startswith("Network error")
     assert tab.dialogs == [] and tab.errors == []

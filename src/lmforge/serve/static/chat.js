@@ -204,7 +204,7 @@ async function readEvents(body, onEvent) {
 async function send(text) {
   clearError();
   state.history.push({ role: "user", content: text });
-  addMessage("user", text);
+  const asked = addMessage("user", text);
   const reply = addMessage("assistant", "");
   reply.item.classList.add("streaming");
   reply.content.dataset.deltas = "0";
@@ -247,19 +247,30 @@ async function send(text) {
     state.controller = null;
     setStreaming(false);
   }
+  if (failed && !replyText) {
+    withdraw(asked, reply, text, failed);
+    return;
+  }
   finishReply(reply, replyText, { finish, usage, failed, seconds: (performance.now() - started) / 1000 });
+}
+
+// A turn that failed before any reply: it leaves the conversation, its text goes back to the input box.
+function withdraw(asked, reply, text, failed) {
+  asked.item.remove();
+  reply.item.remove();
+  state.history.pop();
+  if (!ui.input.value) {
+    ui.input.value = text;
+    autosize();
+  }
+  ui.empty.hidden = state.history.length > 0;
+  ui.status.textContent = "";
+  showError(failed);
 }
 
 function finishReply(reply, text, { finish, usage, failed, seconds }) {
   reply.item.classList.remove("streaming");
   reply.item.dataset.finish = failed ? "error" : (finish || "");
-  if (failed && !text) {
-    reply.item.remove();
-    state.history.pop();            // the message that failed is not part of the conversation
-    showError(failed);
-    ui.status.textContent = "";
-    return;
-  }
   state.history.push({ role: "assistant", content: text });
   const notes = [];
   if (usage && usage.completion_tokens) {
