@@ -185,6 +185,9 @@ def test_models_health_metrics_and_the_request_log(client, caplog):
     assert record["prompt_tokens"] > 0 and 0 < record["completion_tokens"] <= 5 and record["e2e_s"] >= 0
     metrics = client.get("/metrics")
     assert metrics.status_code == 200 and "lmforge:" in metrics.text
+    page = client.get("/")  # the chat page: no key, never inside another site's frame
+    assert page.status_code == 200 and "<html" in page.text.lower() and page.headers["x-frame-options"] == "DENY"
+    assert client.get("/static/chat.js").status_code == 200
 
 
 def error_of(response, status: int) -> dict:

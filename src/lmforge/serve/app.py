@@ -414,7 +414,9 @@ def add_routes(app: FastAPI) -> None:
         index = STATIC / "index.html"
         if not index.is_file():
             raise StarletteHTTPException(404)
-        return FileResponse(index, headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
+        return FileResponse(index, headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache",
+                                            "Content-Security-Policy": "frame-ancestors 'none'",
+                                            "X-Frame-Options": "DENY"})  # no framing (clickjacking)
 
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
