@@ -207,6 +207,7 @@ async function send(text) {
   const asked = addMessage("user", text);
   const reply = addMessage("assistant", "");
   reply.item.classList.add("streaming");
+  reply.item.setAttribute("aria-busy", "true");   // screen readers read the reply once it is complete
   reply.content.dataset.deltas = "0";
   const controller = new AbortController();
   state.controller = controller;
@@ -270,6 +271,7 @@ function withdraw(asked, reply, text, failed) {
 
 function finishReply(reply, text, { finish, usage, failed, seconds }) {
   reply.item.classList.remove("streaming");
+  reply.item.removeAttribute("aria-busy");
   reply.item.dataset.finish = failed ? "error" : (finish || "");
   state.history.push({ role: "assistant", content: text });
   const notes = [];
@@ -309,6 +311,9 @@ function init() {
   });
   ui.input.addEventListener("input", autosize);
   ui.stop.addEventListener("click", () => state.controller && state.controller.abort());
+  document.addEventListener("keydown", (e) => {
+    if (e.key === "Escape" && state.controller) state.controller.abort();   // Esc stops, as the button does
+  });
   ui.newChat.addEventListener("click", newChat);
   ui.errorClose.addEventListener("click", clearError);
   ui.temperature.addEventListener("input", saveSettings);
