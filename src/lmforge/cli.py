@@ -658,7 +658,7 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for running requests before exiting")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+    p.add_argument("--dtype", default=None, choices=["bf16", "bfloat16", "fp16", "float16", "fp32", "float32"],
                    help="autocast dtype for generation (default: the weights' own)")
     p.set_defaults(func=_cmd_serve)
 
