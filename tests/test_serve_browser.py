@@ -204,11 +204,25 @@ def test_stop_button_aborts_the_reply_and_frees_the_slot(endless_server, browser
     assert tab.replies() == [got["text"]]  # nothing more arrived
     assert tab.page.is_visible("#send") and tab.page.is_hidden("#stop")
 
+    tab.send("More")  # New chat while a reply streams: the reply is dropped, the new conversation is empty
+    tab.page.wait_for_function("() => (document.querySelectorAll('.msg.assistant .content')[1] || {})"
+                               ".textContent?.length >= 8")
+    tab.page.click("#new-chat")
+    time.sleep(0.5)
+    assert tab.page.locator(".msg").count() == 0 and tab.page.is_visible("#empty")
+    assert tab.page.is_visible("#send") and tab.page.is_hidden("#error")
+    with tab.page.expect_request("**/v1/chat/completions") as sent:
+        tab.send("Again")
+    assert json.loads(sent.value.post_data)["messages"] == [{"role": "user", "content": "Again"}]
+    tab.page.wait_for_selector(".msg.assistant .content[data-deltas]:not([data-deltas='0'])")
+    tab.page.keyboard.press("Escape")  # Esc stops too
+    assert tab.wait_reply(1, timeout=10)["finish"] == "stopped"
+
     deadline = time.monotonic() + 15  # the server saw the client go: the request ended early, its slot is free
-    while time.monotonic() < deadline and len(chat_records(server)) == before:
+    while time.monotonic() < deadline and len(chat_records(server)) < before + 3:
         time.sleep(0.1)
     records = chat_records(server)
-    assert len(records) == before + 1 and records[-1]["completion_tokens"] < ENDLESS_MAX_TOKENS
+    assert len(records) == before + 3 and all(r["completion_tokens"] < ENDLESS_MAX_TOKENS for r in records[-3:])
     metrics = httpx.get(server.url + "/metrics", timeout=10).text
     assert 'lmforge:num_requests_running{model_name="tiny-gpt"} 0.0' in metrics
     tab.close()

@@ -16,7 +16,7 @@ const ui = {
   input: $("message-input"), send: $("send"), stop: $("stop"), status: $("status"),
 };
 
-const state = { history: [], controller: null };
+const state = { history: [], controller: null, chat: 0 };   // chat: which conversation (New chat adds 1)
 
 // An error the server answered (HTTP status and its message), as opposed to a network failure.
 class ServerError extends Error {}
@@ -157,6 +157,7 @@ function setStreaming(on) {
 }
 
 function newChat() {
+  state.chat += 1;                  // a reply still streaming belongs to the old conversation: dropped
   if (state.controller) state.controller.abort();
   state.history = [];
   for (const node of [...ui.messages.querySelectorAll(".msg")]) node.remove();
@@ -202,6 +203,7 @@ async function readEvents(body, onEvent) {
 }
 
 async function send(text) {
+  const chat = state.chat;
   clearError();
   state.history.push({ role: "user", content: text });
   const asked = addMessage("user", text);
@@ -248,14 +250,16 @@ async function send(text) {
     state.controller = null;
     setStreaming(false);
   }
-  if (failed && !replyText) {
+  if (chat !== state.chat) return;   // New chat was pressed meanwhile
+  if (!replyText && (failed || finish === "stopped")) {
     withdraw(asked, reply, text, failed);
     return;
   }
   finishReply(reply, replyText, { finish, usage, failed, seconds: (performance.now() - started) / 1000 });
 }
 
-// A turn that failed before any reply: it leaves the conversation, its text goes back to the input box.
+// A turn that failed or was stopped before any reply: it leaves the conversation, its text goes back to
+// the input box.
 function withdraw(asked, reply, text, failed) {
   asked.item.remove();
   reply.item.remove();
@@ -266,7 +270,7 @@ function withdraw(asked, reply, text, failed) {
   }
   ui.empty.hidden = state.history.length > 0;
   ui.status.textContent = "";
-  showError(failed);
+  if (failed) showError(failed);
 }
 
 function finishReply(reply, text, { finish, usage, failed, seconds }) {
