@@ -73,6 +73,8 @@ class Page:
         self.errors: list[str] = []
         self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.urls: list[str] = []  # every request the page makes
+        self.page.on("request", lambda r: self.urls.append(r.url))
         self.page.goto(url + "/")
 
     def settings(self, key: str | None = None, temperature: str | None = None, max_tokens: str | None = None):
@@ -174,6 +176,8 @@ def test_chat_page_streams_a_multi_turn_conversation_as_text(server, browser, tm
     assert tab.dialogs == [] and tab.errors == []
     assert tab.page.locator("#messages script, #messages img").count() == 0
     assert tab.page.is_hidden("#error")
+    assert {server.url + "/static/chat.js", server.url + "/static/chat.css"} <= set(tab.urls)
+    assert all(u.startswith((server.url + "/", "data:")) for u in tab.urls), tab.urls  # nothing from elsewhere
     screenshot = Path(os.environ.get("LMFORGE_SCREENSHOT") or tmp_path / "serve-chat.png")
     screenshot.parent.mkdir(parents=True, exist_ok=True)
     tab.page.screenshot(path=str(screenshot), full_page=True)
