@@ -90,6 +90,11 @@ def test_completions_n_choices_use_seed_seed_plus_one(client, loaded):
         assert choice["text"] == expected
     assert body["choices"][0]["text"] != body["choices"][1]["text"]
     assert body["usage"]["prompt_tokens"] == len(tokenizer.encode("the king"))
+    streamed = events(post(client, "/v1/completions", {"prompt": "the king", "n": 2, "seed": 5, "temperature": 0.9,
+                                                       "top_k": 20, "top_p": 0.95, "max_tokens": 16, "stream": True}))
+    for i, choice in enumerate(body["choices"]):  # the two choices' pieces interleave, each under its index
+        pieces = [e["choices"][0]["text"] for e in streamed[:-1] if e["choices"][0]["index"] == i]
+        assert "".join(pieces) == choice["text"]
 
 
 def test_stream_carries_the_same_reply_and_usage_last(client):
