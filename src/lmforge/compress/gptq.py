@@ -61,7 +61,7 @@ def gptq_quantize_layer(weight: Tensor, hessian: Tensor, bits: int, group_size: 
     if columns % group:
         raise ValueError(f"group_size {group} does not divide the layer's input width {columns}")
     W = weight.detach().float().clone()
-    H = hessian.detach().float().clone()
+    H = hessian.detach().float().to(W.device).clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
 
@@ -75,7 +75,7 @@ def gptq_quantize_layer(weight: Tensor, hessian: Tensor, bits: int, group_size: 
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
     U = inverse_cholesky(H, damp)
-    grid = _Grid(out_features, columns, group, bits, fit, static, perm)
+    grid = _Grid(out_features, columns, group, bits, fit, static, perm, W.device)
     _round_columns(W, U, grid, block_size)
     codes = grid.codes if perm is None else grid.codes[:, torch.argsort(perm)]
     return codes, grid.scales, grid.zeros
@@ -105,12 +105,13 @@ class _Grid:
     fit: Callable[[Tensor], tuple[Tensor, Tensor]]
     static: list[tuple[Tensor, Tensor]] | None
     perm: Tensor | None
+    device: torch.device
     codes: Tensor = field(init=False)
     scales: Tensor = field(init=False)
     zeros: Tensor = field(init=False)
 
     def __post_init__(self) -> None:
-        self.codes = torch.zeros(self.out_features, self.columns, dtype=torch.uint8)
+        self.codes = torch.zeros(self.out_features, self.columns, dtype=torch.uint8, device=self.device)
         self.scales = self.zeros = None  # shaped like the first fit's output (dtype is the format's)
         self.current: tuple[Tensor, Tensor] | None = None
 
@@ -127,8 +128,8 @@ class _Grid:
     def _store(self, k: int, scale: Tensor, zero: Tensor) -> None:
         if self.scales is None:
             n = self.columns // self.group
-            self.scales = torch.zeros(self.out_features, n, dtype=scale.dtype)
-            self.zeros = torch.zeros(self.out_features, n, dtype=torch.uint8)
+            self.scales = torch.zeros(self.out_features, n, dtype=scale.dtype, device=scale.device)
+            self.zeros = torch.zeros(self.out_features, n, dtype=torch.uint8, device=scale.device)
         self.scales[:, k:k + 1] = scale.reshape(-1, 1)
         self.zeros[:, k:k + 1] = zero.reshape(-1, 1).to(self.zeros.dtype)
 
@@ -264,7 +265,7 @@ def _quantize_linear(linear: nn.Linear, hessian: Tensor | None, name: str,
     if hessian is None:
         log.warning("GPTQ: no calibration token reached %s; rounding it to nearest", name)
         hessian = torch.eye(linear.in_features)
-    codes, scales, zeros = gptq_quantize_layer(linear.weight, hessian.cpu(), opts.bits, opts.group_size,
+    codes, scales, zeros = gptq_quantize_layer(linear.weight, hessian, opts.bits, opts.group_size,
                                                opts.symmetric, damp=opts.damp, act_order=opts.act_order,
                                                block_size=opts.block_size)
     linear.weight.data = dequantize_groups(codes, scales, zeros, linear.weight.dtype).to(linear.weight.device)
