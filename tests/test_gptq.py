@@ -385,3 +385,21 @@ def test_gptq_and_awq_perplexity_below_rtn_on_a_trained_tiny_gpt(trained_run, tm
         ours = ppl(quantize_model(copy.deepcopy(model), method, group_size=32, symmetric=symmetric, calib=calib,
                                   progress=False))
         assert ours < rtn, (method, ours, rtn, ppl(model))
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_lmforge_quantize_writes_a_checkpoint_that_loads_back(trained_run, tmp_path, method):
+    # the command's path: calibration from the run's own train split, then load_pretrained
+    from lmforge.compress.run import quantize_checkpoint
+    from lmforge.train.checkpoint import load_pretrained
+
+    _, ckpt, model = trained_run
+    summary = quantize_checkpoint(ckpt, method, tmp_path / "q", group_size=32, calib_samples=4, progress=False)
+    assert summary["metrics"]["calib_seconds"] > 0 and summary["metrics"]["ppl_after"] > 1
+    loaded, _ = load_pretrained(tmp_path / "q")
+    calib = calibration_batches(ckpt, None, 4, 32)
+    here = quantize_model(copy.deepcopy(model), method, group_size=32, symmetric=method == "gptq", calib=calib,
+                          progress=False)
+    ours = {n: m.qweight for n, m in here.named_modules() if isinstance(m, Int4Linear)}
+    theirs = {n: m.qweight for n, m in loaded.named_modules() if isinstance(m, Int4Linear)}
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in ours)
