@@ -351,3 +351,23 @@ def test_check_not_quantized(tmp_path):
     (tmp_path / "quant_config.json").write_text(json.dumps({"method": "int4", "modules": []}))
     with pytest.raises(UserError, match=r"quantized checkpoint \(int4.*convert to-hf needs full-precision"):
         check_not_quantized(tmp_path, "convert to-hf")
+
+
+def test_stages_that_need_full_precision_refuse_a_quantized_checkpoint(run, tmp_path, capsys):
+    """convert to-hf, --init-from and finetune --base name the quantized dir and exit 2 (not a tensor mismatch)."""
+    from lmforge.cli import main
+    from lmforge.posttrain.run import resolve_base
+    from lmforge.train.init_from import init_checkpoint
+
+    out = tmp_path / "q"
+    assert quantize(run, out, "int8") == 0
+    capsys.readouterr()
+    assert main(["convert", "to-hf", str(out), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "quantized checkpoint (int8" in err and "convert to-hf" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "hf").exists()
+    with pytest.raises(UserError, match="--init-from"):
+        init_checkpoint(out)
+    with pytest.raises(UserError, match="--base"):
+        resolve_base(out)
+    assert init_checkpoint(run) is not None and resolve_base(run).is_dir()  # the float run is fine

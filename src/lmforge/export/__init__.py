@@ -1,4 +1,5 @@
-"""Export and interchange: Hugging Face conversion both ways (`hf`)."""
+"""Export and interchange: Hugging Face conversion both ways (`hf`), ONNX (`onnx`: `to_onnx`, imported
+from `lmforge.export.onnx` so torch.onnx loads only when used)."""
 
 from lmforge.export.hf import from_hf, to_hf
 

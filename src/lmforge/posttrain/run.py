@@ -58,10 +58,13 @@ def resolve_base(path: str | Path) -> Path:
     """The checkpoint dir `--base` names (a run dir -> its best checkpoint), checked to be one."""
     if not path:
         raise UserError("--base is required: a checkpoint dir, a run dir or a `convert from-hf` output")
+    from lmforge.compress.quantize import check_not_quantized
+
     try:
         base = ckpt.resolve_checkpoint(path)
     except UserError as e:
         raise UserError(f"--base {path}: {e}") from None
+    check_not_quantized(base, "--base (fine-tuning; QLoRA quantizes the base itself)")
     for name in ("config.json", "tokenizer.json"):
         if not (base / name).is_file():
             raise UserError(f"--base {path}: {base / name} is missing; a base is a checkpoint dir with "

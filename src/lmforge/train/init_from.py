@@ -40,7 +40,11 @@ def init_checkpoint(init_from: str | Path | None) -> Path | None:
     """The checkpoint dir `--init-from` names: a checkpoint dir, or a run dir (its best, else latest)."""
     if not init_from:
         return None
-    return ckpt.resolve_checkpoint(init_from)
+    from lmforge.compress.quantize import check_not_quantized
+
+    path = ckpt.resolve_checkpoint(init_from)
+    check_not_quantized(path, "--init-from (training)")
+    return path
 
 
 def check_init_tokenizer(init: Path, tokenizer: Tokenizer, tokens_dir: Path) -> None:

@@ -314,11 +314,13 @@ def to_hf(ckpt: str | Path, out: str | Path, *, overwrite: bool = False) -> dict
     `out` must not overlap the checkpoint (or the run dir given); a non-empty `out` is replaced
     only with `overwrite` (see `check_output`).
     """
+    from lmforge.compress.quantize import check_not_quantized
     from lmforge.train.checkpoint import read_model_config, read_weights, resolve_checkpoint
 
     t0 = time.perf_counter()
     given, out = Path(ckpt), Path(out)
     ckpt = resolve_checkpoint(given)
+    check_not_quantized(ckpt, "convert to-hf")
     check_output(out, [("checkpoint", ckpt)] + ([("run dir", given)] if given.resolve() != ckpt.resolve() else []),
                  overwrite=overwrite)
     config = ModelConfig.from_dict(read_model_config(ckpt))
