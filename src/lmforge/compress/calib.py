@@ -208,12 +208,51 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(iter(model.parameters())).device
 
 
-def run_block(stack: BlockStack, i: int, inputs: list[Tensor]) -> Iterator[Tensor]:
-    """Block i of `stack` on each input (window by window), with the arguments it had in the forward."""
+def run_block(stack: BlockStack, i: int, inputs: list[Tensor]) -> Iterator[Any]:
+    """Block i of `stack` on each input, with the arguments it had in the forward: one output per
+    input. Consecutive windows of the same shape whose other arguments are equal (RoPE tables of the
+    same positions, no mask) run as one batch of up to `BATCH_TOKENS` tokens."""
     block = stack.blocks[i]
     with torch.no_grad():
-        for s, x in enumerate(inputs):
+        for start, stop in _batches(stack, i, inputs):
+            x = inputs[start] if stop - start == 1 else torch.cat(inputs[start:stop])
             if stack.whole_model:
-                yield model_forward(block, x)
+                out = model_forward(block, x)
             else:
-                yield block(x, *stack.args[i][s], **stack.kwargs[i][s])
+                out = block(x, *stack.args[i][start], **stack.kwargs[i][start])
+            if stop - start == 1:
+                yield out
+            elif isinstance(out, Tensor):
+                yield from out.split([len(t) for t in inputs[start:stop]])
+            else:  # a whole model's (logits, loss): nobody reads it per window
+                yield from [out] * (stop - start)
+
+
+BATCH_TOKENS = 8192
+
+
+def _batches(stack: BlockStack, i: int, inputs: list[Tensor]) -> Iterator[tuple[int, int]]:
+    """[start, stop) runs of windows that may run as one batch (see `run_block`)."""
+    start = 0
+    while start < len(inputs):
+        stop = start + 1
+        tokens = inputs[start].shape[:-1].numel() if not stack.whole_model else inputs[start].numel()
+        while (stop < len(inputs) and (stop - start + 1) * tokens <= BATCH_TOKENS
+               and inputs[stop].shape == inputs[start].shape
+               and _same(stack.args[i][stop], stack.args[i][start])
+               and _same(stack.kwargs[i][stop], stack.kwargs[i][start])):
+            stop += 1
+        yield start, stop
+        start = stop
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal arguments: tensors of equal shape and values, containers element by element."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape
+                and (a is b or bool(torch.equal(a, b))))
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a is b or a == b
