@@ -316,3 +316,28 @@ def test_before_forward_sees_the_tags_of_each_model_calls_rows():
     assert calls == [["a", "b"]]  # one prefill of both rows
     engine.step()  # "b" left after its one token: "a" decodes, "c" is prefilled in a second call
     assert calls[1:] == [["a"], ["c"]]
+
+
+@pytest.mark.parametrize("scale", [0.1, 3.0, 12.0])  # flat (falls back to the full sort) to peaked (top-k suffices)
+def test_nucleus_keeps_what_a_full_sort_keeps(scale):
+    from lmforge.infer.engine import nucleus
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 4096, generator=g) * scale
+    for top_p in (0.5, 0.9, torch.tensor([[0.3], [0.6], [0.9], [0.95], [float("inf")], [0.99]])):
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # the reference: sort everything
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        drop_sorted[:, 0] = False
+        expected = drop_sorted.scatter(-1, order, drop_sorted)
+        got = nucleus(logits, top_p) == float("-inf")
+        assert torch.equal(got, expected)
+
+
+def test_unseeded_requests_share_one_generator_and_still_differ():
+    engine = Engine(gpt("learned"), max_batch=4)
+    params = SamplingParams(max_new_tokens=8, temperature=1.5)
+    out, _ = drain(engine, {0: [(PROMPTS[0], params)] * 4})
+    assert len(out) == 4 and len({tuple(t) for t in out.values()}) > 1  # fresh randomness per row, not one copied
+    engine.add(PROMPTS[0], params)
+    assert engine.waiting[0].generator is None  # drawn from engine.shared_generator

@@ -630,7 +630,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         cors_origins=args.cors_origin, model_name=args.model_name, max_batch=args.max_batch, max_queue=args.max_queue,
         max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens, max_body_bytes=args.max_body_bytes,
         max_n=args.max_n, metrics_prefix=args.metrics_prefix, adapters=adapters, embedder=args.embedder,
-        device=args.device, dtype=args.dtype, drain_timeout=args.drain_timeout))
+        device=args.device, dtype=args.dtype, drain_timeout=args.drain_timeout, threads=args.threads))
 
 
 def _add_serve_command(sub) -> None:
@@ -660,6 +660,9 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, choices=["bf16", "bfloat16", "fp16", "float16", "fp32", "float32"],
                    help="autocast dtype for generation (default: the weights' own)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for the model (default: the machine's cores minus one, at least 1: the "
+                        "HTTP side keeps a core)")
     p.set_defaults(func=_cmd_serve)
 
 

@@ -148,16 +148,29 @@ def truncated_probs(logits: Tensor, top_k: int | tuple[Tensor, int] | None, top_
             kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
     if isinstance(top_p, Tensor) or (top_p is not None and top_p < 1.0):
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already reach p; the top one always
-        # stays, so the kept set is the smallest with cumulative probability >= p.
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        drop_sorted = mass_before >= top_p
-        drop_sorted[:, 0] = False
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        logits = nucleus(logits, top_p)
     return logits.softmax(dim=-1)
+
+
+NUCLEUS_CANDIDATES = 256
+
+
+def nucleus(logits: Tensor, top_p: float | Tensor) -> Tensor:
+    """logits with every token outside the top-p nucleus at -inf: a token is dropped when the
+    tokens ranked above it already reach p (the top one always stays), so the kept set is the
+    smallest with cumulative probability >= p. The ranking looks at the NUCLEUS_CANDIDATES best
+    tokens first (a top-k instead of sorting the whole vocabulary: the sort was a fifth of a
+    16-row decode step); when they do not reach p in some row, it sorts everything."""
+    probs = logits.softmax(dim=-1)
+    k = min(NUCLEUS_CANDIDATES, logits.shape[-1])
+    ranked, order = torch.topk(probs, k, dim=-1)
+    if k < logits.shape[-1] and not bool((ranked.sum(dim=-1, keepdim=True) >= top_p).all()):
+        ranked, order = torch.sort(probs, dim=-1, descending=True)
+    mass_before = ranked.cumsum(dim=-1) - ranked
+    keep = mass_before < top_p
+    keep[:, 0] = True
+    kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order, keep)
+    return logits.masked_fill(~kept, float("-inf"))
 
 
 class RowSampling:
@@ -187,9 +200,11 @@ class RowSampling:
         self.rows_index = torch.tensor(self.sampling_rows, device=device)
 
 
-def sample_rows(logits: Tensor, rows: RowSampling, generators: Sequence[torch.Generator | None]) -> Tensor:
+def sample_rows(logits: Tensor, rows: RowSampling, generators: Sequence[torch.Generator | None],
+                shared: torch.Generator | None = None) -> Tensor:
     """One token per row of logits (B, V), each row as `sample_next` samples it with its own
-    settings and generator (`RowSampling`); greedy rows draw nothing from theirs."""
+    settings and generator (`RowSampling`); greedy rows draw nothing from theirs. Sampling rows
+    without a generator of their own (unseeded requests) draw together from `shared`, in one call."""
     logits = logits.float()
     picked = logits.argmax(dim=-1)
     if not rows.sampling_rows:
@@ -199,8 +214,11 @@ def sample_rows(logits: Tensor, rows: RowSampling, generators: Sequence[torch.Ge
     # torch.multinomial(probs, 1, generator) is argmax(probs / q), q ~ Exp(1) drawn from the
     # generator: one draw per row from the row's own generator, then one batched argmax
     noise = torch.empty_like(probs)
-    for row, i in enumerate(rows.sampling_rows):
-        noise[row].exponential_(generator=generators[i])
+    own = [(row, generators[i]) for row, i in enumerate(rows.sampling_rows) if generators[i] is not None]
+    if len(own) < len(rows.sampling_rows):
+        noise.exponential_(generator=shared)  # every row at once; rows with a generator redraw below
+    for row, generator in own:
+        noise[row].exponential_(generator=generator)
     drawn = probs.div_(noise).argmax(dim=-1)
     return drawn if rows.all_rows else picked.index_copy_(0, rows.rows_index, drawn)
 
@@ -244,6 +262,7 @@ class Engine:
         self.encoder_decoder = has_capability(model, "encoder_decoder")
         self.block_size = model.config.block_size
         self.device = model_device(model)
+        self.shared_generator = new_generator(self.device, None)  # unseeded requests' randomness
         self.cache = model.new_kv_cache(batch_size=max_batch)
         self.running: list[Request] = []  # running[i] owns cache row i
         self.waiting: deque[Request] = deque()
@@ -268,7 +287,9 @@ class Engine:
         max_new = params.max_new_tokens
         if self.encoder_decoder:  # the decoder's context (with its start token) ends the output, as EOS would
             max_new = min(max_new, self.block_size - 1)
-        generator = new_generator(self.device, params.seed) if params.temperature > 0 else None
+        # an unseeded request draws from the engine's shared generator (one draw for all such rows)
+        generator = new_generator(self.device, params.seed) if params.temperature > 0 and params.seed is not None \
+            else None
         request = Request(next(self._ids), prompt, params, generator, max_new, tag=tag)
         self.waiting.append(request)
         return request.id
@@ -316,7 +337,7 @@ class Engine:
             if self._rows is None:
                 vocab = logits.shape[-1]
                 self._rows = RowSampling([r.params for r in self.running], vocab, self.device)
-            tokens = sample_rows(logits, self._rows, [r.generator for r in self.running])
+            tokens = sample_rows(logits, self._rows, [r.generator for r in self.running], self.shared_generator)
             return self._emit(tokens.tolist(), *self._logprobs(logits, tokens))
 
     def _logprobs(self, logits: Tensor, tokens: Tensor) -> tuple[list[float] | None, list | None]:

@@ -47,6 +47,7 @@ class ServeOptions:
     device: str = "cpu"
     dtype: str | None = None  # autocast dtype for generation: bf16 / fp16 (None: the weights' own)
     drain_timeout: float = 30.0
+    threads: int | None = None  # torch's CPU threads (default: one core fewer than the machine has, at least 1)
 
 
 class APIError(Exception):

@@ -104,6 +104,7 @@ def run_server(options: ServeOptions) -> None:
     to load ends it with that one-line UserError."""
     check_options(options)
     setup_logging()
+    share_the_cpu(options.threads)
     sock = listen_socket(options.host, options.port)
     server, backend = make_server(options)
     host, port = sock.getsockname()[:2]
@@ -121,6 +122,22 @@ def run_server(options: ServeOptions) -> None:
         backend.close()
     if backend.load_error is not None:
         raise UserError(backend.load_error)
+
+
+def share_the_cpu(threads: int | None) -> None:
+    """Split the CPU between the engine thread and the event loop: torch gets `threads` (default:
+    the cores minus one, at least 1), and the interpreter's switch interval drops from 5 ms to
+    0.5 ms. The two threads share the GIL; with the default interval the engine thread, back from
+    a torch op, could wait up to 5 ms for the event loop to hand it back. Measured on the demo
+    model (2-core AMD EPYC, 16 streaming clients): 708 -> 928 tokens/s (docs/BENCHMARKS.md)."""
+    import os
+
+    import torch
+
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads {threads}: give a positive number of threads")
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
+    sys.setswitchinterval(0.0005)
 
 
 class DrainingServer(uvicorn.Server):
