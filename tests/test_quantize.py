@@ -371,3 +371,13 @@ def test_stages_that_need_full_precision_refuse_a_quantized_checkpoint(run, tmp_
     with pytest.raises(UserError, match="--base"):
         resolve_base(out)
     assert init_checkpoint(run) is not None and resolve_base(run).is_dir()  # the float run is fine
+
+
+def test_gptq_options_reach_the_command(run, tmp_path, capsys):
+    out = tmp_path / "g"
+    args = ["--group-size", "32", "--calib-samples", "4", "--act-order", "--damp", "0.05"]
+    assert quantize(run, out, "gptq", *args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["act_order"] is True and summary["config"]["damp"] == 0.05
+    assert quantize(run, tmp_path / "bad", "gptq", "--damp", "-1") == 2
+    assert "--damp -1" in capsys.readouterr().err and not (tmp_path / "bad").exists()

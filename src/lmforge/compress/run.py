@@ -75,15 +75,20 @@ def calibrate(src: Path, method: str, calib: str | None, samples: int, block_siz
 def quantize_checkpoint(ckpt: str | Path, method: str, out: str | Path, *, group_size: int = 128,
                         symmetric: bool | None = None, calib: str | None = None, calib_samples: int = 128,
                         eval_file: str | Path | None = None, eval_tokens: int = H.DEFAULT_EVAL_TOKENS,
-                        overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+                        overwrite: bool = False, progress: bool = True, act_order: bool = False,
+                        damp: float = 0.01) -> dict[str, Any]:
     """Quantize the checkpoint `ckpt` (or a run dir's best) with `method` into the checkpoint dir `out`.
 
-    symmetric None: the method's default (asymmetric for awq, symmetric otherwise). Returns summary.json."""
+    symmetric None: the method's default (asymmetric for awq, symmetric otherwise); act_order and damp
+    are GPTQ's (columns by decreasing Hessian diagonal; dampening as a fraction of its mean). Returns
+    summary.json."""
     from lmforge.train import checkpoint as C
 
     t0 = time.perf_counter()
     src, out = C.resolve_checkpoint(ckpt), Path(out)
     check_inputs(src, out, method, group_size, overwrite)
+    if not 0 <= damp < 1:
+        raise UserError(f"--damp {damp}: give a fraction of the Hessian's mean diagonal in [0, 1), e.g. 0.01")
     symmetric = (method != "awq") if symmetric is None else symmetric
     model, tokenizer = C.load_pretrained(src)
     if method in INT4_METHODS:  # before the slow part
@@ -92,13 +97,14 @@ def quantize_checkpoint(ckpt: str | Path, method: str, out: str | Path, *, group
     ppl_before = measure(model, text, progress)
     t1 = time.perf_counter()
     batches = calibrate(src, method, calib, calib_samples, model.config.block_size)
-    model = quantize_model(model, method, group_size=group_size, symmetric=symmetric, calib=batches)
+    options = {"act_order": act_order, "damp": damp} if method == "gptq" else {}
+    model = quantize_model(model, method, group_size=group_size, symmetric=symmetric, calib=batches, **options)
     t2 = time.perf_counter()
     ppl_after = measure(model, text, progress)
     config = quant_config(model, method, group_size=group_size, symmetric=symmetric)
     settings = {"ckpt": str(ckpt), "method": method, "group_size": config["group_size"], "symmetric": symmetric,
                 "calib": calib, "calib_samples": calib_samples if batches is not None else None,
-                "eval": None if eval_file is None else str(eval_file), "eval_tokens": eval_tokens}
+                "eval": None if eval_file is None else str(eval_file), "eval_tokens": eval_tokens, **options}
     metrics: dict[str, Any] = {"method": method, "bits": BITS[method], "modules": len(config["modules"]),
                                "bytes_before": (src / "model.safetensors").stat().st_size,
                                "ppl_before": ppl_before, "ppl_after": ppl_after,
