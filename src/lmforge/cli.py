@@ -213,6 +213,19 @@ def _cmd_to_onnx(args: argparse.Namespace) -> None:
           f"largest |onnxruntime - torch| {max(m['max_abs_diff'].values()):.2e}")
 
 
+def _cmd_to_gguf(args: argparse.Namespace) -> None:
+    import json
+
+    from lmforge.export.gguf import to_gguf
+
+    summary = to_gguf(args.src, args.out, qtype=args.type, overwrite=args.overwrite)
+    m = summary["metrics"]
+    print(f"exported {args.src} ({m['architecture']}, {m['type']}, {m['tensors']} tensors, vocab {m['vocab']}) "
+          f"into {args.out} ({m['bytes'] / 1e6:.2f} MB)"
+          + (f"; kept f16 (rows not a multiple of 32): {', '.join(m['f16_fallback'])}" if m["f16_fallback"] else ""))
+    print(json.dumps(summary, indent=2))
+
+
 def _cmd_embed(args: argparse.Namespace) -> None:
     from lmforge.infer.embed import embed_command, read_texts
 
@@ -399,6 +412,7 @@ def _add_convert_command(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
     p.set_defaults(func=_cmd_convert)
     _add_to_onnx_command(convert)
+    _add_to_gguf_command(convert)
 
 
 def _add_to_onnx_command(convert) -> None:
@@ -413,6 +427,18 @@ def _add_to_onnx_command(convert) -> None:
                    "quantization of each graph")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
     p.set_defaults(func=_cmd_to_onnx)
+
+
+def _add_to_gguf_command(convert) -> None:
+    p = convert.add_parser("to-gguf", help="an lmforge checkpoint (GPT-2 or Llama layout) -> one GGUF file for "
+                                           "llama.cpp / Ollama")
+    p.add_argument("src", metavar="CKPT", help="checkpoint dir, or a run dir (uses its best checkpoint)")
+    p.add_argument("out", metavar="OUT.gguf", help="the GGUF file to write (atomically; no summary.json: the "
+                   "summary is printed)")
+    p.add_argument("--type", default="f16", choices=("f32", "f16", "q8_0"), help="matrix type (default f16); "
+                   "norms and biases stay f32")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=_cmd_to_gguf)
 
 
 def _add_embed_command(sub) -> None:

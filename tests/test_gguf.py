@@ -1,0 +1,245 @@
+"""`lmforge convert to-gguf`: the written file read back with the `gguf` package, tensor by tensor.
+
+References: lmforge's own weights (after undoing the documented q/k permutation), numpy's float16
+rounding, the q8_0 format's error bound (gguf.quants.dequantize), the checkpoint's tokenizer.json,
+an adjacent-pair RoPE written here from llama.cpp's definition (the permuted q/k give the same
+attention scores as lmforge's rotate-half RoPE) and, where llama-cpp-python is installed (slow),
+llama.cpp's greedy tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.export.gguf import encode_tensor, rope_permute, rope_unpermute, to_gguf
+from lmforge.models import ModelConfig, build_model
+from lmforge.models.blocks import apply_rope, rope_tables
+from lmforge.train.checkpoint import save_checkpoint, tied_aliases
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+from gguf.quants import dequantize  # noqa: E402
+
+VOCAB = 384  # > the tokenizer's 320: the GGUF vocab is padded with unused tokens
+TINY = dict(vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=64, block_size=64)
+LLAMA = dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False, n_kv_head=2,
+             rope_theta=500000.0, norm_eps=1e-6)
+GPT2 = dict(mlp="gelu_tanh")
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer(tmp_path_factory) -> Path:
+    from lmforge.tokenizer.train import train_tokenizer
+
+    root = tmp_path_factory.mktemp("bpe")
+    (root / "corpus").mkdir()
+    (root / "corpus" / "a.txt").write_text("the king shall speak of love and death upon this night, 42 times!\n" * 30)
+    train_tokenizer(root / "corpus", root / "tok", kind="bpe", vocab_size=320)
+    return root / "tok" / "tokenizer.json"
+
+
+def tiny_checkpoint(path: Path, tokenizer_file: Path | None, **style) -> tuple[torch.nn.Module, Path]:
+    torch.manual_seed(0)
+    config = ModelConfig(**{**TINY, **style})
+    model = build_model(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    save_checkpoint(path, model.state_dict(), config.to_dict(), tokenizer_file, None, drop=tied_aliases(model))
+    return model.eval(), path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, bpe_tokenizer):
+    """{(layout, type): (model, gguf file)} for both layouts and all three types (through the CLI)."""
+    root = tmp_path_factory.mktemp("gguf")
+    out = {}
+    for layout, style in (("llama", LLAMA), ("gpt2", GPT2)):
+        model, ckpt = tiny_checkpoint(root / layout, bpe_tokenizer, **style)
+        for qtype in ("f32", "f16", "q8_0"):
+            file = root / f"{layout}.{qtype}.gguf"
+            assert main(["convert", "to-gguf", str(ckpt), str(file), "--type", qtype]) == 0
+            out[layout, qtype] = model, file
+    return out
+
+
+def expected_tensors(model, layout: str) -> dict[str, np.ndarray]:
+    """GGUF name -> lmforge's tensor, written out by hand (q/k as lmforge holds them, unpermuted)."""
+    s, c = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}, model.config
+    top = {"token_embd.weight": s["tok_embeddings.weight"], "output_norm.weight": s["norm.weight"]}
+    if layout == "gpt2":
+        top.update({"position_embd.weight": s["pos_embeddings.weight"], "output_norm.bias": s["norm.bias"]})
+    else:
+        top["output.weight"] = s["lm_head.weight"]
+    for i in range(c.n_layer):
+        b, g = f"blocks.{i}.", f"blk.{i}."
+        kinds = ("weight", "bias") if layout == "gpt2" else ("weight",)
+        for ours, theirs in (("attn_norm", "attn_norm"), ("attn.out", "attn_output"), ("mlp_norm", "ffn_norm"),
+                             ("mlp.up", "ffn_up"), ("mlp.down", "ffn_down")):
+            top.update({f"{g}{theirs}.{k}": s[f"{b}{ours}.{k}"] for k in kinds})
+        if layout == "gpt2":
+            top.update({f"{g}attn_qkv.{k}": s[f"{b}attn.qkv.{k}"] for k in kinds})
+        else:
+            qkv, q_rows, kv_rows = s[f"{b}attn.qkv.weight"], c.n_head * c.head_dim, c.kv_heads * c.head_dim
+            top.update({f"{g}attn_q.weight": qkv[:q_rows], f"{g}attn_k.weight": qkv[q_rows:q_rows + kv_rows],
+                        f"{g}attn_v.weight": qkv[q_rows + kv_rows:], f"{g}ffn_gate.weight": s[f"{b}mlp.gate.weight"]})
+    return top
+
+
+def read_back(reader, model, layout: str) -> dict[str, tuple[np.ndarray, object]]:
+    """GGUF name -> (values as float32 in torch layout, q/k unpermuted; ggml type) of every tensor in the file."""
+    c, got = model.config, {}
+    for t in reader.tensors:
+        values = dequantize(t.data, t.tensor_type) if t.tensor_type == Q.Q8_0 else np.asarray(t.data)
+        values = np.asarray(values, dtype=np.float32).reshape(tuple(reversed([int(d) for d in t.shape])))
+        if layout == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = c.n_head if "attn_q" in t.name else c.kv_heads
+            values = rope_unpermute(torch.from_numpy(values.copy()), heads).numpy()
+        got[t.name] = values, t.tensor_type
+    return got
+
+
+@pytest.mark.parametrize("layout", ["llama", "gpt2"])
+@pytest.mark.parametrize("qtype", ["f32", "f16", "q8_0"])
+def test_tensors_read_back_with_names_shapes_types_and_values(exported, layout, qtype):
+    model, file = exported[layout, qtype]
+    want = expected_tensors(model, layout)
+    got = read_back(gguf.GGUFReader(file), model, layout)
+    assert sorted(got) == sorted(want)
+    for name, ours in want.items():
+        values, kind = got[name]
+        assert values.shape == ours.shape, name
+        expected_type = Q.F32 if ours.ndim == 1 or qtype == "f32" else {"f16": Q.F16, "q8_0": Q.Q8_0}[qtype]
+        assert kind == expected_type, name
+        if kind == Q.F32:
+            assert np.array_equal(values, ours), name
+        elif kind == Q.F16:
+            assert np.array_equal(values, ours.astype(np.float16).astype(np.float32)), name
+            assert np.all(np.abs(values - ours) <= np.abs(ours) * 2.0 ** -11 + 2.0 ** -24), name
+        else:  # q8_0: blocks of 32 along a row, one f16 scale amax/127, |error| <= half a step (+ the scale's rounding)
+            blocks = ours.reshape(-1, 32)
+            amax = np.abs(blocks).max(axis=1, keepdims=True)
+            err = np.abs(values.reshape(-1, 32) - blocks)
+            assert np.all(err <= amax / 127 * 0.5 + amax * 2.0 ** -10 + 1e-7), name
+            assert err.max() > 0  # really quantized
+
+
+def test_qkv_permutation_gives_lmforge_attention_scores_under_llama_cpp_rope():
+    """ggml's RoPE (mode 0, as llama.cpp's `llama` graph uses) rotates adjacent pairs (2i, 2i+1) by
+    pos * base^(-2i/d); on the permuted q/k rows it must give the scores lmforge's RoPE gives."""
+    torch.manual_seed(1)
+    n_head, head_dim, n_embd, seq, base = 2, 8, 16, 5, 10000.0
+    wq, x = torch.randn(n_head * head_dim, n_embd), torch.randn(seq, n_embd)
+    cos, sin = rope_tables(seq, head_dim, base)
+    q_ours = apply_rope((x @ wq.T).view(seq, n_head, head_dim).transpose(0, 1), cos, sin)
+    scores_ours = q_ours @ q_ours.transpose(-1, -2)
+
+    q = (x @ rope_permute(wq, n_head).T).view(seq, n_head, head_dim).transpose(0, 1).double()
+    theta = torch.arange(seq, dtype=torch.float64)[:, None] * base ** (-torch.arange(0, head_dim, 2) / head_dim)
+    even, odd = q[..., 0::2], q[..., 1::2]
+    rotated = torch.stack([even * theta.cos() - odd * theta.sin(), even * theta.sin() + odd * theta.cos()], -1)
+    rotated = rotated.flatten(-2)
+    assert torch.allclose(rotated @ rotated.transpose(-1, -2), scores_ours.double(), atol=1e-4)
+    assert not torch.allclose(q @ q.transpose(-1, -2), scores_ours.double(), atol=1e-2)  # rope does matter
+    assert torch.equal(rope_unpermute(rope_permute(wq, n_head), n_head), wq)
+
+
+def field(reader, key):
+    return reader.fields[key].contents()
+
+
+@pytest.mark.parametrize("layout", ["llama", "gpt2"])
+def test_metadata_and_tokenizer_round_trip(exported, bpe_tokenizer, layout):
+    model, file = exported[layout, "q8_0"]
+    c, reader = model.config, gguf.GGUFReader(file)
+    assert field(reader, "general.architecture") == layout
+    assert field(reader, "general.file_type") == 7  # MOSTLY_Q8_0
+    expect = {"context_length": 64, "embedding_length": 64, "block_count": 2, "feed_forward_length": c.ffn_hidden,
+              "attention.head_count": 4}
+    if layout == "llama":
+        expect.update({"attention.head_count_kv": 2, "rope.dimension_count": 16, "vocab_size": VOCAB})
+        assert field(reader, "llama.rope.freq_base") == 500000.0
+        assert field(reader, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(1e-6)
+        assert "llama.attention.key_length" not in reader.fields
+    else:
+        assert field(reader, "gpt2.attention.layer_norm_epsilon") == pytest.approx(1e-5)
+    for key, value in expect.items():
+        assert field(reader, f"{layout}.{key}") == value, key
+
+    spec = json.loads(bpe_tokenizer.read_text())
+    by_id = {i: t for t, i in spec["model"]["vocab"].items()} | {a["id"]: a["content"] for a in spec["added_tokens"]}
+    tokens, types = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.token_type")
+    assert len(tokens) == len(types) == VOCAB
+    assert tokens[:len(by_id)] == [by_id[i] for i in range(len(by_id))]
+    assert tokens[-1] == f"[PAD{VOCAB - 1}]" and types[-1] == gguf.TokenType.UNUSED
+    control = [i for i, t in enumerate(types) if t == gguf.TokenType.CONTROL]
+    assert control == sorted(a["id"] for a in spec["added_tokens"] if a["special"])
+    assert field(reader, "tokenizer.ggml.merges") == [m if isinstance(m, str) else " ".join(m)
+                                                       for m in spec["model"]["merges"]]
+    assert field(reader, "tokenizer.ggml.model") == "gpt2"
+    assert field(reader, "tokenizer.ggml.pre") == "gpt-2"
+    assert tokens[field(reader, "tokenizer.ggml.bos_token_id")] == "<|bos|>"
+    assert tokens[field(reader, "tokenizer.ggml.eos_token_id")] == "<|eos|>"
+    assert field(reader, "tokenizer.ggml.add_bos_token") is False
+
+
+def test_q8_0_keeps_rows_not_a_multiple_of_32_in_f16():
+    data, raw, kind = encode_tensor(np.ones((4, 40), dtype=np.float32), "q8_0")
+    assert (kind, raw, data.dtype) == ("f16", None, np.float16)
+    assert encode_tensor(np.ones(64, dtype=np.float32), "q8_0")[2] == "f32"
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, bpe_tokenizer, tokenizer_file, capsys):
+    cases = {
+        "bert": dict(arch="bert", norm_position="post"),
+        "moe": dict(LLAMA, moe={"num_experts": 2, "top_k": 1}),
+        "relu": dict(mlp="relu"),
+    }
+    for name, style in cases.items():
+        tiny_checkpoint(tmp_path / name, bpe_tokenizer, **style)
+    _, char = tiny_checkpoint(tmp_path / "char", tokenizer_file, **GPT2)
+    quantized = tmp_path / "quantized"
+    shutil.copytree(char, quantized)
+    shutil.copyfile(bpe_tokenizer, quantized / "tokenizer.json")
+    (quantized / "quant_config.json").write_text(json.dumps({"method": "int8", "modules": []}))
+    for name, needle in (("bert", "arch='bert'"), ("moe", "Mixture-of-Experts"), ("relu", "mlp='relu'"),
+                         ("char", "byte-level BPE"), ("quantized", "quantized checkpoint")):
+        out = tmp_path / f"{name}.gguf"
+        assert main(["convert", "to-gguf", str(tmp_path / name), str(out)]) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, (name, err)
+        assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".gguf" or ".tmp" in p.name) == [], name
+
+    _, ok = tiny_checkpoint(tmp_path / "ok", bpe_tokenizer, **GPT2)
+    out = tmp_path / "exists.gguf"
+    out.write_bytes(b"keep")
+    assert main(["convert", "to-gguf", str(ok), str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == b"keep"
+    summary = to_gguf(ok, out, qtype="f32", overwrite=True)
+    assert summary["metrics"]["architecture"] == "gpt2" and gguf.GGUFReader(out).tensors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["llama", "gpt2"])
+def test_llama_cpp_greedy_tokens_equal_lmforge(exported, layout):
+    """llama.cpp runs the f32 file and picks lmforge's greedy tokens (optional dependency: llama-cpp-python)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from lmforge.infer.generate import generate
+
+    model, file = exported[layout, "f32"]
+    prompt = [5, 9, 14, 3, 27, 8, 40]
+    want = list(generate(model, prompt, 12, temperature=0))
+    llm = llama_cpp.Llama(model_path=str(file), n_ctx=64, n_threads=2, verbose=False)
+    got = []
+    for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+        got.append(token)
+        if len(got) == len(want):
+            break
+    assert got == want
