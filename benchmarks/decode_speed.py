@@ -1,0 +1,311 @@
+"""CPU decoding speed: lmforge's `generate_batch` against transformers' `generate` on the same weights (issue 14).
+
+    python benchmarks/decode_speed.py                      # 6x384 GPT-2, vocab 50304, 64 + 256 tokens
+    python benchmarks/decode_speed.py --json decode.json --repeats 5
+    python benchmarks/decode_speed.py --quick              # a smoke configuration (tiny model, seconds)
+    python benchmarks/decode_speed.py --profile prof.txt   # torch.profiler of lmforge's fp32 decode
+
+One random-weight GPT-2 (`--layers` x `--width`, vocab `--vocab`, learned positions, LayerNorm,
+GPT-2's tanh-GELU; context `--block-size`) is built in lmforge (seed 0), saved as a checkpoint and
+converted with lmforge's own `lmforge convert to-hf` machinery (`lmforge.export.hf.to_hf`); the
+transformers side loads that directory as `GPT2LMHeadModel`, so both hold the same weights.
+
+Rows (each at batch 1 and 8, every prompt `--prompt-len` random tokens, exactly `--new-tokens` new
+tokens per row: no stop id, greedy):
+  fp32   both sides in fp32.
+  bf16   weights stored in bf16 on both sides: transformers `torch_dtype=torch.bfloat16`; lmforge
+         `quantize_model(model, "bf16")` (every parameter cast, what `lmforge quantize --method bf16`
+         writes) and `generate_batch` without autocast.
+  int8 / int4  lmforge `quantize_model(model, "int8" / "int4")` (int4: `--group-size` 128), compared with
+         transformers fp32 (the goal: faster than fp32 at batch 1; decoding is memory bound).
+Timing: one process; per row a warm-up call of each side, then `--repeats` rounds that alternate
+the two sides (background load hits both alike); the median wall time of a call gives tokens/s =
+batch x new tokens / seconds (the prompt's prefill included, as a user sees it). The ratio is
+lmforge / transformers, printed with the issue's goals (>= 2x at batch 8, >= 1.5x at batch 1).
+"same" compares the greedy tokens of the two sides (fp32 rows should agree; bf16 round-off can
+flip a near-tie of the random model's flat logits).
+
+llama.cpp (optional, never installed by this script): when `import llama_cpp` works and
+`--llama-converter` names llama.cpp's `convert_hf_to_gguf.py` (shipped in llama-cpp-python's source
+distribution, vendor/llama.cpp/), the HF directory is converted to f32 and q8_0 GGUF and decoded at
+batch 1 with the same prompt (its own eval loop, greedy, `n_threads` = torch's threads). Otherwise
+the column says why not ("not installed").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+GOALS = {1: 1.5, 8: 2.0}  # lmforge / transformers tokens/s, issue 14 item 6
+QUANTIZED = ("int8", "int8-dynamic", "int4")  # their goal: faster than fp32 at batch 1
+QUICK = dict(layers=2, width=64, heads=2, vocab=512, block_size=64, prompt_len=8, new_tokens=16,
+             batches=[1, 2], repeats=1, group_size=32)
+
+
+def model_config(args: argparse.Namespace):
+    from lmforge.models.config import ModelConfig
+
+    return ModelConfig(vocab_size=args.vocab, n_layer=args.layers, n_head=args.heads, n_embd=args.width,
+                       block_size=args.block_size, dropout=0.0, bias=True, pos_encoding="learned",
+                       norm="layernorm", mlp=args.mlp, tie_embeddings=True)
+
+
+def build_pair(args: argparse.Namespace, tmp: Path):
+    """(lmforge model, path of its checkpoint, HF dir): random weights, converted by `to_hf`."""
+    from lmforge.export.hf import to_hf
+    from lmforge.models import build_model
+    from lmforge.train.checkpoint import save_checkpoint, tied_aliases
+
+    config = model_config(args)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    ckpt = save_checkpoint(tmp / "ckpt", model.state_dict(), config.to_dict(), None, None,
+                           drop=tied_aliases(model))
+    to_hf(ckpt, tmp / "hf")
+    return model, ckpt, tmp / "hf"
+
+
+def load_lmforge(ckpt: Path, variant: str, group_size: int = 128):
+    """The checkpoint's weights in a fresh lmforge model, in `variant` (fp32, or a `quantize_model` method)."""
+    from lmforge.compress.quantize import quantize_model
+    from lmforge.models import build_model
+    from lmforge.models.config import ModelConfig
+    from lmforge.train.checkpoint import load_weights_into, read_model_config, read_weights
+
+    model = build_model(ModelConfig.from_dict(read_model_config(ckpt)))
+    load_weights_into(model, read_weights(ckpt), ckpt / "model.safetensors")
+    model.eval()
+    return model if variant == "fp32" else quantize_model(model, variant, group_size=group_size).eval()
+
+
+def load_hf(hf_dir: Path, dtype: torch.dtype):
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(hf_dir, torch_dtype=dtype).eval()
+    model.generation_config.eos_token_id = None  # exactly max_new_tokens, like lmforge's side
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def run_lmforge(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    from lmforge.infer.generate import generate_batch
+
+    return generate_batch(model, prompts, new_tokens, temperature=0.0)
+
+
+def run_hf(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    ids = torch.tensor(prompts)
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False)
+    return out[:, ids.shape[1]:].tolist()
+
+
+def timed(fn, *a) -> tuple[list[list[int]], float]:
+    start = time.perf_counter()
+    ids = fn(*a)
+    return ids, time.perf_counter() - start
+
+
+def measure(sides: dict, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict:
+    """Warm-up each side, then `repeats` alternating rounds; per side tokens/s (median), ids, counts."""
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    ids = {name: fn(prompts, new_tokens) for name, fn in sides.items()}  # warm-up
+    for _ in range(repeats):
+        for name, fn in sides.items():
+            ids[name], seconds = timed(fn, prompts, new_tokens)
+            times[name].append(seconds)
+    tokens = len(prompts) * new_tokens
+    return {name: {"tokens_per_s": tokens / statistics.median(times[name]), "seconds": times[name],
+                   "new_tokens": [len(row) for row in ids[name]], "ids": ids[name]} for name in sides}
+
+
+def row_result(variant: str, batch: int, measured: dict) -> dict:
+    ours, theirs = measured["lmforge"], measured["transformers"]
+    ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]
+    return {"variant": variant, "batch": batch, "lmforge_tokens_per_s": ours["tokens_per_s"],
+            "transformers_tokens_per_s": theirs["tokens_per_s"], "ratio": ratio, "goal": GOALS.get(batch),
+            "same_tokens": ours["ids"] == theirs["ids"], "lmforge_new_tokens": ours["new_tokens"],
+            "transformers_new_tokens": theirs["new_tokens"], "lmforge_seconds": ours["seconds"],
+            "transformers_seconds": theirs["seconds"]}
+
+
+def run_rows(args: argparse.Namespace, ckpt: Path, hf_dir: Path, prompts: list[list[int]]) -> list[dict]:
+    """Every (variant, batch) row; int8/int4 compare against transformers fp32."""
+    hf = {"fp32": load_hf(hf_dir, torch.float32)}
+    if "bf16" in args.variants:
+        hf["bf16"] = load_hf(hf_dir, torch.bfloat16)
+    rows = []
+    for variant in args.variants:
+        ours = load_lmforge(ckpt, variant, args.group_size)
+        theirs = hf["bf16" if variant == "bf16" else "fp32"]
+        for batch in args.batches:
+            sides = {"lmforge": lambda p, n, m=ours: run_lmforge(m, p, n),
+                     "transformers": lambda p, n, m=theirs: run_hf(m, p, n)}
+            rows.append(row_result(variant, batch, measure(sides, prompts[:batch], args.new_tokens, args.repeats)))
+            print_row(rows[-1], flush=True)
+    return rows
+
+
+def print_header(args: argparse.Namespace, llama: dict) -> None:
+    print(f"GPT-2 {args.layers}x{args.width}, vocab {args.vocab}, context {args.block_size}, mlp {args.mlp}; "
+          f"prompt {args.prompt_len} + {args.new_tokens} new tokens, greedy; torch threads "
+          f"{torch.get_num_threads()}; median of {args.repeats}")
+    print(f"llama.cpp: {llama.get('status')}")
+    print(f"{'variant':<12} {'batch':>5} {'lmforge tok/s':>14} {'transformers tok/s':>19} {'ratio':>7} "
+          f"{'goal':>6}  same tokens")
+
+
+def print_row(r: dict, flush: bool = False) -> None:
+    goal = r["goal"]
+    if r["variant"] in QUANTIZED:
+        goal_text = "> fp32" if r["batch"] == 1 else ""
+    else:
+        goal_text = f">={goal}x" if goal else ""
+    mark = "" if not goal or r["variant"] in QUANTIZED else (" ok" if r["ratio"] >= goal else " MISS")
+    print(f"{r['variant']:<12} {r['batch']:>5} {r['lmforge_tokens_per_s']:>14.1f} "
+          f"{r['transformers_tokens_per_s']:>19.1f} {r['ratio']:>6.2f}x {goal_text:>6}{mark}  "
+          f"{'yes' if r['same_tokens'] else 'no'}", flush=flush)
+
+
+def quant_vs_fp32(rows: list[dict]) -> list[str]:
+    """int8/int4 vs lmforge fp32 at the same batch (goal at batch 1: faster)."""
+    fp32 = {r["batch"]: r["lmforge_tokens_per_s"] for r in rows if r["variant"] == "fp32"}
+    lines = []
+    for r in rows:
+        if r["variant"] in QUANTIZED and r["batch"] in fp32:
+            x = r["lmforge_tokens_per_s"] / fp32[r["batch"]]
+            verdict = (" ok" if x > 1 else " MISS") if r["batch"] == 1 else ""
+            lines.append(f"lmforge {r['variant']} / lmforge fp32 at batch {r['batch']}: {x:.2f}x{verdict}")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# llama.cpp (optional)
+
+
+def llama_cpp_column(args: argparse.Namespace, hf_dir: Path, prompt: list[int], tmp: Path) -> dict:
+    """llama-cpp-python's batch-1 tokens/s for f32 and q8_0 GGUF files of `hf_dir`, or why not."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return {"status": "not installed (pip install llama-cpp-python: an optional bench dependency)"}
+    if not args.llama_converter or not Path(args.llama_converter).is_file():
+        return {"status": "installed, but --llama-converter (llama.cpp's convert_hf_to_gguf.py) is not given"}
+    result: dict = {"status": "measured"}
+    for outtype in ("f32", "q8_0"):
+        gguf = tmp / f"model-{outtype}.gguf"
+        done = subprocess.run([sys.executable, args.llama_converter, str(hf_dir), "--outtype", outtype,
+                               "--outfile", str(gguf)], capture_output=True, text=True)
+        if done.returncode:
+            return {"status": f"conversion failed: {done.stderr.strip().splitlines()[-1:]}"}
+        llm = llama_cpp.Llama(str(gguf), n_ctx=args.block_size, n_threads=torch.get_num_threads(),
+                              verbose=False)
+        seconds = []
+        for _ in range(args.repeats + 1):  # the first is the warm-up
+            llm.reset()
+            start = time.perf_counter()
+            for i, _ in enumerate(llm.generate(prompt, top_k=1, temp=0.0, reset=True)):
+                if i + 1 == args.new_tokens:
+                    break
+            seconds.append(time.perf_counter() - start)
+        result[f"{outtype}_tokens_per_s"] = args.new_tokens / statistics.median(seconds[1:])
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# profile
+
+
+def profile(args: argparse.Namespace, ckpt: Path, prompts: list[list[int]], out: Path) -> None:
+    """torch.profiler of lmforge fp32 decoding at each batch: the op table (self CPU time) to `out`."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    model = load_lmforge(ckpt, "fp32")
+    parts = []
+    for batch in args.batches:
+        run_lmforge(model, prompts[:batch], args.new_tokens)  # warm-up
+        with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            _, seconds = timed(run_lmforge, model, prompts[:batch], args.new_tokens)
+        table = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=30)
+        parts.append(f"== lmforge fp32, batch {batch}: {batch * args.new_tokens} tokens in {seconds:.2f} s "
+                     f"(profiled)\n{table}")
+    out.write_text("\n\n".join(parts))
+    print(f"profile written to {out}")
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--width", type=int, default=384)
+    parser.add_argument("--heads", type=int, default=6)
+    parser.add_argument("--vocab", type=int, default=50304)
+    parser.add_argument("--block-size", type=int, default=320, help="context (>= prompt + new tokens)")
+    parser.add_argument("--mlp", default="gelu_tanh", choices=["gelu_tanh", "gelu", "relu"],
+                        help="activation (GPT-2's is gelu_tanh = transformers' gelu_new)")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--variants", nargs="+", default=["fp32", "bf16", "int8", "int4"],
+                        choices=["fp32", "bf16", "int8", "int8-dynamic", "int4"])
+    parser.add_argument("--group-size", type=int, default=128, help="int4 group size")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating timed rounds (median)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--llama-converter", help="llama.cpp's convert_hf_to_gguf.py (llama.cpp column)")
+    parser.add_argument("--quick", action="store_true", help="a tiny smoke configuration: " + str(QUICK))
+    parser.add_argument("--json", type=Path, help="write the rows (and the llama.cpp column) here")
+    parser.add_argument("--profile", type=Path, help="profile lmforge fp32 decoding into this file instead")
+    args = parser.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    if args.prompt_len + args.new_tokens > args.block_size:
+        parser.error(f"--prompt-len + --new-tokens must fit --block-size {args.block_size}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rng = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, args.vocab, (max(args.batches), args.prompt_len), generator=rng).tolist()
+    with tempfile.TemporaryDirectory() as tmp:
+        _, ckpt, hf_dir = build_pair(args, Path(tmp))
+        if args.profile:
+            profile(args, ckpt, prompts, args.profile)
+            return {}
+        llama = llama_cpp_column(args, hf_dir, prompts[0], Path(tmp))
+        print_header(args, llama)
+        rows = run_rows(args, ckpt, hf_dir, prompts)
+    for line in quant_vs_fp32(rows):
+        print(line)
+    for key in ("f32", "q8_0"):
+        if f"{key}_tokens_per_s" in llama:
+            fp32 = next(r["lmforge_tokens_per_s"] for r in rows if r["variant"] == "fp32" and r["batch"] == 1)
+            print(f"llama.cpp {key} batch 1: {llama[f'{key}_tokens_per_s']:.1f} tok/s; lmforge fp32 / it: "
+                  f"{fp32 / llama[f'{key}_tokens_per_s']:.2f}x")
+    result = {"config": {k: v for k, v in vars(args).items() if k not in ("json", "profile")}, "rows": rows,
+              "llama_cpp": llama, "torch_threads": torch.get_num_threads()}
+    if args.json:
+        from lmforge.fsutil import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(result, indent=1, default=str))
+    return result
+
+
+if __name__ == "__main__":
+    main()
