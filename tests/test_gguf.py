@@ -131,6 +131,44 @@ def test_tensors_read_back_with_names_shapes_types_and_values(exported, layout, 
             assert err.max() > 0  # really quantized
 
 
+@pytest.mark.parametrize("layout", ["llama", "gpt2"])
+def test_names_and_values_match_gguf_py_map_of_the_hf_tensors_to_hf_writes(exported, layout):
+    """gguf-py's TensorNameMap (llama.cpp's own HF -> GGUF names) applied to what `convert to-hf` writes
+    gives the file's names; values equal the HF tensors (GPT-2's Conv1D transposed back, Llama's q/k
+    permuted as llama.cpp's converter permutes HF Llama's)."""
+    from lmforge.export.hf import state_to_hf
+
+    model, file = exported[layout, "f32"]
+    c = model.config
+    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "gpt2": gguf.MODEL_ARCH.GPT2}[layout]
+    names = gguf.get_tensor_name_map(arch, c.n_layer)
+    ours = {k: v for k, v in model.state_dict().items() if not (c.tie_embeddings and k == "lm_head.weight")}
+    hf = state_to_hf(c, ours)
+    file_tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(file).tensors}
+    assert sorted(names.get_name(n, try_suffixes=(".weight", ".bias")) for n in hf) == sorted(file_tensors)
+    known = {gguf.TENSOR_NAMES[t].format(bid=i) for t in gguf.MODEL_TENSORS[arch] for i in range(c.n_layer)}
+    assert {n.rpartition(".")[0] for n in file_tensors} <= known  # tensors llama.cpp's arch has
+    for hf_name, tensor in hf.items():
+        w = tensor.float()
+        if hf_name.endswith(".weight") and any(p in hf_name for p in ("c_attn", "c_proj", "c_fc")):
+            w = w.T
+        if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = c.n_head if "q_proj" in hf_name else c.kv_heads
+            w = w.reshape(heads, 2, w.shape[0] // heads // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+        got = file_tensors[names.get_name(hf_name, try_suffixes=(".weight", ".bias"))]
+        assert np.array_equal(got, w.contiguous().numpy()), hf_name
+
+
+def test_wide_heads_write_key_and_value_length(tmp_path, bpe_tokenizer):
+    _, ckpt = tiny_checkpoint(tmp_path / "wide", bpe_tokenizer, **LLAMA, attn_head_dim=32)
+    to_gguf(ckpt, tmp_path / "wide.gguf", qtype="f32")
+    reader = gguf.GGUFReader(tmp_path / "wide.gguf")
+    assert field(reader, "llama.attention.key_length") == field(reader, "llama.attention.value_length") == 32
+    assert field(reader, "llama.rope.dimension_count") == 32
+    shapes = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
+    assert shapes["blk.0.attn_q.weight"] == [64, 128] and shapes["blk.0.attn_k.weight"] == [64, 64]
+
+
 def test_qkv_permutation_gives_lmforge_attention_scores_under_llama_cpp_rope():
     """ggml's RoPE (mode 0, as llama.cpp's `llama` graph uses) rotates adjacent pairs (2i, 2i+1) by
     pos * base^(-2i/d); on the permuted q/k rows it must give the scores lmforge's RoPE gives."""
