@@ -237,6 +237,10 @@ def test_serve_load_drives_lmforge_serve_and_the_peer(peer, tmp_path, capsys):
     for server, clients in (("lmforge", "1"), ("lmforge", "2"), ("hf", "2")):
         s = results[server][clients]
         assert (s["ok"], s["errors"], s["lost"], s["prompt_tokens_differ"]) == (2 * int(clients), 0, 0, 0), s
-        assert 0 < s["tokens_per_request"] <= 4 and s["tokens_per_s"] > 0 and s["ttft_p50_s"] > 0
+        assert 0 < s["tokens_per_request"] <= 4 and s["tokens_per_s"] > 0, (server, s)
+        # a random char-level model may write only byte-fallback tokens that never form a character:
+        # lmforge sends no text for them (no broken characters), so a run can have no first content chunk
+        assert s["ttft_p50_s"] is None or s["ttft_p50_s"] > 0, (server, s)
+    assert results["hf"]["2"]["ttft_p50_s"] > 0  # the peer streams whatever it decodes
     assert results["hf"]["2"]["tokens_per_request"] == 4  # ignore_eos
     assert "lmforge        2" in capsys.readouterr().out
