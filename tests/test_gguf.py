@@ -264,6 +264,71 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, bpe_tokenizer
     assert summary["metrics"]["architecture"] == "gpt2" and gguf.GGUFReader(out).tensors
 
 
+def gguf_forward(file: Path, tokens: list[int]) -> np.ndarray:
+    """Logits of a GGUF file computed in numpy the way llama.cpp's `llama` / `gpt2` graphs do, from the
+    file's tensors and metadata alone: RoPE on adjacent pairs (ggml mode 0), kv head h // (n_head /
+    n_head_kv), the output matrix or else token_embd, tanh-GELU."""
+    reader = gguf.GGUFReader(file)
+    arch = field(reader, "general.architecture")
+    w = {t.name: np.asarray(t.data, dtype=np.float64) for t in reader.tensors}
+
+    def meta(key, default=None):
+        return field(reader, f"{arch}.{key}") if f"{arch}.{key}" in reader.fields else default
+
+    n_head = meta("attention.head_count")
+    n_kv, n = meta("attention.head_count_kv", n_head), len(tokens)
+    x = w["token_embd.weight"][tokens] + (w["position_embd.weight"][:n] if arch == "gpt2" else 0)
+
+    def norm(h, name):
+        if arch == "llama":
+            eps = meta("attention.layer_norm_rms_epsilon")
+            return h / np.sqrt((h * h).mean(-1, keepdims=True) + eps) * w[name + ".weight"]
+        h, eps = h - h.mean(-1, keepdims=True), meta("attention.layer_norm_epsilon")
+        return h / np.sqrt((h * h).mean(-1, keepdims=True) + eps) * w[name + ".weight"] + w[name + ".bias"]
+
+    def lin(h, name):
+        return h @ w[name + ".weight"].T + w.get(name + ".bias", 0)
+
+    def rope(t):  # (n, heads, d): pairs (2i, 2i+1) rotated by pos * base^(-2i/d)
+        d = t.shape[-1]
+        theta = np.arange(n)[:, None, None] * meta("rope.freq_base") ** (-np.arange(0, d, 2) / d)
+        a, b = t[..., 0::2], t[..., 1::2]
+        cos, sin = np.cos(theta), np.sin(theta)
+        return np.stack([a * cos - b * sin, a * sin + b * cos], -1).reshape(t.shape)
+
+    for i in range(meta("block_count")):
+        h, g = norm(x, f"blk.{i}.attn_norm"), f"blk.{i}."
+        if arch == "gpt2":
+            q, k, v = np.split(lin(h, g + "attn_qkv"), 3, axis=-1)
+        else:
+            q, k, v = lin(h, g + "attn_q"), lin(h, g + "attn_k"), lin(h, g + "attn_v")
+        q, k, v = (t.reshape(n, -1, t.shape[-1] // heads) for t, heads in ((q, n_head), (k, n_kv), (v, n_kv)))
+        if arch == "llama":
+            q, k = rope(q), rope(k)
+        k, v = np.repeat(k, n_head // n_kv, axis=1), np.repeat(v, n_head // n_kv, axis=1)
+        scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(q.shape[-1]) + np.triu(np.full((n, n), -np.inf), 1)
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        x = x + lin(np.einsum("hqk,khd->qhd", p / p.sum(-1, keepdims=True), v).reshape(n, -1), g + "attn_output")
+        h = norm(x, g + "ffn_norm")
+        if arch == "llama":
+            up = lin(h, g + "ffn_gate") / (1 + np.exp(-lin(h, g + "ffn_gate"))) * lin(h, g + "ffn_up")
+        else:
+            u = lin(h, g + "ffn_up")
+            up = 0.5 * u * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u ** 3)))
+        x = x + lin(up, g + "ffn_down")
+    return norm(x, "output_norm") @ w.get("output.weight", w["token_embd.weight"]).T
+
+
+@pytest.mark.parametrize("layout", ["llama", "gpt2"])
+def test_a_numpy_llama_cpp_graph_on_the_file_gives_lmforge_logits(exported, layout):
+    model, file = exported[layout, "f32"]
+    tokens = [5, 9, 14, 3, 27, 8, 40, 61, 2]
+    with torch.no_grad():
+        want = model(torch.tensor([tokens]))[0][0].double().numpy()
+    got = gguf_forward(file, tokens)
+    assert np.abs(got - want).max() < 1e-4
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["llama", "gpt2"])
 def test_llama_cpp_greedy_tokens_equal_lmforge(exported, layout):
