@@ -116,7 +116,8 @@ def test_tensors_read_back_with_names_shapes_types_and_values(exported, layout, 
     for name, ours in want.items():
         values, kind = got[name]
         assert values.shape == ours.shape, name
-        expected_type = Q.F32 if ours.ndim == 1 or qtype == "f32" else {"f16": Q.F16, "q8_0": Q.Q8_0}[qtype]
+        f32 = ours.ndim == 1 or qtype == "f32" or name == "position_embd.weight"
+        expected_type = Q.F32 if f32 else {"f16": Q.F16, "q8_0": Q.Q8_0}[qtype]
         assert kind == expected_type, name
         if kind == Q.F32:
             assert np.array_equal(values, ours), name
@@ -237,7 +238,7 @@ def test_q8_0_keeps_rows_not_a_multiple_of_32_in_f16():
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, bpe_tokenizer, tokenizer_file, capsys):
     cases = {
         "bert": dict(arch="bert", norm_position="post"),
-        "moe": dict(LLAMA, moe={"num_experts": 2, "top_k": 1}),
+        "moe": dict(GPT2, moe={"num_experts": 2, "top_k": 1}),  # MoE with learned positions: no Mixtral layout
         "relu": dict(mlp="relu"),
     }
     for name, style in cases.items():
@@ -296,6 +297,11 @@ def gguf_forward(file: Path, tokens: list[int]) -> np.ndarray:
         cos, sin = np.cos(theta), np.sin(theta)
         return np.stack([a * cos - b * sin, a * sin + b * cos], -1).reshape(t.shape)
 
+    def expert(h, g, chosen):  # each token through its chosen expert's SwiGLU
+        gate = np.einsum("nfd,nd->nf", w[g + "ffn_gate_exps.weight"][chosen], h)
+        up = np.einsum("nfd,nd->nf", w[g + "ffn_up_exps.weight"][chosen], h)
+        return np.einsum("ndf,nf->nd", w[g + "ffn_down_exps.weight"][chosen], gate / (1 + np.exp(-gate)) * up)
+
     for i in range(meta("block_count")):
         h, g = norm(x, f"blk.{i}.attn_norm"), f"blk.{i}."
         if arch == "gpt2":
@@ -310,6 +316,14 @@ def gguf_forward(file: Path, tokens: list[int]) -> np.ndarray:
         p = np.exp(scores - scores.max(-1, keepdims=True))
         x = x + lin(np.einsum("hqk,khd->qhd", p / p.sum(-1, keepdims=True), v).reshape(n, -1), g + "attn_output")
         h = norm(x, g + "ffn_norm")
+        if g + "ffn_gate_inp.weight" in w:  # MoE: softmax over all experts, top k renormalized
+            probs = np.exp(lin(h, g + "ffn_gate_inp"))
+            probs /= probs.sum(-1, keepdims=True)
+            top = np.argsort(-probs, axis=-1)[:, :meta("expert_used_count")]
+            kept = np.take_along_axis(probs, top, -1)
+            kept /= kept.sum(-1, keepdims=True)
+            x = x + sum(kept[:, [j]] * expert(h, g, top[:, j]) for j in range(top.shape[1]))
+            continue
         if arch == "llama":
             up = lin(h, g + "ffn_gate") / (1 + np.exp(-lin(h, g + "ffn_gate"))) * lin(h, g + "ffn_up")
         else:
@@ -327,6 +341,32 @@ def test_a_numpy_llama_cpp_graph_on_the_file_gives_lmforge_logits(exported, layo
         want = model(torch.tensor([tokens]))[0][0].double().numpy()
     got = gguf_forward(file, tokens)
     assert np.abs(got - want).max() < 1e-4
+
+
+@pytest.mark.parametrize("qtype", ["f32", "q8_0"])
+def test_mixture_of_experts_as_llama_cpp_mixtral(tmp_path, bpe_tokenizer, qtype):
+    model, ckpt = tiny_checkpoint(tmp_path / "moe", bpe_tokenizer, **LLAMA, moe={"num_experts": 4, "top_k": 2})
+    to_gguf(ckpt, tmp_path / "moe.gguf", qtype=qtype)
+    reader = gguf.GGUFReader(tmp_path / "moe.gguf")
+    assert (field(reader, "llama.expert_count"), field(reader, "llama.expert_used_count")) == (4, 2)
+    c, s = model.config, model.state_dict()
+    got = {t.name: t for t in reader.tensors}
+    assert not any(".mlp." in n or "ffn_gate.weight" in n for n in got)
+    for i in range(c.n_layer):
+        assert np.array_equal(got[f"blk.{i}.ffn_gate_inp.weight"].data, s[f"blocks.{i}.mlp.router.weight"].numpy())
+        for ours, theirs in (("gate", "ffn_gate_exps"), ("up", "ffn_up_exps"), ("down", "ffn_down_exps")):
+            t = got[f"blk.{i}.{theirs}.weight"]
+            want = torch.stack([s[f"blocks.{i}.mlp.experts.{e}.{ours}.weight"] for e in range(4)]).numpy()
+            assert [int(d) for d in t.shape] == list(reversed(want.shape))
+            values = dequantize(t.data, t.tensor_type) if qtype == "q8_0" else np.asarray(t.data)
+            assert t.tensor_type == (Q.Q8_0 if qtype == "q8_0" else Q.F32)
+            bound = np.abs(want).max() / 127 if qtype == "q8_0" else 0
+            assert np.abs(values.reshape(want.shape) - want).max() <= bound
+    if qtype == "f32":
+        tokens = [5, 9, 14, 3, 27, 8, 40, 61, 2]
+        with torch.no_grad():
+            want = model(torch.tensor([tokens]))[0][0].double().numpy()
+        assert np.abs(gguf_forward(tmp_path / "moe.gguf", tokens) - want).max() < 1e-4
 
 
 @pytest.mark.slow

@@ -6,9 +6,12 @@
 Layouts: the two decoder layouts `convert to-hf` writes as GPT-2 and Llama (`hf_layout_for` decides,
 with the same checks): GPT-2 (learned positions, LayerNorm, GELU, biases; general.architecture
 `gpt2`) and Llama (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases; `llama`; a checkpoint
-converted from Mistral goes out as `llama` too, the same graph). Refused with one line: BERT and the
-encoder-decoder (no GGUF graph of ours matches llama.cpp's), Mixture-of-Experts (Mixtral's GGUF
-layout stacks the experts; not written here: use `convert to-hf` and llama.cpp's own converter),
+converted from Mistral goes out as `llama` too, the same graph), and its Mixture-of-Experts form
+(what to-hf writes as Mixtral; `llama` with expert_count / expert_used_count, the router as
+blk.N.ffn_gate_inp and the experts stacked into blk.N.ffn_{gate,up,down}_exps (E, out, in):
+llama.cpp takes a softmax over all router logits and renormalizes the top k, the same gates as
+lmforge's softmax over the selected logits). Refused with one line: BERT and the encoder-decoder
+(no llama.cpp graph of theirs is written here), MoE with learned positions (no Mixtral layout),
 a GPT-2 layout with mlp=relu (llama.cpp's gpt2 graph applies GELU), a quantized checkpoint, a
 fine-tuning checkpoint with an adapter (merge it first), a checkpoint without lmforge's byte-level
 BPE tokenizer.json, and an existing OUT without `overwrite`.
@@ -25,7 +28,8 @@ first half and row i of the second half become rows 2i and 2i+1 (`rope_permute`;
 undoes it). The dot products are unchanged, since q and k are permuted alike.
 
 Types: f32, f16 or q8_0 (gguf.quants: blocks of 32 with one f16 scale) for 2-D tensors; 1-D
-tensors (norms, biases) stay f32, as llama.cpp's converter keeps them; a q8_0 matrix whose rows
+tensors (norms, biases), the MoE router and GPT-2's position table stay f32, as llama.cpp's
+converter keeps them; a q8_0 matrix whose rows
 are not a multiple of 32 wide falls back to f16 (and the summary lists it).
 
 Tokenizer: tokenizer.ggml.model "gpt2" (byte-level BPE) with the tokens by id (padded with unused
@@ -53,6 +57,7 @@ import torch
 from lmforge.errors import UserError
 
 QTYPES = ("f32", "f16", "q8_0")
+KEEP_F32 = ("ffn_gate_inp.weight", "position_embd.weight")  # written f32 whatever the type (llama.cpp's converter)
 _FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7}  # gguf.LlamaFileType ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
 # our block tensor (minus ".weight"/".bias") -> its GGUF name in blk.N
 _BLOCK_NAMES = {"attn_norm": "attn_norm", "attn.qkv": "attn_qkv", "attn.out": "attn_output",
@@ -79,13 +84,12 @@ def gguf_arch(config: Any, ckpt: Path) -> str:
     if config.arch != "gpt":
         raise UserError(f"{where}.arch={config.arch!r} cannot be exported to GGUF; supported: decoder-only models "
                         "(arch gpt) in the GPT-2 or Llama layout")
-    if config.moe.num_experts:
-        raise UserError(f"{where}.moe.num_experts={config.moe.num_experts}: Mixture-of-Experts is not supported by "
-                        "convert to-gguf; use convert to-hf and llama.cpp's convert_hf_to_gguf.py")
     try:
         layout = hf_layout_for(config).model_type
     except UserError as e:
         raise UserError(f"{where}: no GGUF layout ({e})") from None
+    if layout == "mixtral" and config.mlp != "swiglu":  # (hf_layout_for checks it too)
+        raise UserError(f"{where}.mlp={config.mlp!r}: llama.cpp's Mixtral experts are SwiGLU")
     if layout == "gpt2" and config.mlp not in ("gelu", "gelu_tanh"):
         raise UserError(f"{where}.mlp={config.mlp!r} cannot be exported to GGUF: llama.cpp's gpt2 graph applies GELU "
                         "(allowed: gelu_tanh, gelu)")
@@ -106,7 +110,11 @@ def gguf_tensors(config: Any, state: dict[str, torch.Tensor], arch: str) -> dict
             out[f"{_TOP_NAMES[base]}.{kind}"] = w.numpy()
             continue
         _, i, part = base.split(".", 2)
-        if arch == "llama" and part == "attn.qkv":
+        if part.startswith("mlp.experts."):
+            continue  # stacked below
+        if part == "mlp.router":
+            out[f"blk.{i}.ffn_gate_inp.{kind}"] = w.numpy()
+        elif arch == "llama" and part == "attn.qkv":
             q_rows, kv_rows = config.n_head * config.head_dim, config.kv_heads * config.head_dim
             q, k, v = w.split([q_rows, kv_rows, kv_rows], dim=0)
             out[f"blk.{i}.attn_q.{kind}"] = rope_permute(q, config.n_head).numpy()
@@ -114,6 +122,18 @@ def gguf_tensors(config: Any, state: dict[str, torch.Tensor], arch: str) -> dict
             out[f"blk.{i}.attn_v.{kind}"] = v.contiguous().numpy()
         else:
             out[f"blk.{i}.{_BLOCK_NAMES[part]}.{kind}"] = w.numpy()
+    if config.moe.num_experts:
+        out.update(stacked_experts(config, state))
+    return out
+
+
+def stacked_experts(config: Any, state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Mixtral's GGUF layout: each block's expert matrices stacked, blk.N.ffn_{gate,up,down}_exps (E, out, in)."""
+    out = {}
+    for i in range(config.n_layer):
+        for ours, theirs in (("gate", "ffn_gate_exps"), ("up", "ffn_up_exps"), ("down", "ffn_down_exps")):
+            names = [f"blocks.{i}.mlp.experts.{e}.{ours}.weight" for e in range(config.moe.num_experts)]
+            out[f"blk.{i}.{theirs}.weight"] = torch.stack([state[n].detach().float() for n in names]).numpy()
     return out
 
 
@@ -176,6 +196,9 @@ def _write_metadata(writer: Any, config: Any, arch: str, tok: dict[str, Any], qt
         writer.add_rope_dimension_count(config.head_dim)
         writer.add_layer_norm_rms_eps(float(config.norm_eps))
         writer.add_vocab_size(config.vocab_size)
+        if config.moe.num_experts:
+            writer.add_expert_count(config.moe.num_experts)
+            writer.add_expert_used_count(config.moe.top_k)
         if config.head_dim * config.n_head != config.n_embd:
             writer.add_key_length(config.head_dim)
             writer.add_value_length(config.head_dim)
@@ -231,7 +254,7 @@ def to_gguf(ckpt: str | Path, out: str | Path, *, qtype: str = "f16", overwrite:
         writer = gguf.GGUFWriter(tmp, arch)
         _write_metadata(writer, config, arch, tok, qtype, ckpt.resolve().name)
         for name, array in tqdm(tensors.items(), desc="gguf tensors", unit="tensor", leave=False):
-            data, raw_dtype, written[name] = encode_tensor(array, qtype)
+            data, raw_dtype, written[name] = encode_tensor(array, "f32" if name.endswith(KEEP_F32) else qtype)
             writer.add_tensor(name, data, raw_dtype=raw_dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
