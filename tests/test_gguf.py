@@ -248,8 +248,14 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, bpe_tokenizer
     shutil.copytree(char, quantized)
     shutil.copyfile(bpe_tokenizer, quantized / "tokenizer.json")
     (quantized / "quant_config.json").write_text(json.dumps({"method": "int8", "modules": []}))
+    prefix = tmp_path / "prefix"
+    shutil.copytree(char, prefix)
+    spec = json.loads(bpe_tokenizer.read_text())
+    spec["pre_tokenizer"]["add_prefix_space"] = True
+    (prefix / "tokenizer.json").write_text(json.dumps(spec))
     for name, needle in (("bert", "arch='bert'"), ("moe", "Mixture-of-Experts"), ("relu", "mlp='relu'"),
-                         ("char", "byte-level BPE"), ("quantized", "quantized checkpoint")):
+                         ("char", "byte-level BPE"), ("prefix", "add_prefix_space"),
+                         ("quantized", "quantized checkpoint")):
         out = tmp_path / f"{name}.gguf"
         assert main(["convert", "to-gguf", str(tmp_path / name), str(out)]) == 2, name
         err = capsys.readouterr().err.strip()

@@ -163,6 +163,9 @@ def tokenizer_fields(tokenizer_file: Path, vocab_size: int) -> dict[str, Any]:
     if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
         raise UserError(f"{tokenizer_file}: a {model.get('type')} tokenizer with a {pre.get('type')} pre-tokenizer; "
                         "GGUF export needs lmforge's byte-level BPE (lmforge tokenizer train --kind bpe)")
+    if pre.get("add_prefix_space") or spec.get("normalizer"):
+        raise UserError(f"{tokenizer_file}: add_prefix_space or a normalizer, which llama.cpp's gpt-2 pre-tokenizer "
+                        "does not apply; GGUF export needs lmforge's byte-level BPE (tokenizer train --kind bpe)")
     by_id = {i: t for t, i in model["vocab"].items()}
     special = set()
     for added in spec.get("added_tokens") or []:
