@@ -398,7 +398,8 @@ def _add_generation_commands(sub) -> None:
 
 def _add_convert_command(sub) -> None:
     convert = sub.add_parser("convert", help="convert checkpoints to and from Hugging Face (GPT-2, Llama, Mistral, "
-                                              "Mixtral, BERT, T5)").add_subparsers(dest="direction", required=True)
+                                              "Mixtral, BERT, T5), to ONNX and to GGUF"
+                             ).add_subparsers(dest="direction", required=True)
     p = convert.add_parser("from-hf", help="an HF model dir -> an lmforge checkpoint dir")
     p.add_argument("src", metavar="HF_DIR", help="an HF model dir with config.json, model.safetensors (or a sharded "
                    "index, or pytorch_model.bin) and tokenizer.json (required: the checkpoint carries its tokenizer)")
