@@ -4,6 +4,7 @@
     python benchmarks/decode_speed.py --json decode.json --repeats 5
     python benchmarks/decode_speed.py --quick              # a smoke configuration (tiny model, seconds)
     python benchmarks/decode_speed.py --profile prof.txt   # torch.profiler of lmforge's fp32 decode
+    py-spy record --format raw -o b1.txt -- python benchmarks/decode_speed.py --lmforge-only --batches 1 --threads 1
 
 One random-weight GPT-2 (`--layers` x `--width`, vocab `--vocab`, learned positions, LayerNorm,
 GPT-2's tanh-GELU; context `--block-size`) is built in lmforge (seed 0), saved as a checkpoint and
@@ -226,22 +227,30 @@ def llama_cpp_column(args: argparse.Namespace, hf_dir: Path, prompt: list[int], 
 # profile
 
 
-def profile(args: argparse.Namespace, ckpt: Path, prompts: list[list[int]], out: Path) -> None:
-    """torch.profiler of lmforge fp32 decoding at each batch: the op table (self CPU time) to `out`."""
+def profile(args: argparse.Namespace, ckpt: Path, prompts: list[list[int]], out: Path | None) -> dict:
+    """torch.profiler of lmforge fp32 decoding at each batch: the op table (self CPU time) to `out`;
+    without `out` (--lmforge-only), just warm-up + `--repeats` timed calls, for an outside profiler."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     model = load_lmforge(ckpt, "fp32")
-    parts = []
+    parts, speeds = [], {}
     for batch in args.batches:
         run_lmforge(model, prompts[:batch], args.new_tokens)  # warm-up
+        if out is None:
+            seconds = [timed(run_lmforge, model, prompts[:batch], args.new_tokens)[1] for _ in range(args.repeats)]
+            speeds[batch] = batch * args.new_tokens / statistics.median(seconds)
+            print(f"lmforge fp32 batch {batch}: {speeds[batch]:.1f} tokens/s", flush=True)
+            continue
         with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             _, seconds = timed(run_lmforge, model, prompts[:batch], args.new_tokens)
         table = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=30)
         parts.append(f"== lmforge fp32, batch {batch}: {batch * args.new_tokens} tokens in {seconds:.2f} s "
                      f"(profiled)\n{table}")
-    out.write_text("\n\n".join(parts))
-    print(f"profile written to {out}")
+    if out is not None:
+        out.write_text("\n\n".join(parts))
+        print(f"profile written to {out}")
+    return {"lmforge_fp32_tokens_per_s": speeds}
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,6 +277,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a tiny smoke configuration: " + str(QUICK))
     parser.add_argument("--json", type=Path, help="write the rows (and the llama.cpp column) here")
     parser.add_argument("--profile", type=Path, help="profile lmforge fp32 decoding into this file instead")
+    parser.add_argument("--lmforge-only", action="store_true",
+                        help="only time lmforge fp32 decoding (warm-up + --repeats calls; e.g. under py-spy)")
     args = parser.parse_args(argv)
     if args.quick:
         for key, value in QUICK.items():
@@ -285,9 +296,8 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = torch.randint(0, args.vocab, (max(args.batches), args.prompt_len), generator=rng).tolist()
     with tempfile.TemporaryDirectory() as tmp:
         _, ckpt, hf_dir = build_pair(args, Path(tmp))
-        if args.profile:
-            profile(args, ckpt, prompts, args.profile)
-            return {}
+        if args.profile or args.lmforge_only:
+            return profile(args, ckpt, prompts, args.profile)
         llama = llama_cpp_column(args, hf_dir, prompts[0], Path(tmp))
         print_header(args, llama)
         rows = run_rows(args, ckpt, hf_dir, prompts)

@@ -56,3 +56,12 @@ def test_both_sides_hold_the_same_weights(bench, tmp_path):
 def test_prompt_must_fit_the_context(bench):
     with pytest.raises(SystemExit):
         bench.parse_args(["--block-size", "64", "--prompt-len", "64", "--new-tokens", "8"])
+
+
+def test_profile_and_lmforge_only(bench, tmp_path):
+    bench.main(TINY + ["--profile", str(tmp_path / "prof.txt")])
+    text = (tmp_path / "prof.txt").read_text()
+    assert "lmforge fp32, batch 1: 7 tokens" in text and "lmforge fp32, batch 3: 21 tokens" in text
+    assert "aten::" in text  # the op table
+    speeds = bench.main(TINY + ["--lmforge-only"])["lmforge_fp32_tokens_per_s"]
+    assert set(speeds) == {1, 3} and all(v > 0 for v in speeds.values())
