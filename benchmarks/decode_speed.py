@@ -30,7 +30,9 @@ llama.cpp (optional, never installed by this script): when `import llama_cpp` wo
 `--llama-converter` names llama.cpp's `convert_hf_to_gguf.py` (shipped in llama-cpp-python's source
 distribution, vendor/llama.cpp/), the HF directory is converted to f32 and q8_0 GGUF and decoded at
 batch 1 with the same prompt (its own eval loop, greedy, `n_threads` = torch's threads). Otherwise
-the column says why not ("not installed").
+the column says why not ("not installed"). Untested here (llama-cpp-python is not installed): the
+random model's HF dir has no tokenizer, which llama.cpp's converter may require (then the column
+reports "conversion failed" with its last error line; HOWTO.md: its BPE pre-tokenizer check).
 """
 
 from __future__ import annotations
