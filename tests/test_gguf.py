@@ -16,12 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from train_helpers import perturbed_checkpoint
 
 from lmforge.cli import main
 from lmforge.export.gguf import encode_tensor, rope_permute, rope_unpermute, to_gguf
-from lmforge.models import ModelConfig, build_model
 from lmforge.models.blocks import apply_rope, rope_tables
-from lmforge.train.checkpoint import save_checkpoint, tied_aliases
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
@@ -46,14 +45,7 @@ def bpe_tokenizer(tmp_path_factory) -> Path:
 
 
 def tiny_checkpoint(path: Path, tokenizer_file: Path | None, **style) -> tuple[torch.nn.Module, Path]:
-    torch.manual_seed(0)
-    config = ModelConfig(**{**TINY, **style})
-    model = build_model(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    save_checkpoint(path, model.state_dict(), config.to_dict(), tokenizer_file, None, drop=tied_aliases(model))
-    return model.eval(), path
+    return perturbed_checkpoint(path, {**TINY, **style}, tokenizer_file)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from train_helpers import perturbed_checkpoint
 
 from lmforge.adapters import AdapterOptions, adapters_disabled, apply_adapter, write_adapter_config
 from lmforge.cli import main
@@ -36,14 +37,7 @@ PROMPTS = [[5, 9, 14, 3, 27, 8, 40], [61, 2, 33]]  # different lengths: the batc
 
 def tiny_checkpoint(path: Path, tokenizer_file: Path | None = None, **style) -> tuple[torch.nn.Module, Path]:
     """A tiny random model (weights perturbed off the init, so greedy tokens vary) saved as a checkpoint."""
-    torch.manual_seed(0)
-    config = ModelConfig(**{**TINY, **style})
-    model = build_model(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    save_checkpoint(path, model.state_dict(), config.to_dict(), tokenizer_file, None, drop=tied_aliases(model))
-    return model.eval(), path
+    return perturbed_checkpoint(path, {**TINY, **style}, tokenizer_file)
 
 
 @pytest.fixture(scope="module")

@@ -41,3 +41,21 @@ def tiny_config(tokens: Path, *overrides: str):
         "train.precision=fp32", "train.threads=1",
     ]
     return load_config(None, base + list(overrides))
+
+
+def perturbed_checkpoint(path: Path, config: dict, tokenizer_file: Path | None = None):
+    """A model built from `config` with its weights perturbed off the init (so greedy tokens vary),
+    saved as a checkpoint dir at `path`: (model in eval mode, path)."""
+    import torch
+
+    from lmforge.models import ModelConfig, build_model
+    from lmforge.train.checkpoint import save_checkpoint, tied_aliases
+
+    torch.manual_seed(0)
+    model_config = ModelConfig(**config)
+    model = build_model(model_config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    save_checkpoint(path, model.state_dict(), model_config.to_dict(), tokenizer_file, None, drop=tied_aliases(model))
+    return model.eval(), path
