@@ -10,6 +10,8 @@
     objective: dpo          direct preference optimization (frozen reference) dpo.DPO
     objective: orpo         odds-ratio preference optimization (no reference) orpo.ORPO
     objective: classify     sequence classification (BERT or GPT) on JSONL    classify.Classify
+    objective: distill      next-token prediction from a frozen teacher's     distill.Distill
+                            soft targets (knowledge distillation)
 
 Each objective is one class that owns its config section, checks, batch shapes, FLOPs and
 memory factors (see `base.Objective`). Adding one: write the class (with its `Options`
@@ -26,6 +28,7 @@ from torch import nn
 from lmforge.train.objectives.base import EVAL_STREAM, Batch, CausalLM, Objective
 from lmforge.train.objectives.classify import Classify, ClassifyOptions
 from lmforge.train.objectives.contrastive import Contrastive, ContrastiveOptions
+from lmforge.train.objectives.distill import Distill, DistillOptions
 from lmforge.train.objectives.dpo import DPO, DPOOptions
 from lmforge.train.objectives.mlm import MaskedLM, MLMOptions
 from lmforge.train.objectives.orpo import ORPO, ORPOOptions
@@ -50,6 +53,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     cls.name: cls for cls in (CausalLM, MaskedLM, SpanCorruption, Contrastive, Seq2Seq, PPO, SFT,
                               RewardModel, DPO, ORPO, Classify)
 }
+OBJECTIVES[Distill.name] = Distill
 
 
 def objective_class(name: str) -> type[Objective]:
@@ -73,4 +77,5 @@ __all__ = [
     "SpanCorruption", "SpanOptions", "find_token", "objective_class", "objective_for", "padded_vocab", "sentinel",
     "span_counts", "span_lengths", "special_ids", "token_fallbacks", "with_tokens",
     "DPO", "Classify", "ClassifyOptions", "DPOOptions", "ORPO", "ORPOOptions", "RewardModel",
+    "Distill", "DistillOptions",
 ]
