@@ -123,6 +123,7 @@ STAGES = ("data fetch", "data prepare", "data make-tasks", "tokenizer train", "t
           "finetune", "merge", "align", "data make-sft", "posttrain-eval",
           "quantize")
 STAGES += ("distill",)
+STAGES += ("rag eval",)
 
 
 def write_summary(
