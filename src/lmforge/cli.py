@@ -646,6 +646,35 @@ def _add_quantize_command(sub) -> None:
 COMMAND_GROUPS += (_add_quantize_command,)
 
 
+def _cmd_distill(args: argparse.Namespace) -> None:
+    from lmforge.compress.distill import describe, distill
+    from lmforge.config import load_config
+
+    cfg = load_config(args.config, [*args.set, "objective=distill"])
+    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-distill"
+    summary = distill(cfg, out, teacher=args.teacher, resume=args.resume, overwrite=args.overwrite, force=args.force)
+    if summary and os.environ.get("RANK", "0") == "0":  # under torchrun, one line, not one per process
+        print(describe(summary, out))
+
+
+def _add_distill_command(sub) -> None:
+    p = sub.add_parser("distill", help="train a smaller student on a teacher's soft targets (knowledge "
+                                       "distillation, on the pretraining loop; docs/COMPRESS.md)")
+    p.add_argument("config", help="the student's pretraining recipe (YAML or a preset name), e.g. "
+                                  "configs/distill-student.yaml; objective distill is set")
+    p.add_argument("--teacher", required=True, metavar="DIR",
+                   help="the teacher (a checkpoint dir or a run dir: its best checkpoint); as distill.teacher. "
+                        "Without data.tokens the student trains on the teacher's token dir")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set distill.temperature=2 --set distill.alpha=0.5 (repeatable)")
+    p.add_argument("--out", default=None, help="run dir (default runs/<config name>-distill)")
+    add_run_flags(p)
+    p.set_defaults(func=_cmd_distill)
+
+
+COMMAND_GROUPS += (_add_distill_command,)
+
+
 def _cmd_serve(args: argparse.Namespace) -> None:
     from lmforge.serve.server import ServeOptions, run_server
 
@@ -687,35 +716,6 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--metrics-prefix", default="lmforge", help="Prometheus metric prefix (vllm: vLLM's dashboards)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for running requests before exiting")
-def _cmd_distill(args: argparse.Namespace) -> None:
-    from lmforge.compress.distill import describe, distill
-    from lmforge.config import load_config
-
-    cfg = load_config(args.config, [*args.set, "objective=distill"])
-    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-distill"
-    summary = distill(cfg, out, teacher=args.teacher, resume=args.resume, overwrite=args.overwrite, force=args.force)
-    if summary and os.environ.get("RANK", "0") == "0":  # under torchrun, one line, not one per process
-        print(describe(summary, out))
-
-
-def _add_distill_command(sub) -> None:
-    p = sub.add_parser("distill", help="train a smaller student on a teacher's soft targets (knowledge "
-                                       "distillation, on the pretraining loop; docs/COMPRESS.md)")
-    p.add_argument("config", help="the student's pretraining recipe (YAML or a preset name), e.g. "
-                                  "configs/distill-student.yaml; objective distill is set")
-    p.add_argument("--teacher", required=True, metavar="DIR",
-                   help="the teacher (a checkpoint dir or a run dir: its best checkpoint); as distill.teacher. "
-                        "Without data.tokens the student trains on the teacher's token dir")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set distill.temperature=2 --set distill.alpha=0.5 (repeatable)")
-    p.add_argument("--out", default=None, help="run dir (default runs/<config name>-distill)")
-    add_run_flags(p)
-    p.set_defaults(func=_cmd_distill)
-
-
-COMMAND_GROUPS += (_add_distill_command,)
-
-
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, choices=["bf16", "bfloat16", "fp16", "float16", "fp32", "float32"],
                    help="autocast dtype for generation (default: the weights' own)")
