@@ -594,6 +594,47 @@ COMMAND_GROUPS += (_add_posttrain_eval_command,)
 COMMAND_GROUPS += (_add_finetune_commands,)
 
 
+def _add_runs_command(sub) -> None:
+    runs = sub.add_parser("runs", help="list training runs and compare them (configs, metrics, curves; "
+                                       "docs/PIPELINES.md)").add_subparsers(dest="runs_command", required=True)
+    p = runs.add_parser("list", help="the training runs under a directory: stage, steps, losses, speed")
+    p.add_argument("root", nargs="?", default="runs", metavar="DIR", help="where to look (default: runs)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_runs_list)
+    p = runs.add_parser("compare", help="configs that differ, final metrics, and the curves overlaid in one plot")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="two or more run dirs")
+    p.add_argument("--out", default="runs-compare.png", metavar="PNG",
+                   help="the plot of their train/val curves (default: runs-compare.png)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(func=_cmd_runs_compare)
+
+
+def _cmd_runs_list(args: argparse.Namespace) -> None:
+    import json
+
+    from lmforge.track.runs import LIST_COLUMNS, list_runs, markdown_table
+
+    rows = list_runs(args.root)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print(f"no training runs under {args.root}")
+    else:
+        print(markdown_table(list(LIST_COLUMNS), [[r[c] for c in LIST_COLUMNS] for r in rows]))
+
+
+def _cmd_runs_compare(args: argparse.Namespace) -> None:
+    import json
+
+    from lmforge.track.runs import compare_runs, format_compare
+
+    result = compare_runs(args.runs, args.out)
+    print(json.dumps(result, indent=2) if args.json else format_compare(result))
+
+
+COMMAND_GROUPS += (_add_runs_command,)
+
+
 def _add_align_command(sub) -> None:
     from lmforge.posttrain.align import add_align_command  # its functions live with the align runs
 

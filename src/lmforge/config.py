@@ -20,6 +20,7 @@ from lmforge.adapters.options import METHODS, AdapterOptions
 from lmforge.configtree import build, load_tree
 from lmforge.errors import UserError
 from lmforge.models.config import ModelConfig
+from lmforge.track.loggers import check_loggers
 from lmforge.train.objectives import OBJECTIVES
 
 
@@ -48,6 +49,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # CPU threads for torch; 0: all cores (per process)
     init_from: str = ""  # a checkpoint dir (lmforge's or converted): start from its weights, fresh optimizer, step 0
+    loggers: list[str] = field(default_factory=list)  # experiment tracking: tensorboard, mlflow, wandb (lmforge.track)
+    tracking_uri: str = ""  # MLflow store; empty: $MLFLOW_TRACKING_URI, else sqlite:///<run dir's parent>/mlflow.db
+    experiment: str = "lmforge"  # MLflow experiment / W&B project
 
 
 @dataclass
@@ -129,6 +133,7 @@ def _check_ranges(cfg: Config, where: str) -> None:
         if cls.Options is not None:
             getattr(cfg, name).check(where)
     cfg.adapter.check(where)
+    check_loggers(t.loggers, where)
     if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
         raise UserError(f"{where}config key train.min_lr: need 0 <= min_lr <= lr, got lr={t.lr} min_lr={t.min_lr}")
 

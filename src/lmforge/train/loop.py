@@ -23,6 +23,7 @@ from lmforge.errors import Interrupted, UserError
 from lmforge.fsutil import atomic_write_text
 from lmforge.models import has_capability
 from lmforge.models.moe import utilization_summary
+from lmforge.track.loggers import Trackers
 from lmforge.train import distributed as dist
 from lmforge.train.batches import TokenBatches
 from lmforge.train.device import autocast
@@ -103,6 +104,7 @@ class Trainer:
         """Drop the model, optimizer and setup while the process group still exists: freed after
         `dist.shutdown`, DDP's reducer would take the gloo group down with it, whose destructor
         joins a worker thread while holding the GIL that thread needs (a hang at exit)."""
+        self.metrics.close()
         self.setup = self.model = self.raw_model = self.optimizer = self.scaler = self.checkpointer = None
 
     # ---- one training step -------------------------------------------------------------------
@@ -219,6 +221,10 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "config.yaml", dump_yaml(self.cfg))
         self.metrics.trim(start)
+        if info.is_main and self.cfg.train.loggers:  # experiment tracking (lmforge.track), main process only
+            t = self.cfg.train
+            self.metrics.trackers = Trackers(self.out, t.loggers, to_dict(self.cfg), start_step=start,
+                                             uri=t.tracking_uri, experiment=t.experiment)
         if info.is_main:
             origin = (f"; resuming from step {start}" if start else
                       f"; weights from {self.init_from}" if self.init_from else "")
@@ -273,6 +279,8 @@ class Trainer:
             summary = write_run_report(self.setup, stop_reason=stop_reason, wall_time_s=wall)
             if self.on_report is not None:
                 summary = self.on_report(summary)
+            if self.metrics.trackers is not None:
+                self.metrics.trackers.finish(summary)
         # one that left first with Interrupted's exit code would make torchrun stop the main
         # process while it is still writing the report
         summary = dist.broadcast_object(summary, self.info)

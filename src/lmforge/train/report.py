@@ -46,7 +46,15 @@ def plot_loss(records: list[dict[str, Any]], out_png: Path, title: str = "") -> 
     lr_lines = lr_ax.get_legend_handles_labels()
     ax.legend(lines[0] + lr_lines[0], lines[1] + lr_lines[1], loc="upper right", fontsize=8)
     ax.set_title(title or "training curves")
+    save_figure(fig, out_png)
+
+
+def save_figure(fig, out_png: Path) -> None:
+    """Save a matplotlib figure atomically (a temp name, then renamed) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_png.with_name(f".{out_png.name}.tmp.png")
     fig.savefig(tmp)
     plt.close(fig)

@@ -155,10 +155,12 @@ def apply_gradients(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScal
 
 
 class MetricsLog:
-    """`metrics.jsonl`: one JSON object per step, written by the main process only."""
+    """`metrics.jsonl`: one JSON object per step, written by the main process only; the same records
+    go to the run's experiment trackers (`trackers`: `lmforge.track.Trackers`, set by the loop)."""
 
     def __init__(self, path: Path, info: dist.DistInfo) -> None:
         self.path, self.info = Path(path), info
+        self.trackers: Any = None
         if info.is_main:  # the run dir, once (not a mkdir per logged step)
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -166,6 +168,13 @@ class MetricsLog:
         if self.info.is_main:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.trackers is not None:
+                self.trackers.log(record)
+
+    def close(self) -> None:
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
 
     def trim(self, step: int) -> None:
         """On resume, drop lines logged after the checkpoint resumed from (they will be redone)."""
