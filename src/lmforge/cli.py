@@ -769,6 +769,116 @@ def _add_serve_command(sub) -> None:
 COMMAND_GROUPS += (_add_serve_command,)
 
 
+# ---- lmforge rag (docs/RAG.md) ------------------------------------------------------------------------
+# A group: each subcommand is an `_add_rag_X_command(rag)` function taking the group's subparsers,
+# registered by one line `RAG_COMMANDS += (_add_rag_X_command,)` below it.
+
+
+def _add_rag_index_command(rag) -> None:
+    p = rag.add_parser("index", help="chunk, embed and index documents with FAISS (a new index dir)")
+    p.add_argument("--input", nargs="+", required=True, metavar="DOCS",
+                   help="files or dirs (txt, md, jsonl, parquet, csv: what `data prepare` reads)")
+    p.add_argument("--embedder", required=True, metavar="CKPT", help="an encoder checkpoint (e.g. converted MiniLM)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the index dir to write")
+    p.add_argument("--chunking", default="sentence", choices=("fixed", "sentence", "semantic"))
+    p.add_argument("--chunk-size", type=int, default=256, metavar="N", help="tokens per chunk (the embedder's)")
+    p.add_argument("--overlap", type=int, default=32, metavar="N", help="tokens shared by neighbouring chunks")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="semantic: split where neighbour sentences' cosine is below this (default: the "
+                        "document's 5th percentile)")
+    p.add_argument("--index", default="flat", choices=("flat", "hnsw", "ivf", "ivfpq"), dest="index_type")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=_cmd_rag_index)
+
+
+def _add_rag_add_command(rag) -> None:
+    p = rag.add_parser("add", help="add documents to an index (only they are embedded)")
+    p.add_argument("--index", required=True, metavar="DIR")
+    p.add_argument("--input", nargs="+", required=True, metavar="DOCS")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=_cmd_rag_add)
+
+
+def _add_rag_delete_command(rag) -> None:
+    p = rag.add_parser("delete", help="remove a source's chunks from an index (no re-embedding)")
+    p.add_argument("--index", required=True, metavar="DIR")
+    p.add_argument("--source", required=True, help="an input file as indexed, or a document id (file:line)")
+    p.set_defaults(func=_cmd_rag_delete)
+
+
+def _add_rag_query_command(rag) -> None:
+    p = rag.add_parser("query", help="retrieve chunks for a question and, with --ckpt, answer it citing them")
+    p.add_argument("--index", required=True, metavar="DIR")
+    p.add_argument("--question", required=True, metavar="TEXT")
+    p.add_argument("--ckpt", default=None, metavar="LM", help="a generative checkpoint: answer from the chunks")
+    p.add_argument("-k", type=int, default=5, help="chunks to retrieve (default 5)")
+    p.add_argument("--mode", default=None, choices=("dense", "bm25", "hybrid"),
+                   help="default: hybrid with --ckpt, else dense")
+    p.add_argument("--embedder", default=None, metavar="CKPT", help="must be the index's own embedder (checked)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_rag_query)
+
+
+def _print_rag_summary(summary: dict, what: str) -> None:
+    m = summary["metrics"]
+    print(f"{what}: {m['chunks']:,} chunks from {m['documents']:,} documents ({summary['config']['index']['type']}, "
+          f"dim {summary['config']['dim']})", file=sys.stderr)
+
+
+def _cmd_rag_index(args: argparse.Namespace) -> None:
+    from lmforge.rag import build_index
+
+    summary = build_index(args.input, args.embedder, args.out, chunking=args.chunking, size=args.chunk_size,
+                          overlap=args.overlap, index_type=args.index_type, overwrite=args.overwrite,
+                          batch_size=args.batch_size, threshold=args.threshold)
+    _print_rag_summary(summary, f"indexed {args.out}")
+
+
+def _cmd_rag_add(args: argparse.Namespace) -> None:
+    from lmforge.rag import add_documents
+
+    _print_rag_summary(add_documents(args.index, args.input, batch_size=args.batch_size), f"added to {args.index}")
+
+
+def _cmd_rag_delete(args: argparse.Namespace) -> None:
+    from lmforge.rag import delete_source
+
+    _print_rag_summary(delete_source(args.index, args.source), f"deleted {args.source} from {args.index}")
+
+
+def _cmd_rag_query(args: argparse.Namespace) -> None:
+    import json
+
+    from lmforge.rag import RagIndex, answer_question
+    from lmforge.rag.answer import format_result
+
+    index = RagIndex.open(args.index, embedder=args.embedder)
+    mode = args.mode or ("hybrid" if args.ckpt else "dense")
+    if args.ckpt is not None:
+        result = answer_question(index, args.question, args.ckpt, k=args.k, mode=mode,
+                                 max_new_tokens=args.max_new_tokens, seed=args.seed)
+    else:
+        result = {"question": args.question, "hits": [h.to_dict() for h in index.search(args.question, args.k,
+                                                                                          mode=mode)]}
+    print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else format_result(result))
+
+
+RAG_COMMANDS = (_add_rag_index_command, _add_rag_add_command, _add_rag_delete_command, _add_rag_query_command)
+
+
+def _add_rag_command(sub) -> None:
+    rag = sub.add_parser("rag", help="retrieval-augmented generation: index documents, query them (docs/RAG.md)")
+    group = rag.add_subparsers(dest="rag_command", required=True, metavar="COMMAND")
+    for add in RAG_COMMANDS:
+        add(group)
+
+
+COMMAND_GROUPS += (_add_rag_command,)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="End-to-end LLM training stack.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")

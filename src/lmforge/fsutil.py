@@ -122,6 +122,7 @@ STAGES = ("data fetch", "data prepare", "data make-tasks", "tokenizer train", "t
           "convert from-hf", "convert to-hf", "convert to-onnx",
           "finetune", "merge", "align", "data make-sft", "posttrain-eval",
           "quantize")
+STAGES += ("rag index",)
 STAGES += ("distill",)
 STAGES += ("rag eval",)
 
