@@ -16,6 +16,7 @@ import time
 import warnings
 from pathlib import Path
 
+from lmforge import fsutil
 from lmforge.errors import Interrupted, TrainingFailed, UserError
 
 
@@ -50,13 +51,15 @@ def _cmd_make_tasks(args: argparse.Namespace) -> None:
     if args.corpus != "shakespeare":
         raise UserError(f"data make-tasks: unknown corpus {args.corpus!r}; available: shakespeare")
     summary = make_shakespeare_tasks(args.plays, args.data, args.out, seed=args.seed, max_items=args.max_items,
-                                     max_overlap=args.max_overlap)
+                                     max_overlap=args.max_overlap, fewshot_items=args.fewshot_items)
     m = summary["metrics"]
     print(f"wrote {m['speaker_mc']} speaker (multiple_choice), {m['continue_line']} continue-the-line "
           f"(generation), {m['heldout_ppl']} held-out passage (perplexity) and {m['character_in_play']} "
           f"character-in-play (binary) items into {args.out}; passages from the test split of {args.data}, "
           f"{m['speeches_dropped_in_training']} of {m['held_out_speeches']} held-out speeches dropped as "
-          "also in the train split (other edition)")
+          "also in the train split (other edition)"
+          + (f"; few-shot examples from the train split in {Path(args.out) / 'fewshot'}"
+             if any(k.startswith("fewshot_") for k in m) else ""))
 
 
 def _cmd_make_sft(args: argparse.Namespace) -> None:
@@ -87,11 +90,21 @@ def _cmd_posttrain_eval(args: argparse.Namespace) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> None:
     from lmforge.eval import evaluate
+    from lmforge.eval.prompting import parse_shots
     from lmforge.eval.report import headline
 
+    shots = parse_shots(args.fewshot)
     result = evaluate(args.ckpt, args.task, args.out, kind=args.kind, split=args.split, limit=args.limit,
                       seed=args.seed, batch_size=args.batch_size, answer_mode=args.answer_mode,
-                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, device=args.device)
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, device=args.device,
+                      fewshot=shots if len(shots) > 1 else shots[0], fewshot_seed=args.fewshot_seed, cot=args.cot,
+                      template=args.template)
+    if "runs" in result:  # --fewshot 0,1,3,5: each task's headline per number of shots
+        for k, tasks in result["runs"].items():
+            for r in tasks:
+                print(f"{r['task']} [{k}-shot, {r['kind']}, {r['metrics'].get('n')} items]: {headline(r)}")
+        print(f"report: {Path(args.out) / 'report.md'}  (results.json side by side; fewshot_K/ per run)")
+        return
     for r in result["tasks"]:
         note = f" ({r['split_note']})" if r.get("split_note") else ""
         print(f"{r['task']} [{r['kind']}, split: {r['split']}{note}, {r['metrics'].get('n')} items]: {headline(r)}")
@@ -308,6 +321,8 @@ def _add_data_commands(sub) -> None:
     p.add_argument("--max-overlap", type=float, default=0.2,
                    help="drop held-out text with more than this share of its word 5-grams in the train split")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fewshot-items", type=int, default=50,
+                   help="solved train-split examples per task in fewshot/ for `eval --fewshot` (0: none)")
     p.set_defaults(func=_cmd_make_tasks)
     _add_make_sft_command(data)
 
@@ -500,6 +515,15 @@ def _add_eval_command(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0,
                    help="generated replies: 0 = greedy (default); > 0 samples, item i with seed --seed + i")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--fewshot", default="0", metavar="K[,K...]",
+                   help="put K solved examples from each task's train-split pool (its header's \"fewshot\" file) "
+                        "before every item; a list (0,1,3,5) runs each and reports them side by side")
+    p.add_argument("--fewshot-seed", type=int, default=0, help="which examples are drawn (per item)")
+    p.add_argument("--cot", action="store_true",
+                   help="generation/qa: the template's reasoning cue, a longer reply, the answer read after its marker")
+    p.add_argument("--template", default=None, metavar="FILE|NAME",
+                   help="prompt template YAML (instruction, shot format, separator, CoT cue, answer marker); "
+                        "a name picks configs/prompts/NAME.yaml (default, cot, zh)")
     p.set_defaults(func=_cmd_eval)
 
 
@@ -769,6 +793,33 @@ def _add_serve_command(sub) -> None:
 COMMAND_GROUPS += (_add_serve_command,)
 
 
+def _cmd_mcp(args: argparse.Namespace) -> None:
+    from lmforge.mcp import MCPOptions, run_mcp
+
+    run_mcp(MCPOptions(ckpt=args.ckpt, index=args.index, embedder=args.embedder, transport=args.transport,
+                       host=args.host, port=args.port, device=args.device, dtype=args.dtype))
+
+
+def _add_mcp_command(sub) -> None:
+    p = sub.add_parser("mcp", help="a Model Context Protocol server over a checkpoint for MCP hosts: tools generate, "
+                                   "chat, embed, search, evaluate (docs/RAG.md)")
+    p.add_argument("--ckpt", required=True, help="checkpoint dir, or a run dir (uses its best checkpoint)")
+    p.add_argument("--index", default=None, metavar="DIR", help="a RAG index (`lmforge rag index`): the search tool")
+    p.add_argument("--embedder", default=None, metavar="CKPT",
+                   help="an encoder checkpoint for the embed tool (default: the index's embedder)")
+    p.add_argument("--transport", default="stdio", choices=["stdio", "http"],
+                   help="stdio (an MCP host starts the command; default) or streamable HTTP at http://HOST:PORT/mcp")
+    p.add_argument("--host", default="127.0.0.1", help="http: address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="http: port (0: a free one, printed on stderr)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, choices=["bf16", "bfloat16", "fp16", "float16", "fp32", "float32"],
+                   help="autocast dtype for generation (default: the weights' own)")
+    p.set_defaults(func=_cmd_mcp)
+
+
+COMMAND_GROUPS += (_add_mcp_command,)
+
+
 # ---- lmforge rag (docs/RAG.md) ------------------------------------------------------------------------
 # A group: each subcommand is an `_add_rag_X_command(rag)` function taking the group's subparsers,
 # registered by one line `RAG_COMMANDS += (_add_rag_X_command,)` below it.
@@ -933,6 +984,7 @@ def entry() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    fsutil.set_invocation(sys.argv[1:] if argv is None else argv)  # summary.json's `reproduce`
     if not args.debug:
         warnings.formatwarning = _one_line_warning
     t0 = time.perf_counter()
