@@ -88,12 +88,10 @@ def count_relevant(passage: Passage, spans: Sequence[tuple[str, int, int]]) -> i
 # The index
 
 
-def index_spans(index: Any, index_dir: Path) -> list[tuple[str, int, int, str]]:
-    """(source, start, end, text) of every chunk in the index."""
-    chunks = getattr(index, "chunks", None)
-    if chunks is None:
-        raise UserError(f"{index_dir}: the index exposes no chunk table; rebuild it with `lmforge rag index`")
-    return [(c.source, int(c.start), int(c.end), c.text) for c in chunks]
+def index_spans(index: Any) -> list[tuple[str, int, int, str]]:
+    """(source, start, end, text) of every chunk in the index (its chunk table)."""
+    table = index.store.table
+    return list(zip(table["source"], map(int, table["start"]), map(int, table["end"]), table["text"], strict=True))
 
 
 def check_modern(spans: Sequence[tuple[str, int, int, str]], modern_dir: Path, index_dir: Path) -> set[str]:
@@ -152,7 +150,7 @@ def evaluate_index(index_dir: str | Path, out: str | Path, *, modes: str | Seque
         raise UserError(f"--queries must be at least 1, got {queries}")
     check_out(out, index_dir)
     index = RagIndex.open(index_dir)
-    spans = index_spans(index, index_dir)
+    spans = index_spans(index)
     passages, modern_dir = folio_task(cache_dir, progress=progress)
     sample = sample_passages(passages, queries, seed, check_modern(spans, modern_dir, index_dir))
     n_relevant = [count_relevant(p, [s[:3] for s in spans]) for p in sample]

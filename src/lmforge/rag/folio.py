@@ -76,7 +76,7 @@ def spelling_key(word: str) -> str:
     """A spelling-insensitive key for a word ("" for a word of apostrophes only); see the module doc."""
     w = word.lower().translate(_KEY_TABLE)
     if w == "&":
-        return "nd"
+        return "and"
     w = w.replace("ck", "k")
     if not w:
         return ""
