@@ -333,12 +333,14 @@ def continue_line_items(speeches: list[SpeechItem], rng: random.Random) -> list[
     return items
 
 
-def character_questions(plays: dict[str, Play], rng: random.Random, pairs: int) -> list[dict[str, Any]]:
-    """Balanced yes/no questions: each sampled (character, play) gives one yes and one real no."""
+def character_questions(plays: dict[str, Play], rng: random.Random, pairs: int,
+                        exclude: set[str] | None = None) -> list[dict[str, Any]]:
+    """Balanced yes/no questions: each sampled (character, play) gives one yes and one real no
+    (never about a character in `exclude`)."""
     candidates = [(name, play) for play in plays.values() for name in play.cast]
     rng.shuffle(candidates)
     items: list[dict[str, Any]] = []
-    used: set[str] = set()
+    used: set[str] = set(exclude or ())
     for name, play in candidates:
         if len(items) >= 2 * pairs:
             break
@@ -391,7 +393,7 @@ def _split_grouped(data: Path) -> bool | None:
 
 def make_shakespeare_tasks(corpus: str | Path | None, data: str | Path, out: str | Path, *, seed: int = 0,
                            max_items: int = 200, max_overlap: float = 0.2,
-                           context_chars: int = 300) -> dict[str, Any]:
+                           context_chars: int = 300, fewshot_items: int = 50) -> dict[str, Any]:
     """Mine the four Shakespeare task files into `out` (replaced atomically); returns the summary.
 
     `corpus`: the output of `lmforge data fetch shakespeare` (cast lists, speech prefixes);
@@ -399,9 +401,13 @@ def make_shakespeare_tasks(corpus: str | Path | None, data: str | Path, out: str
     `data`: the output of `lmforge data prepare` on it (held-out passages: its test split;
     its train split is read only to drop held-out text that training contains).
     `max_items`: at most this many items per task (the binary task: this many questions).
+    `fewshot_items`: solved examples per task for `lmforge eval --fewshot`, mined from the train
+    split (and, for the binary task, characters the scored questions never ask about) into
+    `fewshot/<task>.jsonl`, which each task header names (`"fewshot"`); 0: none. The scored items
+    are the same for any value.
     """
     data, out = Path(data), Path(out)
-    corpus = _checked_inputs(corpus, data, max_items, max_overlap)
+    corpus = _checked_inputs(corpus, data, max_items, max_overlap, fewshot_items)
     start = time.perf_counter()
     plays = read_plays(corpus)
     if len(plays) < 2:
@@ -412,6 +418,10 @@ def make_shakespeare_tasks(corpus: str | Path | None, data: str | Path, out: str
     items = _mine_items(plays, test, TrainingOverlap([r["text"] for r in train]), counts, seed=seed,
                         max_items=max_items, max_overlap=max_overlap, context_chars=context_chars)
     tasks = _task_files(items, data, corpus, max_overlap)
+    pools = fewshot_pools(plays, train, items, seed=seed, n=fewshot_items, context_chars=context_chars)
+    pools = {name: pool for name, pool in pools.items() if pool}
+    for name in pools:
+        tasks[name][0]["fewshot"] = f"fewshot/{name}.jsonl"
     empty = [name for name, (_, task_items) in tasks.items() if not task_items]
     if empty:
         raise UserError(f"no items for {', '.join(empty)}: {data}'s test split holds too little play text outside "
@@ -419,7 +429,12 @@ def make_shakespeare_tasks(corpus: str | Path | None, data: str | Path, out: str
     with atomic_dir(out) as tmp:
         for name, (header, task_items) in tasks.items():
             _write_jsonl(tmp / f"{name}.jsonl", header, task_items)
+        if pools:
+            (tmp / "fewshot").mkdir()
+        for name, pool in pools.items():
+            _write_jsonl(tmp / "fewshot" / f"{name}.jsonl", _pool_header(tasks[name][0], data), pool)
         metrics = {name: len(task_items) for name, (_, task_items) in tasks.items()}
+        metrics.update({f"fewshot_{name}": len(pool) for name, pool in pools.items()})
         metrics.update({"plays": len(plays), "test_passages": len(test), "train_passages": len(train),
                         "held_out_speeches": counts["speeches"],
                         "speeches_dropped_in_training": counts["speeches_in_training"],
@@ -429,18 +444,22 @@ def make_shakespeare_tasks(corpus: str | Path | None, data: str | Path, out: str
                         "split_grouped": _split_grouped(data)})
         return write_summary(tmp, "data make-tasks", config={"corpus": "shakespeare", "seed": seed,
                                                             "max_items": max_items, "max_overlap": max_overlap,
-                                                            "context_chars": context_chars},
+                                                            "context_chars": context_chars,
+                                                            "fewshot_items": fewshot_items},
                              inputs={"corpus": corpus, "data": data}, metrics=metrics,
                              wall_time_s=time.perf_counter() - start)
 
 
-def _checked_inputs(corpus: str | Path | None, data: Path, max_items: int, max_overlap: float) -> Path:
+def _checked_inputs(corpus: str | Path | None, data: Path, max_items: int, max_overlap: float,
+                    fewshot_items: int = 0) -> Path:
     """The corpus directory (from `data`'s summary when None), after checking the arguments."""
     corpus = Path(corpus) if corpus is not None else corpus_of(data)
     if not corpus.is_dir():
         raise UserError(f"{corpus} is not a directory; pass the output of `lmforge data fetch shakespeare`")
     if max_items < 2:
         raise UserError(f"--max-items must be >= 2, got {max_items}")
+    if fewshot_items < 0:
+        raise UserError(f"--fewshot-items must be >= 0, got {fewshot_items}")
     if not 0.0 <= max_overlap <= 1.0:
         raise UserError(f"--max-overlap must be in [0, 1], got {max_overlap}")
     return corpus
@@ -497,3 +516,28 @@ def _task_files(items: dict[str, list[dict[str, Any]]], data: Path, corpus: Path
                                              "a play that never mentions X"},
     }
     return {name: (header, items[name]) for name, header in headers.items()}
+
+
+# ---- few-shot pools: solved examples from the train split, for `lmforge eval --fewshot` --------
+
+def fewshot_pools(plays: dict[str, Play], train: list[dict[str, str]], scored: dict[str, list[dict[str, Any]]], *,
+                  seed: int, n: int, context_chars: int) -> dict[str, list[dict[str, Any]]]:
+    """At most `n` solved examples per task (not perplexity), made as the scored items are but from the
+    train split's passages; the binary pool asks about characters that no scored question names. Its own
+    random streams, so the scored items do not depend on `n`."""
+    if n <= 0:
+        return {}
+    speeches = held_out_speeches(train, plays, lambda text: 0.0, 1.0, context_chars, collections.Counter())
+    asked = {item["character"] for item in scored["character_in_play"]}
+    questions = character_questions(plays, random.Random(seed * 1000 + 13), n // 2 + n % 2, exclude=asked)
+    return {"speaker_mc": _sample(speaker_mc_items(speeches, random.Random(seed * 1000 + 11)), n, seed, 21),
+            "continue_line": _sample(continue_line_items(speeches, random.Random(seed * 1000 + 12)), n, seed, 22),
+            "character_in_play": questions[:n]}
+
+
+def _pool_header(task_header: dict[str, Any], data: Path) -> dict[str, Any]:
+    header = {k: v for k, v in task_header.items() if k not in ("fewshot", "source", "description", "split")}
+    return {**header, "name": f"{task_header['name']}_fewshot", "split": "train",
+            "source": (f"train split of {data}: solved examples for `lmforge eval --fewshot` (never scored)"
+                       if task_header["kind"] != "binary" else "cast lists; characters no scored question asks about"),
+            "description": f"few-shot examples for {task_header['name']}"}

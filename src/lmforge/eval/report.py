@@ -161,6 +161,8 @@ def task_report(result: dict[str, Any], plots: list[str]) -> str:
     ]
     if result.get("description"):
         lines.append(f"- about: {result['description']}")
+    if result.get("prompting"):
+        lines.append(f"- prompting: {prompting_line(result['prompting'], m)}")
     lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
     for key, value in m.items():
         if key in ("per_class", "confusion_matrix"):
@@ -205,3 +207,77 @@ def overview_report(checkpoint: str, results: list[dict[str, Any]]) -> str:
 
 def write_task_report(result: dict[str, Any], plots: list[str], out: Path) -> None:
     atomic_write_text(out / "report.md", task_report(result, plots))
+
+
+def prompting_line(p: dict[str, Any], m: dict[str, Any]) -> str:
+    """`3-shot (mean 2.40 given), seed 0, template T, chain of thought (5 answers unparsed)`."""
+    text = f"{p['fewshot']}-shot"
+    if "shots_mean" in p and p["fewshot"]:
+        text += f" (mean {p['shots_mean']:.2f} given)"
+    text += f", --fewshot-seed {p['fewshot_seed']}, template `{p['template']}`"
+    if p.get("pool"):
+        text += f", examples from `{p['pool']}`"
+    if p.get("cot"):
+        text += ", chain of thought" + (f" ({m['cot_parse_failures']} of {m.get('n')} answers unparsed)"
+                                        if "cot_parse_failures" in m else " (not applied to this kind)")
+    return text
+
+
+def summary_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A task's metrics without the bulky tables (for summary.json and the few-shot comparison)."""
+    return {k: v for k, v in metrics.items() if k not in ("per_class", "confusion_matrix")}
+
+
+def fewshot_results(checkpoint: str, runs: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The runs of `eval --fewshot 0,1,3,5` side by side: per task, its metrics by number of shots."""
+    shots = list(runs)
+    first = runs[shots[0]]
+    tasks: dict[str, Any] = {}
+    for i, r in enumerate(first):
+        by_shots = {}
+        for k in shots:
+            run = runs[k][i]
+            p = run.get("prompting") or {}
+            by_shots[str(k)] = {**summary_metrics(run["metrics"]),
+                                **({"shots_mean": p["shots_mean"]} if "shots_mean" in p else {})}
+        tasks[r["task"]] = {"kind": r["kind"], "split": r["split"], "task_file": r["task_file"],
+                            "by_shots": by_shots,
+                            "results": {str(k): f"fewshot_{k}/" + (f"{r['task']}/" if len(first) > 1 else "")
+                                        + "results.json" for k in shots}}
+    p = next((run.get("prompting") for run in first if run.get("prompting")), {}) or {}
+    return {"checkpoint": checkpoint, "fewshot": shots, "fewshot_seed": p.get("fewshot_seed"),
+            "cot": p.get("cot", False), "template": p.get("template"), "tasks": tasks}
+
+
+FEWSHOT_COLUMNS = {
+    "perplexity": ["perplexity", "bits_per_byte"],
+    "generation": ["chrf", "bleu", "rougeL", "cot_parse_failures"],
+    "qa": ["exact_match", "f1", "cot_parse_failures"],
+    "binary": ["accuracy", "accuracy_ci95", "f1", "unparsed"],
+    "classification": ["accuracy", "accuracy_ci95", "f1_macro"],
+    "multiple_choice": ["acc", "acc_ci95", "acc_norm", "acc_norm_ci95"],
+}
+
+
+def fewshot_report(table: dict[str, Any]) -> str:
+    """report.md of a few-shot comparison: one table per task, a row per number of shots."""
+    lines = [f"# Few-shot evaluation of `{table['checkpoint']}`", "",
+             f"Shots: {', '.join(map(str, table['fewshot']))} (examples from each task's train-split pool, "
+             f"--fewshot-seed {table['fewshot_seed']}); template `{table['template']}`"
+             + ("; chain of thought on generation/qa tasks" if table["cot"] else "") + ".",
+             "`shots given` is the mean number of shots that fit the model's context (the last shots of a "
+             "prompt that is too long are dropped).", ""]
+    for name, t in table["tasks"].items():
+        lines += [f"## {name} ({t['kind']}, split {t['split']})", ""]
+        if t["kind"] == "perplexity":
+            lines += ["Perplexity reads no prompt: the same for every number of shots "
+                      f"({headline({'kind': 'perplexity', 'metrics': t['by_shots'][str(table['fewshot'][0])]})}).", ""]
+            continue
+        cols = [c for c in FEWSHOT_COLUMNS[t["kind"]] if any(c in m for m in t["by_shots"].values())]
+        lines += ["| shots | shots given | " + " | ".join(c.replace("_ci95", " 95% CI") for c in cols) + " |",
+                  "|---" * (len(cols) + 2) + "|"]
+        for k, m in t["by_shots"].items():
+            given = f"{m['shots_mean']:.2f}" if "shots_mean" in m else k
+            lines.append(f"| {k} | {given} | " + " | ".join(_fmt(m.get(c, "")) for c in cols) + " |")
+        lines += ["", f"Per-shot results: {', '.join(f'[{k}]({path})' for k, path in t['results'].items())}", ""]
+    return "\n".join(lines)

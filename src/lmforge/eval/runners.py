@@ -8,7 +8,7 @@ docs/EVAL.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lmforge.errors import UserError
@@ -37,6 +37,7 @@ class Settings:
     max_new_tokens: int | None = None  # overrides the task header / kind default
     temperature: float = 0.0  # 0 = greedy
     progress: bool = True
+    prompter: Any = None  # eval.prompting.Prompter: few-shot examples, CoT cue, template (None: the plain prompts)
 
 
 @dataclass
@@ -80,9 +81,45 @@ def run_perplexity(task: Task, model, tokenizer, settings: Settings) -> Result:
     return result
 
 
+def _max_new(task: Task, settings: Settings, default_max: int) -> int:
+    return int(settings.max_new_tokens or task.options.get("max_new_tokens") or default_max)
+
+
+def _prompted(task: Task, model, tokenizer, queries: list[str], settings: Settings, reserve) -> list[str]:
+    """The queries with the prompter's instruction, shots and CoT cue (as they are without a prompter)."""
+    if settings.prompter is None:
+        return queries
+    return settings.prompter.prompts(task, queries, model, tokenizer, reserve)
+
+
+def _cot_task(task: Task, model, settings: Settings) -> Task | None:
+    """Under --cot, the task with a longer reply budget (the template's, at most half a decoder's context)
+    and the template's separator as the stop."""
+    prompter = settings.prompter
+    if prompter is None or not prompter.cot:
+        return None
+    budget = prompter.template.cot_max_new_tokens
+    if not is_encoder_decoder(model):
+        budget = min(budget, model.config.block_size // 2)
+    prompter.cot_budget = budget
+    sep = prompter.template.separator
+    return replace(task, options={**task.options, "max_new_tokens": budget, "stop": [sep] if sep else []})
+
+
+def _cot_answers(replies: list[str], settings: Settings) -> tuple[list[str], list[bool], dict[str, Any]]:
+    """The final answers parsed after the template's answer marker ("" when there is none), which parsed,
+    and the parse-failure metrics."""
+    from lmforge.eval.prompting import parse_answer
+
+    parsed = [parse_answer(r, settings.prompter.template.answer_markers) for r in replies]
+    failures = sum(p is None for p in parsed)
+    metrics = {"cot_parse_failures": failures, "cot_parse_failure_rate": failures / max(len(replies), 1)}
+    return [p or "" for p in parsed], [p is not None for p in parsed], metrics
+
+
 def _generate(task: Task, model, tokenizer, prompts: list[str], settings: Settings, default_max: int,
               default_stop: list[str] | None) -> tuple[list[str], list[str]]:
-    max_new = settings.max_new_tokens or task.options.get("max_new_tokens") or default_max
+    max_new = _max_new(task, settings, default_max)
     stop = task.options.get("stop", default_stop)
     if isinstance(stop, str):
         stop = [stop]
@@ -106,8 +143,13 @@ def run_generation(task: Task, model, tokenizer, settings: Settings) -> Result:
     import sacrebleu
 
     seq2seq.require_lm(model, "a generation task")
-    prompts = [item["prompt"] for item in task.items]
-    replies, notes = _generate(task, model, tokenizer, prompts, settings, 64, None)
+    run_task = _cot_task(task, model, settings) or task
+    prompts = _prompted(task, model, tokenizer, [item["prompt"] for item in task.items], settings,
+                        _max_new(run_task, settings, 64))
+    replies, notes = _generate(run_task, model, tokenizer, prompts, settings, 64, None)
+    raw, parsed, cot_metrics = replies, None, {}
+    if run_task is not task:  # chain of thought: score the final answer after the marker
+        replies, parsed, cot_metrics = _cot_answers(raw, settings)
     references = [item["references"] for item in task.items]
     lang = task.options.get("lang")
     metrics = M.corpus_bleu_chrf(replies, references, lang=lang)
@@ -115,13 +157,14 @@ def run_generation(task: Task, model, tokenizer, settings: Settings) -> Result:
     rouge, per_item = M.rouge_scores(replies, references, cjk=cjk)
     metrics.update(rouge)
     metrics["n"] = len(replies)
+    metrics.update(cot_metrics)
     predictions = []
     chrfs = []
     for i, (reply, refs, scores) in enumerate(zip(replies, references, per_item)):
         chrf = sacrebleu.sentence_chrf(reply, list(refs)).score
         chrfs.append(chrf)
         predictions.append({**_base(task, i), "prompt": prompts[i], "prediction": reply, "references": refs,
-                            "chrf": chrf, **scores})
+                            "chrf": chrf, **scores, **({"reply": raw[i], "parsed": parsed[i]} if parsed else {})})
     return Result(metrics, predictions, notes, item_scores=("sentence chrF", chrfs))
 
 
@@ -133,16 +176,22 @@ def run_qa(task: Task, model, tokenizer, settings: Settings) -> Result:
         context = item.get("context", "")
         t = template or (DEFAULT_TEMPLATES["qa"] if context else DEFAULT_TEMPLATES["qa_no_context"])
         prompts.append(_fill(task, t, i, question=item["question"], context=context))
-    replies, notes = _generate(task, model, tokenizer, prompts, settings, 32, ["\n"])
+    run_task = _cot_task(task, model, settings) or task
+    prompts = _prompted(task, model, tokenizer, prompts, settings, _max_new(run_task, settings, 32))
+    replies, notes = _generate(run_task, model, tokenizer, prompts, settings, 32, ["\n"])
+    raw, parsed, cot_metrics = replies, None, {}
+    if run_task is not task:  # chain of thought: score the final answer after the marker
+        replies, parsed, cot_metrics = _cot_answers(raw, settings)
     predictions, ems, f1s = [], [], []
     for i, (reply, item) in enumerate(zip(replies, task.items)):
         em, f1 = M.exact_match(reply, item["answers"]), M.token_f1(reply, item["answers"])
         ems.append(em)
         f1s.append(f1)
         predictions.append({**_base(task, i), "question": item["question"], "prediction": reply.strip(),
-                            "answers": item["answers"], "exact_match": em, "f1": f1})
+                            "answers": item["answers"], "exact_match": em, "f1": f1,
+                            **({"reply": raw[i], "parsed": parsed[i]} if parsed else {})})
     n = len(replies)
-    return Result({"exact_match": sum(ems) / n, "f1": sum(f1s) / n, "n": n}, predictions, notes,
+    return Result({"exact_match": sum(ems) / n, "f1": sum(f1s) / n, "n": n, **cot_metrics}, predictions, notes,
                   item_scores=("token F1", f1s))
 
 
@@ -152,6 +201,8 @@ def run_binary(task: Task, model, tokenizer, settings: Settings) -> Result:
         raise UserError(f"--answer-mode {settings.answer_mode!r} is not one of {', '.join(ANSWER_MODES)}")
     template = task.options.get("template", DEFAULT_TEMPLATES["binary"])
     prompts = [_fill(task, template, i, question=item["question"]) for i, item in enumerate(task.items)]
+    reserve = 2 if settings.answer_mode == "loglikelihood" else _max_new(task, settings, 8)
+    prompts = _prompted(task, model, tokenizer, prompts, settings, reserve)
     gold = [item["answer"] for item in task.items]
     predictions: list[dict[str, Any]] = []
     notes: list[str] = []
@@ -177,6 +228,9 @@ def run_classification(task: Task, model, tokenizer, settings: Settings) -> Resu
     labels = task.options["labels"]
     template = task.options.get("template", DEFAULT_TEMPLATES["classification"])
     prompts = [_fill(task, template, i, text=item["text"]) for i, item in enumerate(task.items)]
+    if not has_capability(model, "classify"):  # a classification head reads the raw text: no prompt to extend
+        reserve = max(len(tokenizer.encode(" " + label)) for label in labels)
+        prompts = _prompted(task, model, tokenizer, prompts, settings, reserve)
     if has_capability(model, "classify") and "labels" not in task.header:
         raise UserError(f"{task.path}: a classification head outputs labels by position; declare them in the "
                         "header, in the head's output order: {\"task\": {\"labels\": [...]}}")
@@ -192,11 +246,14 @@ def run_classification(task: Task, model, tokenizer, settings: Settings) -> Resu
 def run_multiple_choice(task: Task, model, tokenizer, settings: Settings) -> Result:
     seq2seq.require_lm(model, "a multiple_choice task")
     encode_pair = seq2seq.pair_encoder(model)  # an encoder-decoder: context to the encoder
-    requests, owners = [], []
+    contexts = [item["context"] for item in task.items]
+    if settings.prompter is not None:
+        reserve = [max(len(tokenizer.encode(c)) for c in item["choices"]) for item in task.items]
+        contexts = _prompted(task, model, tokenizer, contexts, settings, reserve)
+    requests = []
     for i, item in enumerate(task.items):
         for choice in item["choices"]:
-            requests.append(encode_pair(tokenizer, item["context"], choice))
-            owners.append(i)
+            requests.append(encode_pair(tokenizer, contexts[i], choice))
     results = scoring.loglikelihoods(model, requests, batch_size=settings.batch_size, desc="scoring choices",
                                      progress=settings.progress)
     predictions = []

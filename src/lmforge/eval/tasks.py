@@ -34,7 +34,8 @@ ITEM_FIELDS: dict[str, list[str | tuple[str, ...]]] = {
 }
 
 # header keys every kind accepts, and the extra ones per kind
-_HEADER_KEYS = {"name", "kind", "split", "source", "description"}
+# `fewshot`: a task file of solved train examples for `lmforge eval --fewshot` (eval/prompting.py)
+_HEADER_KEYS = {"name", "kind", "split", "source", "description", "fewshot"}
 _HEADER_EXTRA = {
     "perplexity": set(),
     "generation": {"max_new_tokens", "stop", "lang"},
