@@ -930,6 +930,41 @@ def _add_rag_command(sub) -> None:
 COMMAND_GROUPS += (_add_rag_command,)
 
 
+def _add_run_command(sub) -> None:
+    p = sub.add_parser("run", help="run a pipeline file's stages in order, skipping those up to date "
+                                   "(docs/PIPELINES.md)")
+    p.add_argument("pipeline", nargs="?", metavar="PIPELINE.yaml", help="e.g. configs/pipelines/demo.yaml")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE",
+                   help="run this stage even if it is up to date (repeatable)")
+    p.add_argument("--from", dest="start", default=None, metavar="STAGE",
+                   help="only this stage and the stages that read its output (transitively)")
+    p.add_argument("--until", default=None, metavar="STAGE", help="only this stage and the stages it needs")
+    p.add_argument("--dry-run", action="store_true", help="print what would run and why; run nothing")
+    p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE",
+                   help="set a pipeline variable, e.g. --var run=/tmp/demo (repeatable)")
+    p.add_argument("--reproduce", default=None, metavar="DIR",
+                   help="re-run the command recorded in DIR/summary.json (reproduce.argv) instead of a pipeline")
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from lmforge.pipeline import reproduce, run_pipeline
+    from lmforge.pipeline.spec import parse_vars
+
+    if args.reproduce is not None:
+        if args.pipeline or args.force or args.start or args.until or args.var:
+            raise UserError("run --reproduce DIR takes no pipeline file or stage options (only --dry-run)")
+        reproduce(args.reproduce, dry_run=args.dry_run)
+        return
+    if args.pipeline is None:
+        raise UserError("run: give a pipeline file (e.g. configs/pipelines/demo.yaml) or --reproduce DIR")
+    run_pipeline(args.pipeline, variables=parse_vars(args.var), force=args.force, start=args.start,
+                 until=args.until, dry_run=args.dry_run)
+
+
+COMMAND_GROUPS += (_add_run_command,)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="End-to-end LLM training stack.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")

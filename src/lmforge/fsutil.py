@@ -7,6 +7,7 @@ so an interrupted run never leaves something half-written that looks complete.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -117,6 +118,88 @@ def versions() -> dict[str, str]:
     return out
 
 
+# ---- the reproducibility record (summary["reproduce"]) and the pipeline record (summary["pipeline"]) ----
+
+_INVOCATION: list[str] | None = None
+PIPELINE_ENV = "LMFORGE_PIPELINE"  # `lmforge run` puts the stage's record (JSON) here for write_summary
+
+
+def set_invocation(argv: list[str] | None) -> None:
+    """Record the command line (`lmforge` left out) that this process runs; `cli.main` calls it, and
+    every summary.json written afterwards carries it in `reproduce`."""
+    global _INVOCATION
+    _INVOCATION = None if argv is None else [str(a) for a in argv]
+
+
+def _git(args: list[str], cwd: Path) -> str | None:
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+@functools.lru_cache(maxsize=1)
+def source_revision() -> tuple[str | None, bool]:
+    """(git commit, dirty) of the lmforge source tree when the package runs from a git checkout,
+    else (None, False); asked once per process, never raises."""
+    src = Path(lmforge.__file__).resolve().parent
+    commit = _git(["rev-parse", "HEAD"], src)
+    if commit is None:
+        return None, False
+    status = _git(["status", "--porcelain", "--untracked-files=no", "--", "."], src)
+    return commit, bool(status)
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.split(":")[0].strip() in ("model name", "Hardware", "cpu model"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_and_host() -> dict[str, Any]:
+    import socket
+
+    return {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "hostname": socket.gethostname()}
+
+
+def host_info() -> dict[str, Any]:
+    """CPU model, GPU (when torch is loaded and sees one; torch is never imported for this) and hostname."""
+    gpu = None
+    torch = sys.modules.get("torch")
+    with contextlib.suppress(Exception):
+        if torch is not None and torch.cuda.is_available():
+            n = torch.cuda.device_count()
+            gpu = torch.cuda.get_device_name(0) + (f" x{n}" if n > 1 else "")
+    return {**_cpu_and_host(), "gpu": gpu}
+
+
+def reproduce_record() -> dict[str, Any]:
+    """summary.json's `reproduce`: the command that wrote it, where it ran, the source revision, the host."""
+    import shlex
+
+    commit, dirty = source_revision()
+    argv = _INVOCATION
+    return {"command": None if argv is None else "lmforge " + shlex.join(argv), "argv": argv, "cwd": os.getcwd(),
+            "git_commit": commit, "git_dirty": dirty, "host": host_info()}
+
+
+def pipeline_record() -> Any:
+    """The JSON in $LMFORGE_PIPELINE (set by `lmforge run` for its stages), or None."""
+    raw = os.environ.get(PIPELINE_ENV)
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
 # every stage's name in summary.json: the command as it is typed
 STAGES = ("data fetch", "data prepare", "data make-tasks", "tokenizer train", "tokenize", "pretrain", "eval",
           "convert from-hf", "convert to-hf", "convert to-onnx",
@@ -140,7 +223,9 @@ def write_summary(
 ) -> dict[str, Any]:
     """Write `out_dir/summary.json`: stage, resolved config, inputs (path + hash), metrics, versions.
 
-    `stage` is the command that wrote it, spelt as it is typed (one of `STAGES`)."""
+    `stage` is the command that wrote it, spelt as it is typed (one of `STAGES`). `reproduce` records the
+    command line (`set_invocation`), cwd, git commit of the lmforge source and host; `pipeline` the record of
+    the `lmforge run` stage that ran it ($LMFORGE_PIPELINE), which decides whether the stage is up to date."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r} for summary.json; add it to lmforge.fsutil.STAGES")
     summary: dict[str, Any] = {"stage": stage, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -155,6 +240,9 @@ def write_summary(
     if extra:
         summary.update(extra)
     summary["versions"] = versions()
+    summary["reproduce"] = reproduce_record()
+    if (record := pipeline_record()) is not None:
+        summary["pipeline"] = record
     if wall_time_s is not None:
         summary["wall_time_s"] = round(wall_time_s, 3)
     atomic_write_json(Path(out_dir) / "summary.json", summary)
