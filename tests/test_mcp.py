@@ -14,10 +14,9 @@ import anyio
 import numpy as np
 import pytest
 from eval_helpers import write_task
-from serve_helpers import make_bert_ckpt, make_gpt_ckpt
-
 from mcp import Client, ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
+from serve_helpers import make_bert_ckpt, make_gpt_ckpt
 
 from lmforge.infer.chat import chat_reply
 from lmforge.infer.embed import embed_texts, max_seq_length
@@ -216,3 +215,36 @@ def test_stdio_subprocess(setup, gpt):
     assert good.structured_content["text"] == generate_text(model, tokenizer, "the king", 8, temperature=0.0)
     assert bad.is_error and bad.content[0].text.startswith("generate: max_tokens: Input should be a valid integer")
     assert again.structured_content["text"] == generate_text(model, tokenizer, "a", 3, temperature=0.0)
+
+
+def test_search_and_the_index_resources(setup):
+    """--index: search gives RagIndex.search's hits; embed uses the index's embedder; the index's files are
+    resources."""
+    from lmforge.rag import RagIndex, build_index
+
+    docs = setup["root"] / "docs"
+    docs.mkdir(exist_ok=True)
+    (docs / "macbeth.txt").write_text("Macbeth met three witches on the heath. They hailed him king.")
+    (docs / "hamlet.txt").write_text("The king is dead. Hamlet saw the ghost on the wall. Ophelia sang.")
+    build_index([docs], setup["bert"], setup["root"] / "index", size=16, overlap=4, overwrite=True)
+    server = create_server(MCPOptions(ckpt=str(setup["gpt"]), index=str(setup["root"] / "index")))
+    index = RagIndex.open(setup["root"] / "index")
+
+    async def work(client):
+        tools = {t.name for t in (await client.list_tools()).tools}
+        results = {m: await client.call_tool("search", {"query": "the witches", "k": 3, "mode": m})
+                   for m in ("dense", "bm25", "hybrid")}
+        bad = await client.call_tool("search", {"query": "x", "mode": "sparse"})
+        resources = {str(r.uri) for r in (await client.list_resources()).resources}
+        summary = (await client.read_resource("lmforge://index/summary")).contents[0].text
+        return tools, results, bad, resources, summary
+
+    tools, results, bad, resources, summary = session(server, work)
+    assert tools == {"generate", "chat", "embed", "search", "evaluate"}
+    for mode, r in results.items():
+        hits = [h.to_dict() for h in index.search("the witches", 3, mode=mode)]
+        assert r.structured_content == {"query": "the witches", "mode": mode, "hits": json.loads(json.dumps(hits))}
+    assert results["bm25"].structured_content["hits"][0]["source"].endswith("macbeth.txt")
+    assert bad.is_error and bad.content[0].text.startswith("search: mode: Input should be 'dense', 'bm25' or 'hybrid'")
+    assert {"lmforge://index/summary", "lmforge://index/config", "lmforge://model/config"} <= resources
+    assert json.loads(summary) == json.loads((setup["root"] / "index" / "summary.json").read_text())

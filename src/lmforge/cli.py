@@ -159,10 +159,11 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
     stream = lambda piece: (sys.stdout.write(piece), sys.stdout.flush())  # noqa: E731
     if args.chat or args.system is not None:  # the prompt is a user message; print the assistant's reply only
-        from lmforge.infer.chat import chat_reply
+        from lmforge.infer.chat import chat_reply, system_text
         from lmforge.tokenizer.chat import chat_template
 
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        system = system_text(args.system)
+        messages = ([{"role": "system", "content": system}] if system else []) + \
             [{"role": "user", "content": prompt}]
         chat_reply(model, chat_template(tokenizer), messages, stream=stream, **_sampling(args))
         sys.stdout.write("\n")
@@ -174,20 +175,24 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
 
 def _cmd_chat(args: argparse.Namespace) -> None:
-    from lmforge.infer.chat import chat_loop
+    from lmforge.infer.chat import chat_loop, load_fewshot_messages, system_text
     from lmforge.infer.generate import require_generative
     from lmforge.train.checkpoint import load_pretrained
 
+    args.system = system_text(args.system)  # --system TEXT or FILE
     if args.url is not None:  # a running `lmforge serve` answers, no model is loaded here
+        if args.fewshot is not None:
+            raise UserError("chat: --fewshot works with --ckpt (a local model); with --url use --system")
         _chat_remote(args)
         return
     if args.ckpt is None:
         raise UserError("chat: give --ckpt DIR (a checkpoint) or --url URL (a running `lmforge serve`)")
+    fewshot = load_fewshot_messages(args.fewshot) if args.fewshot is not None else None
     model, tokenizer = load_pretrained(args.ckpt, args.device)
     require_generative(model, args.ckpt)
     if sys.stdin.isatty():
         print("chatting with", args.ckpt, "— /reset clears the history, /quit or Ctrl-D leaves")
-    chat_loop(model, tokenizer, system=args.system, **_sampling(args))
+    chat_loop(model, tokenizer, system=args.system, fewshot=fewshot, **_sampling(args))
 
 
 def _chat_remote(args: argparse.Namespace) -> None:
@@ -398,12 +403,15 @@ def _add_generation_commands(sub) -> None:
     p.add_argument("--escapes", action="store_true", help=r"interpret \n and \t in --prompt")
     p.add_argument("--chat", action="store_true", help="the prompt is a user message in the checkpoint's chat "
                    "template (as `lmforge chat` and SFT); print the assistant's reply")
-    p.add_argument("--system", default=None, help="system message (implies --chat)")
+    p.add_argument("--system", default=None, help="system message, or a file holding it (implies --chat)")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat with a checkpoint, or with a running `lmforge serve` (--url)")
     _add_sampling_args(p, ckpt_required=False)
-    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--system", default=None, metavar="TEXT|FILE", help="system message, or a file holding it")
+    p.add_argument("--fewshot", default=None, metavar="FILE",
+                   help="JSONL of example exchanges ({\"user\": ..., \"assistant\": ...} per line) that open the "
+                        "conversation, after the system message, in the chat template; /reset keeps them")
     p.add_argument("--url", default=None, help="chat with the OpenAI-compatible server at this URL "
                    "(e.g. http://127.0.0.1:8000) instead of loading --ckpt")
     p.add_argument("--api-key", default=None, help="the server's API key, with --url (default: $LMFORGE_API_KEY)")
@@ -740,6 +748,48 @@ def _add_distill_command(sub) -> None:
 COMMAND_GROUPS += (_add_distill_command,)
 
 
+def _cmd_prune(args: argparse.Namespace) -> None:
+    from lmforge.compress.prune import describe, prune_checkpoint
+
+    summary = prune_checkpoint(args.ckpt, args.method, args.out, sparsity=args.sparsity, calib=args.calib,
+                               calib_samples=args.calib_samples, recover_steps=args.recover_steps,
+                               recover_lr=args.recover_lr, eval_file=args.eval, eval_tokens=args.eval_tokens,
+                               overwrite=args.overwrite)
+    print(describe(summary, args.out))
+
+
+def _add_prune_command(sub) -> None:
+    from lmforge.compress.heldout import DEFAULT_EVAL_TOKENS
+    from lmforge.compress.prune import METHODS
+
+    p = sub.add_parser("prune", help="prune a checkpoint (attention heads or MLP neurons structurally, magnitude or "
+                                     "2:4 masks) into a checkpoint dir every stage loads as it is (docs/COMPRESS.md)")
+    p.add_argument("--ckpt", required=True, help="a checkpoint dir, or a run dir (its best checkpoint)")
+    p.add_argument("--method", required=True, metavar="METHOD", help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--sparsity", type=float, default=None, metavar="F",
+                   help="the fraction to remove, in [0, 1): of all attention heads (heads), of all MLP hidden units "
+                        "(neurons), of each block Linear's weights (magnitude); not with 2:4 (50%% by definition)")
+    p.add_argument("--out", required=True, help="the pruned checkpoint dir to write (atomically)")
+    p.add_argument("--calib", default=None, metavar="DIR",
+                   help="heads/neurons: calibration text for the importance scores (a token dir, or a text "
+                        "dir/file); default: the train split of the token dir the checkpoint was trained on")
+    p.add_argument("--calib-samples", type=int, default=128, metavar="N", help="heads/neurons: calibration windows")
+    p.add_argument("--recover-steps", type=int, default=0, metavar="N",
+                   help="fine-tune the pruned model N steps on the training loop (masks stay zero); default 0")
+    p.add_argument("--recover-lr", type=float, default=None, metavar="LR",
+                   help="the recovery's peak learning rate (default: the recorded recipe's train.min_lr)")
+    p.add_argument("--eval", default=None, metavar="FILE",
+                   help="held-out text file for perplexity before/after (default: the val split of the "
+                        "checkpoint's token dir)")
+    p.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS, metavar="N",
+                   help="score at most N held-out tokens (default %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    p.set_defaults(func=_cmd_prune)
+
+
+COMMAND_GROUPS += (_add_prune_command,)
+
+
 def _cmd_serve(args: argparse.Namespace) -> None:
     from lmforge.serve.server import ServeOptions, run_server
 
@@ -754,7 +804,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         cors_origins=args.cors_origin, model_name=args.model_name, max_batch=args.max_batch, max_queue=args.max_queue,
         max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens, max_body_bytes=args.max_body_bytes,
         max_n=args.max_n, metrics_prefix=args.metrics_prefix, adapters=adapters, embedder=args.embedder,
-        device=args.device, dtype=args.dtype, drain_timeout=args.drain_timeout, threads=args.threads))
+        rag=args.rag, device=args.device, dtype=args.dtype, drain_timeout=args.drain_timeout, threads=args.threads))
 
 
 def _add_serve_command(sub) -> None:
@@ -769,6 +819,8 @@ def _add_serve_command(sub) -> None:
                    help="serve a LoRA adapter on the base as model NAME (repeatable)")
     p.add_argument("--embedder", default=None, metavar="CKPT",
                    help="an encoder checkpoint for /v1/embeddings beside a generative --ckpt")
+    p.add_argument("--rag", default=None, metavar="DIR",
+                   help="a RAG index (`lmforge rag index`): POST /v1/rag/query retrieves from it and answers")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser pages from this origin (repeatable; default: no CORS)")
     p.add_argument("--model-name", default=None, help="the model's name in the API (default: the --ckpt dir's name)")
@@ -918,6 +970,32 @@ def _cmd_rag_query(args: argparse.Namespace) -> None:
 
 
 RAG_COMMANDS = (_add_rag_index_command, _add_rag_add_command, _add_rag_delete_command, _add_rag_query_command)
+
+
+def _add_rag_eval_command(rag) -> None:
+    p = rag.add_parser("eval", help="retrieval accuracy (recall@1/5/10, MRR, nDCG@10) and latency of an index of the "
+                                    "modern Shakespeare edition, with First Folio passages as queries")
+    p.add_argument("--index", required=True, metavar="DIR",
+                   help="an index of `data fetch shakespeare --edition modern`")
+    p.add_argument("--out", required=True, metavar="DIR", help="results.json, report.md, queries.jsonl, summary.json")
+    p.add_argument("--modes", default="dense,bm25,hybrid", metavar="LIST",
+                   help="comma-separated search modes; the first one's metrics are results.json's top level")
+    p.add_argument("--queries", type=int, default=300, metavar="N", help="Folio passages to ask (default 300)")
+    p.add_argument("--seed", type=int, default=0, help="which passages (default 0)")
+    p.set_defaults(func=_cmd_rag_eval)
+
+
+def _cmd_rag_eval(args: argparse.Namespace) -> None:
+    from lmforge.rag.evaluate import METRIC_KEYS, evaluate_index
+
+    results = evaluate_index(args.index, args.out, modes=args.modes, queries=args.queries, seed=args.seed)
+    for mode, m in results["modes"].items():
+        print(f"{mode}: " + ", ".join(f"{k} {m[k]:.3f}" for k in METRIC_KEYS)
+              + f"; latency p50 {m['latency_ms']['p50']:.1f} ms, p99 {m['latency_ms']['p99']:.1f} ms")
+    print(f"{results['queries']} Folio queries; report: {Path(args.out) / 'report.md'}")
+
+
+RAG_COMMANDS += (_add_rag_eval_command,)
 
 
 def _add_rag_command(sub) -> None:

@@ -5,6 +5,7 @@
 
 Routes: `POST /v1/chat/completions` (the checkpoint's chat template), `POST /v1/completions`,
 `POST /v1/embeddings` (an encoder checkpoint, or `--embedder` beside a generative one),
+`POST /v1/rag/query` (with `--rag DIR`: retrieval from a RAG index and an answer citing it; `serve.rag`),
 `GET /v1/models`, `GET /health` (503 until the model has loaded, and while draining), `GET /metrics`
 (Prometheus), and the chat page at `/` and `/static/...`. Generation goes through one
 `Scheduler` (continuous batching; it owns the model in its own thread); a request's `n` choices
@@ -82,6 +83,7 @@ class Backend:
         self.embedder: tuple[Any, Any, int, str] | None = None  # model, tokenizer, max length, name
         self.embed_lock = threading.Lock()
         self.adapters = None
+        self.rag = None  # serve.rag.RagService with --rag
         self.scheduler = None
         self.ready = self.draining = False
         self.load_error: str | None = None
@@ -117,6 +119,10 @@ class Backend:
             self.embedder = self.load_embedder(opts.embedder)
         if opts.adapters:
             self.load_adapters(opts.adapters)
+        if opts.rag:
+            from lmforge.serve.rag import RagService
+
+            self.rag = RagService.open(opts.rag)
 
     def load_embedder(self, ckpt: str) -> tuple[Any, Any, int, str]:
         from lmforge.infer.embed import max_seq_length
@@ -387,8 +393,11 @@ def add_error_handlers(app: FastAPI) -> None:
 
 
 def add_routes(app: FastAPI) -> None:
+    from lmforge.serve.rag import add_rag_route
+
     add_generation_routes(app)
     add_embedding_route(app)
+    add_rag_route(app)
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:

@@ -44,6 +44,7 @@ class ServeOptions:
     metrics_prefix: str = "lmforge"
     adapters: dict[str, str] = field(default_factory=dict)  # --adapter NAME=DIR
     embedder: str | None = None  # an encoder checkpoint for /v1/embeddings beside a generative ckpt
+    rag: str | None = None  # a RAG index dir (`lmforge rag index`) for POST /v1/rag/query
     device: str = "cpu"
     dtype: str | None = None  # autocast dtype for generation: bf16 / fp16 (None: the weights' own)
     drain_timeout: float = 30.0

@@ -39,6 +39,9 @@ def check_options(options: ServeOptions) -> None:
     resolve_checkpoint(options.ckpt)
     if options.embedder:
         resolve_checkpoint(options.embedder)
+    if options.rag and not (Path(options.rag) / "rag_config.json").is_file():
+        raise UserError(f"--rag {options.rag}: not a RAG index (no rag_config.json); build one with "
+                        "`lmforge rag index`")
     for name, value in (("--max-batch", options.max_batch), ("--max-queue", options.max_queue),
                         ("--max-tokens", options.max_tokens_limit), ("--max-body-bytes", options.max_body_bytes),
                         ("--max-n", options.max_n), ("--max-prompt-tokens", options.max_prompt_tokens or 1)):
