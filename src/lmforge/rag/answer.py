@@ -5,7 +5,7 @@ question:
 
     Answer the question from the numbered passages below; cite the passages you use as [n].
 
-    [1] (hamlet.txt:120-410) To be, or not to be, ...
+    [1] (hamlet.txt:120-410) To be, or not to be, ...   (the source's file name and char offsets)
     [2] ...
 
     Question: ...
@@ -54,7 +54,7 @@ def load_generator(path: str, device: str = "cpu") -> tuple[Any, Any, Any]:
 
 def format_passage(n: int, hit: Hit, text: str | None = None) -> str:
     text = hit.text if text is None else text
-    return f"[{n}] ({hit.source}:{hit.start}-{hit.start + len(text)}) {' '.join(text.split())}"
+    return f"[{n}] ({Path(hit.source).name}:{hit.start}-{hit.start + len(text)}) {' '.join(text.split())}"
 
 
 def render_prompt(passages: list[str], question: str) -> str:

@@ -99,7 +99,7 @@ def chunk_text(text: str, source: str, strategy: str = "sentence", *, size: int 
     needed by `semantic` only. Empty or white-space-only text has no chunks."""
     if strategy not in STRATEGIES:
         raise UserError(f"unknown chunking {strategy!r}; use one of {', '.join(STRATEGIES)}")
-    if size < 1 or overlap < 0 or overlap >= size:
+    if size < 1 or overlap < 0 or (overlap >= size and strategy != "semantic"):  # semantic chunks do not overlap
         raise UserError(f"chunk size {size} / overlap {overlap}: need size >= 1 and 0 <= overlap < size")
     if strategy == "fixed":
         spans = _fixed(text, 0, len(text), size, overlap, tokenizer)

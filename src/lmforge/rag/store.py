@@ -110,7 +110,7 @@ def index_params(index_type: str, n: int, dim: int) -> dict[str, Any]:
         raise UserError(f"--index ivfpq needs at least {IVFPQ_MIN_VECTORS} vectors to train its codebooks, "
                         f"this index has {n}; use flat, hnsw or ivf")
     nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
-    params = {"type": index_type, "nlist": nlist, "nprobe": min(nlist, max(8, nlist // 8))}
+    params = {"type": index_type, "nlist": nlist, "nprobe": min(nlist, max(16, nlist // 16))}
     if index_type == "ivfpq":
         params["m"] = max(d for d in range(1, dim // 4 + 1) if dim % d == 0) if dim >= 4 else 1
         params["m"] = dim // 8 if dim % 8 == 0 else params["m"]
@@ -137,8 +137,6 @@ def make_faiss(vectors: np.ndarray, ids: np.ndarray, params: dict[str, Any]) -> 
         else:
             index = faiss.IndexIVFPQ(quantizer, dim, params["nlist"], params["m"], params["nbits"],
                                      faiss.METRIC_INNER_PRODUCT)
-        index.own_fields = True
-        index.quantizer_keepalive = quantizer  # the Python object must outlive the index
         index.train(np.ascontiguousarray(vectors, dtype=np.float32))
     if len(vectors):
         index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64))
@@ -294,7 +292,7 @@ def chunking_config(strategy: str, size: int, overlap: int, embedder: Embedder,
         warnings.warn(f"chunk size {size} is more than the embedder reads ({embedder.chunk_limit} tokens "
                       f"besides [CLS]/[SEP]); using {embedder.chunk_limit}", stacklevel=2)
         size = embedder.chunk_limit
-    if size < 1 or overlap < 0 or overlap >= size:
+    if size < 1 or overlap < 0 or (overlap >= size and strategy != "semantic"):
         raise UserError(f"--chunk-size {size} / --overlap {overlap}: need size >= 1 and 0 <= overlap < size")
     return {"strategy": strategy, "size": size, "overlap": overlap, "threshold": threshold}
 
