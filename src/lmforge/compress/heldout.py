@@ -52,14 +52,35 @@ def _recorded(run_dir: Path) -> tuple[list[str], list[str]]:
     return [t for t in tokens if t], [s for s in sources if s]
 
 
+def _tokenizer_bytes(ckpt: Path) -> bytes | None:
+    for file in (ckpt / "tokenizer.json", ckpt / "checkpoints" / "best" / "tokenizer.json"):
+        if file.is_file():
+            return file.read_bytes()
+    return None
+
+
+def _candidates(run_dir: Path, recorded: str) -> list[Path]:
+    """Where a recorded token dir may be: as written (relative to the working dir), and relative to the
+    run dir and each of its parents (a run made with `--out runs/x` from another directory)."""
+    path = Path(recorded)
+    if path.is_absolute():
+        return [path]
+    return [path, *(parent / path for parent in (run_dir, *run_dir.resolve().parents))]
+
+
 def token_dir_of(ckpt: str | Path, depth: int = 4) -> Path | None:
-    """The token dir (with meta.json) the checkpoint `ckpt` was trained on, if its run recorded one."""
+    """The token dir (with meta.json) the checkpoint `ckpt` was trained on, if its run recorded one:
+    the first candidate whose tokenizer.json is the checkpoint's own (a relative path recorded from
+    another working dir can name a different run's tokens)."""
     ckpt = Path(ckpt)
+    mine = _tokenizer_bytes(ckpt)
     for run_dir in dict.fromkeys((ckpt, ckpt.parent.parent, ckpt.parent)):
         tokens, sources = _recorded(run_dir)
         for t in tokens:
-            for candidate in (Path(t), run_dir / t):
-                if (candidate / "meta.json").is_file():
+            for candidate in _candidates(run_dir, t):
+                theirs = candidate / "tokenizer.json"
+                if (candidate / "meta.json").is_file() and (
+                        mine is None or not theirs.is_file() or theirs.read_bytes() == mine):
                     return candidate
         for s in sources if depth > 0 else ():
             if Path(s).resolve() != ckpt.resolve() and (found := token_dir_of(Path(s), depth - 1)):
