@@ -68,8 +68,8 @@ def parse_stage(parser: argparse.ArgumentParser, pipeline: Pipeline, stage: Stag
     except SystemExit:
         lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
         message = lines[-1] if lines else "not a valid lmforge command (it asks for --help?)"
-        raise pipeline.error(stage, f"{message.removeprefix('lmforge: ')} (in: {stage.command})",
-                             "cmd") from None
+        message = message.split(" error: ", 1)[-1]  # "lmforge tokenizer: error: ..." -> "..."
+        raise pipeline.error(stage, f"{message} (in: {stage.command})", "cmd") from None
 
 
 def _values(ns: argparse.Namespace, key: str) -> list[str]:

@@ -35,26 +35,40 @@ class StageFailed(TrainingFailed):
 
 
 @contextlib.contextmanager
-def _forward_signals(proc: subprocess.Popen, own_group: bool) -> Iterator[list[int]]:
-    """SIGINT/SIGTERM to `lmforge run` go to the stage (in its own process group it gets them only from
-    here, once per press); yields the signals received."""
-    got: list[int] = []
+def _forward_signals(own_group: bool) -> Iterator[dict[str, Any]]:
+    """SIGINT/SIGTERM to `lmforge run` go to the stage's process (`box["proc"]`; in its own process group
+    it gets them only from here, once per press); `box["got"]` lists the signals received. Installed
+    before the process starts, so that no signal can leave it running on its own."""
+    box: dict[str, Any] = {"proc": None, "got": []}
+
+    def forward(signum: int) -> None:
+        if box["proc"] is not None and (own_group or signum != signal.SIGINT):  # else the terminal sent it
+            with contextlib.suppress(ProcessLookupError):
+                box["proc"].send_signal(signum)
 
     def handler(signum, frame) -> None:
-        got.append(signum)
-        if own_group or signum != signal.SIGINT:  # the terminal sent SIGINT to a shared group already
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signum)
+        box["got"].append(signum)
+        forward(signum)
 
+    box["forward"] = forward
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(ValueError):  # not the main thread
             previous[sig] = signal.signal(sig, handler)
     try:
-        yield got
+        yield box
     finally:
         for sig, h in previous.items():
             signal.signal(sig, h)
+
+
+def _tee(proc: subprocess.Popen, tmp: Path) -> None:
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "wb") as f:
+        while chunk := os.read(proc.stdout.fileno(), 1 << 16):
+            f.write(chunk)
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
 
 
 def run_process(cmd: list[str], record: dict[str, Any] | None, *, cwd: str | None = None,
@@ -66,24 +80,21 @@ def run_process(cmd: list[str], record: dict[str, Any] | None, *, cwd: str | Non
     if record is not None:
         env[PIPELINE_ENV] = json.dumps(record)
     sys.stdout.flush()
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE if stdout_file else None,
-                            process_group=None if interactive else 0)
     tmp = None if stdout_file is None else Path(stdout_file).with_name(f".{Path(stdout_file).name}.tmp{os.getpid()}")
-    with _forward_signals(proc, own_group=not interactive) as got:
+    with _forward_signals(own_group=not interactive) as box:
+        box["proc"] = proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=None if tmp is None else subprocess.PIPE,
+                                              process_group=None if interactive else 0)
+        for signum in box["got"]:  # arrived while it started
+            box["forward"](signum)
         if tmp is not None:
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                while chunk := os.read(proc.stdout.fileno(), 1 << 16):
-                    f.write(chunk)
-                    sys.stdout.buffer.write(chunk)
-                    sys.stdout.flush()
+            _tee(proc, tmp)
         rc = proc.wait()
     if tmp is not None:
         if rc == 0:
             os.replace(tmp, stdout_file)
         else:
             tmp.unlink(missing_ok=True)
-    return rc, bool(got) or rc in (130, -signal.SIGINT, -signal.SIGTERM)
+    return rc, bool(box["got"]) or rc in (130, -signal.SIGINT, -signal.SIGTERM)
 
 
 def stage_argv(stage: Stage, resume: bool) -> list[str]:

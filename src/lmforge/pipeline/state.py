@@ -40,8 +40,8 @@ class HashCache:
         return self.files[key]
 
     def tree(self, path: str | Path) -> str | None:
-        """A file's sha256, or a directory's (names + file hashes, hidden files and its own top-level
-        summary.json/report.md left out), or None when it does not exist."""
+        """`fsutil.tree_sha256` of a file or directory (hidden files left out), except that a directory's
+        own top-level summary.json and report.md are left out too (timestamps); None when it does not exist."""
         import hashlib
 
         path = Path(path)
@@ -50,14 +50,13 @@ class HashCache:
         if not path.is_dir():
             return None
         h = hashlib.sha256()
-        for root, dirs, files in os.walk(path):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in sorted(files):
-                p = Path(root) / name
-                rel = p.relative_to(path)
-                if name.startswith(".") or (len(rel.parts) == 1 and name in VOLATILE) or not p.is_file():
-                    continue
-                h.update(rel.as_posix().encode() + b"\0" + self.file(p).encode() + b"\n")
+        for p in sorted(path.rglob("*")):
+            rel = p.relative_to(path)
+            if any(part.startswith(".") for part in rel.parts) or (len(rel.parts) == 1 and p.name in VOLATILE):
+                continue
+            if p.is_file():
+                h.update(str(rel).encode())
+                h.update(self.file(p).encode())
         return h.hexdigest()
 
 
