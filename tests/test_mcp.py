@@ -248,3 +248,34 @@ def test_search_and_the_index_resources(setup):
     assert bad.is_error and bad.content[0].text.startswith("search: mode: Input should be 'dense', 'bm25' or 'hybrid'")
     assert {"lmforge://index/summary", "lmforge://index/config", "lmforge://model/config"} <= resources
     assert json.loads(summary) == json.loads((setup["root"] / "index" / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_streamable_http_subprocess(setup, gpt):
+    """`lmforge mcp --transport http --port 0`: the SDK's client at the URL it prints lists the tools and generates."""
+    import re
+    import subprocess
+
+    model, tokenizer = gpt
+    process = subprocess.Popen([sys.executable, "-m", "lmforge", "mcp", "--ckpt", str(setup["gpt"]), "--transport",
+                                "http", "--port", "0"], stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        line = process.stderr.readline()
+        url = re.search(r"(http://\S+/mcp)", line).group(1)
+
+        async def main():
+            with anyio.fail_after(60):
+                async with Client(url) as client:
+                    tools = await client.list_tools()
+                    good = await client.call_tool("generate", {"prompt": "the", "max_tokens": 6, "temperature": 0})
+                    bad = await client.call_tool("generate", {"prompt": 1})
+                    return tools, good, bad
+
+        tools, good, bad = anyio.run(main)
+    finally:
+        process.terminate()
+        process.wait(30)
+    assert {t.name for t in tools.tools} == {"generate", "chat", "evaluate"}
+    assert good.structured_content["text"] == generate_text(model, tokenizer, "the", 6, temperature=0.0)
+    assert bad.is_error and bad.content[0].text == "generate: prompt: Input should be a valid string (got 1)"
