@@ -279,3 +279,37 @@ def test_streamable_http_subprocess(setup, gpt):
     assert {t.name for t in tools.tools} == {"generate", "chat", "evaluate"}
     assert good.structured_content["text"] == generate_text(model, tokenizer, "the", 6, temperature=0.0)
     assert bad.is_error and bad.content[0].text == "generate: prompt: Input should be a valid string (got 1)"
+
+
+def test_concurrent_calls_each_get_their_own_answer(server, gpt):
+    """Calls in flight together (the SDK runs each in a worker thread) are served one by one on the model."""
+    model, tokenizer = gpt
+    seeds = [1, 2, 3]
+
+    async def work(client):
+        results = {}
+
+        async def one(seed):
+            results[seed] = await client.call_tool("generate", {"prompt": "the", "max_tokens": 8, "temperature": 1.0,
+                                                                "seed": seed})
+        async with anyio.create_task_group() as group:
+            for seed in seeds:
+                group.start_soon(one, seed)
+        return results
+
+    results = session(server, work)
+    for seed in seeds:
+        assert results[seed].structured_content["text"] == generate_text(model, tokenizer, "the", 8, temperature=1.0,
+                                                                         seed=seed)
+
+
+def test_cli_refuses_what_cannot_load_in_one_line(setup, tmp_path, capsys):
+    from lmforge.cli import main
+
+    cases = [(["--ckpt", str(tmp_path / "nothing")], "does not exist"),
+             (["--ckpt", str(setup["gpt"]), "--index", str(tmp_path)], "not a RAG index"),
+             (["--ckpt", str(setup["gpt"]), "--embedder", str(setup["gpt"])], "has no sentence embeddings")]
+    for args, words in cases:
+        assert main(["mcp", *args]) == 2
+        err = capsys.readouterr()
+        assert err.out == "" and words in err.err and err.err.count("\n") == 1, err
