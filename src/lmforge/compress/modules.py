@@ -4,10 +4,12 @@ Each keeps its quantized tensors as persistent buffers under the names the check
 (`<name>.qweight`, `<name>.scales`, `<name>.zeros`, `<name>.bias`; see `formats.py` for the
 arithmetic), and computes with an existing CPU kernel where PyTorch has one:
 
-- `Int8Linear` (weight-only, per-channel): in bf16/fp16 on CPU, `aten._weight_int8pack_mm`
-  (int8 weights read directly by the matmul); in fp32 (there the kernel is ~10x slower than
-  a plain matmul) the int8 weight is cast to the compute dtype per call and the scales are
-  applied to the output, as torchao's `Int8WeightOnlyConfig` does on CPU.
+- `Int8Linear` (weight-only, per-channel): on CPU `aten._weight_int8pack_mm` (int8 weights
+  read directly by the matmul) in bf16/fp16, and in an fp32 model too, with the activations
+  rounded to bf16 for this matmul (the kernel's fp32 variant is ~10x slower than a plain matmul;
+  casting the int8 weight to fp32 per call, as torchao's `Int8WeightOnlyConfig` does, reads and
+  writes 9 bytes per weight and made int8 decoding no faster than fp32). bf16 rounding of the
+  input (2^-9 relative) is below the int8 weights' own error, as for `Int4Linear`.
 - `Int8DynamicLinear` (W8A8): fbgemm's dynamically quantized linear
   (`torch.ao.nn.quantized.dynamic.Linear`: int8 x int8 -> int32 matmul). fbgemm quantizes its
   input per tensor; dividing each token by its absmax first (and multiplying the output back)
@@ -87,10 +89,12 @@ class Int8Linear(QuantLinear):
     def forward(self, x: Tensor) -> Tensor:
         dtype = compute_dtype(x)
         x = x.to(dtype)
-        if self.kernel and x.device.type == "cpu" and dtype in HALF:
-            flat = x.reshape(-1, self.in_features)
-            y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scales.to(dtype))
-            y = y.reshape(*x.shape[:-1], self.out_features)
+        if self.kernel and x.device.type == "cpu" and dtype in (*HALF, torch.float32):
+            kernel_dtype = dtype if dtype in HALF else torch.bfloat16
+            scales = self.cached(("int8pack", kernel_dtype), lambda: self.scales.to(kernel_dtype))
+            flat = x.reshape(-1, self.in_features).to(kernel_dtype)
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, scales)
+            y = y.to(dtype).reshape(*x.shape[:-1], self.out_features)
         else:
             y = (x @ self.qweight.t().to(dtype)) * self.scales.to(dtype)
         return self.add_bias(y)

@@ -13,6 +13,14 @@ error-sensitive matrix, and GPTQ/AWQ practice keeps it), a MoE `router` (read as
 weight by the routing), and the task heads `score`, `classifier`, `nsp_head`, `pooler`.
 Embeddings and norms stay in their dtype. fp16/bf16 cast every parameter (the fixed
 position tables, buffers, stay fp32).
+
+`lm_head=True` quantizes the output layer too, to 8 bits whatever the method (int8 weight-only,
+or W8A8 for int8-dynamic; 4-bit output layers err too much): for a small model over a large
+vocabulary it is most of the bytes a decode step reads (GPT-2 6x384, vocab 50304: 77 of 120 MB
+in fp32). A tied output layer becomes a quantized COPY (`quant_config.json`'s "lm_head" names its
+method; the token embedding keeps its fp weights for the lookup), so the checkpoint grows by the
+copy's bytes. Checkpoints without the key load as before; an lmforge without this option
+refuses a checkpoint with it (the saved head does not fit the method's module).
 """
 
 from __future__ import annotations
@@ -76,18 +84,43 @@ def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
+def head_method(method: str) -> str:
+    """How the output layer is quantized under `method` with lm_head=True (8 bits, see the module doc)."""
+    return "int8-dynamic" if method == "int8-dynamic" else "int8"
+
+
+def quantize_head(model: nn.Module, method: str) -> nn.Module:
+    """The model's plain `lm_head` Linear swapped for an 8-bit copy (a tied weight stays the embedding's)."""
+    head = getattr(model, "lm_head", None)
+    if type(head) is not nn.Linear:
+        raise UserError(f"lm_head quantization: this {type(model).__name__} has no plain lm_head Linear")
+    cls = Int8DynamicLinear if head_method(method) == "int8-dynamic" else Int8Linear
+    swap(model, "lm_head", cls.from_linear(head))
+    return model
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, method: str, *, group_size: int = 128, symmetric: bool = True,
-                   calib: list[Tensor] | None = None, **options: Any) -> nn.Module:
+                   calib: list[Tensor] | None = None, lm_head: bool = False, **options: Any) -> nn.Module:
     """Quantize `model` in place by module swap (see the module docstring) and return it.
 
     gptq and awq need `calib` (token ids (1, T) each, `lmforge.compress.calib.calibration_batches`);
-    `options` go to `lmforge.compress.gptq.gptq_model` / `lmforge.compress.awq.awq_model`."""
+    `options` go to `lmforge.compress.gptq.gptq_model` / `lmforge.compress.awq.awq_model`.
+    `lm_head=True` quantizes the output layer too (8-bit; integer methods only)."""
     check_method(method)
     if quantized_modules(model):
         raise UserError("the model is quantized already; quantize the original full-precision checkpoint")
     if method in CAST:
+        if lm_head:
+            raise UserError(f"--method {method} casts every weight; lm_head quantization is for integer methods")
         return cast_parameters(model, CAST[method])
+    model = quantize_linears(model, method, group_size, symmetric, calib, **options)
+    return quantize_head(model, method) if lm_head else model
+
+
+def quantize_linears(model: nn.Module, method: str, group_size: int, symmetric: bool,
+                     calib: list[Tensor] | None, **options: Any) -> nn.Module:
+    """`quantize_model`'s integer methods on `quant_targets` (not the output layer)."""
     if method in INT4_METHODS:
         check_group_size(model, group_size)
     if method in ("gptq", "awq"):
@@ -112,10 +145,14 @@ def quant_config(model: nn.Module, method: str, *, group_size: int | None = None
                  symmetric: bool = True) -> dict[str, Any]:
     """What `quant_config.json` holds for a model quantized with `method`."""
     int4 = method in INT4_METHODS
-    return {"method": method, "bits": BITS[method], "group_size": group_size if int4 else None,
-            "symmetric": symmetric if method != "fp16" and method != "bf16" else None,
-            "dtype": str(CAST[method]).removeprefix("torch.") if method in CAST else None,
-            "modules": [name for name, _ in quantized_modules(model)]}
+    modules = [name for name, _ in quantized_modules(model)]
+    config = {"method": method, "bits": BITS[method], "group_size": group_size if int4 else None,
+              "symmetric": symmetric if method != "fp16" and method != "bf16" else None,
+              "dtype": str(CAST[method]).removeprefix("torch.") if method in CAST else None,
+              "modules": modules}
+    if "lm_head" in modules:  # only then: checkpoints without it stay byte-identical to before
+        config["lm_head"] = head_method(method)
+    return config
 
 
 def check_not_quantized(ckpt_dir: str | Path, action: str) -> None:
@@ -143,6 +180,8 @@ def read_quant_config(ckpt_dir: str | Path) -> dict[str, Any]:
 
 
 def empty_module(method: str, linear: nn.Linear, config: dict[str, Any]) -> nn.Module:
+    if method not in METHODS:
+        raise UserError(f"{QUANT_CONFIG}: unknown lm_head method {method!r}; this lmforge knows int8, int8-dynamic")
     bias = linear.bias is not None
     if method in INT4_METHODS:
         return Int4Linear(linear.in_features, linear.out_features, int(config["group_size"]), bias,
@@ -168,5 +207,6 @@ def apply_saved_quant(model: nn.Module, ckpt_dir: str | Path) -> nn.Module:
         if type(linear) is not nn.Linear:
             raise UserError(f"{file}: module {name!r} is not a Linear of this model; the checkpoint's "
                             "config.json does not match its quant_config.json")
-        swap(model, name, empty_module(method, linear, config).to(linear.weight.device))
+        module_method = (config.get("lm_head") or method) if name == "lm_head" else method
+        swap(model, name, empty_module(module_method, linear, config).to(linear.weight.device))
     return model

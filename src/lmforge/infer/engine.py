@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -223,6 +224,62 @@ def sample_rows(logits: Tensor, rows: RowSampling, generators: Sequence[torch.Ge
     return drawn if rows.all_rows else picked.index_copy_(0, rows.rows_index, drawn)
 
 
+# ---- a faster output layer for CPU decoding --------------------------------------------------
+
+class TransposedLinear(nn.Module):
+    """An `nn.Linear`'s output computed as x @ W^T from a contiguous (in, out) copy of W^T.
+
+    On CPU a GEMV/GEMM against the (out, in) layout that `F.linear` reads runs at a third of the
+    memory bandwidth the (in, out) layout gets (MKL, AVX2: 50304 x 384 fp32, one token: ~6 ms vs
+    ~2.3 ms; eight tokens ~15 vs ~10 ms). The output layer over a 50k vocabulary is the largest
+    matrix of a small model, read once per decode step, so the engine computes it this way
+    (`transposed_output_layer`). Same values up to float round-off (another summation order)."""
+
+    def __init__(self, linear: nn.Linear, weight_t: Tensor) -> None:
+        super().__init__()
+        self.linear = linear
+        self.weight_t = weight_t
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.matmul(x, self.weight_t)
+        return y if self.linear.bias is None else y + self.linear.bias
+
+
+TRANSPOSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Linear -> (weight's identity, W^T copy)
+
+
+def transposed_weight(linear: nn.Linear) -> Tensor:
+    """A contiguous copy of linear.weight^T, kept while the Linear lives and remade when its weight
+    changes (another tensor, or an in-place update: the tensor's version counter)."""
+    w = linear.weight
+    key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device)
+    hit = TRANSPOSED.get(linear)
+    if hit is None or hit[0] != key:
+        hit = (key, w.detach().t().contiguous())
+        TRANSPOSED[linear] = hit
+    return hit[1]
+
+
+def use_transposed_head(model: nn.Module, autocast_dtype: torch.dtype | None) -> bool:
+    """Whether `transposed_output_layer` applies: a plain fp32 `lm_head` Linear on CPU, no autocast
+    (bf16 GEMVs are faster in the (out, in) layout here), nothing wrapping it (a LoRA adapter)."""
+    head = getattr(model, "lm_head", None)
+    return (type(head) is nn.Linear and autocast_dtype is None and head.weight.device.type == "cpu"
+            and head.weight.dtype == torch.float32)
+
+
+@contextlib.contextmanager
+def transposed_output_layer(model: nn.Module):
+    """`model.lm_head` swapped for a `TransposedLinear` of itself while the block runs (restored
+    after; the copy of W^T is kept for the next step, see `transposed_weight`)."""
+    head = model.lm_head
+    model.lm_head = TransposedLinear(head, transposed_weight(head))
+    try:
+        yield
+    finally:
+        model.lm_head = head
+
+
 @dataclass(eq=False)
 class Request:
     """One request's state while it is queued or running."""
@@ -247,11 +304,14 @@ class Engine:
     The model runs in eval mode during each step (the mode it had is restored after it).
     `before_forward(tags)`, if given, is called before every model call with the tags (`add`'s
     `tag`) of the rows that call computes, in row order: how rows of one batch select different
-    LoRA adapters (`lmforge.adapters.multi`).
+    LoRA adapters (`lmforge.adapters.multi`). `fast_head` (default on) computes a plain fp32
+    output layer on CPU from a transposed copy of its weight (`TransposedLinear`: ~2.5x faster
+    there, at the memory of one more copy of that matrix); False computes it as the model does.
     """
 
     def __init__(self, model: nn.Module, max_batch: int = 16, *, autocast_dtype: torch.dtype | None = None,
-                 slide: bool = False, before_forward: Callable[[list[object]], None] | None = None) -> None:
+                 slide: bool = False, before_forward: Callable[[list[object]], None] | None = None,
+                 fast_head: bool = True) -> None:
         if not has_capability(model, "generate"):
             raise ValueError(f"a {type(model).__name__} does not generate text (no 'generate' capability)")
         if max_batch < 1:
@@ -259,6 +319,7 @@ class Engine:
         self.model, self.max_batch, self.slide = model, max_batch, slide
         self.before_forward = before_forward
         self.autocast_dtype = autocast_dtype
+        self.fast_head = fast_head
         self.encoder_decoder = has_capability(model, "encoder_decoder")
         self.block_size = model.config.block_size
         self.device = model_device(model)
@@ -332,6 +393,8 @@ class Engine:
             if self.model.training:
                 stack.enter_context(eval_mode(self.model))
             stack.enter_context(forward_context(self.device, self.autocast_dtype))
+            if self.fast_head and use_transposed_head(self.model, self.autocast_dtype):
+                stack.enter_context(transposed_output_layer(self.model))
             decoding = self._arrange()
             logits = self._forward(decoding)
             if self._rows is None:
