@@ -235,12 +235,15 @@ def test_search_and_the_index_resources(setup):
         results = {m: await client.call_tool("search", {"query": "the witches", "k": 3, "mode": m})
                    for m in ("dense", "bm25", "hybrid")}
         bad = await client.call_tool("search", {"query": "x", "mode": "sparse"})
+        results["embed"] = await client.call_tool("embed", {"texts": ["the witches", "a ghost"]})
         resources = {str(r.uri) for r in (await client.list_resources()).resources}
         summary = (await client.read_resource("lmforge://index/summary")).contents[0].text
         return tools, results, bad, resources, summary
 
     tools, results, bad, resources, summary = session(server, work)
     assert tools == {"generate", "chat", "embed", "search", "evaluate"}
+    np.testing.assert_allclose(results.pop("embed").structured_content["vectors"],
+                               index.model(["the witches", "a ghost"]), atol=1e-6)  # the index's own embedder
     for mode, r in results.items():
         hits = [h.to_dict() for h in index.search("the witches", 3, mode=mode)]
         assert r.structured_content == {"query": "the witches", "mode": mode, "hits": json.loads(json.dumps(hits))}
@@ -275,7 +278,8 @@ def test_streamable_http_subprocess(setup, gpt):
         tools, good, bad = anyio.run(main)
     finally:
         process.terminate()
-        process.wait(30)
+        code = process.wait(30)
+    assert code == 0  # SIGTERM: a clean shutdown
     assert {t.name for t in tools.tools} == {"generate", "chat", "evaluate"}
     assert good.structured_content["text"] == generate_text(model, tokenizer, "the", 6, temperature=0.0)
     assert bad.is_error and bad.content[0].text == "generate: prompt: Input should be a valid string (got 1)"

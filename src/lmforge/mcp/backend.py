@@ -90,11 +90,15 @@ class MCPBackend:
         return has_capability(self.model, "generate")
 
     def load_embedder(self) -> tuple[Any, Any, int, str] | None:
-        """The encoder for `embed`: --embedder, else the index's embedder, else the checkpoint if it is one."""
+        """The encoder for `embed`: --embedder, else the index's embedder (the one its dense search uses,
+        loaded now and checked against the index), else the checkpoint if it is an encoder."""
         from lmforge.infer.embed import max_seq_length
         from lmforge.train.checkpoint import load_pretrained, resolve_checkpoint
 
-        source = self.options.embedder or (self.index.embedder if self.index is not None else None)
+        source = self.options.embedder
+        if source is None and self.index is not None:
+            index_embedder = self.index.model
+            return index_embedder.model, index_embedder.tokenizer, index_embedder.max_length, index_embedder.path
         if source is None:
             if not has_capability(self.model, "embed"):
                 return None

@@ -13,10 +13,12 @@ goes to stderr (the SDK also points file descriptor 1 at stderr while it serves)
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from mcp.server import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.server.mcpserver.resources import FileResource
@@ -119,8 +121,6 @@ def run_mcp(options: MCPOptions) -> None:
 
 def serve_http(server: LmforgeMCPServer, options: MCPOptions, names: list[str]) -> None:
     """Streamable HTTP at /mcp on a socket bound first (a busy port is a one-line error; port 0 picks one)."""
-    import uvicorn
-
     from lmforge.serve.server import is_loopback, listen_socket
 
     sock = listen_socket(options.host, options.port)
@@ -133,6 +133,16 @@ def serve_http(server: LmforgeMCPServer, options: MCPOptions, names: list[str]) 
               "evaluate reads files on this machine", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        QuietExitServer(config).run(sockets=[sock])
     finally:
         sock.close()
+
+
+class QuietExitServer(uvicorn.Server):
+    """uvicorn.Server that ends with exit code 0 on SIGTERM / Ctrl-C: uvicorn's own handler shuts down
+    and then raises the signal again (exit code -15, or a KeyboardInterrupt)."""
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C: stop now
+        self.should_exit = True
