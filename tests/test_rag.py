@@ -408,3 +408,30 @@ def test_minilm_index_finds_english_and_chinese_paraphrases(tmp_path, capsys):
     for mode in ("dense", "hybrid"):
         top = [hits[0].text for hits in index.search_many(questions, k=3, mode=mode)]
         assert top == FACTS, (mode, top)
+
+
+def test_an_interrupted_build_keeps_its_embeddings_and_the_rerun_goes_on(tiny, tmp_path, monkeypatch):
+    import lmforge.rag.store as store
+    from lmforge.errors import Interrupted
+
+    out = tmp_path / "idx"
+    clean = build_index([tiny["docs"]], tiny["bert"], tmp_path / "clean", size=24, overlap=6)
+    monkeypatch.setattr(store, "EMBED_PART", 4)
+    calls = []
+    real = store.Embedder.__call__
+
+    def flaky(self, texts, **kwargs):
+        calls.append(len(texts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, texts, **kwargs)
+
+    monkeypatch.setattr(store.Embedder, "__call__", flaky)
+    with pytest.raises(Interrupted, match=r"4 of \d+ chunks are embedded and kept in .*run the same command again"):
+        build_index([tiny["docs"]], tiny["bert"], out, size=24, overlap=6)
+    cache = store.cache_dir(out, "index")
+    assert not out.exists() and sorted(p.name for p in cache.iterdir()) == ["key.json", "part-00000.npy"]
+    summary = build_index([tiny["docs"]], tiny["bert"], out, size=24, overlap=6)
+    assert summary["metrics"]["resumed_chunks"] == 4 and summary["metrics"]["chunks"] == clean["metrics"]["chunks"]
+    np.testing.assert_allclose(np.load(out / "vectors.npy"), np.load(tmp_path / "clean" / "vectors.npy"), atol=1e-6)
+    assert not cache.exists()

@@ -24,8 +24,11 @@ an interrupted command leaves the old index as it was.
 from __future__ import annotations
 
 import functools
+import hashlib
+import io
 import json
 import math
+import shutil
 import time
 import warnings
 from collections.abc import Sequence
@@ -36,8 +39,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from lmforge.errors import UserError
-from lmforge.fsutil import atomic_dir, atomic_write_json, file_sha256, write_summary
+from lmforge.errors import Interrupted, UserError
+from lmforge.fsutil import atomic_dir, atomic_write_bytes, atomic_write_json, file_sha256, write_summary
 from lmforge.rag.chunking import STRATEGIES, Chunk, chunk_text
 
 INDEX_TYPES = ("flat", "hnsw", "ivf", "ivfpq")
@@ -46,6 +49,7 @@ COLUMNS = ("chunk_id", "text", "source", "file", "start", "end")
 IVFPQ_MIN_VECTORS = 1000
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 64
 STAGE = "rag index"
+EMBED_PART = 512  # chunks per saved part of the embeddings (what an interrupted build keeps)
 
 
 # ---- the embedder ----------------------------------------------------------------------------------
@@ -303,10 +307,69 @@ def table_of(pairs: Sequence[tuple[Chunk, str]], first_id: int) -> dict[str, lis
             "start": [c.start for c, _ in pairs], "end": [c.end for c, _ in pairs]}
 
 
-def embed_chunks(embedder: Embedder, pairs: Sequence[tuple[Chunk, str]], batch_size: int) -> tuple[np.ndarray, float]:
-    t0 = time.perf_counter()
-    vectors = embedder([c.text for c, _ in pairs], batch_size=batch_size, progress=True)
-    return vectors, time.perf_counter() - t0
+def embed_chunks(embedder: Embedder, pairs: Sequence[tuple[Chunk, str]], batch_size: int,
+                 cache: Path | None = None) -> tuple[np.ndarray, float, int]:
+    """(vectors, seconds, chunks embedded now): the chunk texts embedded in parts of `EMBED_PART` under one
+    progress bar. With `cache` (a hidden dir beside the index) each part is saved when done, and a
+    rerun over the same chunks with the same embedder starts after the parts already there."""
+    texts = [c.text for c, _ in pairs]
+    key = _cache_key(embedder, texts)
+    if cache is not None and _read_key(cache) != key:
+        shutil.rmtree(cache, ignore_errors=True)
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(cache / "key.json", {"key": key})
+    starts = range(0, len(texts), EMBED_PART)
+    files = [cache / f"part-{i:05d}.npy" if cache is not None else None for i in range(len(starts))]
+    kept = sum(min(EMBED_PART, len(texts) - st) for st, f in zip(starts, files) if f is not None and f.is_file())
+    parts, seconds, fresh = [], 0.0, 0
+    with tqdm(total=len(texts), initial=kept, desc="embed", unit="chunk", disable=len(texts) <= batch_size) as bar:
+        for start, file in zip(starts, files):
+            if file is not None and file.is_file():
+                parts.append(np.load(file))
+                continue
+            t0 = time.perf_counter()
+            vectors = embedder(texts[start:start + EMBED_PART], batch_size=batch_size)
+            seconds += time.perf_counter() - t0
+            fresh += len(vectors)
+            if file is not None:
+                buffer = io.BytesIO()
+                np.save(buffer, vectors)
+                atomic_write_bytes(file, buffer.getvalue())
+            parts.append(vectors)
+            bar.update(len(vectors))
+    return np.concatenate(parts) if parts else np.zeros((0, embedder.dim), np.float32), seconds, fresh
+
+
+def _cache_key(embedder: Embedder, texts: Sequence[str]) -> str:
+    h = hashlib.sha256(f"{embedder.sha256}:{embedder.max_length}:{len(texts)}".encode())
+    for text in texts:
+        h.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    return h.hexdigest()
+
+
+def _read_key(cache: Path) -> str | None:
+    try:
+        return json.loads((cache / "key.json").read_text())["key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def cache_dir(index_dir: Path, what: str) -> Path:
+    """The hidden directory beside an index where an interrupted build/add keeps its finished embeddings."""
+    index_dir = index_dir.resolve()
+    return index_dir.with_name(f".{index_dir.name}.{what}-embeddings")
+
+
+def embed_resumably(embedder: Embedder, pairs: Sequence[tuple[Chunk, str]], batch_size: int,
+                    cache: Path) -> tuple[np.ndarray, float, int]:
+    """`embed_chunks` with a cache; Ctrl-C becomes `Interrupted` saying that a rerun goes on from there."""
+    try:
+        return embed_chunks(embedder, pairs, batch_size, cache)
+    except KeyboardInterrupt:
+        done = sum(len(np.load(f, mmap_mode="r")) for f in cache.glob("part-*.npy"))
+        raise Interrupted(f"interrupted: {done} of {len(pairs)} chunks are embedded and kept in {cache}; "
+                          "run the same command again to go on from there") from None
 
 
 def embed_metrics(n_chunks: int, seconds: float) -> dict[str, Any]:
@@ -336,12 +399,15 @@ def build_index(inputs: list[str | Path], embedder: str | Path, out: str | Path,
         raise UserError(f"{', '.join(map(str, inputs))}: the documents have no text to index")
     config["index"] = index_params(index_type, len(pairs), model.dim)
     config["next_id"] = len(pairs)
-    vectors, seconds = embed_chunks(model, pairs, batch_size)
+    cache = cache_dir(out, "index")
+    vectors, seconds, fresh = embed_resumably(model, pairs, batch_size, cache)
     table = table_of(pairs, 0)
     store = Store(out, config, table, vectors, make_faiss(vectors, np.asarray(table["chunk_id"]), config["index"]))
     metrics = {"chunks": len(pairs), "documents": len(docs), "sources": len(set(table["file"])), "dim": model.dim,
-               **embed_metrics(len(pairs), seconds)}
-    return write_store(store, out, {**metrics, "seconds": round(time.perf_counter() - t0, 3)}, [])
+               "resumed_chunks": len(pairs) - fresh, **embed_metrics(fresh, seconds)}
+    summary = write_store(store, out, {**metrics, "seconds": round(time.perf_counter() - t0, 3)}, [])
+    shutil.rmtree(cache, ignore_errors=True)
+    return summary
 
 
 def add_documents(index_dir: str | Path, inputs: list[str | Path], *, batch_size: int = 64) -> dict[str, Any]:
@@ -358,7 +424,8 @@ def add_documents(index_dir: str | Path, inputs: list[str | Path], *, batch_size
     pairs = chunk_documents(docs, model, store.config["chunking"], batch_size)
     if not pairs:
         raise UserError(f"{', '.join(map(str, inputs))}: the documents have no text to index")
-    vectors, seconds = embed_chunks(model, pairs, batch_size)
+    cache = cache_dir(Path(index_dir), "add")
+    vectors, seconds, fresh = embed_resumably(model, pairs, batch_size, cache)
     new = table_of(pairs, store.config["next_id"])
     store.index.add_with_ids(np.ascontiguousarray(vectors), np.asarray(new["chunk_id"], dtype=np.int64))
     for column in COLUMNS:
@@ -366,8 +433,10 @@ def add_documents(index_dir: str | Path, inputs: list[str | Path], *, batch_size
     store.vectors = np.concatenate([np.asarray(store.vectors), vectors])
     store.config["next_id"] += len(pairs)
     update = {"op": "add", "inputs": [str(p) for p in inputs], "chunks": len(pairs), "documents": len(docs),
-              **embed_metrics(len(pairs), seconds), "seconds": round(time.perf_counter() - t0, 3)}
-    return _rewrite(store, update)
+              **embed_metrics(fresh, seconds), "seconds": round(time.perf_counter() - t0, 3)}
+    summary = _rewrite(store, update)
+    shutil.rmtree(cache, ignore_errors=True)
+    return summary
 
 
 def delete_source(index_dir: str | Path, source: str) -> dict[str, Any]:
