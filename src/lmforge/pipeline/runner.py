@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -131,7 +132,8 @@ def _run_stage(pipeline: Pipeline, stage: Stage, sio: graph.StageIO, record: dic
     if rc != 0 or interrupted:
         for out in sio.outputs:
             state.forget(out)
-        again = f"lmforge run {pipeline.path}"
+        again = " ".join(["lmforge run", shlex.quote(str(pipeline.path)),
+                          *(f"--var {shlex.quote(f'{k}={v}')}" for k, v in pipeline.overrides.items())])
         if interrupted:
             raise Interrupted(f"stage {stage.name} interrupted; `{again}` starts again at it"
                               + (" (from its checkpoint)" if sio.resumable else ""))

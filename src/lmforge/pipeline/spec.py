@@ -65,6 +65,7 @@ class Pipeline:
     path: Path
     vars: dict[str, str]
     stages: list[Stage]
+    overrides: dict[str, str] = field(default_factory=dict)  # the --var values it was loaded with
 
     def where(self, stage: Stage, key: str | None = None) -> str:
         return f"{self.path}:{stage.lines.get(key, stage.line) if key else stage.line}: stage {stage.name}"
@@ -233,4 +234,4 @@ def load_pipeline(path: str | Path, overrides: dict[str, str] | None = None) -> 
     if not stages:
         raise PipelineError(f"{path}:{_line(stages_node)}: stages: is empty")
     return Pipeline(path=path, vars={name: v.get(name, line) for name, (_, line) in raw_vars.items()},
-                    stages=stages)
+                    stages=stages, overrides=dict(overrides or {}))
