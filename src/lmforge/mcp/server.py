@@ -24,6 +24,7 @@ from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.server.mcpserver.resources import FileResource
 from pydantic import ValidationError
 
+from lmforge import __version__
 from lmforge.errors import UserError
 from lmforge.mcp.backend import MCPBackend, MCPOptions, run_dir_of
 from lmforge.mcp.tools import register_tools
@@ -71,7 +72,7 @@ def create_server(options: MCPOptions, *, model=None, tokenizer=None) -> Lmforge
     """The server with its tools and resources; the checkpoint (and index, encoder) loaded now."""
     backend = MCPBackend.load(options, model=model, tokenizer=tokenizer)
     server = LmforgeMCPServer("lmforge", title=f"lmforge: {backend.name}", instructions=INSTRUCTIONS,
-                              log_level="WARNING")
+                              version=__version__, log_level="WARNING")
     server.backend = backend
     server.tool_names = register_tools(server, backend)
     add_resources(server, backend)
