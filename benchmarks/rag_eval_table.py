@@ -1,0 +1,106 @@
+"""The chunking / search-mode / index-type experiment of docs/RAG.md ("Evaluation"), as one command.
+
+    python benchmarks/rag_eval_table.py --embedder /work/var/minilm --corpus DOCS --work /work/var/rag-exp \
+        --queries 300 --seed 0 [--json table.json]
+
+For each chunking strategy (fixed, sentence, semantic) it builds a flat index of `--corpus` (the modern
+edition, or some of its plays) with `lmforge.rag.build_index` (the same as `lmforge rag index --chunking X
+--index flat`; kept in `--work` and reused when already there), and from the sentence index's stored
+vectors an `hnsw` and an `ivf` index (`rag.store.make_faiss` over `vectors.npy`: what `lmforge rag index
+--index hnsw|ivf` would build from the same vectors, without embedding the corpus again). Every index is
+then evaluated with `lmforge.rag.evaluate.evaluate_index` (= `lmforge rag eval`) in dense, bm25 and
+hybrid modes (flat) or dense (hnsw, ivf) on the same queries; the table is printed in markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+STRATEGIES = ("fixed", "sentence", "semantic")
+APPROXIMATE = ("hnsw", "ivf")
+KEYS = ("recall@1", "recall@5", "recall@10", "mrr", "ndcg@10")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--embedder", required=True)
+    p.add_argument("--corpus", required=True, help="modern-edition files (a dir)")
+    p.add_argument("--work", required=True, help="where the indexes and evaluations go")
+    p.add_argument("--queries", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    p.add_argument("--json", default=None)
+    return p.parse_args(argv)
+
+
+def ensure_flat(args: argparse.Namespace, strategy: str) -> Path:
+    from lmforge.rag import build_index
+
+    out = Path(args.work) / f"{strategy}-flat"
+    if not (out / "summary.json").is_file():
+        build_index([args.corpus], args.embedder, out, chunking=strategy, index_type="flat")
+    return out
+
+
+def derive(flat_dir: Path, kind: str) -> Path:
+    """An index of type `kind` over the flat index's stored vectors (no re-embedding)."""
+    import numpy as np
+
+    from lmforge.rag.store import index_params, make_faiss, read_store, write_store
+
+    out = flat_dir.with_name(flat_dir.name.replace("-flat", f"-{kind}"))
+    if (out / "summary.json").is_file():
+        return out
+    store = read_store(flat_dir)
+    vectors = np.asarray(store.vectors, dtype=np.float32)
+    store.config["index"] = index_params(kind, len(vectors), vectors.shape[1])
+    store.index = make_faiss(vectors, store.ids, store.config["index"])
+    summary = json.loads((flat_dir / "summary.json").read_text())
+    write_store(store, out, summary.get("metrics", {}), [{"op": "derive", "from": str(flat_dir), "index": kind}])
+    return out
+
+
+def evaluate(args: argparse.Namespace, index_dir: Path, modes: str) -> dict:
+    from lmforge.rag.evaluate import evaluate_index
+
+    return evaluate_index(index_dir, Path(args.work) / f"eval-{index_dir.name}", modes=modes,
+                          queries=args.queries, seed=args.seed)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| chunking | index | chunks | mode | recall@1 | recall@5 | recall@10 | MRR | nDCG@10 | p50 / p99 ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lat = r["latency_ms"]
+        lines.append(f"| {r['chunking']} | {r['index']} | {r['chunks']:,} | {r['mode']} | "
+                     + " | ".join(f"{r[k]:.3f}" for k in KEYS) + f" | {lat['p50']:.1f} / {lat['p99']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    rows = []
+    for strategy in args.strategies:
+        flat = ensure_flat(args, strategy)
+        dirs = [(flat, "dense,bm25,hybrid")]
+        if strategy == "sentence":
+            dirs += [(derive(flat, kind), "dense") for kind in APPROXIMATE]
+        for index_dir, modes in dirs:
+            results = evaluate(args, index_dir, modes)
+            config = results["index_config"]
+            chunks = json.loads((index_dir / "summary.json").read_text())["metrics"]["chunks"]
+            for mode, m in results["modes"].items():
+                rows.append({"chunking": strategy, "index": config["index"]["type"], "chunks": chunks, "mode": mode,
+                             "queries": results["queries"], **m})
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+    sys.exit(0)
