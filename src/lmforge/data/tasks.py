@@ -429,12 +429,8 @@ def make_shakespeare_tasks(corpus: str | Path | None, data: str | Path, out: str
     with atomic_dir(out) as tmp:
         for name, (header, task_items) in tasks.items():
             _write_jsonl(tmp / f"{name}.jsonl", header, task_items)
-        if pools:
-            (tmp / "fewshot").mkdir()
-        for name, pool in pools.items():
-            _write_jsonl(tmp / "fewshot" / f"{name}.jsonl", _pool_header(tasks[name][0], data), pool)
         metrics = {name: len(task_items) for name, (_, task_items) in tasks.items()}
-        metrics.update({f"fewshot_{name}": len(pool) for name, pool in pools.items()})
+        metrics.update(_write_pools(tmp, pools, tasks, data))
         metrics.update({"plays": len(plays), "test_passages": len(test), "train_passages": len(train),
                         "held_out_speeches": counts["speeches"],
                         "speeches_dropped_in_training": counts["speeches_in_training"],
@@ -533,6 +529,16 @@ def fewshot_pools(plays: dict[str, Play], train: list[dict[str, str]], scored: d
     return {"speaker_mc": _sample(speaker_mc_items(speeches, random.Random(seed * 1000 + 11)), n, seed, 21),
             "continue_line": _sample(continue_line_items(speeches, random.Random(seed * 1000 + 12)), n, seed, 22),
             "character_in_play": questions[:n]}
+
+
+def _write_pools(tmp: Path, pools: dict[str, list[dict[str, Any]]], tasks: dict[str, tuple[dict[str, Any], Any]],
+                 data: Path) -> dict[str, int]:
+    """`fewshot/<task>.jsonl` for each pool; returns the summary's `fewshot_<task>` counts."""
+    if pools:
+        (tmp / "fewshot").mkdir()
+    for name, pool in pools.items():
+        _write_jsonl(tmp / "fewshot" / f"{name}.jsonl", _pool_header(tasks[name][0], data), pool)
+    return {f"fewshot_{name}": len(pool) for name, pool in pools.items()}
 
 
 def _pool_header(task_header: dict[str, Any], data: Path) -> dict[str, Any]:
