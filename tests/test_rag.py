@@ -435,3 +435,24 @@ def test_an_interrupted_build_keeps_its_embeddings_and_the_rerun_goes_on(tiny, t
     assert summary["metrics"]["resumed_chunks"] == 4 and summary["metrics"]["chunks"] == clean["metrics"]["chunks"]
     np.testing.assert_allclose(np.load(out / "vectors.npy"), np.load(tmp_path / "clean" / "vectors.npy"), atol=1e-6)
     assert not cache.exists()
+
+
+def test_a_moved_embedder_a_decoder_and_an_emptying_delete(tiny, tmp_path, capsys):
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny["bert"], moved)
+    out = tmp_path / "idx"
+    build_index([tiny["sea"]], moved, out, size=24, overlap=6)
+    expected = [h.chunk_id for h in RagIndex.open(out).search("ships", k=3)]
+    shutil.rmtree(moved)
+    capsys.readouterr()
+    assert main(["rag", "query", "--index", str(out), "--question", "ships"]) == 2
+    assert f"its embedder {moved.resolve()} is gone; pass --embedder" in _error(capsys)
+    index = RagIndex.open(out, embedder=tiny["bert"])  # the same weights elsewhere
+    assert [h.chunk_id for h in index.search("ships", k=3)] == expected
+    assert main(["rag", "index", "--input", str(tiny["sea"]), "--embedder", str(tiny["gpt"]),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "is a GPT checkpoint, which gives no sentence embeddings" in _error(capsys)
+    assert main(["rag", "delete", "--index", str(out), "--source", str(tiny["sea"])]) == 2
+    assert "would leave" in _error(capsys) and RagIndex.open(out, embedder=tiny["bert"])

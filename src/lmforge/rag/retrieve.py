@@ -108,6 +108,7 @@ class RagIndex:
         self._rows = {int(cid): row for row, cid in enumerate(store.table["chunk_id"])}
         self._bm25: BM25 | None = None
         self._model: Embedder | None = None
+        self._embedder_path = self.embedder  # or a copy of it with the same weights (`check_embedder`)
 
     @classmethod
     def open(cls, index_dir: str | Path, *, embedder: str | Path | None = None) -> RagIndex:
@@ -122,21 +123,26 @@ class RagIndex:
         return len(self._rows)
 
     def check_embedder(self, embedder: str | Path) -> None:
+        """Refuse an embedder with other weights than the index's; one with the same weights elsewhere (a
+        moved or copied checkpoint) is the one the questions are embedded with."""
         from lmforge.train.checkpoint import resolve_checkpoint
 
         path = resolve_checkpoint(embedder)
         if weights_sha256(path) != self.config["embedder_sha256"]:
             raise UserError(f"--embedder {embedder} is not the embedder {self.embedder} that {self.directory} was "
                             "built with (other weights); query with that one, or rebuild the index with yours")
+        self._embedder_path = str(path.resolve())
 
     @property
     def model(self) -> Embedder:
         if self._model is None:
-            if not Path(self.embedder).exists():
-                raise UserError(f"{self.directory}: its embedder {self.embedder} is gone; rebuild the index")
-            model = embedder_for(self.embedder)
+            path = self._embedder_path
+            if not Path(path).exists():
+                raise UserError(f"{self.directory}: its embedder {path} is gone; pass --embedder with a copy of it, "
+                                "or rebuild the index")
+            model = embedder_for(path)
             if model.sha256 != self.config["embedder_sha256"]:
-                raise UserError(f"{self.directory} was built with other weights than {self.embedder} now holds; "
+                raise UserError(f"{self.directory} was built with other weights than {path} now holds; "
                                 "rebuild the index")
             self._model = model
         return self._model

@@ -60,10 +60,14 @@ class Embedder:
 
     def __init__(self, path: str | Path, device: str = "cpu") -> None:
         from lmforge.infer.embed import max_seq_length
+        from lmforge.models import has_capability
         from lmforge.train.checkpoint import load_pretrained, resolve_checkpoint
 
         self.path = str(resolve_checkpoint(path).resolve())
         self.model, self.tokenizer = load_pretrained(self.path, device)
+        if not has_capability(self.model, "embed"):
+            raise UserError(f"{path} is a {type(self.model).__name__} checkpoint, which gives no sentence embeddings; "
+                            "pass an encoder (BERT) checkpoint, e.g. a converted all-MiniLM-L6-v2")
         self.max_length = max_seq_length(Path(self.path), self.model.config)
         self.dim = int(self.model.config.n_embd)
         self.sha256 = weights_sha256(self.path)
@@ -445,6 +449,8 @@ def delete_source(index_dir: str | Path, source: str) -> dict[str, Any]:
     store = read_store(index_dir)
     keep = [not _matches(f, s, source) for f, s in zip(store.table["file"], store.table["source"])]
     removed = keep.count(False)
+    if removed == len(keep):
+        raise UserError(f"deleting {source} would leave {index_dir} empty; remove the directory instead")
     if not removed:
         files = sorted(set(store.table["file"]))
         shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
