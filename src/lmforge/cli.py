@@ -51,7 +51,8 @@ def _cmd_make_tasks(args: argparse.Namespace) -> None:
     if args.corpus != "shakespeare":
         raise UserError(f"data make-tasks: unknown corpus {args.corpus!r}; available: shakespeare")
     summary = make_shakespeare_tasks(args.plays, args.data, args.out, seed=args.seed, max_items=args.max_items,
-                                     max_overlap=args.max_overlap, fewshot_items=args.fewshot_items)
+                                     max_overlap=args.max_overlap, fewshot_items=args.fewshot_items,
+                                     context_chars=args.context_chars)
     m = summary["metrics"]
     print(f"wrote {m['speaker_mc']} speaker (multiple_choice), {m['continue_line']} continue-the-line "
           f"(generation), {m['heldout_ppl']} held-out passage (perplexity) and {m['character_in_play']} "
@@ -326,6 +327,8 @@ def _add_data_commands(sub) -> None:
     p.add_argument("--max-overlap", type=float, default=0.2,
                    help="drop held-out text with more than this share of its word 5-grams in the train split")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--context-chars", type=int, default=300,
+                   help="speaker/continue-line items: at most this many characters of passage before the speech")
     p.add_argument("--fewshot-items", type=int, default=50,
                    help="solved train-split examples per task in fewshot/ for `eval --fewshot` (0: none)")
     p.set_defaults(func=_cmd_make_tasks)

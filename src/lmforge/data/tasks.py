@@ -408,6 +408,8 @@ def make_shakespeare_tasks(corpus: str | Path | None, data: str | Path, out: str
     """
     data, out = Path(data), Path(out)
     corpus = _checked_inputs(corpus, data, max_items, max_overlap, fewshot_items)
+    if context_chars < 1:
+        raise UserError(f"--context-chars must be >= 1, got {context_chars}")
     start = time.perf_counter()
     plays = read_plays(corpus)
     if len(plays) < 2:
