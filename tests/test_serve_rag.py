@@ -119,3 +119,12 @@ def test_the_answer_is_generated_by_the_scheduler(client):
     assert prompt_tokens_served(client) - before == r.json()["prompt_tokens"]  # it went through the engine
     assert r.json() == post(client, {"question": "who wept?", "k": 2, "max_tokens": 5, "temperature": 0.7,
                                      "seed": 3}).json()  # seeded: the same answer again
+
+
+def test_the_route_needs_the_servers_key(setup):
+    with app_client(setup["gpt"], rag=str(setup["index"]), api_key="sesame") as c:
+        refused = post(c, {"question": QUESTION, "answer": False})
+        allowed = c.post("/v1/rag/query", content=json.dumps({"question": QUESTION, "answer": False}),
+                         headers={"Content-Type": "application/json", "Authorization": "Bearer sesame"})
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+    assert allowed.status_code == 200 and allowed.json()["hits"]
