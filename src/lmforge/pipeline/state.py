@@ -39,9 +39,10 @@ class HashCache:
             self.files[key] = file_sha256(path)
         return self.files[key]
 
-    def tree(self, path: str | Path) -> str | None:
+    def tree(self, path: str | Path, skip: tuple[str, ...] = ()) -> str | None:
         """`fsutil.tree_sha256` of a file or directory (hidden files left out), except that a directory's
-        own top-level summary.json and report.md are left out too (timestamps); None when it does not exist."""
+        own top-level summary.json and report.md are left out too (timestamps), and anything under `skip` (a
+        stage's own output inside its input); None when it does not exist."""
         import hashlib
 
         path = Path(path)
@@ -53,6 +54,8 @@ class HashCache:
         for p in sorted(path.rglob("*")):
             rel = p.relative_to(path)
             if any(part.startswith(".") for part in rel.parts) or (len(rel.parts) == 1 and p.name in VOLATILE):
+                continue
+            if skip and any(str(p) == s or str(p).startswith(s + os.sep) for s in skip):
                 continue
             if p.is_file():
                 h.update(str(rel).encode())
@@ -74,7 +77,8 @@ def make_record(pipeline_path: Path, stage: Stage, sio: StageIO, hashes: HashCac
         record["argv"] = stage.argv
     if stage.stdout is not None:
         record["stdout"] = stage.stdout
-    record["inputs"] = {display(p): hashes.tree(p) for p in sio.inputs}
+    record["inputs"] = {display(p): hashes.tree(p, tuple(o for o in sio.outputs if o.startswith(p + os.sep)))
+                        for p in sio.inputs}
     record["lmforge"] = lmforge.__version__
     return record
 
