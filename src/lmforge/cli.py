@@ -894,6 +894,7 @@ def _add_rag_index_command(rag) -> None:
                         "document's 5th percentile)")
     p.add_argument("--index", default="flat", choices=("flat", "hnsw", "ivf", "ivfpq"), dest="index_type")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu", help="where the embedder runs (cpu, cuda, ...)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_cmd_rag_index)
 
@@ -903,6 +904,7 @@ def _add_rag_add_command(rag) -> None:
     p.add_argument("--index", required=True, metavar="DIR")
     p.add_argument("--input", nargs="+", required=True, metavar="DOCS")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu", help="where the embedder runs (cpu, cuda, ...)")
     p.set_defaults(func=_cmd_rag_add)
 
 
@@ -939,14 +941,15 @@ def _cmd_rag_index(args: argparse.Namespace) -> None:
 
     summary = build_index(args.input, args.embedder, args.out, chunking=args.chunking, size=args.chunk_size,
                           overlap=args.overlap, index_type=args.index_type, overwrite=args.overwrite,
-                          batch_size=args.batch_size, threshold=args.threshold)
+                          batch_size=args.batch_size, threshold=args.threshold, device=args.device)
     _print_rag_summary(summary, f"indexed {args.out}")
 
 
 def _cmd_rag_add(args: argparse.Namespace) -> None:
     from lmforge.rag import add_documents
 
-    _print_rag_summary(add_documents(args.index, args.input, batch_size=args.batch_size), f"added to {args.index}")
+    _print_rag_summary(add_documents(args.index, args.input, batch_size=args.batch_size, device=args.device),
+                       f"added to {args.index}")
 
 
 def _cmd_rag_delete(args: argparse.Namespace) -> None:

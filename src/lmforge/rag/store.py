@@ -97,10 +97,10 @@ def load_embedder(path: str, device: str = "cpu") -> Embedder:
     return Embedder(path, device)
 
 
-def embedder_for(path: str | Path) -> Embedder:
+def embedder_for(path: str | Path, device: str = "cpu") -> Embedder:
     from lmforge.train.checkpoint import resolve_checkpoint
 
-    return load_embedder(str(resolve_checkpoint(path).resolve()))
+    return load_embedder(str(resolve_checkpoint(path).resolve()), device)
 
 
 # ---- FAISS ------------------------------------------------------------------------------------------
@@ -386,8 +386,9 @@ def embed_metrics(n_chunks: int, seconds: float) -> dict[str, Any]:
 
 def build_index(inputs: list[str | Path], embedder: str | Path, out: str | Path, *, chunking: str = "sentence",
                 size: int = 256, overlap: int = 32, index_type: str = "flat", overwrite: bool = False,
-                batch_size: int = 64, threshold: float | None = None) -> dict[str, Any]:
-    """Read, chunk, embed and index `inputs` into the index directory `out`; returns summary.json's dict."""
+                batch_size: int = 64, threshold: float | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Read, chunk, embed and index `inputs` into the index directory `out`; returns summary.json's dict.
+    `device` runs the embedder (cpu, cuda, ...); queries embed on the CPU."""
     t0 = time.perf_counter()
     out = Path(out)
     if out.exists() and not overwrite:
@@ -395,7 +396,7 @@ def build_index(inputs: list[str | Path], embedder: str | Path, out: str | Path,
     if index_type not in INDEX_TYPES:
         raise UserError(f"unknown --index {index_type!r}; use one of {', '.join(INDEX_TYPES)}")
     docs = read_documents(inputs)
-    model = embedder_for(embedder)
+    model = embedder_for(embedder, device)
     config = {"format": 1, "embedder": model.path, "embedder_sha256": model.sha256, "dim": model.dim,
               "max_length": model.max_length, "chunking": chunking_config(chunking, size, overlap, model, threshold)}
     pairs = chunk_documents(docs, model, config["chunking"], batch_size)
@@ -414,7 +415,8 @@ def build_index(inputs: list[str | Path], embedder: str | Path, out: str | Path,
     return summary
 
 
-def add_documents(index_dir: str | Path, inputs: list[str | Path], *, batch_size: int = 64) -> dict[str, Any]:
+def add_documents(index_dir: str | Path, inputs: list[str | Path], *, batch_size: int = 64,
+                  device: str = "cpu") -> dict[str, Any]:
     """Chunk, embed and add the documents of `inputs` to an existing index (nothing else is re-embedded)."""
     t0 = time.perf_counter()
     store = read_store(index_dir)
@@ -424,7 +426,7 @@ def add_documents(index_dir: str | Path, inputs: list[str | Path], *, batch_size
     if again:
         raise UserError(f"{again[0]} is already in {index_dir}; delete it first (`lmforge rag delete --source "
                         f"{again[0]}`) to index it anew")
-    model = _same_embedder(store)
+    model = _same_embedder(store, device)
     pairs = chunk_documents(docs, model, store.config["chunking"], batch_size)
     if not pairs:
         raise UserError(f"{', '.join(map(str, inputs))}: the documents have no text to index")
@@ -474,11 +476,11 @@ def _matches(file: str, doc: str, source: str) -> bool:
     return source in (file, doc) or Path(source).resolve() == Path(file).resolve()
 
 
-def _same_embedder(store: Store) -> Embedder:
+def _same_embedder(store: Store, device: str = "cpu") -> Embedder:
     path = store.config["embedder"]
     if not Path(path).exists():
         raise UserError(f"{store.directory}: its embedder {path} is gone; rebuild the index with an embedder")
-    model = embedder_for(path)
+    model = embedder_for(path, device)
     if model.sha256 != store.config["embedder_sha256"]:
         raise UserError(f"{store.directory} was built with other weights than {path} now holds (sha256 "
                         f"{store.config['embedder_sha256'][:12]} vs {model.sha256[:12]}); rebuild the index")
