@@ -221,3 +221,32 @@ def test_bad_input_is_one_line_and_writes_nothing(setup, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and match in err[0], err
         assert not out.exists()
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_under_ddp(setup, tmp_path):
+    """`lmforge distill` under torchrun (DDP, gloo): each process holds its own teacher replica; the
+    losses (and kd_loss) equal one process's with the same global batch."""
+    import subprocess
+    import sys
+
+    tokens, teacher = setup
+    sets = [f"data.tokens={tokens}", "model.block_size=32", *STUDENT, "train.grad_accum=2", "train.precision=fp32",
+            "train.threads=1", "train.warmup_steps=2"]
+
+    def run(launcher: list[str], out: Path, *extra: str) -> list[dict]:
+        cmd = [*launcher, "distill", "--teacher", str(teacher), "nano", "--out", str(out)]
+        for s in (*sets, *extra):
+            cmd += ["--set", s]
+        proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return records(out)
+
+    one = run([sys.executable, "-m", "lmforge"], tmp_path / "one", "train.batch_size=4")
+    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "lmforge"], tmp_path / "two", "train.batch_size=2", "train.parallel=ddp")
+    assert len(one) == len(two) == 6
+    for a, b in zip(one, two, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 and abs(a["kd_loss"] - b["kd_loss"]) <= 1e-4, (a, b)
+    assert abs(one[-1]["val_loss"] - two[-1]["val_loss"]) <= 1e-4

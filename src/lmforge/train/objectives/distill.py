@@ -124,7 +124,7 @@ class Distill(CausalLM):
         self.layers = (layer_map(model_config.n_layer, teacher_config.n_layer)
                        if self.opts.hidden_weight > 0 else [])
         self._sums: dict[str, float] = {}
-        self._count = 0
+        self._count, self._device = 0, torch.device("cpu")
 
     def flops_per_token(self, model: nn.Module) -> float:
         """The student's training FLOPs plus the teacher's forward (a third of its training FLOPs)."""
@@ -157,6 +157,7 @@ class Distill(CausalLM):
             loss = loss + self.opts.hidden_weight * mse
             parts["hidden_loss"] = mse
         if model.training:
+            self._device = ids.device
             for key, value in parts.items():
                 self._sums[key] = self._sums.get(key, 0.0) + float(value.detach())
             self._count += 1
@@ -167,7 +168,14 @@ class Distill(CausalLM):
         return model(batch["input_ids"], batch["targets"])[1]
 
     def step_metrics(self) -> dict[str, float]:
-        """kd_loss, ce_loss (hidden_loss) averaged over the step's micro-batches (then reset)."""
-        out = {k: round(v / self._count, 6) for k, v in self._sums.items()} if self._count else {}
+        """kd_loss, ce_loss (hidden_loss) averaged over the step's micro-batches and, under torchrun,
+        over the processes (every process calls this once per step), then reset."""
+        if not self._count:
+            return {}
+        keys = sorted(self._sums)
+        means = torch.tensor([self._sums[k] / self._count for k in keys], dtype=torch.float64, device=self._device)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(means)
+            means /= torch.distributed.get_world_size()
         self._sums, self._count = {}, 0
-        return out
+        return {k: round(float(v), 6) for k, v in zip(keys, means.tolist(), strict=True)}
