@@ -108,6 +108,10 @@ def stage_argv(stage: Stage, resume: bool) -> list[str]:
     return [sys.executable, "-m", "lmforge", *argv]
 
 
+def shown_command(stage: Stage, resume: bool) -> str:
+    return stage.command if not resume else "lmforge " + shlex.join(stage_argv(stage, True)[3:])
+
+
 def _select(pipeline: Pipeline, ios: dict[str, graph.StageIO], force: list[str], start: str | None,
             until: str | None) -> set[str]:
     for name in [*force, *(n for n in (start, until) if n)]:
@@ -126,7 +130,7 @@ def _run_stage(pipeline: Pipeline, stage: Stage, sio: graph.StageIO, record: dic
     if sio.resumable and not v.resume:
         for out in sio.outputs:
             state.mark_started(out, record)
-    print(f"$ {stage.command if not v.resume else ' '.join(['lmforge', *stage_argv(stage, True)[3:]])}", flush=True)
+    print(f"$ {shown_command(stage, v.resume)}", flush=True)
     rc, interrupted = run_process(stage_argv(stage, v.resume), record, interactive=sio.command == "chat",
                                   stdout_file=stage.stdout)
     if rc != 0 or interrupted:
@@ -172,7 +176,7 @@ def run_pipeline(path: str | Path, *, variables: dict[str, str] | None = None, f
             continue
         print(f"{head}  run (why: {v.why})" if dry_run else f"== {head}  run (why: {v.why}) ==", flush=True)
         if dry_run:
-            print(f"    {stage.command}")
+            print(f"    {shown_command(stage, v.resume)}")
         else:
             _run_stage(pipeline, stage, sio, record, v)
     ran = sum(r == "run" for r in result.values())
@@ -206,7 +210,7 @@ def reproduce(run_dir: str | Path, *, dry_run: bool = False) -> list[str]:
     commit, _ = fsutil.source_revision()
     if rec.get("git_commit") and commit and rec["git_commit"] != commit:
         print(f"note: recorded at lmforge commit {rec['git_commit'][:12]}, this checkout is {commit[:12]}")
-    print(f"reproducing {run_dir}: lmforge {' '.join(argv)}" + (f"  (in {cwd})" if cwd else ""), flush=True)
+    print(f"reproducing {run_dir}: lmforge {shlex.join(argv)}" + (f"  (in {cwd})" if cwd else ""), flush=True)
     if dry_run:
         return argv
     record = summary.get("pipeline") if isinstance(summary.get("pipeline"), dict) else None
