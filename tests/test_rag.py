@@ -408,6 +408,11 @@ def test_minilm_index_finds_english_and_chinese_paraphrases(tmp_path, capsys):
     for mode in ("dense", "hybrid"):
         top = [hits[0].text for hits in index.search_many(questions, k=3, mode=mode)]
         assert top == FACTS, (mode, top)
+    story = ("My cat sleeps all day. She purrs on the sofa. At night the cat hunts mice. Cats love warm places. "
+             "The central bank raised interest rates. Bond yields climbed at once. Investors sold their shares. "
+             "Markets closed lower on Friday.")
+    chunks = chunk_text(story, "story", "semantic", tokenizer=index.model.tokenizer, embed=index.model)
+    assert [c.text for c in chunks] == [story[:story.index(" The central")], story[story.index("The central"):]]
 
 
 def test_an_interrupted_build_keeps_its_embeddings_and_the_rerun_goes_on(tiny, tmp_path, monkeypatch):
