@@ -73,6 +73,9 @@ def test_a_pool_that_holds_a_scored_item_or_is_not_train_is_refused(tmp_path):
     task = load_task(mc_task(tmp_path))
     with pytest.raises(UserError, match=r"2 few-shot examples, fewer than --fewshot 3"):
         make_prompter(task, 3, 0, False, None)
+    write_task(tmp_path / "pool.jsonl", [{"question": "Is it?", "answer": "yes"}], {"kind": "binary", "split": "train"})
+    with pytest.raises(UserError, match=r"pool.jsonl:1: a binary pool for the multiple_choice task"):
+        make_prompter(task, 1, 0, False, None)
     plain = write_task(tmp_path / "plain.jsonl", SCORED_MC, {"kind": "multiple_choice", "split": "test"})
     with pytest.raises(UserError, match=r"plain.jsonl: --fewshot 1 needs solved examples from the train split"):
         make_prompter(load_task(plain), 1, 0, False, None)

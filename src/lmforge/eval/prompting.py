@@ -212,6 +212,7 @@ def load_pool(task: Task, k: int) -> Task:
         raise UserError(f"{task.path}: --fewshot {k} needs solved examples from the train split; add "
                         "\"fewshot\": \"FILE\" to the header (a task file of the same kind, split train) or "
                         "regenerate with `lmforge data make-tasks`")
+    _check_pool_kind(task, path)
     pool = load_task(path, task.kind)
     if pool.split is None or pool.split.split()[0].lower() not in ("train", "training"):
         raise UserError(f"{path}: few-shot examples must come from the train split, but its header says split "
@@ -221,6 +222,19 @@ def load_pool(task: Task, k: int) -> Task:
                         "add examples or lower --fewshot")
     check_pool(task, pool)
     return pool
+
+
+def _check_pool_kind(task: Task, path: Path) -> None:
+    from lmforge.data.readers import iter_jsonl_objects
+
+    if not path.is_file():
+        raise UserError(f"{task.path}: its few-shot pool {path} does not exist; fix the header's \"fewshot\"")
+    lineno, first = next(iter_jsonl_objects(path), (0, {}))
+    header = first.get("task") if set(first) == {"task"} else None
+    kind = header.get("kind") if isinstance(header, dict) else None
+    if kind is not None and kind != task.kind:
+        raise UserError(f"{path}:{lineno}: a {kind} pool for the {task.kind} task {task.path}; "
+                        "few-shot examples must be of the task's kind")
 
 
 def check_pool(task: Task, pool: Task) -> None:
