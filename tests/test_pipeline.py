@@ -257,3 +257,34 @@ def test_an_output_inside_its_own_input_does_not_make_it_stale(tmp_path, monkeyp
     assert run_pipeline("p.yaml") == {"all": "up to date"}
     (tmp_path / "notes/b.txt").write_text("b\n")
     assert run_pipeline("p.yaml") == {"all": "run"} and (tmp_path / "notes/all.out").read_text() == "a\nb\n"
+
+
+@pytest.mark.slow
+def test_a_real_training_stage_interrupted_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    from train_helpers import make_token_dir
+
+    monkeypatch.chdir(tmp_path)
+    make_token_dir(tmp_path)
+    tiny = ("--set model.n_layer=2 --set model.n_head=2 --set model.n_embd=32 --set model.block_size=32 "
+            "--set train.batch_size=4 --set train.max_steps=60 --set train.eval_every=20 --set train.eval_steps=2 "
+            "--set train.precision=fp32 --set train.threads=1")
+    (tmp_path / "real.yaml").write_text(f"stages:\n  train: pretrain nano --out run --overwrite "
+                                        f"--set data.tokens=tokens {tiny}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "run", "real.yaml"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "run/metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "starts again at it (from its checkpoint)" in out, out
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    stopped = summary["metrics"]["steps"]
+    assert summary["metrics"]["stop_reason"] == "interrupted" and "pipeline" not in summary and stopped < 60
+    assert run_pipeline("real.yaml") == {"train": "run"}
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["metrics"]["steps"] == 60 and summary["reproduce"]["argv"][-1] == "--resume"
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 60  # one curve, continued where it stopped
+    assert run_pipeline("real.yaml") == {"train": "up to date"}
