@@ -461,3 +461,28 @@ def test_a_moved_embedder_a_decoder_and_an_emptying_delete(tiny, tmp_path, capsy
     assert "is a GPT checkpoint, which gives no sentence embeddings" in _error(capsys)
     assert main(["rag", "delete", "--index", str(out), "--source", str(tiny["sea"])]) == 2
     assert "would leave" in _error(capsys) and RagIndex.open(out, embedder=tiny["bert"])
+
+
+def test_reindex_changes_the_structure_without_re_embedding(tiny, index_dir, tmp_path, monkeypatch, capsys):
+    import lmforge.rag.store as store
+
+    def never(*args, **kwargs):
+        raise AssertionError("reindex must not embed")
+
+    monkeypatch.setattr(store.Embedder, "__call__", never)
+    out = tmp_path / "hnsw"
+    assert main(["rag", "reindex", "--index", str(index_dir), "--type", "hnsw", "--out", str(out)]) == 0
+    config = json.loads((out / "rag_config.json").read_text())
+    assert config["index"]["type"] == "hnsw" and json.loads((index_dir / "rag_config.json").read_text())[
+        "index"]["type"] == "flat"
+    np.testing.assert_array_equal(np.load(out / "vectors.npy"), np.load(index_dir / "vectors.npy"))
+    flat, hnsw = RagIndex.open(index_dir).store, RagIndex.open(out).store
+    queries = np.load(index_dir / "vectors.npy")[:5]
+    assert (flat.index.search(queries, 3)[1] == hnsw.index.search(queries, 3)[1]).all()  # tiny: HNSW is exact
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["updates"][-1]["op"] == "reindex" and summary["updates"][-1]["to"] == "hnsw"
+    capsys.readouterr()
+    assert main(["rag", "reindex", "--index", str(out), "--type", "ivfpq"]) == 2
+    assert "ivfpq needs at least 1000 vectors" in _error(capsys)
+    assert main(["rag", "reindex", "--index", str(index_dir), "--type", "ivf", "--out", str(out)]) == 2
+    assert "already exists" in _error(capsys)

@@ -915,6 +915,22 @@ def _add_rag_delete_command(rag) -> None:
     p.set_defaults(func=_cmd_rag_delete)
 
 
+def _add_rag_reindex_command(rag) -> None:
+    p = rag.add_parser("reindex", help="rebuild an index's FAISS structure as another type from its stored vectors")
+    p.add_argument("--index", required=True, metavar="DIR")
+    p.add_argument("--type", required=True, choices=("flat", "hnsw", "ivf", "ivfpq"), dest="index_type")
+    p.add_argument("--out", default=None, metavar="DIR", help="write a copy there (default: change DIR in place)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=_cmd_rag_reindex)
+
+
+def _cmd_rag_reindex(args: argparse.Namespace) -> None:
+    from lmforge.rag import reindex
+
+    _print_rag_summary(reindex(args.index, args.index_type, args.out, overwrite=args.overwrite),
+                       f"reindexed {args.out or args.index}")
+
+
 def _add_rag_query_command(rag) -> None:
     p = rag.add_parser("query", help="retrieve chunks for a question and, with --ckpt, answer it citing them")
     p.add_argument("--index", required=True, metavar="DIR")
@@ -975,7 +991,8 @@ def _cmd_rag_query(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else format_result(result))
 
 
-RAG_COMMANDS = (_add_rag_index_command, _add_rag_add_command, _add_rag_delete_command, _add_rag_query_command)
+RAG_COMMANDS = (_add_rag_index_command, _add_rag_add_command, _add_rag_delete_command, _add_rag_reindex_command,
+                _add_rag_query_command)
 
 
 def _add_rag_eval_command(rag) -> None:

@@ -11,7 +11,7 @@
 from lmforge.rag.answer import answer_question
 from lmforge.rag.chunking import Chunk, chunk_text, split_sentences
 from lmforge.rag.retrieve import BM25, MODES, Hit, RagIndex, bm25_tokens, rrf
-from lmforge.rag.store import INDEX_TYPES, add_documents, build_index, delete_source
+from lmforge.rag.store import INDEX_TYPES, add_documents, build_index, delete_source, reindex
 
 __all__ = ["BM25", "INDEX_TYPES", "MODES", "Chunk", "Hit", "RagIndex", "add_documents", "answer_question",
-           "bm25_tokens", "build_index", "chunk_text", "delete_source", "rrf", "split_sentences"]
+           "bm25_tokens", "build_index", "chunk_text", "delete_source", "reindex", "rrf", "split_sentences"]

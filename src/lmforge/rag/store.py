@@ -487,11 +487,28 @@ def _same_embedder(store: Store, device: str = "cpu") -> Embedder:
     return model
 
 
-def _rewrite(store: Store, update: dict[str, Any]) -> dict[str, Any]:
+def reindex(index_dir: str | Path, index_type: str, out: str | Path | None = None, *,
+            overwrite: bool = False) -> dict[str, Any]:
+    """Rebuild the FAISS structure as `index_type` from the stored vectors (nothing is re-embedded), in
+    place or into a copy `out` (to compare structures over the same chunks)."""
+    t0 = time.perf_counter()
+    store = read_store(index_dir)
+    target = store.directory if out is None else Path(out)
+    if out is not None and target.exists() and not overwrite:
+        raise UserError(f"{target} already exists; pass --overwrite to replace it")
+    params = index_params(index_type, len(store.table["chunk_id"]), store.config["dim"])
+    store.index = make_faiss(np.asarray(store.vectors), store.ids, params)
+    before = store.config["index"]["type"]
+    store.config["index"] = params
+    update = {"op": "reindex", "from": before, "to": index_type, "seconds": round(time.perf_counter() - t0, 3)}
+    return _rewrite(store, update, target)
+
+
+def _rewrite(store: Store, update: dict[str, Any], target: Path | None = None) -> dict[str, Any]:
     previous = _read_summary(store.directory)
     metrics = {**previous.get("metrics", {}), "chunks": len(store.table["chunk_id"]),
                "sources": len(set(store.table["file"])), "documents": len(set(store.table["source"]))}
-    return write_store(store, store.directory, metrics, [*previous.get("updates", []), update])
+    return write_store(store, target or store.directory, metrics, [*previous.get("updates", []), update])
 
 
 def _read_summary(directory: Path) -> dict[str, Any]:
