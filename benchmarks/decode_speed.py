@@ -19,6 +19,9 @@ tokens per row: no stop id, greedy):
          writes) and `generate_batch` without autocast.
   int8 / int4  lmforge `quantize_model(model, "int8" / "int4")` (int4: `--group-size` 128), compared with
          transformers fp32 (the goal: faster than fp32 at batch 1; decoding is memory bound).
+  int8+head / int4+head  the same with `lm_head=True`: the (tied) output layer gets an 8-bit copy.
+With `--plain-head`, fp32 rows time a third side: lmforge with `Engine(fast_head=False)` (the output
+layer through `F.linear` as the model computes it, i.e. before the transposed-head change).
 Timing: one process; per row a warm-up call of each side, then `--repeats` rounds that alternate
 the two sides (background load hits both alike); the median wall time of a call gives tokens/s =
 batch x new tokens / seconds (the prompt's prefill included, as a user sees it). The ratio is
@@ -26,13 +29,14 @@ lmforge / transformers, printed with the issue's goals (>= 2x at batch 8, >= 1.5
 "same" compares the greedy tokens of the two sides (fp32 rows should agree; bf16 round-off can
 flip a near-tie of the random model's flat logits).
 
-llama.cpp (optional, never installed by this script): when `import llama_cpp` works and
-`--llama-converter` names llama.cpp's `convert_hf_to_gguf.py` (shipped in llama-cpp-python's source
-distribution, vendor/llama.cpp/), the HF directory is converted to f32 and q8_0 GGUF and decoded at
-batch 1 with the same prompt (its own eval loop, greedy, `n_threads` = torch's threads). Otherwise
-the column says why not ("not installed"). Untested here (llama-cpp-python is not installed): the
-random model's HF dir has no tokenizer, which llama.cpp's converter may require (then the column
-reports "conversion failed" with its last error line; HOWTO.md: its BPE pre-tokenizer check).
+llama.cpp (optional, never installed by this script): when `import llama_cpp` works, the same
+weights are written as f32 and q8_0 GGUF and decoded at batch 1 with the same prompt (its own eval
+loop, greedy, `n_threads` = torch's threads, a warm-up then `--repeats` timed calls, median). The
+GGUF files come from llama.cpp's own `convert_hf_to_gguf.py` when `--llama-converter` names it
+(shipped in llama-cpp-python's source distribution, vendor/llama.cpp/), else from lmforge's
+`convert to-gguf` (whose greedy tokens equal llama.cpp's in tests/test_gguf.py); the checkpoint
+carries a small byte-level BPE tokenizer for that (GGUF holds one; the random prompts are ids).
+"same" there compares llama.cpp's f32 greedy tokens with lmforge fp32's at batch 1.
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ from pathlib import Path
 import torch
 
 GOALS = {1: 1.5, 8: 2.0}  # lmforge / transformers tokens/s, issue 14 item 6
-QUANTIZED = ("int8", "int8-dynamic", "int4")  # their goal: faster than fp32 at batch 1
+QUANTIZED = ("int8", "int8-dynamic", "int4", "int8+head", "int4+head")  # goal: faster than fp32 at batch 1
+VARIANTS = ("fp32", "bf16", *QUANTIZED)
 QUICK = dict(layers=2, width=64, heads=2, vocab=512, block_size=64, prompt_len=8, new_tokens=16,
              batches=[1, 2], repeats=1, group_size=32)
 
@@ -62,6 +67,19 @@ def model_config(args: argparse.Namespace):
                        norm="layernorm", mlp=args.mlp, tie_embeddings=True)
 
 
+def bpe_tokenizer(tmp: Path, vocab_size: int) -> Path | None:
+    """A small byte-level BPE tokenizer.json (what a GGUF file must carry), or None when the model's
+    vocabulary is smaller than BPE's 256 byte tokens plus specials."""
+    from lmforge.tokenizer.train import train_tokenizer
+
+    if vocab_size < 320:
+        return None
+    (tmp / "corpus").mkdir(parents=True, exist_ok=True)
+    (tmp / "corpus" / "a.txt").write_text("the king shall speak of love and death upon this night\n" * 50)
+    train_tokenizer(tmp / "corpus", tmp / "tok", kind="bpe", vocab_size=300)
+    return tmp / "tok" / "tokenizer.json"
+
+
 def build_pair(args: argparse.Namespace, tmp: Path):
     """(lmforge model, path of its checkpoint, HF dir): random weights, converted by `to_hf`."""
     from lmforge.export.hf import to_hf
@@ -71,14 +89,16 @@ def build_pair(args: argparse.Namespace, tmp: Path):
     config = model_config(args)
     torch.manual_seed(0)
     model = build_model(config).eval()
-    ckpt = save_checkpoint(tmp / "ckpt", model.state_dict(), config.to_dict(), None, None,
+    tokenizer = bpe_tokenizer(tmp, args.vocab)
+    ckpt = save_checkpoint(tmp / "ckpt", model.state_dict(), config.to_dict(), tokenizer, None,
                            drop=tied_aliases(model))
     to_hf(ckpt, tmp / "hf")
     return model, ckpt, tmp / "hf"
 
 
 def load_lmforge(ckpt: Path, variant: str, group_size: int = 128):
-    """The checkpoint's weights in a fresh lmforge model, in `variant` (fp32, or a `quantize_model` method)."""
+    """The checkpoint's weights in a fresh lmforge model, in `variant` (fp32, or a `quantize_model` method;
+    "+head": with lm_head=True)."""
     from lmforge.compress.quantize import quantize_model
     from lmforge.models import build_model
     from lmforge.models.config import ModelConfig
@@ -87,7 +107,10 @@ def load_lmforge(ckpt: Path, variant: str, group_size: int = 128):
     model = build_model(ModelConfig.from_dict(read_model_config(ckpt)))
     load_weights_into(model, read_weights(ckpt), ckpt / "model.safetensors")
     model.eval()
-    return model if variant == "fp32" else quantize_model(model, variant, group_size=group_size).eval()
+    if variant == "fp32":
+        return model
+    method, _, head = variant.partition("+")
+    return quantize_model(model, method, group_size=group_size, lm_head=head == "head").eval()
 
 
 def load_hf(hf_dir: Path, dtype: torch.dtype):
@@ -103,6 +126,19 @@ def run_lmforge(model, prompts: list[list[int]], new_tokens: int) -> list[list[i
     from lmforge.infer.generate import generate_batch
 
     return generate_batch(model, prompts, new_tokens, temperature=0.0)
+
+
+def run_lmforge_plain_head(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """generate_batch's engine with fast_head=False (the output layer as the model computes it)."""
+    from lmforge.infer.engine import Engine, SamplingParams
+
+    engine = Engine(model, max_batch=len(prompts), fast_head=False)
+    index = {engine.add(p, SamplingParams(new_tokens, temperature=0.0)): i for i, p in enumerate(prompts)}
+    ids: list[list[int]] = [[] for _ in prompts]
+    while engine.has_work:
+        for event in engine.step():
+            ids[index[event.request_id]].append(event.token_id)
+    return ids
 
 
 def run_hf(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
@@ -135,9 +171,13 @@ def measure(sides: dict, prompts: list[list[int]], new_tokens: int, repeats: int
 def row_result(variant: str, batch: int, measured: dict) -> dict:
     ours, theirs = measured["lmforge"], measured["transformers"]
     ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]
-    return {"variant": variant, "batch": batch, "lmforge_tokens_per_s": ours["tokens_per_s"],
+    plain = measured.get("plain_head")
+    extra = {} if plain is None else {"lmforge_plain_head_tokens_per_s": plain["tokens_per_s"],
+                                      "plain_head_same_tokens": plain["ids"] == ours["ids"]}
+    return {**extra, "variant": variant, "batch": batch, "lmforge_tokens_per_s": ours["tokens_per_s"],
             "transformers_tokens_per_s": theirs["tokens_per_s"], "ratio": ratio, "goal": GOALS.get(batch),
-            "same_tokens": ours["ids"] == theirs["ids"], "lmforge_new_tokens": ours["new_tokens"],
+            "same_tokens": ours["ids"] == theirs["ids"], "lmforge_ids": ours["ids"],
+            "lmforge_new_tokens": ours["new_tokens"],
             "transformers_new_tokens": theirs["new_tokens"], "lmforge_seconds": ours["seconds"],
             "transformers_seconds": theirs["seconds"]}
 
@@ -154,6 +194,8 @@ def run_rows(args: argparse.Namespace, ckpt: Path, hf_dir: Path, prompts: list[l
         for batch in args.batches:
             sides = {"lmforge": lambda p, n, m=ours: run_lmforge(m, p, n),
                      "transformers": lambda p, n, m=theirs: run_hf(m, p, n)}
+            if args.plain_head and variant == "fp32":
+                sides["plain_head"] = lambda p, n, m=ours: run_lmforge_plain_head(m, p, n)
             rows.append(row_result(variant, batch, measure(sides, prompts[:batch], args.new_tokens, args.repeats)))
             print_row(rows[-1], flush=True)
     return rows
@@ -175,9 +217,13 @@ def print_row(r: dict, flush: bool = False) -> None:
     else:
         goal_text = f">={goal}x" if goal else ""
     mark = "" if not goal or r["variant"] in QUANTIZED else (" ok" if r["ratio"] >= goal else " MISS")
+    plain = r.get("lmforge_plain_head_tokens_per_s")
+    plain_text = "" if plain is None else (f"  (plain head {plain:.1f} tok/s: fast head "
+                                           f"{r['lmforge_tokens_per_s'] / plain:.2f}x, same tokens "
+                                           f"{'yes' if r['plain_head_same_tokens'] else 'no'})")
     print(f"{r['variant']:<12} {r['batch']:>5} {r['lmforge_tokens_per_s']:>14.1f} "
           f"{r['transformers_tokens_per_s']:>19.1f} {r['ratio']:>6.2f}x {goal_text:>6}{mark}  "
-          f"{'yes' if r['same_tokens'] else 'no'}", flush=flush)
+          f"{'yes' if r['same_tokens'] else 'no'}{plain_text}", flush=flush)
 
 
 def quant_vs_fp32(rows: list[dict]) -> list[str]:
@@ -192,37 +238,73 @@ def quant_vs_fp32(rows: list[dict]) -> list[str]:
     return lines
 
 
+def llama_lines(rows: list[dict], llama: dict) -> list[str]:
+    """llama.cpp's f32 / q8_0 tokens/s at batch 1 against every lmforge batch-1 row of this run."""
+    lines = []
+    ours = {r["variant"]: r for r in rows if r["batch"] == 1}
+    for key in ("f32", "q8_0"):
+        if f"{key}_tokens_per_s" not in llama:
+            continue
+        theirs = llama[f"{key}_tokens_per_s"]
+        vs = ", ".join(f"{v} {r['lmforge_tokens_per_s'] / theirs:.2f}x" for v, r in ours.items())
+        same = ""
+        if key == "f32" and "fp32" in ours:
+            agree = llama["f32_ids"] == ours["fp32"]["lmforge_ids"][0]
+            same = f"; greedy tokens = lmforge fp32's: {'yes' if agree else 'no'}"
+        lines.append(f"llama.cpp {key} batch 1: {theirs:.1f} tok/s; lmforge / llama.cpp: {vs}{same}")
+    return lines
+
+
 # --------------------------------------------------------------------------------------------
 # llama.cpp (optional)
 
 
-def llama_cpp_column(args: argparse.Namespace, hf_dir: Path, prompt: list[int], tmp: Path) -> dict:
-    """llama-cpp-python's batch-1 tokens/s for f32 and q8_0 GGUF files of `hf_dir`, or why not."""
+def llama_cpp_column(args: argparse.Namespace, hf_dir: Path, ckpt: Path, prompt: list[int], tmp: Path) -> dict:
+    """llama-cpp-python's batch-1 tokens/s (and greedy ids) for f32 and q8_0 GGUF files of these
+    weights, or why not: llama.cpp's converter on `hf_dir` if given, else lmforge's `to_gguf`."""
     try:
         import llama_cpp
     except ImportError:
         return {"status": "not installed (pip install llama-cpp-python: an optional bench dependency)"}
-    if not args.llama_converter or not Path(args.llama_converter).is_file():
-        return {"status": "installed, but --llama-converter (llama.cpp's convert_hf_to_gguf.py) is not given"}
-    result: dict = {"status": "measured"}
+    converter = "llama.cpp convert_hf_to_gguf.py" if args.llama_converter else "lmforge convert to-gguf"
+    result: dict = {"status": f"installed; measured on GGUF files from {converter}"}
     for outtype in ("f32", "q8_0"):
         gguf = tmp / f"model-{outtype}.gguf"
-        done = subprocess.run([sys.executable, args.llama_converter, str(hf_dir), "--outtype", outtype,
-                               "--outfile", str(gguf)], capture_output=True, text=True)
-        if done.returncode:
-            return {"status": f"conversion failed: {done.stderr.strip().splitlines()[-1:]}"}
+        failed = gguf_file(args, hf_dir, ckpt, outtype, gguf)
+        if failed:
+            return {"status": f"installed, but the GGUF conversion failed: {failed}"}
         llm = llama_cpp.Llama(str(gguf), n_ctx=args.block_size, n_threads=torch.get_num_threads(),
-                              verbose=False)
-        seconds = []
+                              n_batch=args.block_size, verbose=False)
+        seconds, ids = [], []
         for _ in range(args.repeats + 1):  # the first is the warm-up
             llm.reset()
             start = time.perf_counter()
-            for i, _ in enumerate(llm.generate(prompt, top_k=1, temp=0.0, reset=True)):
-                if i + 1 == args.new_tokens:
+            ids = []
+            for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+                ids.append(int(token))
+                if len(ids) == args.new_tokens:
                     break
             seconds.append(time.perf_counter() - start)
         result[f"{outtype}_tokens_per_s"] = args.new_tokens / statistics.median(seconds[1:])
+        result[f"{outtype}_ids"] = ids
+        del llm
     return result
+
+
+def gguf_file(args: argparse.Namespace, hf_dir: Path, ckpt: Path, outtype: str, out: Path) -> str | None:
+    """Write `out` (f32 or q8_0); None, or the reason it failed (one line)."""
+    if args.llama_converter:
+        done = subprocess.run([sys.executable, args.llama_converter, str(hf_dir), "--outtype", outtype,
+                               "--outfile", str(out)], capture_output=True, text=True)
+        return (done.stderr.strip().splitlines() or ["?"])[-1] if done.returncode else None
+    from lmforge.errors import UserError
+    from lmforge.export.gguf import to_gguf
+
+    try:
+        to_gguf(ckpt, out, qtype=outtype)
+    except UserError as e:
+        return str(e)
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,8 +352,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    parser.add_argument("--variants", nargs="+", default=["fp32", "bf16", "int8", "int4"],
-                        choices=["fp32", "bf16", "int8", "int8-dynamic", "int4"])
+    parser.add_argument("--variants", nargs="+", default=["fp32", "bf16", "int8", "int4", "int8+head", "int4+head"],
+                        choices=VARIANTS)
+    parser.add_argument("--plain-head", action="store_true",
+                        help="fp32 rows also time lmforge with Engine(fast_head=False) (the plain output layer)")
     parser.add_argument("--group-size", type=int, default=128, help="int4 group size")
     parser.add_argument("--repeats", type=int, default=3, help="alternating timed rounds (median)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -300,16 +384,13 @@ def main(argv: list[str] | None = None) -> dict:
         _, ckpt, hf_dir = build_pair(args, Path(tmp))
         if args.profile or args.lmforge_only:
             return profile(args, ckpt, prompts, args.profile)
-        llama = llama_cpp_column(args, hf_dir, prompts[0], Path(tmp))
+        llama = llama_cpp_column(args, hf_dir, ckpt, prompts[0], Path(tmp))
         print_header(args, llama)
         rows = run_rows(args, ckpt, hf_dir, prompts)
     for line in quant_vs_fp32(rows):
         print(line)
-    for key in ("f32", "q8_0"):
-        if f"{key}_tokens_per_s" in llama:
-            fp32 = next(r["lmforge_tokens_per_s"] for r in rows if r["variant"] == "fp32" and r["batch"] == 1)
-            print(f"llama.cpp {key} batch 1: {llama[f'{key}_tokens_per_s']:.1f} tok/s; lmforge fp32 / it: "
-                  f"{fp32 / llama[f'{key}_tokens_per_s']:.2f}x")
+    for line in llama_lines(rows, llama):
+        print(line)
     result = {"config": {k: v for k, v in vars(args).items() if k not in ("json", "profile")}, "rows": rows,
               "llama_cpp": llama, "torch_threads": torch.get_num_threads()}
     if args.json:

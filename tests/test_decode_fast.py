@@ -123,3 +123,28 @@ def test_quantized_output_layer_round_trips_through_a_checkpoint(tmp_path, token
     with torch.no_grad():
         assert torch.equal(loaded(x)[0], model(x)[0])
     assert greedy(loaded, [[3, 4, 5]]) == greedy(model, [[3, 4, 5]])
+
+
+def test_decode_benchmark_new_columns(tmp_path):
+    """decode_speed.py: the "+head" variants, the --plain-head side, and llama.cpp decoding GGUF files
+    written by lmforge's to_gguf (its f32 greedy tokens equal lmforge fp32's)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "decode_speed.py"
+    spec = importlib.util.spec_from_file_location("decode_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--layers", "2", "--width", "32", "--heads", "2", "--vocab", "384", "--block-size", "32",
+                         "--prompt-len", "5", "--new-tokens", "6", "--batches", "1", "2", "--repeats", "1",
+                         "--group-size", "32", "--variants", "fp32", "int8+head", "--plain-head"])
+    rows = {(r["variant"], r["batch"]): r for r in result["rows"]}
+    assert set(rows) == {("fp32", 1), ("fp32", 2), ("int8+head", 1), ("int8+head", 2)}
+    assert rows["fp32", 1]["plain_head_same_tokens"] and rows["fp32", 2]["plain_head_same_tokens"]
+    assert "lmforge_plain_head_tokens_per_s" not in rows["int8+head", 1]
+    assert rows["fp32", 2]["same_tokens"]  # transformers agrees too
+    llama = result["llama_cpp"]
+    if llama["status"].startswith("not installed"):
+        pytest.skip("llama-cpp-python is not installed")
+    assert llama["status"].endswith("lmforge convert to-gguf"), llama["status"]
+    assert llama["f32_ids"] == rows["fp32", 1]["lmforge_ids"][0] and len(llama["q8_0_ids"]) == 6
