@@ -192,6 +192,13 @@ def test_options_are_checked_at_load():
             load_config(None, [bad])
 
 
+def test_pretrain_refuses_objective_distill(setup, tmp_path):
+    tokens, _ = setup
+    with pytest.raises(UserError, match="lmforge distill --teacher"):
+        pretrain(tiny_config(tokens, *STUDENT, "objective=distill"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_input_is_one_line_and_writes_nothing(setup, tmp_path, capsys):
     tokens, teacher = setup
     other = tmp_path / "other"  # a teacher copy carrying another tokenizer

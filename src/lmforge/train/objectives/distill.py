@@ -116,6 +116,9 @@ class Distill(CausalLM):
     needs_models = ("teacher",)
 
     def __init__(self, cfg: Any, tokenizer: Any, model_config: Any, models: dict | None = None) -> None:
+        if "teacher" not in (models or {}):
+            raise UserError("objective distill trains against a teacher model, which `lmforge distill --teacher DIR "
+                            "CONFIG` loads; run that command instead of pretrain")
         super().__init__(cfg, tokenizer, model_config, models)
         self.opts: DistillOptions = cfg.distill
         self.teacher: nn.Module = self.models["teacher"].requires_grad_(False).eval()
