@@ -207,6 +207,7 @@ STAGES = ("data fetch", "data prepare", "data make-tasks", "tokenizer train", "t
           "quantize")
 STAGES += ("rag index",)
 STAGES += ("distill",)
+STAGES += ("prune",)
 STAGES += ("rag eval",)
 
 

@@ -35,11 +35,17 @@ def check_inputs(src: Path, out: Path, method: str, group_size: int, overwrite: 
         raise UserError(f"--group-size {group_size}: use 32, 64 or 128")
     if (src / QUANT_CONFIG).is_file():
         raise UserError(f"--ckpt {src} is quantized already ({QUANT_CONFIG}); quantize the original checkpoint")
+    check_paths(src, out, overwrite, "quantize", "quantized")
+
+
+def check_paths(src: Path, out: Path, overwrite: bool, action: str, made: str) -> None:
+    """The checks every compression command makes on --ckpt and --out (`action` the verb, e.g. "prune";
+    `made` what the output is, e.g. "pruned"): no adapter checkpoint, --out not inside --ckpt, --out empty."""
     if (src / "adapter_config.json").is_file():
         raise UserError(f"--ckpt {src} is a fine-tuning checkpoint with an adapter; fold it in first "
-                        f"(`lmforge merge --ckpt {src} --out DIR`) and quantize DIR")
+                        f"(`lmforge merge --ckpt {src} --out DIR`) and {action} DIR")
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
-        raise UserError(f"--out {out} is inside --ckpt {src}; write the quantized checkpoint elsewhere")
+        raise UserError(f"--out {out} is inside --ckpt {src}; write the {made} checkpoint elsewhere")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it, or another --out")
 

@@ -173,10 +173,13 @@ class KVCache:
     keeps the cross keys/values.
     """
 
-    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, head_dim: int, max_len: int,
+    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int | Sequence[int], head_dim: int, max_len: int,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        """n_kv_head: one count for every layer, or one per layer (a pruned model, `ModelConfig.layer_heads`)."""
         self.n_layer, self.batch_size, self.max_len = n_layer, batch_size, max_len
-        self.shape = (batch_size, n_kv_head, max_len, head_dim)
+        heads = [n_kv_head] * n_layer if isinstance(n_kv_head, int) else list(n_kv_head)
+        self.layer_shapes = [(batch_size, h, max_len, head_dim) for h in heads]
+        self.shape = self.layer_shapes[0]  # every layer's, unless pruned
         self.device, self.dtype = device, dtype
         # lists shared with every view: change them in place, never rebind them
         self.keys: list[Tensor | None] = [None] * n_layer
@@ -259,8 +262,8 @@ class KVCache:
                              "reset() or crop() it first")
         if self.keys[layer] is None:
             device, dtype = self.device or k.device, self.dtype or k.dtype
-            self.keys[layer] = torch.zeros(self.shape, device=device, dtype=dtype)
-            self.values[layer] = torch.zeros(self.shape, device=device, dtype=dtype)
+            self.keys[layer] = torch.zeros(self.layer_shapes[layer], device=device, dtype=dtype)
+            self.values[layer] = torch.zeros(self.layer_shapes[layer], device=device, dtype=dtype)
         keys, values = self.keys[layer][self.start:self.stop], self.values[layer][self.start:self.stop]
         past = self.past
         if past is not None:
@@ -603,13 +606,16 @@ class TransformerBlock(nn.Module):
     architecture builds its stack from this one block.
     """
 
-    def __init__(self, config, *, causal: bool, cross_attention: bool = False) -> None:
+    def __init__(self, config, *, causal: bool, cross_attention: bool = False, layer: int | None = None) -> None:
+        """layer: the block's index, for a pruned model's per-layer widths (`ModelConfig.layer_heads`,
+        `layer_mlp_hidden`); None: the config's uniform widths."""
         super().__init__()
         c = config
         self.pre_norm = c.norm_position == "pre"
         attention = dict(bias=c.bias, dropout=c.dropout, scale=c.attn_scale, head_dim=c.head_dim)
         self.attn_norm = make_norm(c.norm, c.n_embd, c.norm_eps, c.bias)
-        self.attn = Attention(c.n_embd, c.n_head, c.kv_heads, causal=causal, **attention)
+        heads = (c.n_head, c.kv_heads) if layer is None else (c.heads_in(layer), c.kv_heads_in(layer))
+        self.attn = Attention(c.n_embd, *heads, causal=causal, **attention)
         self.cross_norm = self.cross_attn = None
         if cross_attention:
             self.cross_norm = make_norm(c.norm, c.n_embd, c.norm_eps, c.bias)
@@ -619,7 +625,10 @@ class TransformerBlock(nn.Module):
         # MLP above, hence the import here rather than at the top)
         from lmforge.models.moe import make_ffn
 
-        self.mlp = make_ffn(c)
+        if layer is None or c.layer_mlp_hidden is None:
+            self.mlp = make_ffn(c)
+        else:
+            self.mlp = MLP(c.n_embd, c.ffn_hidden_in(layer), c.mlp, bias=c.bias, dropout=c.dropout)
 
     def forward(self, x: Tensor, *, rope: tuple[Tensor, Tensor] | None = None,
                 attn_mask: Tensor | None = None, position_bias: Tensor | None = None,

@@ -65,6 +65,11 @@ class ModelConfig:
     # The Hugging Face model_type a converted checkpoint came from (`lmforge convert from-hf`);
     # to-hf writes it back where two HF families share one layout (mistral vs llama). No effect on the model.
     hf_model_type: str | None = None
+    # Structural pruning (`lmforge prune`, arch gpt): per-layer widths. None: every layer has n_head query
+    # heads and ffn_hidden MLP units. layer_heads[i] counts layer i's query heads (with GQA a multiple of
+    # n_head / kv_heads: whole kv groups go); layer_mlp_hidden[i] its MLP hidden units.
+    layer_heads: list[int] | None = None
+    layer_mlp_hidden: list[int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
@@ -83,6 +88,30 @@ class ModelConfig:
     def decoder_layers(self) -> int:
         """encdec: the decoder's block count."""
         return self.n_decoder_layer or self.n_layer
+
+    @property
+    def is_pruned(self) -> bool:
+        """Whether layers have their own widths (`layer_heads` / `layer_mlp_hidden`, `lmforge prune`)."""
+        return self.layer_heads is not None or self.layer_mlp_hidden is not None
+
+    def heads_in(self, layer: int) -> int:
+        """Query heads of block `layer` (n_head unless pruned)."""
+        return self.n_head if self.layer_heads is None else self.layer_heads[layer]
+
+    def kv_heads_in(self, layer: int) -> int:
+        """Key/value heads of block `layer`: its query heads over the GQA group size."""
+        return self.heads_in(layer) // (self.n_head // self.kv_heads)
+
+    def ffn_hidden_in(self, layer: int) -> int:
+        """MLP hidden units of block `layer` (ffn_hidden unless pruned)."""
+        return self.ffn_hidden if self.layer_mlp_hidden is None else self.layer_mlp_hidden[layer]
+
+    def check_unpruned(self, action: str) -> None:
+        """A UserError for stages whose formats cannot express per-layer widths (`action`, e.g. "convert to-gguf")."""
+        if self.is_pruned:
+            key = "layer_heads" if self.layer_heads is not None else "layer_mlp_hidden"
+            raise UserError(f"model.{key}: this checkpoint is structurally pruned (`lmforge prune`, per-layer widths) "
+                            f"and {action} cannot express per-layer widths; use an unpruned checkpoint")
 
     @property
     def ffn_hidden(self) -> int:
@@ -128,6 +157,8 @@ class ModelConfig:
         if not isinstance(self.num_labels, int) or self.num_labels < 0:
             raise bad("num_labels", f"must be a non-negative integer, got {self.num_labels!r}")
         self._validate_moe(bad)
+        if self.is_pruned:
+            self._validate_pruned(bad)
         if self.arch == "bert":
             self._validate_bert(bad)
         if self.arch == "encdec":
@@ -153,6 +184,25 @@ class ModelConfig:
         if self.arch != "gpt":  # the other families do not add the router's auxiliary losses yet
             raise bad("moe.num_experts", f"{m.num_experts}: Mixture-of-Experts is implemented for arch gpt, "
                       f"not {self.arch}; set 0")
+
+    def _validate_pruned(self, bad) -> None:
+        group = self.n_head // self.kv_heads
+        for key, most, step in (("layer_heads", self.n_head, group), ("layer_mlp_hidden", None, 1)):
+            widths = getattr(self, key)
+            if widths is None:
+                continue
+            if self.arch != "gpt":
+                raise bad(key, f"per-layer widths (a pruned model) are implemented for arch gpt, not {self.arch}; "
+                          "set null")
+            if not isinstance(widths, list) or len(widths) != self.n_layer:
+                raise bad(key, f"must be a list of {self.n_layer} integers (one per layer) or null, got {widths!r}")
+            for i, w in enumerate(widths):
+                if not isinstance(w, int) or isinstance(w, bool) or w < 1 or (most and w > most) or w % step:
+                    allowed = f"1..{most}" if most else ">= 1"
+                    extra = f" and a multiple of n_head/n_kv_head={step}" if step > 1 else ""
+                    raise bad(f"{key}[{i}]", f"{w!r}: must be an integer in {allowed}{extra}")
+        if self.layer_mlp_hidden is not None and self.moe.num_experts:
+            raise bad("layer_mlp_hidden", "per-layer MLP widths are not implemented for Mixture-of-Experts; set null")
 
     def _validate_encdec(self, bad) -> None:
         if self.pos_encoding not in ("sinusoidal", "relative"):

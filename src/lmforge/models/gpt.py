@@ -54,7 +54,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.dropout = Dropout(c.dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(c, causal=True) for _ in range(c.n_layer))
+        self.blocks = nn.ModuleList(TransformerBlock(c, causal=True, layer=i) for i in range(c.n_layer))
         self.norm = make_norm(c.norm, c.n_embd, c.norm_eps, c.bias)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         if c.tie_embeddings:
@@ -186,7 +186,8 @@ class GPT(nn.Module):
         """
         c = self.config
         max_len = min(max_len or c.block_size, c.block_size)
-        return KVCache(c.n_layer, batch_size, c.kv_heads, c.head_dim, max_len, device, dtype)
+        heads = [c.kv_heads_in(i) for i in range(c.n_layer)] if c.layer_heads is not None else c.kv_heads
+        return KVCache(c.n_layer, batch_size, heads, c.head_dim, max_len, device, dtype)
 
     def num_params(self, exclude_embeddings: bool = False, active: bool = False) -> int:
         """Exact parameter count; a tied weight counts once.
@@ -225,4 +226,7 @@ class GPT(nn.Module):
         if c.tie_embeddings:
             n += self.lm_head.weight.numel()
         seq_len = c.block_size if seq_len is None else seq_len
-        return 6.0 * n + 12.0 * c.n_layer * c.n_embd * seq_len
+        width = c.n_layer * c.n_embd  # attention's q/k width summed over layers; a pruned model's own
+        if c.layer_heads is not None:
+            width = sum(c.layer_heads) * c.head_dim
+        return 6.0 * n + 12.0 * width * seq_len

@@ -76,7 +76,7 @@ def count_params(c: ModelConfig) -> dict[str, Any]:
     block's router and top_k experts only (= total and matmul for dense models). `approx_12Ld2`
     is the classic 12·L·d². Architectures other than GPT are counted by `count_params_built`.
     """
-    if c.arch != "gpt":
+    if c.arch != "gpt" or c.is_pruned:  # a pruned model (per-layer widths) is counted too
         return count_params_built(c)
     d, V = c.n_embd, c.vocab_size
     embedding = V * d + (c.block_size * d if c.pos_encoding == "learned" else 0)
@@ -154,4 +154,5 @@ def flops_per_token(c: ModelConfig, seq_len: int | None = None, decoder_len: int
     if c.arch != "gpt":
         lengths = (seq_len, decoder_len) if c.arch == "encdec" else (seq_len,)
         return float(built_model(c).flops_per_token(*lengths))
-    return 6.0 * count_params(c)["matmul_active"] + 12.0 * n_blocks(c) * c.n_embd * seq_len
+    width = n_blocks(c) * c.n_embd if c.layer_heads is None else sum(c.layer_heads) * c.head_dim  # pruned: its own
+    return 6.0 * count_params(c)["matmul_active"] + 12.0 * width * seq_len
