@@ -14,7 +14,14 @@ from torch import nn
 from lmforge.compress.modules import Int8DynamicLinear, Int8Linear
 from lmforge.compress.quantize import quant_config, quantize_model
 from lmforge.errors import UserError
-from lmforge.infer.engine import TRANSPOSED, Engine, SamplingParams, TransposedLinear, transposed_output_layer
+from lmforge.infer.engine import (
+    TRANSPOSED,
+    Engine,
+    LastPositionHead,
+    SamplingParams,
+    TransposedLinear,
+    transposed_output_layer,
+)
 from lmforge.infer.generate import generate_batch
 from lmforge.models import build_model
 from lmforge.models.config import ModelConfig
@@ -70,7 +77,8 @@ def test_transposed_head_only_where_it_applies():
     not for a wrapped head; generate_batch's tokens stay the plain forward's in every case."""
     model = tiny()
     seen = []
-    model.register_forward_pre_hook(lambda m, args: seen.append(type(m.lm_head)))
+    model.register_forward_pre_hook(lambda m, args: seen.append(  # under the prefill's LastPositionHead
+        type(m.lm_head.head if isinstance(m.lm_head, LastPositionHead) else m.lm_head)))
     generate_batch(model, [[1, 2]], 2, temperature=0.0, autocast_dtype=torch.bfloat16)
     assert seen and set(seen) == {nn.Linear}
     seen.clear()
@@ -148,3 +156,17 @@ def test_decode_benchmark_new_columns(tmp_path):
         pytest.skip("llama-cpp-python is not installed")
     assert llama["status"].endswith("lmforge convert to-gguf"), llama["status"]
     assert llama["f32_ids"] == rows["fp32", 1]["lmforge_ids"][0] and len(llama["q8_0_ids"]) == 6
+
+
+def test_prefill_computes_the_output_layer_at_each_row_s_last_position_only():
+    """Prompts of different lengths: the engine's first tokens (from the prefill) are the argmax of the
+    model's own logits at each prompt's last position, and the output layer saw one position per row."""
+    model = tiny()
+    prompts = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11]]
+    shapes = []
+    model.lm_head.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    first = [ids[0] for ids in greedy(model, prompts, n=1, fast_head=False)]
+    assert shapes == [(3, 1, 32)]
+    with torch.no_grad():
+        expected = [int(model(torch.tensor([p]))[0][0, -1].argmax()) for p in prompts]
+    assert first == expected

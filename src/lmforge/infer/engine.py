@@ -280,6 +280,33 @@ def transposed_output_layer(model: nn.Module):
         model.lm_head = head
 
 
+class LastPositionHead(nn.Module):
+    """An output layer applied at one position per row only: `head(x[b, positions[b]])`, returned
+    expanded over the T positions (B, T, vocab) — a prefill needs each row's next-token logits, not
+    T of them (over a 50k vocabulary that was 64x the output layer's work for a 64-token prompt)."""
+
+    def __init__(self, head: nn.Module, positions: Tensor) -> None:
+        super().__init__()
+        self.head = head
+        self.positions = positions
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = torch.arange(x.shape[0], device=x.device)
+        y = self.head(x[rows, self.positions][:, None])
+        return y.expand(x.shape[0], x.shape[1], y.shape[-1])
+
+
+@contextlib.contextmanager
+def last_position_output(model: nn.Module, positions: Tensor):
+    """`model.lm_head` wrapped in a `LastPositionHead` while the block runs (restored after)."""
+    head = model.lm_head
+    model.lm_head = LastPositionHead(head, positions)
+    try:
+        yield
+    finally:
+        model.lm_head = head
+
+
 @dataclass(eq=False)
 class Request:
     """One request's state while it is queued or running."""
@@ -469,11 +496,13 @@ class Engine:
         view.reset()
         if self.encoder_decoder:
             return self._prefill_encoder_decoder(idx, lengths, view)[:, -1]
-        logits = self.model(idx, kv_cache=view)[0]
+        last = torch.tensor(lengths, device=self.device) - 1
+        only_last = isinstance(getattr(self.model, "lm_head", None), nn.Module)
+        with last_position_output(self.model, last) if only_last else contextlib.nullcontext():
+            logits = self.model(idx, kv_cache=view)[0]
         if min(lengths) == width:
             return logits[:, -1]
         view.set_lengths(lengths)  # forget the padding
-        last = torch.tensor(lengths, device=self.device) - 1
         return logits[torch.arange(len(inputs), device=self.device), last]
 
     def _prefill_encoder_decoder(self, idx: Tensor, lengths: list[int], view) -> Tensor:
