@@ -6,8 +6,8 @@
 For each chunking strategy (fixed, sentence, semantic) it builds a flat index of `--corpus` (the modern
 edition, or some of its plays) with `lmforge.rag.build_index` (the same as `lmforge rag index --chunking X
 --index flat`; kept in `--work` and reused when already there), and from the sentence index's stored
-vectors an `hnsw` and an `ivf` index (`rag.store.make_faiss` over `vectors.npy`: what `lmforge rag index
---index hnsw|ivf` would build from the same vectors, without embedding the corpus again). Every index is
+vectors an `hnsw` and an `ivf` index (`lmforge.rag.reindex` = `lmforge rag reindex --index DIR --type hnsw|ivf
+--out DIR2`: the same chunks and vectors, nothing embedded again). Every index is
 then evaluated with `lmforge.rag.evaluate.evaluate_index` (= `lmforge rag eval`) in dense, bm25 and
 hybrid modes (flat) or dense (hnsw, ivf) on the same queries; the table is printed in markdown.
 """
@@ -46,20 +46,12 @@ def ensure_flat(args: argparse.Namespace, strategy: str) -> Path:
 
 
 def derive(flat_dir: Path, kind: str) -> Path:
-    """An index of type `kind` over the flat index's stored vectors (no re-embedding)."""
-    import numpy as np
-
-    from lmforge.rag.store import index_params, make_faiss, read_store, write_store
+    """An index of type `kind` over the flat index's stored vectors (`lmforge rag reindex`: no re-embedding)."""
+    from lmforge.rag import reindex
 
     out = flat_dir.with_name(flat_dir.name.replace("-flat", f"-{kind}"))
-    if (out / "summary.json").is_file():
-        return out
-    store = read_store(flat_dir)
-    vectors = np.asarray(store.vectors, dtype=np.float32)
-    store.config["index"] = index_params(kind, len(vectors), vectors.shape[1])
-    store.index = make_faiss(vectors, store.ids, store.config["index"])
-    summary = json.loads((flat_dir / "summary.json").read_text())
-    write_store(store, out, summary.get("metrics", {}), [{"op": "derive", "from": str(flat_dir), "index": kind}])
+    if not (out / "summary.json").is_file():
+        reindex(flat_dir, kind, out)
     return out
 
 
