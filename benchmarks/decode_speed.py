@@ -19,7 +19,8 @@ tokens per row: no stop id, greedy):
          writes) and `generate_batch` without autocast.
   int8 / int4  lmforge `quantize_model(model, "int8" / "int4")` (int4: `--group-size` 128), compared with
          transformers fp32 (the goal: faster than fp32 at batch 1; decoding is memory bound).
-  int8+head / int4+head  the same with `lm_head=True`: the (tied) output layer gets an 8-bit copy.
+  int8+head / int4+head / int8-dynamic+head  the same with `lm_head=True`: the (tied) output layer
+         gets an 8-bit copy (int8 weight-only; W8A8 for int8-dynamic).
 With `--plain-head`, fp32 rows time a third side: lmforge with `Engine(fast_head=False)` (the output
 layer through `F.linear` as the model computes it, i.e. before the transposed-head change).
 Timing: one process; per row a warm-up call of each side, then `--repeats` rounds that alternate
@@ -53,7 +54,7 @@ from pathlib import Path
 import torch
 
 GOALS = {1: 1.5, 8: 2.0}  # lmforge / transformers tokens/s, issue 14 item 6
-QUANTIZED = ("int8", "int8-dynamic", "int4", "int8+head", "int4+head")  # goal: faster than fp32 at batch 1
+QUANTIZED = ("int8", "int8-dynamic", "int4", "int8+head", "int8-dynamic+head", "int4+head")  # goal: > fp32 at b1
 VARIANTS = ("fp32", "bf16", *QUANTIZED)
 QUICK = dict(layers=2, width=64, heads=2, vocab=512, block_size=64, prompt_len=8, new_tokens=16,
              batches=[1, 2], repeats=1, group_size=32)

@@ -19,8 +19,9 @@ or W8A8 for int8-dynamic; 4-bit output layers err too much): for a small model o
 vocabulary it is most of the bytes a decode step reads (GPT-2 6x384, vocab 50304: 77 of 120 MB
 in fp32). A tied output layer becomes a quantized COPY (`quant_config.json`'s "lm_head" names its
 method; the token embedding keeps its fp weights for the lookup), so the checkpoint grows by the
-copy's bytes. Checkpoints without the key load as before; an lmforge without this option
-refuses a checkpoint with it (the saved head does not fit the method's module).
+copy's bytes. Checkpoints without the key load as before; an lmforge without this option loads
+an int8 / int8-dynamic one with the head right and refuses an int4-method one (its 8-bit head does
+not fit the 4-bit module it would build) rather than load it wrong.
 """
 
 from __future__ import annotations
