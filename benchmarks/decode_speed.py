@@ -19,6 +19,8 @@ tokens per row: no stop id, greedy):
          writes) and `generate_batch` without autocast.
   int8 / int4  lmforge `quantize_model(model, "int8" / "int4")` (int4: `--group-size` 128), compared with
          transformers fp32 (the goal: faster than fp32 at batch 1; decoding is memory bound).
+  fp32+layout  fp32 with `lmforge.infer.engine.inference_layout(model)`: every Linear weight stored
+         (in, out), the layout CPU GEMVs stream fastest (same values, same greedy tokens).
   int8+head / int4+head / int8-dynamic+head  the same with `lm_head=True`: the (tied) output layer
          gets an 8-bit copy (int8 weight-only; W8A8 for int8-dynamic).
 With `--plain-head`, fp32 rows time a third side: lmforge with `Engine(fast_head=False)` (the output
@@ -55,7 +57,7 @@ import torch
 
 GOALS = {1: 1.5, 8: 2.0}  # lmforge / transformers tokens/s, issue 14 item 6
 QUANTIZED = ("int8", "int8-dynamic", "int4", "int8+head", "int8-dynamic+head", "int4+head")  # goal: > fp32 at b1
-VARIANTS = ("fp32", "bf16", *QUANTIZED)
+VARIANTS = ("fp32", "fp32+layout", "bf16", *QUANTIZED)
 QUICK = dict(layers=2, width=64, heads=2, vocab=512, block_size=64, prompt_len=8, new_tokens=16,
              batches=[1, 2], repeats=1, group_size=32)
 
@@ -110,6 +112,10 @@ def load_lmforge(ckpt: Path, variant: str, group_size: int = 128):
     model.eval()
     if variant == "fp32":
         return model
+    if variant == "fp32+layout":
+        from lmforge.infer.engine import inference_layout
+
+        return inference_layout(model)
     method, _, head = variant.partition("+")
     return quantize_model(model, method, group_size=group_size, lm_head=head == "head").eval()
 
@@ -232,9 +238,9 @@ def quant_vs_fp32(rows: list[dict]) -> list[str]:
     fp32 = {r["batch"]: r["lmforge_tokens_per_s"] for r in rows if r["variant"] == "fp32"}
     lines = []
     for r in rows:
-        if r["variant"] in QUANTIZED and r["batch"] in fp32:
+        if (r["variant"] in QUANTIZED or r["variant"] == "fp32+layout") and r["batch"] in fp32:
             x = r["lmforge_tokens_per_s"] / fp32[r["batch"]]
-            verdict = (" ok" if x > 1 else " MISS") if r["batch"] == 1 else ""
+            verdict = (" ok" if x > 1 else " MISS") if r["batch"] == 1 and r["variant"] in QUANTIZED else ""
             lines.append(f"lmforge {r['variant']} / lmforge fp32 at batch {r['batch']}: {x:.2f}x{verdict}")
     return lines
 
@@ -353,7 +359,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    parser.add_argument("--variants", nargs="+", default=["fp32", "bf16", "int8", "int4", "int8+head", "int4+head"],
+    parser.add_argument("--variants", nargs="+",
+                        default=["fp32", "fp32+layout", "bf16", "int8", "int4", "int8+head", "int4+head"],
                         choices=VARIANTS)
     parser.add_argument("--plain-head", action="store_true",
                         help="fp32 rows also time lmforge with Engine(fast_head=False) (the plain output layer)")

@@ -20,6 +20,7 @@ from lmforge.infer.engine import (
     LastPositionHead,
     SamplingParams,
     TransposedLinear,
+    inference_layout,
     transposed_output_layer,
 )
 from lmforge.infer.generate import generate_batch
@@ -170,3 +171,24 @@ def test_prefill_computes_the_output_layer_at_each_row_s_last_position_only():
     with torch.no_grad():
         expected = [int(model(torch.tensor([p]))[0][0, -1].argmax()) for p in prompts]
     assert first == expected
+
+
+def test_inference_layout_keeps_values_ties_and_tokens():
+    """Every Linear weight stored (in, out): the same Parameters and values, tied weights still one
+    tensor, the model's logits up to round-off, the same greedy tokens; the engine then needs no copy."""
+    model, plain = tiny(), tiny()
+    params = dict(model.named_parameters())
+    inference_layout(model)
+    assert dict(model.named_parameters()) == params  # the same Parameter objects
+    assert model.lm_head.weight is model.tok_embeddings.weight and model.lm_head.weight.t().is_contiguous()
+    assert model.blocks[0].attn.qkv.weight.t().is_contiguous() and model.blocks[0].attn_norm.weight.is_contiguous()
+    for (name, a), b in zip(model.named_parameters(), plain.parameters()):
+        assert torch.equal(a, b), name
+    x = torch.randint(0, 300, (2, 11))
+    with torch.no_grad():
+        assert torch.allclose(model(x)[0], plain(x)[0], atol=1e-5, rtol=1e-5)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(type(m.lm_head)))
+    assert greedy(model, prompts) == greedy(plain, prompts, fast_head=False)
+    assert TransposedLinear not in seen  # already (in, out): no transposed copy

@@ -262,10 +262,30 @@ def transposed_weight(linear: nn.Linear) -> Tensor:
 
 def use_transposed_head(model: nn.Module, autocast_dtype: torch.dtype | None) -> bool:
     """Whether `transposed_output_layer` applies: a plain fp32 `lm_head` Linear on CPU, no autocast
-    (bf16 GEMVs are faster in the (out, in) layout here), nothing wrapping it (a LoRA adapter)."""
+    (bf16 GEMVs are faster in the (out, in) layout here), nothing wrapping it (a LoRA adapter), its
+    weight not stored (in, out) already (`inference_layout`)."""
     head = getattr(model, "lm_head", None)
     return (type(head) is nn.Linear and autocast_dtype is None and head.weight.device.type == "cpu"
-            and head.weight.dtype == torch.float32)
+            and head.weight.dtype == torch.float32 and not head.weight.t().is_contiguous())
+
+
+@torch.no_grad()
+def inference_layout(model: nn.Module) -> nn.Module:
+    """Store every plain fp32 CPU `nn.Linear` weight of an inference-only model in the (in, out) layout
+    (the parameter becomes the transpose of a contiguous (in, out) tensor: the same values, shape and
+    Parameter object, tied weights stay tied); returns the model.
+
+    `F.linear` then multiplies against a contiguous W^T, the layout MKL streams fastest on CPU (see
+    `TransposedLinear`): every Linear of a decode step, not only the output layer, and with no copy
+    (the engine's transposed output layer is skipped for such a model). For models that only
+    generate (`lmforge generate`/`chat`/`serve` load their own): training code, checkpoint writers
+    (safetensors wants contiguous tensors) and exporters expect the default layout."""
+    for module in model.modules():
+        w = module.weight if type(module) is nn.Linear else None
+        if w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous() \
+                and w.dim() == 2 and w.shape[0] > 1 and w.shape[1] > 1:
+            w.data = w.data.t().contiguous().t()
+    return model
 
 
 @contextlib.contextmanager
