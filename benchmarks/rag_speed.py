@@ -19,9 +19,9 @@ Sections (each can be skipped with --skip):
           searched one at a time (k 10): p50/p99 ms, build seconds, and HNSW's recall@10 against flat's.
   embed   lmforge's embedder (`rag.store.Embedder`, i.e. `infer.embed.embed_texts`) against
           `SentenceTransformer(--st-model).encode` on the same `--embed-texts` chunk texts (of the index
-          built above or `--texts-index`, else sentences of the corpus), same batch size, interleaved over `--repeats` rounds in one
-          process (each side warmed up once); texts/s of each (median round), the ratio lmforge / ST (goal
-          >= 1x) and the largest |difference| of the vectors.
+          built above or `--texts-index`, else sentences of the corpus), same batch size, interleaved
+          over `--repeats` rounds in one process (each side warmed up once); texts/s of each (median
+          round), the ratio lmforge / ST (goal >= 1x) and the largest |difference| of the vectors.
 Timings depend on the machine's load: rerun on a quiet machine for published figures.
 """
 
@@ -136,6 +136,7 @@ def bench_faiss(args: argparse.Namespace) -> list[dict]:
             rows.append({"vectors": n, "index": kind, "build_s": round(build_s, 3), **percentiles(seconds)})
         recall = np.mean([len(set(h) & set(f)) / len(f) for h, f in zip(found["hnsw"], found["flat"])])
         rows[-1]["recall@10_vs_flat"] = round(float(recall), 4)
+        report({"faiss": rows[-2:]})
     return rows
 
 
@@ -194,18 +195,20 @@ def bench_embed(args: argparse.Namespace, texts: list[str]) -> dict:
 
 
 def report(results: dict) -> None:
+    """Print the sections of `results` that are there (called after each section: progress as it goes)."""
     if "index" in results:
         r = results["index"]
         print(f"index: {r['chunks']:,} {r['chunking']} chunks of {r['documents']} documents in {r['total_s']:.1f} s "
-              f"({r['chunks_per_s']} chunks/s embedding, {r['chunks_per_s_total']} chunks/s overall)")
+              f"({r['chunks_per_s']} chunks/s embedding, {r['chunks_per_s_total']} chunks/s overall)", flush=True)
     for r in results.get("faiss", []):
         extra = f", recall@10 vs flat {r['recall@10_vs_flat']:.3f}" if "recall@10_vs_flat" in r else ""
         print(f"faiss {r['index']:<4} {r['vectors']:>9,} vectors: p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms "
-              f"(build {r['build_s']:.1f} s){extra}")
+              f"(build {r['build_s']:.1f} s){extra}", flush=True)
     if "embed" in results:
         r = results["embed"]
         print(f"embed {r['texts']} texts: lmforge {r['lmforge_texts_per_s']} texts/s, sentence-transformers "
-              f"{r['st_texts_per_s']} texts/s, ratio {r['ratio']}x (goal >= 1x), max |diff| {r['max_abs_diff']:.2e}")
+              f"{r['st_texts_per_s']} texts/s, ratio {r['ratio']}x (goal >= 1x), max |diff| {r['max_abs_diff']:.2e}",
+              flush=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -219,12 +222,13 @@ def main(argv: list[str] | None = None) -> dict:
         corpus = corpus_dir(args, tmp) if needs_corpus else None
         if "index" not in args.skip:
             results["index"] = bench_index(args, corpus, tmp / "index")
+            report({"index": results["index"]})
         if "faiss" not in args.skip:
             results["faiss"] = bench_faiss(args)
         if "embed" not in args.skip:
             index_dir = Path(args.texts_index) if args.texts_index else tmp / "index" if "index" in results else None
             results["embed"] = bench_embed(args, sample_texts(index_dir, corpus, args.embed_texts))
-    report(results)
+            report({"embed": results["embed"]})
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return results
