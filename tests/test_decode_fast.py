@@ -146,7 +146,8 @@ def test_decode_benchmark_new_columns(tmp_path):
     spec.loader.exec_module(bench)
     result = bench.main(["--layers", "2", "--width", "32", "--heads", "2", "--vocab", "384", "--block-size", "32",
                          "--prompt-len", "5", "--new-tokens", "6", "--batches", "1", "2", "--repeats", "1",
-                         "--group-size", "32", "--variants", "fp32", "int8+head", "--plain-head"])
+                         "--group-size", "32", "--variants", "fp32", "int8+head", "--plain-head",
+                         "--threads", "1", "--clock", "cpu"])
     rows = {(r["variant"], r["batch"]): r for r in result["rows"]}
     assert set(rows) == {("fp32", 1), ("fp32", 2), ("int8+head", 1), ("int8+head", 2)}
     assert rows["fp32", 1]["plain_head_same_tokens"] and rows["fp32", 2]["plain_head_same_tokens"]
@@ -192,3 +193,16 @@ def test_inference_layout_keeps_values_ties_and_tokens():
     model.register_forward_pre_hook(lambda m, args: seen.append(type(m.lm_head)))
     assert greedy(model, prompts) == greedy(plain, prompts, fast_head=False)
     assert TransposedLinear not in seen  # already (in, out): no transposed copy
+
+
+def test_decode_benchmark_cpu_clock_needs_one_thread():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "decode_speed.py"
+    spec = importlib.util.spec_from_file_location("decode_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--clock", "cpu"])
+    assert bench.parse_args(["--clock", "cpu", "--threads", "1"]).clock == "cpu"
