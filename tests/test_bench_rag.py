@@ -70,6 +70,13 @@ def test_random_vectors_are_added_in_blocks_with_their_ids(bench, monkeypatch):
     assert np.allclose(np.linalg.norm(bench.unit_vectors(5, 16, 0), axis=1), 1.0, atol=1e-6)
 
 
+def test_flat_only(bench, capsys):
+    result = bench.main(["--embedder", "unused", "--skip", "index", "embed", "--sizes", "30", "--queries", "3",
+                         "--kinds", "flat"])
+    assert [r["index"] for r in result["faiss"]] == ["flat"] and "recall@10_vs_flat" not in result["faiss"][0]
+    assert "faiss flat" in capsys.readouterr().out
+
+
 def test_bad_arguments(bench):
     with pytest.raises(SystemExit):
         bench.parse_args(["--embedder", "x", "--queries", "0"])
