@@ -383,3 +383,24 @@ def test_gptq_options_reach_the_command(run, tmp_path, capsys):
     assert summary["config"]["act_order"] is True and summary["config"]["damp"] == 0.05
     assert quantize(run, tmp_path / "bad", "gptq", "--damp", "-1") == 2
     assert "--damp -1" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_quantize_command_quantize_head_writes_an_8bit_output_layer(run, tmp_path):
+    """--quantize-head: the tied output layer becomes an 8-bit copy that load_pretrained rebuilds; logits stay
+    within int8 round-off of the weight-only model's, and the file grows by about the copy."""
+    from lmforge.compress.modules import Int8Linear
+    from lmforge.train.checkpoint import load_pretrained
+
+    plain, head = tmp_path / "int8", tmp_path / "int8-head"
+    assert quantize(run, plain, "int8") == 0 and quantize(run, head, "int8", "--quantize-head") == 0
+    assert json.loads((head / "quant_config.json").read_text())["lm_head"] == "int8"
+    assert "lm_head" not in json.loads((plain / "quant_config.json").read_text())
+    assert json.loads((head / "summary.json").read_text())["config"]["quantize_head"] is True
+    a, tokenizer = load_pretrained(plain)
+    b, _ = load_pretrained(head)
+    assert isinstance(b.lm_head, Int8Linear) and not isinstance(a.lm_head, Int8Linear)
+    vocab, width = a.lm_head.weight.shape
+    grown = (head / "model.safetensors").stat().st_size - (plain / "model.safetensors").stat().st_size
+    assert vocab * width <= grown <= vocab * width + 16 * vocab + 4096  # int8 codes + per-row scales (+ header)
+    x = torch.tensor([tokenizer.encode("the king shall")])
+    assert (logits(a, x) - logits(b, x)).abs().max() < 0.1

@@ -685,7 +685,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     summary = quantize_checkpoint(args.ckpt, args.method, args.out, group_size=args.group_size,
                                   symmetric=args.symmetric, calib=args.calib, calib_samples=args.calib_samples,
                                   eval_file=args.eval, eval_tokens=args.eval_tokens, overwrite=args.overwrite,
-                                  act_order=args.act_order, damp=args.damp)
+                                  act_order=args.act_order, damp=args.damp, quantize_head=args.quantize_head)
     print(describe(summary, args.out))
 
 
@@ -710,6 +710,9 @@ def _add_quantize_command(sub) -> None:
     p.add_argument("--calib-samples", type=int, default=128, metavar="N", help="gptq/awq: calibration sequences")
     p.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing Hessian diagonal")
     p.add_argument("--damp", type=float, default=0.01, help="gptq: dampening (of the Hessian's mean diagonal)")
+    p.add_argument("--quantize-head", action="store_true",
+                   help="integer methods: also an 8-bit output layer (a copy when tied to the embeddings: a larger "
+                        "file, faster decoding; docs/COMPRESS.md 'Fast CPU decoding')")
     p.add_argument("--eval", default=None, metavar="FILE",
                    help="held-out text file for perplexity before/after (default: the val split of the "
                         "checkpoint's token dir)")

@@ -82,8 +82,10 @@ def quantize_checkpoint(ckpt: str | Path, method: str, out: str | Path, *, group
                         symmetric: bool | None = None, calib: str | None = None, calib_samples: int = 128,
                         eval_file: str | Path | None = None, eval_tokens: int = H.DEFAULT_EVAL_TOKENS,
                         overwrite: bool = False, progress: bool = True, act_order: bool = False,
-                        damp: float = 0.01) -> dict[str, Any]:
+                        damp: float = 0.01, quantize_head: bool = False) -> dict[str, Any]:
     """Quantize the checkpoint `ckpt` (or a run dir's best) with `method` into the checkpoint dir `out`.
+
+    quantize_head: also an 8-bit output layer (a copy when tied to the embeddings; `quantize_model(lm_head=True)`).
 
     symmetric None: the method's default (asymmetric for awq, symmetric otherwise); act_order and damp
     are GPTQ's (columns by decreasing Hessian diagonal; dampening as a fraction of its mean). Returns
@@ -104,13 +106,15 @@ def quantize_checkpoint(ckpt: str | Path, method: str, out: str | Path, *, group
     t1 = time.perf_counter()
     batches = calibrate(src, method, calib, calib_samples, model.config.block_size)
     options = {"act_order": act_order, "damp": damp} if method == "gptq" else {}
-    model = quantize_model(model, method, group_size=group_size, symmetric=symmetric, calib=batches, **options)
+    model = quantize_model(model, method, group_size=group_size, symmetric=symmetric, calib=batches,
+                           lm_head=quantize_head, **options)
     t2 = time.perf_counter()
     ppl_after = measure(model, text, progress)
     config = quant_config(model, method, group_size=group_size, symmetric=symmetric)
     settings = {"ckpt": str(ckpt), "method": method, "group_size": config["group_size"], "symmetric": symmetric,
                 "calib": calib, "calib_samples": calib_samples if batches is not None else None,
-                "eval": None if eval_file is None else str(eval_file), "eval_tokens": eval_tokens, **options}
+                "eval": None if eval_file is None else str(eval_file), "eval_tokens": eval_tokens,
+                "quantize_head": quantize_head, **options}
     metrics: dict[str, Any] = {"method": method, "bits": BITS[method], "modules": len(config["modules"]),
                                "bytes_before": (src / "model.safetensors").stat().st_size,
                                "ppl_before": ppl_before, "ppl_after": ppl_after,
