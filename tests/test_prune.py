@@ -161,6 +161,13 @@ def test_bad_removals_are_one_line_errors():
         prune_heads(model, {1: [4]})
     with pytest.raises(UserError, match="layer_heads"):
         ModelConfig(n_layer=2, n_head=4, n_kv_head=2, layer_heads=[3, 4])
+    with pytest.raises(UserError, match="implemented for arch gpt"):
+        ModelConfig(arch="bert", n_layer=2, n_head=4, layer_mlp_hidden=[8, 8])
+    # what the exporters that cannot express per-layer widths call (one line naming the key)
+    prune_heads(model, {0: [0, 1]})
+    with pytest.raises(UserError, match="model.layer_heads: .* convert to-gguf cannot express per-layer widths"):
+        model.config.check_unpruned("convert to-gguf")
+    ModelConfig(n_layer=2, n_head=4).check_unpruned("convert to-gguf")  # unpruned: nothing to say
 
 
 def test_pruned_gpt2_equals_transformers_gpt2_with_those_heads_and_units_cut(tmp_path, tokenizer_file):
@@ -299,3 +306,22 @@ def test_prune_command_bad_input(run, tmp_path, capsys):
     assert prune(tmp_path / "fp16", out, "magnitude", "--sparsity", "0.5") == 2
     assert "quantized checkpoint" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".p*"))
+
+
+@pytest.fixture(scope="module")
+def pruned_for_export(run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pruned") / "neurons"
+    assert prune(run, out, "neurons", "--sparsity", "0.25") == 0
+    return out
+
+
+@pytest.mark.parametrize("verb,suffix", [("to-hf", ""), ("to-gguf", ".gguf"), ("to-onnx", "")])
+def test_exporters_refuse_a_structurally_pruned_checkpoint_in_one_line(pruned_for_export, tmp_path, capsys, verb,
+                                                                       suffix):
+    from lmforge.cli import main
+
+    out = tmp_path / f"out{suffix}"
+    assert main(["convert", verb, str(pruned_for_export), str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "structurally pruned" in err and f"convert {verb}" in err
+    assert not out.exists()

@@ -247,6 +247,7 @@ def to_gguf(ckpt: str | Path, out: str | Path, *, qtype: str = "f16", overwrite:
     ckpt, out = resolve_checkpoint(ckpt), Path(out)
     _check_source(ckpt, out, overwrite)
     config = ModelConfig.from_dict(read_model_config(ckpt))
+    config.check_unpruned("convert to-gguf")
     arch = gguf_arch(config, ckpt)
     tok = tokenizer_fields(ckpt / "tokenizer.json", config.vocab_size)
     tensors = gguf_tensors(config, read_weights(ckpt), arch)

@@ -71,6 +71,7 @@ def load_for_export(ckpt: Path) -> tuple[nn.Module, Path | None]:
     if (ckpt / "quant_config.json").is_file():
         raise UserError(f"{ckpt} is a quantized checkpoint (quant_config.json); its packed kernels have no ONNX "
                         "form: export the float checkpoint it came from, with --int8 for ONNX Runtime's int8")
+    ModelConfig.from_dict(raw).check_unpruned("convert to-onnx")  # one past-KV shape for every layer
     tokenizer = ckpt / "tokenizer.json"
     if tokenizer.is_file():
         model, _ = load_pretrained(ckpt)

@@ -324,6 +324,7 @@ def to_hf(ckpt: str | Path, out: str | Path, *, overwrite: bool = False) -> dict
     check_output(out, [("checkpoint", ckpt)] + ([("run dir", given)] if given.resolve() != ckpt.resolve() else []),
                  overwrite=overwrite)
     config = ModelConfig.from_dict(read_model_config(ckpt))
+    config.check_unpruned("convert to-hf")
     if config.vocab_size is None:
         raise UserError(f"{ckpt / 'config.json'}: vocab_size is not set; the checkpoint is incomplete")
     arch = hf_layout_for(config)
