@@ -14,13 +14,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from train_helpers import perturbed_checkpoint, trained_run
 
 from lmforge.compress.importance import importance, normalized
 from lmforge.compress.masks import keep_zeros, magnitude_mask, mask_model, two_four_mask
 from lmforge.compress.structural import prune_heads, prune_neurons, select_lowest
 from lmforge.errors import UserError
 from lmforge.models import ModelConfig, build_model
-from tests.train_helpers import make_token_dir, perturbed_checkpoint, tiny_config
 
 GPT2_STYLE = dict(pos_encoding="learned", norm="layernorm", mlp="gelu_tanh", bias=True, tie_embeddings=True)
 LLAMA_STYLE = dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False)
@@ -239,13 +239,7 @@ def test_keep_zeros_keeps_masked_weights_zero_under_adamw():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny GPT (4 heads, so some can go) trained a few steps on a char token dir."""
-    from lmforge.train.loop import pretrain
-
-    root = tmp_path_factory.mktemp("prune")
-    tokens = make_token_dir(root)
-    cfg = tiny_config(tokens, "model.n_head=4", "train.max_steps=6", "train.eval_every=6")
-    pretrain(cfg, root / "run")
-    return root / "run"
+    return trained_run(tmp_path_factory.mktemp("prune"), "model.n_head=4", "train.max_steps=6", "train.eval_every=6")
 
 
 def prune(run, out, method, *args):

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from train_helpers import make_token_dir, tiny_config
+from train_helpers import trained_run
 
 from lmforge.compress import formats
 from lmforge.compress.modules import Int4Linear, Int8DynamicLinear, Int8Linear
@@ -226,13 +226,8 @@ def test_group_size_must_divide_the_width():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny GPT trained a few steps on a char token dir (its run records the token dir)."""
-    from lmforge.train.loop import pretrain
-
-    root = tmp_path_factory.mktemp("quant")
-    tokens = make_token_dir(root)
-    cfg = tiny_config(tokens, "model.n_embd=64", "train.max_steps=30", "train.eval_every=30")
-    pretrain(cfg, root / "run")
-    return root / "run"
+    return trained_run(tmp_path_factory.mktemp("quant"), "model.n_embd=64", "train.max_steps=30",
+                       "train.eval_every=30")
 
 
 def quantize(run, out, method, *args):

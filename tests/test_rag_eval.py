@@ -30,6 +30,7 @@ from lmforge.rag.folio import (
     speeches,
     spelling_key,
 )
+from lmforge.rag.retrieve import Hit
 
 # --------------------------------------------------------------------------------------------
 # Metrics
@@ -193,16 +194,6 @@ class FakeChunk:
     end: int
 
 
-@dataclass
-class FakeHit:
-    chunk_id: int
-    score: float
-    text: str
-    source: str
-    start: int
-    end: int
-
-
 def planted_task(root: Path) -> Path:
     """A task cache dir as folio_task leaves it: both editions fetched and the passages aligned."""
     for edition, name, text in (("modern", "p_gut.txt", MODERN), ("folio", "p_gut_f.txt", FOLIO)):
@@ -229,7 +220,7 @@ class OracleIndex:
         right = [i for i, c in enumerate(self.chunks) if c.start <= at < c.end]
         wrong = [i for i, c in enumerate(self.chunks) if c.end < at - 120 or c.start > at + 120]  # far away
         order = {"dense": right + wrong, "bm25": wrong[:2] + right + wrong[2:], "hybrid": wrong}[mode]
-        return [FakeHit(i, 1.0, self.chunks[i].text, self.chunks[i].source, self.chunks[i].start,
+        return [Hit(i, 1.0, self.chunks[i].text, self.chunks[i].source, self.chunks[i].start,
                         self.chunks[i].end) for i in order[:k]]
 
 

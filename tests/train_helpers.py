@@ -43,6 +43,14 @@ def tiny_config(tokens: Path, *overrides: str):
     return load_config(None, base + list(overrides))
 
 
+def trained_run(root: Path, *overrides: str) -> Path:
+    """A tiny GPT pretrained on a char token dir under `root` (the run records its token dir): `root/run`."""
+    from lmforge.train.loop import pretrain
+
+    pretrain(tiny_config(make_token_dir(root), *overrides), root / "run")
+    return root / "run"
+
+
 def perturbed_checkpoint(path: Path, config: dict, tokenizer_file: Path | None = None):
     """A model built from `config` with its weights perturbed off the init (so greedy tokens vary),
     saved as a checkpoint dir at `path`: (model in eval mode, path)."""

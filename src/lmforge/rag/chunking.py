@@ -33,7 +33,8 @@ SEMANTIC_PERCENTILE = 5.0  # default threshold: this percentile of the document'
 
 _CLOSE = "\"')\\]}’”」』）》】"
 _SENTENCE_END = re.compile(rf"(?:[.!?]+[{_CLOSE}]*(?=\s|$)|[。！？!?]+[{_CLOSE}]*|\n[ \t]*\n\s*)")
-_FALLBACK_TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]|\w+|[^\w\s]")
+CJK_CHARS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"  # kana, Han, Hangul: a regex class
+_FALLBACK_TOKEN = re.compile(rf"[{CJK_CHARS}]|\w+|[^\w\s]")
 
 
 @dataclass

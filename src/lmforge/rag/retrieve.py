@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 
 from lmforge.errors import UserError
+from lmforge.rag.chunking import CJK_CHARS as _CJK
 from lmforge.rag.store import Embedder, Store, embedder_for, read_store, weights_sha256
 
 MODES = ("dense", "bm25", "hybrid")
 RRF_K = 60
-_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
 _BM25_TOKEN = re.compile(rf"[{_CJK}]+|[^\W{_CJK}]+")
 _CJK_RUN = re.compile(rf"[{_CJK}]+")
 
