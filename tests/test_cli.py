@@ -188,3 +188,13 @@ def test_pretrain_refuses_a_run_that_cannot_fit(run_dir, capsys, monkeypatch):
     line = error_line(capsys)
     assert "model.block_size" in line and "GiB" not in line, line
     assert not (run_dir.parent / "huge" / "checkpoints").exists()
+
+
+def test_parser_and_help_do_not_import_torch():
+    # `lmforge --help`, `lmforge X --help` and `lmforge run`'s up-to-date checks only build the parser:
+    # importing torch there cost seconds per command (the quantize/prune argument defaults did)
+    code = ("import sys, lmforge.cli as c; p = c.build_parser(); p.parse_args(['quantize', '--ckpt', 'x', "
+            "'--method', 'int4', '--out', 'y']); p.parse_args(['prune', '--ckpt', 'x', '--method', 'heads', "
+            "'--sparsity', '0.5', '--out', 'y']); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -691,7 +691,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
 
 def _add_quantize_command(sub) -> None:
     from lmforge.compress.heldout import DEFAULT_EVAL_TOKENS
-    from lmforge.compress.quantize import METHODS
+    from lmforge.compress.methods import QUANT_METHODS as METHODS
 
     p = sub.add_parser("quantize", help="quantize a checkpoint (int8, int8-dynamic, int4, GPTQ, AWQ, fp16, bf16) into "
                                         "a checkpoint dir that generate/chat/eval load as it is (docs/COMPRESS.md)")
@@ -766,7 +766,7 @@ def _cmd_prune(args: argparse.Namespace) -> None:
 
 def _add_prune_command(sub) -> None:
     from lmforge.compress.heldout import DEFAULT_EVAL_TOKENS
-    from lmforge.compress.prune import METHODS
+    from lmforge.compress.methods import PRUNE_METHODS as METHODS
 
     p = sub.add_parser("prune", help="prune a checkpoint (attention heads or MLP neurons structurally, magnitude or "
                                      "2:4 masks) into a checkpoint dir every stage loads as it is (docs/COMPRESS.md)")

@@ -8,9 +8,18 @@
 - `gptq`, `awq`, `calib`: GPTQ and AWQ, and their calibration data.
 """
 
-from lmforge.compress.formats import dequantize_groups, pack_int4, quantize_groups, unpack_int4
-from lmforge.compress.modules import Int4Linear, Int8DynamicLinear, Int8Linear
-from lmforge.compress.quantize import METHODS, apply_saved_quant, quant_config, quantize_model
+import importlib
 
-__all__ = ["METHODS", "Int4Linear", "Int8DynamicLinear", "Int8Linear", "apply_saved_quant", "dequantize_groups",
-           "pack_int4", "quant_config", "quantize_groups", "quantize_model", "unpack_int4"]
+# The names below load on first use (PEP 562): importing a light submodule (`heldout`, the argument
+# defaults the CLI parser reads) must not import torch, which costs seconds per command.
+EXPORTS = {"dequantize_groups": "formats", "pack_int4": "formats", "quantize_groups": "formats",
+           "unpack_int4": "formats", "Int4Linear": "modules", "Int8DynamicLinear": "modules",
+           "Int8Linear": "modules", "METHODS": "quantize", "apply_saved_quant": "quantize",
+           "quant_config": "quantize", "quantize_model": "quantize"}
+__all__ = sorted(EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{EXPORTS[name]}"), name)

@@ -29,9 +29,10 @@ import torch
 from torch import nn
 
 from lmforge.compress import heldout as H
+from lmforge.compress.methods import PRUNE_METHODS
 from lmforge.errors import UserError
 
-METHODS = ("heads", "neurons", "magnitude", "2:4")
+METHODS = PRUNE_METHODS
 STRUCTURAL = ("heads", "neurons")
 WHAT = {"heads": "heads", "neurons": "MLP hidden units"}
 

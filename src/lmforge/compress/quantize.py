@@ -33,11 +33,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lmforge.compress.methods import QUANT_METHODS
 from lmforge.compress.modules import QUANT_MODULES, Int4Linear, Int8DynamicLinear, Int8Linear
 from lmforge.errors import UserError
 
 QUANT_CONFIG = "quant_config.json"
-METHODS = ("int8", "int8-dynamic", "int4", "gptq", "awq", "fp16", "bf16")
+METHODS = QUANT_METHODS
 BITS = {"int8": 8, "int8-dynamic": 8, "int4": 4, "gptq": 4, "awq": 4, "fp16": 16, "bf16": 16}
 CAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 INT4_METHODS = ("int4", "gptq", "awq")
