@@ -4,6 +4,7 @@ on known chat turns). Reference: the official `openai` client's replies to the s
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 import time
@@ -52,6 +53,23 @@ def test_chat_url_is_the_chat_repl_against_the_server(server):
                                        CONVERSATION[2]])
     assert (first, second) == (GREETING, ABILITIES)  # the trained turns, Chinese included
     assert run.stdout == f"model> {first}\nmodel> {second}\nmodel> {first}\n"  # after /reset: the first turn again
+
+
+def test_chat_url_fewshot_opens_every_request(server, tmp_path):
+    """`chat --url --fewshot FILE`: the example exchanges open the conversation sent to the server (after
+    --system), and /reset keeps them — the replies equal the openai client's for the same messages."""
+    shots = tmp_path / "shots.jsonl"
+    shots.write_text(json.dumps({"user": CONVERSATION[0]["content"], "assistant": GREETING}) + "\n", encoding="utf-8")
+    lines = f"{CONVERSATION[2]['content']}\n/reset\n{CONVERSATION[2]['content']}\n"
+    run = subprocess.run([sys.executable, "-m", "lmforge", "chat", "--url", server.url, "--api-key", KEY, "--greedy",
+                          "--max-new-tokens", "120", "--fewshot", str(shots)], input=lines, capture_output=True,
+                         text=True, timeout=300, encoding="utf-8")
+    assert run.returncode == 0, run.stderr
+    with_shots = openai_reply(server.url, [*CONVERSATION[:1], {"role": "assistant", "content": GREETING},
+                                           CONVERSATION[2]])
+    alone = openai_reply(server.url, [CONVERSATION[2]])
+    assert with_shots == ABILITIES and alone != with_shots  # the examples change the reply
+    assert run.stdout == f"model> {with_shots}\nmodel> {with_shots}\n"
 
 
 def test_replies_stream_in_pieces_and_errors_are_one_line(server):

@@ -181,14 +181,12 @@ def _cmd_chat(args: argparse.Namespace) -> None:
     from lmforge.train.checkpoint import load_pretrained
 
     args.system = system_text(args.system)  # --system TEXT or FILE
+    fewshot = load_fewshot_messages(args.fewshot) if args.fewshot is not None else None
     if args.url is not None:  # a running `lmforge serve` answers, no model is loaded here
-        if args.fewshot is not None:
-            raise UserError("chat: --fewshot works with --ckpt (a local model); with --url use --system")
-        _chat_remote(args)
+        _chat_remote(args, fewshot)
         return
     if args.ckpt is None:
         raise UserError("chat: give --ckpt DIR (a checkpoint) or --url URL (a running `lmforge serve`)")
-    fewshot = load_fewshot_messages(args.fewshot) if args.fewshot is not None else None
     model, tokenizer = load_pretrained(args.ckpt, args.device)
     require_generative(model, args.ckpt)
     if sys.stdin.isatty():
@@ -196,7 +194,7 @@ def _cmd_chat(args: argparse.Namespace) -> None:
     chat_loop(model, tokenizer, system=args.system, fewshot=fewshot, **_sampling(args))
 
 
-def _chat_remote(args: argparse.Namespace) -> None:
+def _chat_remote(args: argparse.Namespace, fewshot: list[dict[str, str]] | None) -> None:
     from lmforge.serve.client import chat_remote
 
     if args.ckpt is not None:
@@ -204,7 +202,7 @@ def _chat_remote(args: argparse.Namespace) -> None:
     if sys.stdin.isatty():
         print("chatting with", args.url, "— /reset clears the history, /quit or Ctrl-D leaves")
     chat_remote(args.url, api_key=args.api_key or os.environ.get("LMFORGE_API_KEY"), model=args.model,
-                system=args.system, **_sampling(args))
+                system=args.system, fewshot=fewshot, **_sampling(args))
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:

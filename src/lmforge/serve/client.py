@@ -100,13 +100,14 @@ def stream_chat(url: str, body: dict[str, Any], api_key: str | None = None,
 
 
 def chat_remote(url: str, *, api_key: str | None = None, model: str | None = None, system: str | None = None,
-                stdin: TextIO | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None,
+                fewshot: list[dict[str, str]] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None,
                 max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = None,
                 top_p: float | None = None, seed: int | None = None) -> None:
     """`chat_loop` against the server at `url`: read user lines, stream each reply, keep the history.
 
     The sampling arguments are `chat_loop`'s (`lmforge chat`'s flags), sent as the request's
-    max_tokens, temperature, top_k, top_p and seed. UserError when the server cannot be reached or
+    max_tokens, temperature, top_k, top_p and seed. `system` and the `fewshot` example exchanges
+    (`load_fewshot_messages`) open every request's messages, and stay after /reset. UserError when the server cannot be reached or
     refuses the key (checked once, before the first line is read)."""
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     names = _server_models(url, api_key)
@@ -116,7 +117,8 @@ def chat_remote(url: str, *, api_key: str | None = None, model: str | None = Non
                 "seed": seed, "model": model or (names[0] if names else None)}
     sampling = {k: v for k, v in sampling.items() if v is not None}
     write = _writer(stdout)
-    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    opening = ([{"role": "system", "content": system}] if system else []) + list(fewshot or [])
+    history = list(opening)
     interactive = stdin.isatty()
     while True:
         if interactive:
@@ -129,7 +131,7 @@ def chat_remote(url: str, *, api_key: str | None = None, model: str | None = Non
         if not line or line.strip() == "/quit":
             break
         if line.strip() == "/reset":
-            history = history[:1] if system else []
+            history = list(opening)
             continue
         history.append({"role": "user", "content": line.rstrip("\n")})
         reply = _one_reply(url, {**sampling, "messages": history}, api_key, write, stderr)
