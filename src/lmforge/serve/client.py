@@ -100,15 +100,16 @@ def stream_chat(url: str, body: dict[str, Any], api_key: str | None = None,
 
 
 def chat_remote(url: str, *, api_key: str | None = None, model: str | None = None, system: str | None = None,
-                fewshot: list[dict[str, str]] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None,
+                fewshot: list[dict[str, str]] | None = None, stdin: TextIO | None = None,
+                stdout: TextIO | None = None, stderr: TextIO | None = None,
                 max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = None,
                 top_p: float | None = None, seed: int | None = None) -> None:
     """`chat_loop` against the server at `url`: read user lines, stream each reply, keep the history.
 
     The sampling arguments are `chat_loop`'s (`lmforge chat`'s flags), sent as the request's
     max_tokens, temperature, top_k, top_p and seed. `system` and the `fewshot` example exchanges
-    (`load_fewshot_messages`) open every request's messages, and stay after /reset. UserError when the server cannot be reached or
-    refuses the key (checked once, before the first line is read)."""
+    (`load_fewshot_messages`) open every request's messages, and stay after /reset. UserError when
+    the server cannot be reached or refuses the key (checked once, before the first line is read)."""
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     names = _server_models(url, api_key)
     if model is not None and model not in names:
