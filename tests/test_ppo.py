@@ -359,6 +359,37 @@ def test_ctrl_c_saves_and_resume_continues_exactly(tiny_ppo):
         "initial_val_reward"]
 
 
+def test_ppo_logs_to_the_experiment_trackers(tiny_ppo):
+    """train.loggers in a PPO run: TensorBoard and MLflow get exactly metrics.jsonl's records, and MLflow
+    the summary's final numbers (as pretraining's loop does; tests/test_track.py)."""
+    pytest.importorskip("tensorboard")
+    mlflow = pytest.importorskip("mlflow")
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lmforge.posttrain.ppo import train_ppo
+
+    out = tiny_ppo["tmp"] / "tracked" / "run"
+    summary = train_ppo(ppo_config(tiny_ppo, "train.max_steps=4", "train.eval_every=2", "ppo.rollout_batch=8",
+                                   "ppo.minibatch=4", "ppo.ppo_epochs=1", "ppo.eval_prompts=4",
+                                   "train.loggers=[tensorboard, mlflow]"),
+                        out, base=tiny_ppo["base"], reward=tiny_ppo["reward"], data=tiny_ppo["tmp"] / "prompts.jsonl")
+    records = metrics_of(out)
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    for tag in ("reward", "kl", "val_reward"):
+        want = [(r["step"], r[tag]) for r in records if tag in r]
+        got = [(e.step, e.value) for e in acc.Scalars(tag)]
+        assert len(want) == (4 if tag != "val_reward" else 2)
+        assert [s for s, _ in got] == [s for s, _ in want]
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6, abs=1e-7)
+    state = json.loads((out / "tracking.json").read_text())["mlflow"]
+    run = mlflow.tracking.MlflowClient(tracking_uri=state["tracking_uri"]).get_run(state["run_id"])
+    assert run.data.metrics["final/final_val_reward"] == pytest.approx(summary["metrics"]["final_val_reward"])
+    assert run.info.status == "FINISHED"
+
+
 def metrics_of(run):
     import json
 

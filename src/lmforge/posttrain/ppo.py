@@ -51,6 +51,7 @@ from lmforge.config import Config, dump_yaml, to_dict
 from lmforge.errors import Interrupted, UserError
 from lmforge.fsutil import atomic_write_json, atomic_write_text
 from lmforge.infer.engine import Engine, SamplingParams
+from lmforge.track.loggers import Trackers
 from lmforge.train import checkpoint as ckpt
 from lmforge.train import distributed as dist
 from lmforge.train.device import autocast
@@ -435,6 +436,10 @@ class PPOLoop:
         atomic_write_text(s.out / "config.yaml", dump_yaml(s.cfg))
         start = s.state["step"]
         self.metrics.trim(start)
+        t = s.cfg.train
+        if s.info.is_main and t.loggers:  # experiment tracking (lmforge.track), as the training loop does
+            self.metrics.trackers = Trackers(s.out, t.loggers, to_dict(s.cfg), start_step=start,
+                                             uri=t.tracking_uri, experiment=t.experiment)
         if s.resume_from is not None:  # PPO's own entries of the trainer state
             saved = ckpt.read_trainer_state(s.resume_from)
             s.state.update(initial_eval=saved.get("initial_eval"), kl_coef=saved.get("kl_coef"))
@@ -449,6 +454,12 @@ class PPOLoop:
         return start
 
     def run(self, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+        try:
+            return self.steps(on_step)
+        finally:
+            self.metrics.close()  # the trackers' runs end (an interrupted one is resumed by --resume)
+
+    def steps(self, on_step: Callable[[int], None] | None) -> dict[str, Any]:
         s, t = self.s, self.s.cfg.train
         step = self.start()
         wall0 = time.perf_counter()
@@ -488,6 +499,8 @@ class PPOLoop:
         summary = self.report.finish(summary, self.on_report() if self.on_report else None)
         summary["inputs"] = {**summary.get("inputs", {}), "reward": {"path": self.reward_dir}}
         atomic_write_json(s.out / "summary.json", summary)
+        if self.metrics.trackers is not None:
+            self.metrics.trackers.finish(summary)
         report = (s.out / "report.md").read_text()
         records = read_metrics(s.metrics_path)
         evals = [r for r in records if "val_reward" in r]
