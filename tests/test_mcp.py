@@ -76,7 +76,7 @@ def test_tools_and_their_schemas(server):
     assert "reply" in tools["chat"].output_schema["properties"]
     assert tools["embed"].input_schema["required"] == ["texts"]
     assert "vectors" in tools["embed"].output_schema["properties"]
-    assert set(tools["evaluate"].input_schema["properties"]) == {"task", "limit"}
+    assert set(tools["evaluate"].input_schema["properties"]) == {"task", "limit", "fewshot", "cot"}
     assert all(t.output_schema and t.description for t in tools.values())
 
 
@@ -120,6 +120,24 @@ def test_embed_equals_embed_texts(server, setup):
     got = np.array(r.structured_content["vectors"])
     assert got.shape == expected.shape and r.structured_content["dim"] == expected.shape[1]
     np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_evaluate_with_fewshot_equals_lmforge_eval_fewshot(server, setup, tmp_path):
+    from lmforge.eval import evaluate
+
+    pool = [{"context": "the queen", "choices": [" is", " was", " of"], "gold": i % 3} for i in range(4)]
+    write_task(tmp_path / "pool.jsonl", pool, {"kind": "multiple_choice", "split": "train"})
+    items = [{"context": "the king", "choices": [" is", " was", " of"], "gold": i % 3} for i in range(5)]
+    task = write_task(tmp_path / "mc.jsonl", items, {"name": "mc", "kind": "multiple_choice", "split": "test",
+                                                     "fewshot": "pool.jsonl"})
+    r = call(server, "evaluate", {"task": str(task), "fewshot": 2})
+    assert not r.is_error, r.content
+    expected = evaluate(setup["run"], [task], tmp_path / "eval", fewshot=2, progress=False)["tasks"][0]["metrics"]
+    zero = evaluate(setup["run"], [task], tmp_path / "eval0", progress=False)["tasks"][0]["metrics"]
+    assert r.structured_content["tasks"][0]["metrics"] == json.loads(json.dumps(expected))
+    assert expected != zero  # the shots reached the prompts
+    r = call(server, "evaluate", {"task": str(task), "fewshot": 9})
+    assert r.is_error and "fewer than --fewshot 9" in r.content[0].text
 
 
 def test_evaluate_equals_lmforge_eval(server, setup, tmp_path):

@@ -210,7 +210,8 @@ class MCPBackend:
 
     # ---- evaluation ---------------------------------------------------------------------------------------
 
-    def evaluate(self, task: str, limit: int | None, seed: int = 0) -> dict[str, Any]:
+    def evaluate(self, task: str, limit: int | None, seed: int = 0, *, fewshot: int = 0,
+                 cot: bool = False) -> dict[str, Any]:
         """`lmforge eval` of the served checkpoint on `task` (a task file, a dir of them, or a token dir):
         its results without the per-item predictions. Its output files go to a temporary dir, removed after."""
         from lmforge.eval import evaluate
@@ -219,7 +220,7 @@ class MCPBackend:
             raise UserError(f"task: {task} does not exist on the server's machine; pass a .jsonl task file path")
         with self.eval_lock, tempfile.TemporaryDirectory(prefix="lmforge-mcp-eval-") as tmp:
             result = evaluate(self.path, [task], Path(tmp) / "eval", limit=limit, seed=seed,
-                              device=self.options.device, progress=False)
+                              device=self.options.device, progress=False, fewshot=fewshot, cot=cot)
         return {"checkpoint": result["checkpoint"],
                 "tasks": [{"task": r["task"], "kind": r["kind"], "split": r["split"], "task_file": r.get("task_file"),
                            "metrics": r["metrics"]} for r in result["tasks"]]}

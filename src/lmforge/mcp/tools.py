@@ -148,6 +148,10 @@ def add_evaluate_tool(server: MCPServer, backend: MCPBackend) -> None:
     def evaluate(task: Annotated[str, Field(min_length=1, description="path of a JSONL task file (or a dir of them) "
                                                                      "on the server's machine (docs/EVAL.md)")],
                  limit: Annotated[int | None, Field(ge=1, description="score only the first N items")] = None,
+                 fewshot: Annotated[int, Field(ge=0, le=64, description="solved examples from the task's train "
+                                               "pool before each item (`lmforge eval --fewshot K`)")] = 0,
+                 cot: Annotated[bool, Field(description="chain-of-thought cue; generation answers parsed after "
+                                            "the marker (`lmforge eval --cot`)")] = False,
                  ) -> EvaluateResult:
         """`lmforge eval` of the served checkpoint on a task: the metrics it reports (accuracy, perplexity, ...)."""
-        return EvaluateResult(**call(backend.evaluate, task, limit))
+        return EvaluateResult(**call(backend.evaluate, task, limit, fewshot=fewshot, cot=cot))
