@@ -154,7 +154,10 @@ def test_bad_pipelines_exit_2_naming_stage_and_line_before_anything_runs(case, t
 
 
 def _real_pipeline(tmp_path: Path) -> Path:
-    write_corpus(tmp_path / "corpus", docs=4)
+    corpus = write_corpus(tmp_path / "corpus", docs=4)
+    # ~3 MB more of the same characters: tokenizing takes long enough (about a second) to be interrupted
+    text = "".join(p.read_text() for p in sorted(corpus.iterdir()))
+    (corpus / "long.txt").write_text(text * 500)
     file = tmp_path / "real.yaml"
     file.write_text("vars:\n  run: out\nstages:\n"
                     "  tokens: tokenize --tokenizer ${run}/tok --input corpus --out ${run}/tokens --val-fraction 0.2\n"
@@ -162,15 +165,16 @@ def _real_pipeline(tmp_path: Path) -> Path:
     return file
 
 
-def _interrupt_at(tmp_path: Path, header: str) -> tuple[int, str]:
-    """Run `lmforge run real.yaml` and press Ctrl-C (SIGINT to it) a moment after `header` is printed."""
+def _interrupt_at(tmp_path: Path, header: str, working: str = "tokenize:") -> tuple[int, str]:
+    """Run `lmforge run real.yaml` and press Ctrl-C (SIGINT to it) once the stage announced by `header`
+    shows that it works (its progress line, `working`): not a fixed delay, which a fast stage outruns."""
     proc = subprocess.Popen([sys.executable, "-m", "lmforge", "run", "real.yaml"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = []
+    seen, started = [], False
     for line in proc.stdout:
         seen.append(line)
-        if line.startswith(header):
-            time.sleep(1.0)
+        started = started or line.startswith(header)
+        if started and line.startswith(working):
             proc.send_signal(signal.SIGINT)
             break
     rest, _ = proc.communicate(timeout=120)
