@@ -9,7 +9,9 @@ edition, or some of its plays) with `lmforge.rag.build_index` (the same as `lmfo
 vectors an `hnsw` and an `ivf` index (`lmforge.rag.reindex` = `lmforge rag reindex --index DIR --type hnsw|ivf
 --out DIR2`: the same chunks and vectors, nothing embedded again). Every index is
 then evaluated with `lmforge.rag.evaluate.evaluate_index` (= `lmforge rag eval`) in dense, bm25 and
-hybrid modes (flat) or dense (hnsw, ivf) on the same queries; the table is printed in markdown.
+hybrid modes (flat) or dense (hnsw, ivf) on the same queries; the table is printed in markdown. Then, on
+the same query vectors, the share of flat's top 10 that hnsw returns at several efSearch and ivf at several
+nprobe (docs/RAG.md's "HNSW recall@10 against flat").
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 STRATEGIES = ("fixed", "sentence", "semantic")
 APPROXIMATE = ("hnsw", "ivf")
 KEYS = ("recall@1", "recall@5", "recall@10", "mrr", "ndcg@10")
+BREADTH = {"hnsw": ("ef_search", (64, 128, 256, 512)), "ivf": ("nprobe", (8, 16, 32, 64))}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,6 +65,30 @@ def evaluate(args: argparse.Namespace, index_dir: Path, modes: str) -> dict:
                           queries=args.queries, seed=args.seed)
 
 
+def overlap_with_flat(args: argparse.Namespace, flat_dir: Path, approximate: list[Path]) -> list[dict]:
+    """The share of flat's top 10 each approximate index returns, per search breadth, for the evaluation's
+    queries (embedded once; `rag eval` wrote them to eval-<flat>/queries.jsonl)."""
+    import numpy as np
+
+    from lmforge.rag.store import load_embedder, read_store, set_search_params
+
+    lines = (Path(args.work) / f"eval-{flat_dir.name}" / "queries.jsonl").read_text(encoding="utf-8").splitlines()
+    flat = read_store(flat_dir)
+    vectors = load_embedder(flat.config["embedder"])([json.loads(line)["query"] for line in lines])
+    _, reference = flat.index.search(vectors, 10)
+    rows = []
+    for index_dir in approximate:
+        store = read_store(index_dir)
+        params = store.config["index"]
+        key, values = BREADTH[params["type"]]
+        for value in values:
+            set_search_params(store.index, {**params, key: value})
+            _, found = store.index.search(vectors, 10)
+            share = np.mean([len(set(f) & set(r)) / len(r) for f, r in zip(found, reference)])
+            rows.append({"index": params["type"], key: value, "recall@10_vs_flat": round(float(share), 3)})
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| chunking | index | chunks | mode | recall@1 | recall@5 | recall@10 | MRR | nDCG@10 | p50 / p99 ms |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -74,7 +101,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    rows = []
+    rows, overlap = [], []
     for strategy in args.strategies:
         flat = ensure_flat(args, strategy)
         dirs = [(flat, "dense,bm25,hybrid")]
@@ -87,10 +114,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for mode, m in results["modes"].items():
                 rows.append({"chunking": strategy, "index": config["index"]["type"], "chunks": chunks, "mode": mode,
                              "queries": results["queries"], **m})
+        if strategy == "sentence":
+            overlap = overlap_with_flat(args, flat, [d for d, _ in dirs[1:]])
     print(table(rows))
+    for r in overlap:
+        key = BREADTH[r["index"]][0]
+        print(f"{r['index']} {key} {r[key]}: recall@10 vs flat {r['recall@10_vs_flat']:.3f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-    return rows
+        Path(args.json).write_text(json.dumps(rows + overlap, indent=2) + "\n")
+    return rows + overlap
 
 
 if __name__ == "__main__":
