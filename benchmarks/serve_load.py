@@ -250,14 +250,16 @@ async def run_clients(base_url: str, prompts: list[dict], clients: int, opts: di
     With `seconds`, the clients send requests until then (a soak); else `opts["requests"]` each."""
     import httpx
 
-    t0 = time.perf_counter()
-    stop_at = t0 + seconds if seconds is not None else None
-    deadline = t0 + opts["run_timeout"] + (seconds or 0)
     records: list[Record] = []
     headers = {"Authorization": f"Bearer {opts['api_key']}"} if opts.get("api_key") else {}
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     timeout = httpx.Timeout(opts["request_timeout"], connect=30.0)
     async with httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits, timeout=timeout) as client:
+        # the run's time starts once the HTTP client exists (making it, e.g. its TLS context, can take a
+        # second on a loaded machine: time that must not be taken from the requests)
+        t0 = time.perf_counter()
+        stop_at = t0 + seconds if seconds is not None else None
+        deadline = t0 + opts["run_timeout"] + (seconds or 0)
         tasks = [asyncio.create_task(client_loop(client, "/v1/chat/completions", prompts, i, opts, deadline, records,
                                                  progress, stop_at)) for i in range(clients)]
         _, pending = await asyncio.wait(tasks, timeout=max(deadline - time.perf_counter(), 0))
